@@ -1,0 +1,3 @@
+from vectorlay.cli import main
+
+main()

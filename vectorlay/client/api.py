@@ -1,0 +1,70 @@
+"""A client for the server's API link: `call` for a result, `stream` for events then a result."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from itertools import count
+from typing import Any
+
+from vectorlay.core.protocol import (
+    PROTOCOL_VERSION,
+    SERVER_TO_CLIENT,
+    Call,
+    ClientHello,
+    Event,
+    Failure,
+    Ready,
+    Result,
+)
+from vectorlay.errors import AuthError, ConflictError, NotFoundError, PeerError, ProtocolError, UserError
+from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect
+
+
+class ApiClient:
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self._ids = count(1)
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        async for kind, value in self.stream(method, params):
+            if kind == "result":
+                return value
+        raise ProtocolError("the server ended the call without a result")
+
+    async def stream(self, method: str, params: dict[str, Any] | None = None) -> AsyncIterator[tuple[str, Any]]:
+        """Yield ("event", value)... then ("result", value); raise the server's error as ours."""
+        call_id = next(self._ids)
+        try:
+            await self.link.send(Call(call_id, method, params or {}))
+            while True:
+                message = await self.link.receive(SERVER_TO_CLIENT)
+                if isinstance(message, Event) and message.id == call_id:
+                    yield "event", message.value
+                elif isinstance(message, Result) and message.id == call_id:
+                    yield "result", message.value
+                    return
+                elif isinstance(message, Failure) and message.id == call_id:
+                    raise _error(message)
+        except LinkClosed as closed:
+            raise PeerError(f"the server closed the connection: {closed.reason or closed.code}") from None
+
+
+def _error(failure: Failure) -> Exception:
+    kinds: dict[str, type[Exception]] = {
+        "not_found": NotFoundError, "conflict": ConflictError, "auth": AuthError, "user": UserError,
+    }
+    return kinds.get(failure.kind, PeerError)(failure.message)
+
+
+@asynccontextmanager
+async def open_api(server: str, token: str) -> AsyncIterator[ApiClient]:
+    async with connect(server.rstrip("/") + "/v1/api") as link:
+        await link.send(ClientHello(PROTOCOL_VERSION, token))
+        try:
+            await link.receive_one(Ready)
+        except LinkClosed as closed:
+            if closed.code == CLOSE_POLICY:
+                raise AuthError(f"the server refused the token: {closed.reason}") from None
+            raise PeerError(f"the server closed the connection: {closed.reason or closed.code}") from None
+        yield ApiClient(link)

@@ -1,0 +1,151 @@
+"""What the client commands do, once the CLI has parsed their arguments."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.live import Live
+
+from vectorlay.client import output
+from vectorlay.client.api import ApiClient, open_api
+from vectorlay.client.config import Context
+from vectorlay.core.manifest import parse_manifest
+from vectorlay.errors import UserError, VectorlayError
+
+
+class WaitTimedOut(VectorlayError):
+    """`apply` or `delete` gave up waiting; the change itself was made."""
+
+
+def read_manifest(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read ({error})") from None
+
+
+async def apply(ctx: Context, text: str, dry_run: bool, wait: bool, timeout_s: float | None, as_json: bool) -> None:
+    specs = parse_manifest(text)  # validate here first: a bad manifest never reaches the server
+    async with open_api(ctx.server, ctx.token) as api:
+        result = await api.call("apply", {"manifest": text, "dry_run": dry_run})
+        if as_json and (dry_run or not wait):
+            output.print_json(result)
+            return
+        if not as_json:
+            verb = "would be " if dry_run else ""
+            for change in result["changes"]:
+                detail = f" ({change['detail']})" if change["detail"] else ""
+                output.stdout.print(f"cluster/{change['cluster']} {verb}{change['action']}{detail}")
+        if dry_run or not wait:
+            return
+        final = await _wait_ready(api, [s.name for s in specs], timeout_s, quiet=as_json)
+        if as_json:
+            output.print_json({**result, "ready": final["ready"], "clusters": final["clusters"]})
+        if not final["ready"]:
+            raise WaitTimedOut(f"timed out after {timeout_s:g}s waiting for replicas to be ready; "
+                               "see `vectorlay get replicas`")
+        if not as_json:
+            for cluster in final["clusters"]:
+                if cluster["endpoint"]:
+                    output.stdout.print(f"cluster/{cluster['name']} ready at {cluster['endpoint']}")
+                else:
+                    output.stdout.print(f"cluster/{cluster['name']} ready (no proxy connected yet)")
+
+
+async def _wait_ready(api: ApiClient, names: list[str], timeout_s: float | None, quiet: bool) -> dict[str, Any]:
+    """Stream readiness from the server with a live table (or plain lines when not a terminal)."""
+    params = {"clusters": names, "timeout_s": timeout_s}
+    interactive = output.stderr.is_terminal and not quiet
+    last_line = ""
+    result: dict[str, Any] = {}
+    with Live(console=output.stderr, transient=True, auto_refresh=False) if interactive else _Null() as live:
+        async for kind, value in api.stream("wait_ready", params):
+            if kind == "result":
+                result = value
+                break
+            if interactive:
+                live.update(output.cluster_table(value), refresh=True)
+            elif not quiet:
+                line = "; ".join(f"{c['name']}: {c['ready']}/{c['replicas']} ready"
+                                 + (f" ({c['reasons'][0]})" if c["reasons"] else "") for c in value)
+                if line != last_line:
+                    output.stderr.print(f"waiting: {line}")
+                    last_line = line
+    return result
+
+
+class _Null:
+    def __enter__(self) -> _Null:
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        return None
+
+    def update(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+async def get(ctx: Context, kind: str, name: str | None, as_json: bool) -> None:
+    method = {"clusters": "get_clusters", "nodes": "get_nodes", "replicas": "get_replicas"}[kind]
+    params: dict[str, Any] = {}
+    if name is not None:
+        params["cluster" if kind == "replicas" else "name"] = name
+    async with open_api(ctx.server, ctx.token) as api:
+        items = await api.call(method, params)
+    if name is not None and kind == "nodes":
+        items = [n for n in items if n["name"] == name]
+        if not items:
+            raise UserError(f"node {name!r} not found")
+    if as_json:
+        output.print_json(items)
+        return
+    if not items:
+        output.stderr.print(f"no {kind}")
+        return
+    table = {"clusters": output.cluster_table, "nodes": output.node_table, "replicas": output.replica_table}[kind]
+    output.stdout.print(table(items))
+
+
+async def delete(ctx: Context, name: str, wait: bool, timeout_s: float | None) -> None:
+    async with open_api(ctx.server, ctx.token) as api:
+        await api.call("delete", {"name": name})
+        output.stdout.print(f"cluster/{name} deleted")
+        if not wait:
+            return
+        result = await api.call("wait_deleted", {"name": name, "timeout_s": timeout_s})
+        if not result["gone"]:
+            raise WaitTimedOut(f"{result['left']} replica(s) of {name} are still stopping "
+                               "(their node may be unreachable; they stop when it returns)")
+
+
+async def logs(ctx: Context, cluster: str, follow: bool, tail: int, prefix: bool) -> None:
+    async with open_api(ctx.server, ctx.token) as api:
+        async for kind, value in api.stream("logs", {"cluster": cluster, "tail": tail, "follow": follow}):
+            if kind == "result":
+                if value["replicas"] == 0:
+                    output.stderr.print(f"cluster {cluster} has no replicas placed on a node yet")
+                return
+            label = f"[{value['replica']}] " if prefix else ""
+            if "error" in value:
+                output.stderr.print(f"{label}{value['error']}", markup=False)
+                continue
+            sys.stdout.write("".join(f"{label}{line}\n" for line in value["lines"]))
+            sys.stdout.flush()
+
+
+async def token_create(ctx: Context, role: str, ttl: str | None, uses: int | None, description: str) -> None:
+    async with open_api(ctx.server, ctx.token) as api:
+        result = await api.call("token_create", {"role": role, "ttl": ttl, "uses": uses, "description": description})
+    sys.stdout.write(result["token"] + "\n")
+
+
+async def check_server(ctx: Context) -> dict[str, Any]:
+    async with open_api(ctx.server, ctx.token) as api:
+        result: dict[str, Any] = await api.call("whoami")
+        return result

@@ -1,0 +1,313 @@
+"""Parse and validate cluster manifests (Kubernetes-style YAML, several documents per file).
+
+Validation is strict: unknown or duplicate keys, wrong types, out-of-range numbers and bad names
+or durations raise `ManifestError` with the YAML path and line. YAML is composed into nodes and
+walked here rather than loaded, which keeps line numbers and rejects aliases outright, so an
+"billion laughs" document can't expand.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from vectorlay.core.durations import parse_duration
+from vectorlay.core.model import ClusterSpec, GpuRequest, HealthCheck, Runtime
+from vectorlay.errors import ManifestError
+
+API_VERSION = "vectorlay.dev/v1"
+MAX_MANIFEST_BYTES = 1024 * 1024
+MAX_DEPTH = 20
+MAX_NODES = 20_000
+RESERVED_ENV_PREFIX = "VECTORLAY_"
+RESERVED_ENV = frozenset({"PORT"})
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def is_dns_label(name: str) -> bool:
+    return bool(_DNS_LABEL.match(name))
+
+
+def parse_manifest(text: str) -> list[ClusterSpec]:
+    """Every cluster in `text`, validated; raise ManifestError on the first problem."""
+    if len(text.encode("utf-8", "replace")) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest is larger than {MAX_MANIFEST_BYTES // 1024} KiB")
+    documents = _compose(text)
+    specs: list[ClusterSpec] = []
+    seen: dict[str, int] = {}
+    for node in documents:
+        value = _Value(node, "")
+        spec = _parse_cluster(value)
+        if spec.name in seen:
+            raise ManifestError(f"cluster {spec.name!r} is defined twice in this file", "metadata.name", value.line)
+        seen[spec.name] = len(specs)
+        specs.append(spec)
+    if not specs:
+        raise ManifestError("the manifest holds no cluster")
+    return specs
+
+
+def _compose(text: str) -> list[yaml.Node]:
+    try:
+        nodes = [node for node in yaml.compose_all(text, Loader=yaml.SafeLoader) if node is not None]
+    except yaml.MarkedYAMLError as error:
+        line = error.problem_mark.line + 1 if error.problem_mark else None
+        raise ManifestError(f"invalid YAML: {error.problem or error}", "", line) from None
+    except yaml.YAMLError as error:
+        raise ManifestError(f"invalid YAML: {error}") from None
+    budget = _Budget()
+    for node in nodes:
+        budget.check(node, "", 0)
+    return nodes
+
+
+class _Budget:
+    """Rejects aliases and oversized or over-deep trees before anything is built from them."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def check(self, node: yaml.Node, path: str, depth: int) -> None:
+        line = node.start_mark.line + 1
+        if id(node) in self.seen or getattr(node, "anchor", None):
+            raise ManifestError("YAML anchors and aliases are not allowed", path, line)
+        self.seen.add(id(node))
+        if len(self.seen) > MAX_NODES:
+            raise ManifestError(f"manifest has more than {MAX_NODES} values", path, line)
+        if depth > MAX_DEPTH:
+            raise ManifestError(f"manifest is nested deeper than {MAX_DEPTH} levels", path, line)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                self.check(key, path, depth + 1)
+                self.check(value, path, depth + 1)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                self.check(item, path, depth + 1)
+
+
+_SCALARS = yaml.SafeLoader("")
+_SCALAR_TAGS: dict[str, Callable[[yaml.ScalarNode], Any]] = {
+    "tag:yaml.org,2002:str": _SCALARS.construct_yaml_str,
+    "tag:yaml.org,2002:int": _SCALARS.construct_yaml_int,
+    "tag:yaml.org,2002:float": _SCALARS.construct_yaml_float,
+    "tag:yaml.org,2002:bool": _SCALARS.construct_yaml_bool,
+    "tag:yaml.org,2002:null": _SCALARS.construct_yaml_null,
+}
+
+
+@dataclass(frozen=True)
+class _Value:
+    """A YAML node plus its path, with typed accessors that raise ManifestError."""
+
+    node: yaml.Node
+    path: str
+
+    @property
+    def line(self) -> int:
+        return int(self.node.start_mark.line) + 1
+
+    def fail(self, message: str) -> ManifestError:
+        return ManifestError(message, self.path, self.line)
+
+    def child(self, key: str | int, node: yaml.Node) -> _Value:
+        path = f"{self.path}[{key}]" if isinstance(key, int) else (f"{self.path}.{key}" if self.path else key)
+        return _Value(node, path)
+
+    def scalar(self) -> Any:
+        if not isinstance(self.node, yaml.ScalarNode):
+            raise self.fail(f"expected a single value, got {_describe(self.node)}")
+        construct = _SCALAR_TAGS.get(self.node.tag)
+        if construct is None:
+            raise self.fail(f"unsupported YAML tag {self.node.tag}")
+        return construct(self.node)
+
+    def mapping(self, allowed: set[str]) -> dict[str, _Value]:
+        if not isinstance(self.node, yaml.MappingNode):
+            raise self.fail(f"expected a mapping, got {_describe(self.node)}")
+        result: dict[str, _Value] = {}
+        for key_node, value_node in self.node.value:
+            key = _Value(key_node, self.path).scalar()
+            if not isinstance(key, str):
+                raise _Value(key_node, self.path).fail(f"keys must be strings, got {key!r}")
+            child = self.child(key, value_node)
+            if key in result:
+                raise ManifestError(f"duplicate key {key!r}", child.path, _Value(key_node, "").line)
+            if key not in allowed:
+                hint = ", ".join(sorted(allowed))
+                raise ManifestError(f"unknown key {key!r} (allowed: {hint})", child.path, _Value(key_node, "").line)
+            result[key] = child
+        return result
+
+    def sequence(self) -> list[_Value]:
+        if not isinstance(self.node, yaml.SequenceNode):
+            raise self.fail(f"expected a list, got {_describe(self.node)}")
+        return [self.child(i, item) for i, item in enumerate(self.node.value)]
+
+    def string(self, allow_empty: bool = False) -> str:
+        value = self.scalar()
+        if not isinstance(value, str):
+            raise self.fail(f"expected a string, got {_describe_value(value)}")
+        if not allow_empty and not value:
+            raise self.fail("must not be empty")
+        return value
+
+    def integer(self, minimum: int | None = None, maximum: int | None = None) -> int:
+        value = self.scalar()
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(f"expected an integer, got {_describe_value(value)}")
+        if minimum is not None and value < minimum:
+            raise self.fail(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.fail(f"must be at most {maximum}, got {value}")
+        return value
+
+    def number(self, minimum: float = 0.0) -> float:
+        value = self.scalar()
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(f"expected a number, got {_describe_value(value)}")
+        if value < minimum or value != value:
+            raise self.fail(f"must be at least {minimum:g}, got {value}")
+        return float(value)
+
+    def duration(self, minimum_s: float = 0.0) -> float:
+        value = self.scalar()
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.fail(f"expected a duration like 2s or 500ms, got {_describe_value(value)}")
+        try:
+            seconds = parse_duration(value)
+        except ValueError as error:
+            raise self.fail(str(error)) from None
+        if seconds < minimum_s:
+            raise self.fail(f"must be at least {minimum_s:g}s")
+        return seconds
+
+
+def _describe(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return f"{node.value!r}"
+
+
+def _describe_value(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    return f"{type(value).__name__} ({value!r})"
+
+
+def _parse_cluster(doc: _Value) -> ClusterSpec:
+    top = doc.mapping({"apiVersion", "kind", "metadata", "spec"})
+    for key in ("apiVersion", "kind", "metadata", "spec"):
+        if key not in top:
+            raise doc.fail(f"missing required key {key!r}")
+    if (version := top["apiVersion"].string()) != API_VERSION:
+        raise top["apiVersion"].fail(f"unsupported apiVersion {version!r} (expected {API_VERSION!r})")
+    if (kind := top["kind"].string()) != "Cluster":
+        raise top["kind"].fail(f"unsupported kind {kind!r} (expected 'Cluster')")
+    metadata = top["metadata"].mapping({"name"})
+    if "name" not in metadata:
+        raise top["metadata"].fail("missing required key 'name'")
+    name = metadata["name"].string()
+    if not is_dns_label(name):
+        raise metadata["name"].fail(
+            f"{name!r} is not a valid name: use lowercase letters, digits and '-', at most 63 characters, "
+            "starting and ending with a letter or digit"
+        )
+    return _parse_spec(name, top["spec"])
+
+
+_SPEC_KEYS = {"replicas", "gpu", "runtime", "image", "command", "env", "port", "health", "workdir",
+              "reschedule_after"}
+
+
+def _parse_spec(name: str, value: _Value) -> ClusterSpec:
+    spec = value.mapping(_SPEC_KEYS)
+    replicas = spec["replicas"].integer(minimum=0, maximum=10_000) if "replicas" in spec else 1
+    runtime = Runtime.PROCESS
+    if "runtime" in spec:
+        raw = spec["runtime"].string()
+        try:
+            runtime = Runtime(raw)
+        except ValueError:
+            allowed = ", ".join(r.value for r in Runtime)
+            raise spec["runtime"].fail(f"unknown runtime {raw!r} (allowed: {allowed})") from None
+    image = spec["image"].string() if "image" in spec else None
+    command = tuple(item.string(allow_empty=True) for item in spec["command"].sequence()) if "command" in spec else ()
+    if runtime is Runtime.PROCESS and not command:
+        raise (spec["command"] if "command" in spec else value).fail("the process runtime needs a non-empty 'command'")
+    if runtime is Runtime.CONTAINER and image is None:
+        raise value.fail("the container runtime needs an 'image'")
+    return ClusterSpec(
+        name=name,
+        replicas=replicas,
+        gpu=_parse_gpu(spec["gpu"]) if "gpu" in spec else GpuRequest(),
+        runtime=runtime,
+        image=image,
+        command=command,
+        env=_parse_env(spec["env"]) if "env" in spec else {},
+        port=spec["port"].integer(minimum=1, maximum=65535) if "port" in spec else 8000,
+        health=_parse_health(spec["health"]) if "health" in spec else HealthCheck(),
+        workdir=spec["workdir"].string() if "workdir" in spec else None,
+        reschedule_after_s=spec["reschedule_after"].duration() if "reschedule_after" in spec else 30.0,
+    )
+
+
+def _parse_gpu(value: _Value) -> GpuRequest:
+    gpu = value.mapping({"type", "count", "min_memory_gb"})
+    types: tuple[str, ...] = ()
+    if "type" in gpu:
+        node = gpu["type"]
+        if isinstance(node.node, yaml.SequenceNode):
+            types = tuple(item.string() for item in node.sequence())
+            if not types:
+                raise node.fail("list of GPU types must not be empty")
+        else:
+            types = (node.string(),)
+        if any(t.strip().lower() in {"any", "*"} for t in types):
+            types = ()
+    count = gpu["count"].integer(minimum=0, maximum=64) if "count" in gpu else 1
+    memory = gpu["min_memory_gb"].number() if "min_memory_gb" in gpu else None
+    return GpuRequest(types=types, count=count, min_memory_gb=memory)
+
+
+def _parse_env(value: _Value) -> dict[str, str]:
+    if not isinstance(value.node, yaml.MappingNode):
+        raise value.fail(f"expected a mapping of names to values, got {_describe(value.node)}")
+    keys = {str(k.value) for k, _ in value.node.value}
+    env: dict[str, str] = {}
+    for key, item in value.mapping(keys).items():
+        if not _ENV_NAME.match(key):
+            raise item.fail(f"{key!r} is not a valid environment variable name")
+        if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIX):
+            raise item.fail(f"{key!r} is set by vectorlay and cannot be overridden")
+        raw = item.scalar()
+        if isinstance(raw, bool) or raw is None or not isinstance(raw, str | int | float):
+            raise item.fail(f"expected a string or number, got {_describe_value(raw)} (quote it)")
+        env[key] = str(raw)
+    return env
+
+
+def _parse_health(value: _Value) -> HealthCheck | None:
+    if isinstance(value.node, yaml.ScalarNode) and value.scalar() is None:
+        return None  # `health: null` disables probing: running means ready
+    health = value.mapping({"path", "interval", "timeout", "failure_threshold"})
+    path = health["path"].string() if "path" in health else "/healthz"
+    if not path.startswith("/"):
+        raise health["path"].fail(f"must start with '/', got {path!r}")
+    interval = health["interval"].duration(minimum_s=0.1) if "interval" in health else 2.0
+    timeout = health["timeout"].duration(minimum_s=0.05) if "timeout" in health else 1.0
+    if timeout > interval:
+        raise health["timeout"].fail("must not be longer than the interval")
+    threshold = health["failure_threshold"].integer(minimum=1, maximum=100) if "failure_threshold" in health else 3
+    return HealthCheck(path=path, interval_s=interval, timeout_s=timeout, failure_threshold=threshold)

@@ -1,0 +1,143 @@
+"""The values the whole system talks about: nodes, GPUs, clusters, replicas.
+
+Frozen dataclasses and enums only; converting them to and from JSON is `core.codec`'s job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+
+
+class NodeState(StrEnum):
+    READY = "ready"
+    SUSPECT = "suspect"  # missed heartbeats or lost its link: out of routing, replicas kept
+    DOWN = "down"  # gone long enough that its replicas count as lost after their grace
+
+
+class ReplicaState(StrEnum):
+    PENDING = "pending"  # not placed yet, or placed and not yet started by the node
+    STARTING = "starting"  # the node started it; health check not yet passing
+    READY = "ready"  # passing its health check: receives traffic
+    UNREADY = "unready"  # was ready, now failing its health check
+    FAILED = "failed"  # could not start, or keeps failing; replaced elsewhere
+    STOPPED = "stopped"  # stopped on purpose (cluster deleted or scaled down)
+
+
+# States in which a replica holds its GPUs and counts toward the cluster's desired total.
+ACTIVE_REPLICA_STATES = frozenset(
+    {ReplicaState.PENDING, ReplicaState.STARTING, ReplicaState.READY, ReplicaState.UNREADY}
+)
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    NODE = "node"  # a join token: may register one node per use
+    PROXY = "proxy"
+
+
+class Runtime(StrEnum):
+    PROCESS = "process"
+    CONTAINER = "container"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU on a node. `uuid` is unique on its node; NVML reports it, declared GPUs get one."""
+
+    uuid: str
+    name: str
+    memory_gb: float | None = None
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    """What a replica needs: `count` GPUs of any of `types` (empty means any type)."""
+
+    types: tuple[str, ...] = ()
+    count: int = 0
+    min_memory_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    path: str = "/healthz"
+    interval_s: float = 2.0
+    timeout_s: float = 1.0
+    failure_threshold: int = 3  # consecutive failures before a ready replica turns unready
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """A validated cluster manifest: everything needed to run and route its replicas."""
+
+    name: str
+    replicas: int
+    gpu: GpuRequest = GpuRequest()
+    runtime: Runtime = Runtime.PROCESS
+    image: str | None = None
+    command: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 8000
+    health: HealthCheck | None = HealthCheck()
+    workdir: str | None = None
+    reschedule_after_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node as the scheduler and the route table see it."""
+
+    id: str
+    name: str
+    gpus: tuple[Gpu, ...]
+    address: str  # host the node's replicas are reachable on
+    state: NodeState = NodeState.READY
+    schedulable: bool = True
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One instance of a cluster. `node_id` is None until the scheduler places it."""
+
+    id: str
+    cluster: str
+    node_id: str | None
+    gpus: tuple[str, ...] = ()  # GPU uuids on its node, held exclusively
+    state: ReplicaState = ReplicaState.PENDING
+    reason: str = ""
+    address: str | None = None  # host:port the proxy forwards to
+    generation: int = 0  # fencing: grows with every new assignment
+    stopping: bool = False  # the server wants it gone; kept until the node confirms
+    revision: str = ""  # template_revision of the spec it was created from
+
+    @property
+    def holds_resources(self) -> bool:
+        """Whether this replica's GPUs are taken (it may still be running on its node)."""
+        return self.node_id is not None and (self.stopping or self.state in ACTIVE_REPLICA_STATES)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What the server tells a node to run: one replica with everything needed to start it."""
+
+    replica_id: str
+    cluster: str
+    generation: int
+    spec: ClusterSpec
+    gpus: tuple[str, ...] = ()
+
+
+# Fields of a spec that only say how many replicas exist or how patiently they are replaced;
+# changing any other field changes what a replica runs, so it gets a new revision.
+_SCALING_FIELDS = frozenset({"replicas", "reschedule_after_s"})
+
+
+def template_revision(spec: ClusterSpec) -> str:
+    """A short stable hash of what a replica runs; replicas of an older revision get replaced."""
+    template = {k: v for k, v in asdict(spec).items() if k not in _SCALING_FIELDS}
+    encoded = json.dumps(template, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()[:12]

@@ -1,0 +1,140 @@
+"""Close the gap between a cluster's desired replica count and what exists, as a plan.
+
+`plan_cluster` looks at one cluster's spec and replicas plus the fleet, and decides which replicas
+to stop, which rows to forget, and how many to place (via the scheduler). It does no I/O; the
+server commits the plan and then tells the nodes. Calling it again on its own result changes
+nothing more: that is what makes the loop converge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from vectorlay.core.model import ClusterSpec, Node, NodeState, Replica, ReplicaState, template_revision
+from vectorlay.core.scheduler import Placement, place
+
+
+@dataclass(frozen=True)
+class Stop:
+    replica_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    stop: tuple[Stop, ...] = ()
+    forget: tuple[str, ...] = ()  # rows to delete: nothing runs for them anywhere
+    assign: tuple[tuple[str, Placement], ...] = ()  # existing unplaced replica -> placement
+    create: tuple[Placement, ...] = ()  # new replicas with a node
+    create_unplaced: int = 0  # new replicas that must wait (see `unplaced_reason`)
+    unplaced_reason: str = ""
+
+    @property
+    def empty(self) -> bool:
+        return not (self.stop or self.forget or self.assign or self.create or self.create_unplaced)
+
+
+def is_lost(replica: Replica, nodes: Mapping[str, Node], down_since: Mapping[str, float],
+            grace_s: float, now: float) -> bool:
+    """A replica whose node is gone (removed, or down for longer than the cluster's grace)."""
+    if replica.node_id is None:
+        return False
+    node = nodes.get(replica.node_id)
+    if node is None:
+        return True
+    return node.state is NodeState.DOWN and now - down_since.get(node.id, now) >= grace_s
+
+
+def _stop_order(replica: Replica, nodes: Mapping[str, Node]) -> tuple[int, int, int]:
+    """Which surplus replica to stop first: unplaced, then on unhealthy nodes, then not ready, newest."""
+    node = nodes.get(replica.node_id) if replica.node_id else None
+    placed = 0 if replica.node_id is None else 1
+    node_ok = 1 if node is not None and node.state is NodeState.READY else 0
+    ready = 1 if replica.state is ReplicaState.READY else 0
+    return (placed, node_ok, ready * 1_000_000_000 - replica.generation)
+
+
+def plan_cluster(
+    spec: ClusterSpec | None,
+    cluster: str,
+    replicas: Sequence[Replica],
+    nodes: Mapping[str, Node],
+    down_since: Mapping[str, float],
+    all_replicas: Sequence[Replica],
+    now: float,
+    may_replace: bool = True,
+) -> ClusterPlan:
+    """One cluster's next step. `all_replicas` is the fleet's, for GPU usage and spread.
+
+    Replicas of an older template revision are replaced by rolling: new ones are placed first and
+    old ones stop only while enough new ones are ready. `may_replace` is False while the
+    controller holds back replacing failed or lost replicas (a crash-looping cluster); surplus is
+    still stopped.
+    """
+    stop: list[Stop] = []
+    forget: list[str] = []
+    live: list[Replica] = []
+    stops_in_flight = 0
+    for replica in replicas:
+        if replica.stopping:
+            if replica.node_id is None or replica.node_id not in nodes:
+                forget.append(replica.id)  # nothing can be running it any more
+            else:
+                stops_in_flight += 1
+            continue
+        if spec is None:
+            if replica.node_id is None:
+                forget.append(replica.id)
+            else:
+                stop.append(Stop(replica.id, "cluster deleted"))
+            continue
+        if replica.state is ReplicaState.FAILED:
+            stop.append(Stop(replica.id, replica.reason or "failed"))
+            continue
+        if is_lost(replica, nodes, down_since, spec.reschedule_after_s, now):
+            stop.append(Stop(replica.id, "its node is down; replaced elsewhere"))
+            continue
+        live.append(replica)
+    if spec is None:
+        return ClusterPlan(stop=tuple(stop), forget=tuple(forget))
+
+    revision = template_revision(spec)
+    current = [r for r in live if r.revision == revision]
+    outdated = [r for r in live if r.revision != revision]
+    for replica in outdated:
+        if replica.node_id is None:
+            forget.append(replica.id)
+    outdated = [r for r in outdated if r.node_id is not None]
+
+    surplus = len(current) - spec.replicas
+    if surplus > 0:
+        for replica in sorted(current, key=lambda r: _stop_order(r, nodes))[:surplus]:
+            if replica.node_id is None:
+                forget.append(replica.id)
+            else:
+                stop.append(Stop(replica.id, "scaled down"))
+        current = [r for r in current if r.id not in {s.replica_id for s in stop} and r.id not in forget]
+
+    # Roll: an old replica may stop while the ready new ones plus the remaining old ones still
+    # cover the desired count; if new ones cannot be placed, free one old replica's GPUs at a time.
+    ready_current = sum(1 for r in current if r.state is ReplicaState.READY)
+    removable = len(outdated) + ready_current - spec.replicas
+    if any(r.node_id is None for r in current) and stops_in_flight == 0 and not stop:
+        removable = max(removable, 1)
+    for replica in sorted(outdated, key=lambda r: _stop_order(r, nodes))[: max(0, removable)]:
+        stop.append(Stop(replica.id, "replaced by a newer revision"))
+
+    unplaced = [r for r in current if r.node_id is None]
+    missing = max(0, spec.replicas - len(current)) if may_replace else 0
+    if not unplaced and missing == 0:
+        return ClusterPlan(stop=tuple(stop), forget=tuple(forget))
+    stopping_now = {s.replica_id for s in stop}
+    fleet_view = [replace(r, stopping=True) if r.id in stopping_now else r for r in all_replicas]
+    plan = place(list(nodes.values()), fleet_view, [(spec, len(unplaced) + missing)])
+    placements = list(plan.placements)
+    assign = tuple(zip((r.id for r in unplaced), placements, strict=False))
+    create = tuple(placements[len(assign):])
+    reason = plan.unplaced[0].reason if plan.unplaced else ""
+    create_unplaced = max(0, missing - len(create))
+    return ClusterPlan(tuple(stop), tuple(forget), assign, create, create_unplaced, reason)

@@ -1,0 +1,100 @@
+"""`vectorlay dev`: a whole local stack in one process: server, N nodes and a proxy.
+
+Each role runs exactly as it would on its own (same code, real WebSockets on loopback, real
+replica processes); only the process boundary is gone. Replicas are stopped when dev exits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from vectorlay.client import commands, output
+from vectorlay.client.api import open_api
+from vectorlay.client.config import Context, save_context
+from vectorlay.node.agent import Agent, Credentials, join, load_credentials, run_node
+from vectorlay.node.gpus import inventory
+from vectorlay.node.process_runtime import ProcessRuntime
+from vectorlay.proxy.app import ProxyConfig, run_proxy
+from vectorlay.server.app import ServerConfig, run_server
+
+log = logging.getLogger("vectorlay.dev")
+
+
+@dataclass(frozen=True)
+class DevConfig:
+    state_dir: Path
+    nodes: int = 2
+    server_port: int = 7070
+    proxy_port: int = 8080
+    domain: str = "localhost"
+    gpus: tuple[str, ...] = ()
+    apply_file: str | None = None
+    apply_timeout_s: float = 120.0
+    heartbeat_interval_s: float = 1.0
+
+
+async def run_dev(config: DevConfig, *, task_status: trio.TaskStatus[Context] = trio.TASK_STATUS_IGNORED) -> None:
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(run_server, ServerConfig(
+            config.state_dir / "server", port=config.server_port, heartbeat_interval_s=config.heartbeat_interval_s))
+        url = f"ws://127.0.0.1:{server.port}"
+        admin = server.admin_token or (config.state_dir / "server" / "admin.token").read_text().strip()
+        supervisors = []
+        for index in range(1, config.nodes + 1):
+            supervisors.append(await _start_node(nursery, config, url, admin, f"dev-{index}"))
+        async with open_api(url, admin) as api:
+            proxy_token = (await api.call("token_create", {"role": "proxy", "description": "vectorlay dev"}))["token"]
+        proxy = await nursery.start(run_proxy, ProxyConfig(url, proxy_token, port=config.proxy_port,
+                                                           domain=config.domain))
+        context = Context(url, admin, proxy=f"http://127.0.0.1:{proxy.port}")
+        path = save_context("dev", context)
+        output.stderr.print(f"vectorlay dev: server {url}, proxy http://127.0.0.1:{proxy.port}, "
+                            f"{config.nodes} node(s); state in {config.state_dir}; context 'dev' in {path}")
+        if config.apply_file:
+            await _apply_example(context, config, proxy.port)
+        task_status.started(context)
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(15):
+                for agent in supervisors:
+                    await agent.supervisor.stop_all()
+
+
+async def _start_node(nursery: trio.Nursery, config: DevConfig, url: str, admin: str, name: str) -> Agent:
+    state_dir = config.state_dir / name
+    gpus, note = inventory(list(config.gpus))
+    log.info("%s: %s", name, note)
+    creds: Credentials
+    if (state_dir / "node.json").exists():
+        creds = load_credentials(state_dir)
+    else:
+        async with open_api(url, admin) as api:
+            token = (await api.call("token_create", {"role": "node", "ttl": "10m", "uses": 1}))["token"]
+        creds = await join(url, token, name, gpus, "127.0.0.1", ("process",), state_dir)
+    if creds.server != url:
+        creds = Credentials(url, creds.node_id, creds.name, creds.credential, creds.address)
+    agent: Agent = await nursery.start(run_node, creds, state_dir, ProcessRuntime(), gpus, ("process",))
+    return agent
+
+
+async def _apply_example(context: Context, config: DevConfig, proxy_port: int) -> None:
+    assert config.apply_file is not None
+    text = commands.read_manifest(config.apply_file)
+    await commands.apply(context, text, dry_run=False, wait=True, timeout_s=config.apply_timeout_s, as_json=False)
+    async with open_api(context.server, context.token) as api:
+        clusters = await api.call("get_clusters")
+    for cluster in clusters:
+        output.stdout.print(f"\n[bold]{cluster['name']}[/bold] is served at {cluster['endpoint']}")
+        output.stdout.print(_sample_curl(cluster["name"], config.domain, proxy_port), markup=False)
+    output.stdout.print("\nPress Ctrl-C to stop the stack (replicas are stopped too).")
+
+
+def _sample_curl(cluster: str, domain: str, port: int) -> str:
+    body = '{"prompt": "The function returns", "max_tokens": 48}'
+    return f"  curl -s http://{cluster}.{domain}:{port}/v1/completions -H 'Content-Type: application/json' -d '{body}'"

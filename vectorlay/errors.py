@@ -1,0 +1,100 @@
+"""One root exception; subclasses say whose fault a failure is.
+
+Third-party exceptions are translated where they enter (the store, the WebSocket helper, the
+runtimes) so callers only ever handle these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class VectorlayError(Exception):
+    """Root of every error vectorlay raises on purpose."""
+
+
+class UserError(VectorlayError):
+    """The user asked for something invalid: a bad manifest, argument or name."""
+
+
+class ManifestError(UserError):
+    """A manifest is invalid; carries the YAML path and line of the offending value."""
+
+    def __init__(self, message: str, path: str = "", line: int | None = None) -> None:
+        self.message = message
+        self.path = path
+        self.line = line
+        where = path or "manifest"
+        if line is not None:
+            where += f" (line {line})"
+        super().__init__(f"{where}: {message}")
+
+
+class NotFoundError(UserError):
+    """A named object (cluster, node, token) does not exist."""
+
+
+class ConflictError(UserError):
+    """The request clashes with existing state (for example a duplicate node name)."""
+
+
+class AuthError(VectorlayError):
+    """A token or credential is missing, wrong, expired or not allowed to do this."""
+
+
+class PeerError(VectorlayError):
+    """A peer on the other end of a connection misbehaved or went away."""
+
+
+class ProtocolError(PeerError):
+    """A message could not be decoded or broke the protocol's rules."""
+
+
+class ConnectError(PeerError):
+    """A server could not be reached."""
+
+
+class StoreError(VectorlayError):
+    """The database failed (unreachable, locked, schema too new)."""
+
+
+class RuntimeFailure(VectorlayError):
+    """A replica runtime could not start, stop or inspect a workload."""
+
+
+@contextmanager
+def unwrap_group() -> Iterator[None]:
+    """Re-raise a nursery's group holding a single exception as that exception.
+
+    Trio wraps whatever escapes a nursery in an ExceptionGroup; where a nursery has one meaningful
+    failure (the link closed, say) callers want to catch it by type as usual.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            found.extend(_leaves(error))
+        else:
+            found.append(error)
+    return found
+
+
+def first_error(error: BaseException) -> BaseException:
+    """The exception worth reporting: the first VectorlayError inside any group, else the error."""
+    if isinstance(error, BaseExceptionGroup):
+        leaves = _leaves(error)
+        for leaf in leaves:
+            if isinstance(leaf, VectorlayError):
+                return leaf
+        return leaves[0] if len(leaves) == 1 else error
+    return error

@@ -1,0 +1,1 @@
+"""The node agent: joins, heartbeats, runs replicas, probes them and keeps their logs."""

@@ -1,0 +1,238 @@
+"""`vectorlay node`: join once, then keep a link to the server and serve what it asks.
+
+The link is re-established with capped exponential backoff and jitter. Each (re)connect starts
+with a hello reporting what really runs; the server answers with redelivered commands and the
+full desired state, so nothing said while the link was down is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from vectorlay.backoff import Backoff
+from vectorlay.core.model import Gpu
+from vectorlay.core.protocol import (
+    PROTOCOL_VERSION,
+    SERVER_TO_NODE,
+    Ack,
+    Command,
+    Heartbeat,
+    Join,
+    Joined,
+    LogsClose,
+    LogsData,
+    LogsEnd,
+    LogsOpen,
+    Message,
+    NodeHello,
+    ReplicaReport,
+    ReplicaStatus,
+    Sync,
+    Welcome,
+)
+from vectorlay.errors import AuthError, ConnectError, ProtocolError, UserError
+from vectorlay.files import write_private
+from vectorlay.node import logs
+from vectorlay.node.runtime import ReplicaRuntime
+from vectorlay.node.supervisor import NodeIdentity, Supervisor
+from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect
+
+log = logging.getLogger("vectorlay.node")
+
+CREDENTIAL_FILE = "node.json"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    server: str
+    node_id: str
+    name: str
+    credential: str
+    address: str
+
+
+def credentials_path(state_dir: Path) -> Path:
+    return state_dir / CREDENTIAL_FILE
+
+
+def load_credentials(state_dir: Path) -> Credentials:
+    path = credentials_path(state_dir)
+    try:
+        data = json.loads(path.read_text())
+        return Credentials(data["server"], data["node_id"], data["name"], data["credential"], data["address"])
+    except FileNotFoundError:
+        raise UserError(f"no node credentials in {state_dir}: run `vectorlay node join --server URL --token TOKEN` "
+                        "first") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path} is damaged ({error}); remove it and join again") from None
+
+
+def save_credentials(state_dir: Path, creds: Credentials) -> None:
+    write_private(credentials_path(state_dir), json.dumps(creds.__dict__, indent=2) + "\n")
+
+
+async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str, runtimes: tuple[str, ...],
+               state_dir: Path) -> Credentials:
+    """Trade a join token for this node's own credential and save it in `state_dir`."""
+    async with connect(server.rstrip("/") + "/v1/node") as link:
+        await link.send(Join(PROTOCOL_VERSION, token, name, tuple(gpus), address, runtimes))
+        try:
+            joined = await link.receive_one(Joined)
+        except LinkClosed as closed:
+            raise AuthError(f"the server refused to let this node join: {closed.reason or 'no reason given'}") from None
+    creds = Credentials(server, joined.node_id, joined.name, joined.credential, address)
+    save_credentials(state_dir, creds)
+    return creds
+
+
+class Agent:
+    def __init__(self, creds: Credentials, supervisor: Supervisor, gpus: list[Gpu], runtimes: tuple[str, ...]) -> None:
+        self.creds = creds
+        self.supervisor = supervisor
+        self.gpus = gpus
+        self.runtimes = runtimes
+        self._outbound_send, self._outbound = trio.open_memory_channel[Message](256)
+        self._dirty_reports: dict[str, ReplicaReport] = {}
+        self._reports_changed = trio.Event()
+        self._log_scopes: dict[int, trio.CancelScope] = {}
+        self.connected = False
+
+    def on_report(self, report: ReplicaReport) -> None:
+        self._dirty_reports[report.replica_id] = report
+        self._reports_changed.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stay connected to the server until cancelled; raise AuthError if it refuses us."""
+        backoff = Backoff()
+        url = self.creds.server.rstrip("/") + "/v1/node"
+        task_status.started()
+        while True:
+            try:
+                async with connect(url) as link:
+                    await self._session(link, backoff)
+                problem = "the server closed the link"
+            except (ConnectError, LinkClosed, ProtocolError) as error:
+                if isinstance(error, LinkClosed) and error.code == CLOSE_POLICY:
+                    raise AuthError(f"the server refused this node: {error.reason}") from None
+                problem = str(error)
+            finally:
+                self.connected = False
+            delay = backoff.next_delay()
+            log.warning("%s; reconnecting in %.1fs", problem, delay)
+            await trio.sleep(delay)
+
+    async def _session(self, link: Link, backoff: Backoff) -> None:
+        hello = NodeHello(PROTOCOL_VERSION, self.creds.credential, tuple(self.gpus), self.creds.address,
+                          self.runtimes, self.supervisor.state.generation,
+                          tuple(self.supervisor.current_reports()))
+        self._dirty_reports.clear()
+        await link.send(hello)
+        welcome = await link.receive(SERVER_TO_NODE)
+        if not isinstance(welcome, Welcome):
+            raise ProtocolError(f"expected a welcome, got {welcome.TYPE!r}")
+        backoff.reset()
+        self.connected = True
+        log.info("connected to %s as %s; heartbeat every %gs", self.creds.server, welcome.name,
+                 welcome.heartbeat_interval_s)
+        self._outbound_send, self._outbound = trio.open_memory_channel[Message](256)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, link)
+                nursery.start_soon(self._heartbeats, welcome.heartbeat_interval_s)
+                nursery.start_soon(self._send_reports)
+                try:
+                    await self._reader(link, nursery)
+                except ProtocolError as error:
+                    await link.reject(error)
+                    raise
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            for scope in self._log_scopes.values():
+                scope.cancel()
+            self._log_scopes.clear()
+
+    async def _writer(self, link: Link) -> None:
+        async for message in self._outbound:
+            await link.send(message)
+            if isinstance(message, ReplicaStatus):
+                self.supervisor.report_sent(message.report)
+
+    async def _send(self, message: Message) -> None:
+        await self._outbound_send.send(message)
+
+    async def _heartbeats(self, interval_s: float) -> None:
+        while True:
+            await self._send(Heartbeat(time.time()))
+            await trio.sleep(interval_s)
+
+    async def _send_reports(self) -> None:
+        while True:
+            await self._reports_changed.wait()
+            self._reports_changed = trio.Event()
+            reports, self._dirty_reports = self._dirty_reports, {}
+            for report in reports.values():
+                await self._send(ReplicaStatus(report))
+
+    async def _reader(self, link: Link, nursery: trio.Nursery) -> None:
+        while True:
+            message = await link.receive(SERVER_TO_NODE)
+            if isinstance(message, Command):
+                self.supervisor.apply_command(message)
+                await self._send(Ack(message.seq))
+            elif isinstance(message, Sync):
+                if self.supervisor.apply_sync(message):
+                    await self._send(Ack(message.through_seq))
+            elif isinstance(message, LogsOpen):
+                scope = trio.CancelScope()
+                self._log_scopes[message.stream_id] = scope
+                nursery.start_soon(self._stream_logs, message, scope)
+            elif isinstance(message, LogsClose):
+                stream = self._log_scopes.pop(message.stream_id, None)
+                if stream is not None:
+                    stream.cancel()
+            elif isinstance(message, Welcome):
+                raise ProtocolError("a second welcome on one link")
+
+    async def _stream_logs(self, request: LogsOpen, scope: trio.CancelScope) -> None:
+        path = logs.log_path(self.supervisor.log_dir, request.replica_id)
+        with scope:
+            if not path.exists():
+                await self._send(LogsEnd(request.stream_id, f"no log for replica {request.replica_id} on this node"))
+                return
+            lines, offset = await trio.to_thread.run_sync(logs.tail_lines, path, request.tail)
+            for start in range(0, len(lines), logs.MAX_LINES_PER_BATCH):
+                await self._send(LogsData(request.stream_id, tuple(lines[start:start + logs.MAX_LINES_PER_BATCH])))
+            if request.follow:
+                async for batch in logs.follow(path, offset):
+                    await self._send(LogsData(request.stream_id, tuple(batch)))
+            await self._send(LogsEnd(request.stream_id))
+        if self._log_scopes.get(request.stream_id) is scope:
+            del self._log_scopes[request.stream_id]
+
+
+async def run_node(
+    creds: Credentials,
+    state_dir: Path,
+    runtime: ReplicaRuntime,
+    gpus: list[Gpu],
+    runtimes: tuple[str, ...],
+    *,
+    task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Re-attach to running replicas, then run the supervisor and the server link."""
+    identity = NodeIdentity(creds.node_id, creds.name, creds.address)
+    supervisor = Supervisor(runtime, state_dir, identity, on_report=lambda report: None)
+    agent = Agent(creds, supervisor, gpus, runtimes)
+    supervisor.on_report = agent.on_report
+    await supervisor.reattach()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        await nursery.start(agent.run)
+        task_status.started(agent)

@@ -1,0 +1,319 @@
+"""Converge the replicas on this node to the desired set the server sends.
+
+One task per replica launches it, probes it, restarts it with backoff when it exits, and stops it
+when it is no longer wanted. Each change is reported as a `ReplicaReport`; the agent forwards
+the latest report per replica to the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from vectorlay.core import health
+from vectorlay.core.model import Assignment, ReplicaState
+from vectorlay.core.protocol import Command, ReplicaReport, Sync
+from vectorlay.errors import RuntimeFailure
+from vectorlay.node import local_state, logs
+from vectorlay.node.local_state import AgentState, RunningRecord
+from vectorlay.node.probe import http_probe
+from vectorlay.node.runtime import Handle, LaunchRequest, ReplicaRuntime
+
+log = logging.getLogger("vectorlay.node")
+
+STOP_GRACE_S = 10.0
+RESTART_BACKOFF_INITIAL_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
+STABLE_RUN_S = 60.0  # a replica up this long has its restart backoff reset
+ROTATE_CHECK_S = 5.0
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    node_id: str
+    name: str
+    address: str  # where replicas are reachable from the proxy
+    probe_host: str = "127.0.0.1"
+
+
+@dataclass
+class _Runner:
+    assignment: Assignment
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    handle: Handle | None = None
+    host_port: int | None = None
+    restart_requested: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+def pick_free_port(host: str = "0.0.0.0") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def replica_env(assignment: Assignment, identity: NodeIdentity, port: int, cuda_devices: str | None) -> dict[str, str]:
+    env = {
+        **assignment.spec.env,
+        "PORT": str(port),
+        "VECTORLAY_CLUSTER": assignment.cluster,
+        "VECTORLAY_REPLICA": assignment.replica_id,
+        "VECTORLAY_NODE": identity.name,
+        "VECTORLAY_NODE_ID": identity.node_id,
+    }
+    if cuda_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_devices
+    return env
+
+
+def cuda_visible_devices(gpu_uuids: tuple[str, ...]) -> str:
+    """Real NVML UUIDs pass through; declared GPUs (`declared-N`) become their index N."""
+    return ",".join(u.removeprefix("declared-") for u in gpu_uuids)
+
+
+class Supervisor:
+    def __init__(self, runtime: ReplicaRuntime, state_dir: Path, identity: NodeIdentity,
+                 on_report: Callable[[ReplicaReport], None]) -> None:
+        self.runtime = runtime
+        self.identity = identity
+        self.state_path = state_dir / "agent-state.json"
+        self.log_dir = state_dir / "logs"
+        self.on_report = on_report
+        self.state = AgentState()
+        self.desired: dict[str, Assignment] = {}
+        self.runners: dict[str, _Runner] = {}
+        self.reports: dict[str, ReplicaReport] = {}
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # --- state from the server --------------------------------------------------------------
+
+    def apply_command(self, command: Command) -> bool:
+        """Apply one command; False if it was already applied or is stale (ack it anyway)."""
+        if command.seq <= self.state.applied_seq or command.generation < self.state.generation:
+            return False
+        self.state.applied_seq = command.seq
+        self.state.generation = max(self.state.generation, command.generation)
+        if command.op == "start" and command.assignment is not None:
+            current = self.desired.get(command.replica_id)
+            if current is None or current.generation <= command.assignment.generation:
+                self.desired[command.replica_id] = command.assignment
+        elif command.op == "stop":
+            self.desired.pop(command.replica_id, None)
+        elif command.op == "restart":
+            runner = self.runners.get(command.replica_id)
+            if runner is not None:
+                runner.restart_requested = True
+        self._save()
+        self._changed.set()
+        return True
+
+    def apply_sync(self, sync: Sync) -> bool:
+        if sync.generation < self.state.generation:
+            log.warning("ignoring a stale desired state (generation %d < %d)", sync.generation, self.state.generation)
+            return False
+        self.state.generation = sync.generation
+        self.state.applied_seq = max(self.state.applied_seq, sync.through_seq)
+        self.desired = {a.replica_id: a for a in sync.assignments}
+        self._save()
+        self._changed.set()
+        return True
+
+    def current_reports(self) -> list[ReplicaReport]:
+        return [r for r in self.reports.values() if r.state is not ReplicaState.STOPPED]
+
+    # --- startup: find what already runs ----------------------------------------------------
+
+    async def reattach(self) -> None:
+        """Adopt replicas a previous agent left running; stop any we cannot account for."""
+        try:
+            self.state = local_state.load(self.state_path)
+        except local_state.CorruptState as error:
+            moved = local_state.set_aside(self.state_path)
+            log.warning("local state is corrupt (%s); moved to %s and recovering from the runtime", error, moved)
+            self.state = AgentState()
+        adopted: set[str] = set()
+        for replica_id, record in list(self.state.running.items()):
+            if self.runtime.is_running(record.handle):
+                runner = _Runner(record.assignment, handle=record.handle, host_port=record.host_port)
+                self.runners[replica_id] = runner
+                self.desired[replica_id] = record.assignment
+                adopted.add(replica_id)
+                self._report(runner, await self._first_probe(runner))
+            else:
+                del self.state.running[replica_id]
+        for handle in self.runtime.list_running(self.identity.node_id):
+            if handle.replica_id not in adopted:
+                log.warning("stopping replica %s (pid %s): not in local state", handle.replica_id, handle.pid)
+                await self.runtime.stop(handle, STOP_GRACE_S)
+        if adopted:
+            log.info("re-attached to %d running replica(s): %s", len(adopted), ", ".join(sorted(adopted)))
+        self._save()
+
+    async def _first_probe(self, runner: _Runner) -> ReplicaReport:
+        check = runner.assignment.spec.health
+        port = runner.host_port or 0
+        state = ReplicaState.READY
+        reason = ""
+        if check is not None:
+            ok, reason = await http_probe(self.identity.probe_host, port, check.path, check.timeout_s)
+            state = ReplicaState.READY if ok else ReplicaState.STARTING
+        return self._make_report(runner, state, reason)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for runner in self.runners.values():
+                nursery.start_soon(self._run_replica, runner)
+            nursery.start_soon(self._rotate_logs)
+            task_status.started()
+            while True:
+                self._converge(nursery)
+                await self._changed.wait()
+                self._changed = trio.Event()
+
+    def _converge(self, nursery: trio.Nursery) -> None:
+        for replica_id, runner in list(self.runners.items()):
+            if replica_id not in self.desired:
+                runner.scope.cancel()
+            elif runner.restart_requested:
+                runner.restart_requested = False
+                runner.scope.cancel()  # the runner sees it is still desired and starts again
+        for replica_id, assignment in self.desired.items():
+            if replica_id not in self.runners:
+                runner = _Runner(assignment)
+                self.runners[replica_id] = runner
+                nursery.start_soon(self._run_replica, runner)
+
+    async def _run_replica(self, runner: _Runner) -> None:
+        """Run one replica until it is unwanted. If the agent itself is shutting down, the
+        cancellation is not our scope's: it propagates and the workload is left running."""
+        replica_id = runner.assignment.replica_id
+        while True:
+            with runner.scope:
+                await self._keep_running(runner)
+            with trio.CancelScope(shield=True):
+                await self._stop(runner)
+            if self.desired.get(replica_id) is runner.assignment:
+                runner.scope = trio.CancelScope()  # a restart was requested: launch a new copy
+                continue
+            break
+        if self.runners.get(replica_id) is runner:
+            del self.runners[replica_id]
+        self._report(runner, self._make_report(runner, ReplicaState.STOPPED, "stopped"))
+        self._changed.set()  # it may be wanted again under a newer assignment
+
+    async def _keep_running(self, runner: _Runner) -> None:
+        """Launch (unless re-attached), probe, and restart with backoff when it exits."""
+        backoff = RESTART_BACKOFF_INITIAL_S
+        restarts = 0
+        while True:
+            if runner.handle is None:
+                if not await self._launch(runner):
+                    await trio.sleep_forever()  # failed: the server replaces it and stops us
+            started = trio.current_time()
+            exit_code = await self._watch(runner)
+            runner.handle = None
+            self._forget_handle(runner)
+            restarts += 1
+            if trio.current_time() - started >= STABLE_RUN_S:
+                backoff = RESTART_BACKOFF_INITIAL_S
+            how = f"exited with code {exit_code}" if exit_code is not None else "exited"
+            reason = f"{how}; restarting in {backoff:g}s (restart {restarts})"
+            log.warning("replica %s %s", runner.assignment.replica_id, reason)
+            self._report(runner, self._make_report(runner, ReplicaState.STARTING, reason))
+            await trio.sleep(backoff)
+            backoff = min(RESTART_BACKOFF_MAX_S, backoff * 2)
+
+    async def _launch(self, runner: _Runner) -> bool:
+        assignment = runner.assignment
+        if runner.host_port is None:
+            runner.host_port = pick_free_port()
+        env = replica_env(assignment, self.identity, runner.host_port, cuda_visible_devices(assignment.gpus))
+        request = LaunchRequest(assignment, self.identity.node_id, self.identity.name, runner.host_port, env,
+                                logs.log_path(self.log_dir, assignment.replica_id))
+        self._report(runner, self._make_report(runner, ReplicaState.STARTING, "launching"))
+        try:
+            runner.handle = await self.runtime.launch(request)
+        except RuntimeFailure as error:
+            log.warning("replica %s failed to start: %s", assignment.replica_id, error)
+            self._report(runner, self._make_report(runner, ReplicaState.FAILED, str(error)))
+            return False
+        self.state.running[assignment.replica_id] = RunningRecord(assignment, runner.handle, runner.host_port)
+        self._save()
+        log.info("replica %s started on port %d", assignment.replica_id, runner.host_port)
+        return True
+
+    async def _watch(self, runner: _Runner) -> int | None:
+        """Probe until the workload exits; return its exit code."""
+        assert runner.handle is not None
+        handle = runner.handle
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._probe_loop, runner)
+            exit_code = await self.runtime.wait(handle)
+            nursery.cancel_scope.cancel()
+        return exit_code
+
+    async def _probe_loop(self, runner: _Runner) -> None:
+        check = runner.assignment.spec.health
+        if check is None:
+            self._report(runner, self._make_report(runner, ReplicaState.READY, ""))
+            return
+        current = health.ProbeState()
+        last = self.reports.get(runner.assignment.replica_id)
+        if last is not None and last.state is ReplicaState.READY:
+            current = health.ProbeState(ReplicaState.READY)  # re-attached and already serving
+        interval = check.interval_s
+        while True:
+            ok, detail = await http_probe(self.identity.probe_host, runner.host_port or 0, check.path, check.timeout_s)
+            current = health.on_probe(current, ok, detail, check.failure_threshold)
+            self._report(runner, self._make_report(runner, current.state, current.reason))
+            # Probe fast until the first success so a new replica joins routing quickly.
+            await trio.sleep(interval if current.state is ReplicaState.READY else min(interval, 0.25))
+
+    async def _stop(self, runner: _Runner) -> None:
+        if runner.handle is not None:
+            await self.runtime.stop(runner.handle, STOP_GRACE_S)
+            runner.handle = None
+        self._forget_handle(runner)
+
+    def _forget_handle(self, runner: _Runner) -> None:
+        if self.state.running.pop(runner.assignment.replica_id, None) is not None:
+            self._save()
+
+    async def _rotate_logs(self) -> None:
+        while True:
+            await trio.sleep(ROTATE_CHECK_S)
+            for replica_id in list(self.runners):
+                await trio.to_thread.run_sync(logs.rotate_if_large, logs.log_path(self.log_dir, replica_id))
+
+    async def stop_all(self) -> None:
+        """Stop every replica now; for `vectorlay dev`, whose replicas should not outlive it."""
+        for runner in list(self.runners.values()):
+            await self._stop(runner)
+
+    # --- reports ----------------------------------------------------------------------------
+
+    def _make_report(self, runner: _Runner, state: ReplicaState, reason: str) -> ReplicaReport:
+        address = f"{self.identity.address}:{runner.host_port}" if runner.host_port else None
+        return ReplicaReport(runner.assignment.replica_id, runner.assignment.generation, state, reason, address)
+
+    def _report(self, runner: _Runner, report: ReplicaReport) -> None:
+        if self.reports.get(report.replica_id) == report:
+            return
+        self.reports[report.replica_id] = report
+        self.on_report(report)
+
+    def report_sent(self, report: ReplicaReport) -> None:
+        if report.state is ReplicaState.STOPPED and self.reports.get(report.replica_id) == report:
+            del self.reports[report.replica_id]
+
+    def _save(self) -> None:
+        local_state.save(self.state_path, self.state)

@@ -1,0 +1,1 @@
+"""The edge proxy: routes each request by Host header to a ready replica, with failover."""

@@ -1,0 +1,61 @@
+"""The proxy's link to the server: receive the route snapshot, then deltas, forever.
+
+When the link drops the proxy keeps serving from its last table and reconnects with backoff:
+a control-plane outage must not become a data-plane outage.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from vectorlay.backoff import Backoff
+from vectorlay.core.protocol import (
+    PROTOCOL_VERSION,
+    SERVER_TO_PROXY,
+    ProxyHello,
+    Ready,
+    RouteSnapshot,
+    RouteUpdate,
+)
+from vectorlay.errors import AuthError, ConnectError, ProtocolError
+from vectorlay.proxy.routing import RouteTable
+from vectorlay.wire import CLOSE_POLICY, LinkClosed, connect
+
+log = logging.getLogger("vectorlay.proxy")
+
+
+async def follow_routes(server: str, token: str, url_template: str, table: RouteTable,
+                        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Keep `table` in step with the server; `started` once the first snapshot is loaded."""
+    backoff = Backoff()
+    started = False
+    url = server.rstrip("/") + "/v1/proxy"
+    while True:
+        try:
+            async with connect(url) as link:
+                await link.send(ProxyHello(PROTOCOL_VERSION, token, url_template))
+                first = await link.receive(SERVER_TO_PROXY)
+                if not isinstance(first, Ready):
+                    raise ProtocolError(f"expected ready, got {first.TYPE!r}")
+                backoff.reset()
+                while True:
+                    message = await link.receive(SERVER_TO_PROXY)
+                    if isinstance(message, RouteSnapshot):
+                        table.load_snapshot(message)
+                        log.info("route table loaded: %d cluster(s)", len(table.clusters))
+                        if not started:
+                            task_status.started()
+                            started = True
+                    elif isinstance(message, RouteUpdate):
+                        table.apply(message)
+        except LinkClosed as closed:
+            if closed.code == CLOSE_POLICY:
+                raise AuthError(f"the server refused this proxy: {closed.reason}") from None
+            problem = str(closed)
+        except (ConnectError, ProtocolError) as error:
+            problem = str(error)
+        delay = backoff.next_delay()
+        log.warning("route feed: %s; keeping the last table, reconnecting in %.1fs", problem, delay)
+        await trio.sleep(delay)

@@ -1,0 +1,523 @@
+"""The controller: every change to the fleet goes through here, under one lock.
+
+Each change is decided on the in-memory fleet (pure core functions), written to the store in one
+transaction, then applied to memory, then announced: commands to the nodes' sessions, route
+changes to the proxies' feed, a wake-up to watchers. A crash between the write and the sends
+loses nothing: commands wait in the outbox and are redelivered when the node reconnects.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import secrets
+import string
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import trio
+
+from vectorlay.core import health
+from vectorlay.core.health import Liveness, LivenessPolicy
+from vectorlay.core.model import (
+    Assignment,
+    ClusterSpec,
+    NodeState,
+    Replica,
+    ReplicaState,
+    template_revision,
+)
+from vectorlay.core.protocol import Command, Message, ReplicaReport, Sync
+from vectorlay.core.reconciler import ClusterPlan, plan_cluster
+from vectorlay.server.fleet import Fleet
+from vectorlay.server.records import ClusterRecord, CommandRecord, NodeRecord
+from vectorlay.server.store import Store, ops
+
+log = logging.getLogger("vectorlay.server")
+
+REPLACE_BACKOFF_MAX_S = 60.0
+
+
+class NodeSession(Protocol):
+    """What the controller needs from a connected node's session."""
+
+    def send_nowait(self, message: Message) -> None: ...
+
+    def close_soon(self, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ClusterChange:
+    cluster: str
+    action: str  # "created" | "updated" | "unchanged" | "deleted"
+    detail: str = ""
+
+
+class Controller:
+    def __init__(
+        self,
+        fleet: Fleet,
+        store: Store,
+        policy: LivenessPolicy,
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self.fleet = fleet
+        self.store = store
+        self.policy = policy
+        self.wall_clock = wall_clock
+        self.lock = trio.Lock()
+        self.sessions: dict[str, NodeSession] = {}
+        self._dirty: set[str] = set()
+        self._wake = trio.Event()
+        self._timers: list[tuple[float, str]] = []
+        self._timer_set: set[tuple[float, str]] = set()
+        self._replace_backoff: dict[str, tuple[int, float]] = {}  # cluster -> (failures, not before)
+        self.routes_dirty: set[str] = set()
+        self.routes_changed = trio.Event()
+        self.changed = trio.Event()
+
+    # --- notification -----------------------------------------------------------------------
+
+    def mark_dirty(self, cluster: str) -> None:
+        self._dirty.add(cluster)
+        self._wake.set()
+
+    def mark_route(self, cluster: str) -> None:
+        self.routes_dirty.add(cluster)
+        self.routes_changed.set()
+
+    def _announce(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self.changed.wait()
+
+    def _deliver(self, commands: Sequence[CommandRecord]) -> None:
+        for command in commands:
+            session = self.sessions.get(command.node_id)
+            if session is not None:
+                session.send_nowait(to_message(command))
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reconcile dirty clusters and step node liveness until cancelled."""
+        for name in self.fleet.all_cluster_names():
+            self.mark_dirty(name)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._liveness_loop)
+            task_status.started()
+            while True:
+                now = trio.current_time()
+                while self._timers and self._timers[0][0] <= now:
+                    timer = heapq.heappop(self._timers)
+                    self._timer_set.discard(timer)
+                    self._dirty.add(timer[1])
+                if self._dirty:
+                    dirty, self._dirty = self._dirty, set()
+                    async with self.lock:
+                        for cluster in sorted(dirty):
+                            await self._reconcile(cluster)
+                    continue
+                self._wake = trio.Event()
+                deadline = self._timers[0][0] if self._timers else now + 3600
+                with trio.move_on_at(deadline):
+                    await self._wake.wait()
+
+    def _wake_at(self, when: float, cluster: str) -> None:
+        if (when, cluster) in self._timer_set:
+            return
+        self._timer_set.add((when, cluster))
+        heapq.heappush(self._timers, (when, cluster))
+        self._wake.set()
+
+    async def _reconcile(self, cluster: str) -> None:
+        fleet = self.fleet
+        record = fleet.clusters.get(cluster)
+        spec = record.spec if record else None
+        now = trio.current_time()
+        failures, not_before = self._replace_backoff.get(cluster, (0, 0.0))
+        may_replace = now >= not_before or self._is_initial(cluster)
+        nodes = fleet.node_views()
+        down_since = fleet.down_since()
+        plan = plan_cluster(spec, cluster, fleet.replicas_of_cluster(cluster), nodes, down_since,
+                            list(fleet.replicas.values()), now, may_replace)
+        if not may_replace:
+            self._wake_at(not_before, cluster)
+        if spec is not None:
+            self._schedule_loss_check(spec, cluster, down_since, now)
+        if plan.empty:
+            await self._refresh_unplaced_reason(cluster, plan)
+            return
+        await self._commit_plan(cluster, spec, plan)
+
+    def _is_initial(self, cluster: str) -> bool:
+        return not self.fleet.by_cluster.get(cluster)
+
+    def _schedule_loss_check(self, spec: ClusterSpec, cluster: str, down_since: Mapping[str, float],
+                             now: float) -> None:
+        """Come back when a replica on a down node has waited out the cluster's grace."""
+        for replica in self.fleet.replicas_of_cluster(cluster):
+            if replica.node_id is not None and replica.node_id in down_since and not replica.stopping:
+                due = down_since[replica.node_id] + spec.reschedule_after_s
+                if due > now:
+                    self._wake_at(due, cluster)
+
+    async def _refresh_unplaced_reason(self, cluster: str, plan: ClusterPlan) -> None:
+        if not plan.unplaced_reason:
+            return
+        changes: list[ops.Op] = []
+        updated = []
+        for replica in self.fleet.replicas_of_cluster(cluster):
+            if replica.node_id is None and not replica.stopping and replica.reason != plan.unplaced_reason:
+                new = replace(replica, reason=plan.unplaced_reason)
+                changes.append(ops.PutReplica(new, self.fleet.replica_created[replica.id]))
+                updated.append(new)
+        if changes:
+            await self.store.apply(changes)
+            for replica in updated:
+                self.fleet.put_replica(replica, 0)
+            self._announce()
+
+    async def _commit_plan(self, cluster: str, spec: ClusterSpec | None, plan: ClusterPlan) -> None:
+        fleet = self.fleet
+        wall = self.wall_clock()
+        batch = _Batch(fleet, wall)
+        for stop in plan.stop:
+            replica = fleet.replicas[stop.replica_id]
+            if replica.state is ReplicaState.FAILED:
+                self._note_failure(cluster)
+            batch.put_replica(replace(replica, stopping=True, reason=stop.reason))
+            assert replica.node_id is not None
+            batch.command(replica.node_id, "stop", replica.id, None)
+        for replica_id in plan.forget:
+            batch.forget(replica_id)
+        revision = template_revision(spec) if spec else ""
+        for replica_id, placement in plan.assign:
+            replica = fleet.replicas[replica_id]
+            assert spec is not None
+            new = replace(replica, node_id=placement.node_id, gpus=placement.gpus, state=ReplicaState.PENDING,
+                          reason=f"starting on {fleet.nodes[placement.node_id].name}",
+                          generation=batch.next_generation())
+            batch.put_replica(new)
+            batch.command(new.node_id or "", "start", new.id,
+                          Assignment(new.id, cluster, new.generation, spec, new.gpus))
+        for placement in plan.create:
+            assert spec is not None
+            new = Replica(new_replica_id(cluster), cluster, placement.node_id, placement.gpus,
+                          ReplicaState.PENDING, f"starting on {fleet.nodes[placement.node_id].name}",
+                          None, batch.next_generation(), False, revision)
+            batch.put_replica(new)
+            batch.command(placement.node_id, "start", new.id,
+                          Assignment(new.id, cluster, new.generation, spec, new.gpus))
+        for _ in range(plan.create_unplaced):
+            batch.put_replica(Replica(new_replica_id(cluster), cluster, None, (), ReplicaState.PENDING,
+                                      plan.unplaced_reason, None, 0, False, revision))
+        await self._commit(batch)
+        if plan.forget:
+            self._capacity_freed()
+
+    def _note_failure(self, cluster: str) -> None:
+        failures, _ = self._replace_backoff.get(cluster, (0, 0.0))
+        failures += 1
+        delay = min(REPLACE_BACKOFF_MAX_S, 2.0 ** (failures - 1)) if failures > 1 else 0.0
+        self._replace_backoff[cluster] = (failures, trio.current_time() + delay)
+
+    async def _commit(self, batch: _Batch) -> None:
+        """Store first, then memory, then tell the world."""
+        batch.finish()
+        if not batch.changes:
+            return
+        await self.store.apply(batch.changes)
+        batch.apply_to_memory()
+        for cluster in batch.touched_clusters:
+            self.mark_route(cluster)
+        self._deliver(batch.commands)
+        self._announce()
+
+    def _capacity_freed(self) -> None:
+        """GPUs came free: clusters waiting for capacity get another try."""
+        for replica in list(self.fleet.replicas.values()):
+            if replica.node_id is None and not replica.stopping:
+                self.mark_dirty(replica.cluster)
+
+    # --- clusters (from the API) ------------------------------------------------------------
+
+    def diff(self, specs: Sequence[ClusterSpec]) -> list[ClusterChange]:
+        changes = []
+        for spec in specs:
+            old = self.fleet.clusters.get(spec.name)
+            if old is None:
+                changes.append(ClusterChange(spec.name, "created", f"{spec.replicas} replica(s)"))
+            elif old.spec == spec:
+                changes.append(ClusterChange(spec.name, "unchanged"))
+            else:
+                changes.append(ClusterChange(spec.name, "updated", describe_update(old.spec, spec)))
+        return changes
+
+    async def apply(self, specs: Sequence[ClusterSpec], dry_run: bool) -> list[ClusterChange]:
+        async with self.lock:
+            changes = self.diff(specs)
+            if dry_run:
+                return changes
+            wall = self.wall_clock()
+            writes: list[ops.Op] = []
+            records = []
+            for spec, change in zip(specs, changes, strict=True):
+                if change.action == "unchanged":
+                    continue
+                old = self.fleet.clusters.get(spec.name)
+                record = ClusterRecord(spec, old.created_at if old else wall, wall)
+                writes.append(ops.PutCluster(record))
+                records.append(record)
+            await self.store.apply(writes)
+            for record in records:
+                self.fleet.clusters[record.spec.name] = record
+                self._replace_backoff.pop(record.spec.name, None)
+                self.mark_dirty(record.spec.name)
+            self._announce()
+            return changes
+
+    async def delete(self, name: str) -> bool:
+        async with self.lock:
+            if name not in self.fleet.clusters:
+                return False
+            await self.store.apply([ops.DeleteCluster(name)])
+            del self.fleet.clusters[name]
+            self._replace_backoff.pop(name, None)
+            self.mark_dirty(name)
+            self.mark_route(name)
+            self._announce()
+            return True
+
+    # --- nodes (from their sessions) --------------------------------------------------------
+
+    async def add_node(self, record: NodeRecord) -> None:
+        async with self.lock:
+            await self.store.apply([ops.PutNode(record)])
+            self.fleet.put_node(record)
+            self._announce()
+
+    async def node_connected(self, record: NodeRecord, session: NodeSession, welcome: Message,
+                             reports: Sequence[ReplicaReport], generation_seen: int) -> None:
+        """A node said hello: adopt its facts and reports, then queue its redelivery and full state.
+
+        Queued under the lock so no newer command can overtake the redelivered ones.
+        """
+        fleet = self.fleet
+        async with self.lock:
+            old_session = self.sessions.get(record.id)
+            self.sessions[record.id] = session
+            if old_session is not None:
+                old_session.close_soon("replaced by a newer connection from the same node")
+            now = trio.current_time()
+            fleet.liveness[record.id] = health.on_connect(now)
+            batch = _Batch(fleet, self.wall_clock())
+            batch.put_node(replace(record, state=NodeState.READY, last_seen_at=self.wall_clock()))
+            self._adopt_reports(batch, record.id, reports)
+            await self._commit(batch)
+            self._node_state_changed(record.id)
+            node = fleet.nodes[record.id]
+            session.send_nowait(welcome)
+            for command in fleet.outbox.get(record.id, []):
+                session.send_nowait(to_message(command))
+            session.send_nowait(Sync(max(node.generation, generation_seen), node.next_seq - 1,
+                                     tuple(fleet.desired_on_node(record.id))))
+
+    def _adopt_reports(self, batch: _Batch, node_id: str, reports: Sequence[ReplicaReport]) -> None:
+        """What a (re)connecting node really runs, against what we think it runs."""
+        reported = {report.replica_id: report for report in reports}
+        for replica in self.fleet.replicas_on_node(node_id):
+            report = reported.get(replica.id)
+            if replica.stopping:
+                if report is None or report.state is ReplicaState.STOPPED:
+                    batch.forget(replica.id)  # it is not running there any more
+                continue
+            if report is None:
+                if replica.state is not ReplicaState.PENDING:
+                    batch.put_replica(replace(replica, state=ReplicaState.PENDING,
+                                              reason="node restarted without it; starting again", address=None))
+                continue
+            if report.generation == replica.generation:
+                batch.put_replica(_with_report(replica, report))
+
+    async def node_disconnected(self, node_id: str, session: NodeSession) -> None:
+        if self.sessions.get(node_id) is not session:
+            return  # a newer session took over
+        del self.sessions[node_id]
+        live = self.fleet.liveness.get(node_id)
+        if live is not None:
+            self.fleet.liveness[node_id] = health.on_disconnect(live, trio.current_time())
+            self._node_state_changed(node_id)
+
+    def heartbeat(self, node_id: str) -> None:
+        live = self.fleet.liveness.get(node_id)
+        now = trio.current_time()
+        if live is None:
+            return
+        updated = health.on_heartbeat(live, now)
+        self.fleet.liveness[node_id] = updated
+        if updated.state is not live.state:
+            self._node_state_changed(node_id)
+
+    def _node_state_changed(self, node_id: str) -> None:
+        for cluster in self.fleet.clusters_on_node(node_id):
+            self.mark_route(cluster)
+            self.mark_dirty(cluster)
+        if self.fleet.node_state(node_id) is NodeState.READY:
+            self._capacity_freed()
+        self._announce()
+
+    async def _liveness_loop(self) -> None:
+        tick = max(0.05, min(1.0, self.policy.heartbeat_interval_s / 5))
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for node_id, live in list(self.fleet.liveness.items()):
+                stepped = health.on_tick(live, now, self.policy)
+                if stepped is not live:
+                    self.fleet.liveness[node_id] = stepped
+                    if stepped.state is not live.state:
+                        name = self.fleet.nodes[node_id].name if node_id in self.fleet.nodes else node_id
+                        log.info("node %s is %s (silent for %.1fs)", name, stepped.state, now - stepped.last_seen)
+                        self._node_state_changed(node_id)
+
+    async def replica_status(self, node_id: str, report: ReplicaReport) -> None:
+        async with self.lock:
+            replica = self.fleet.replicas.get(report.replica_id)
+            if replica is None or replica.node_id != node_id or report.generation != replica.generation:
+                return  # stale or foreign: fencing drops it
+            batch = _Batch(self.fleet, self.wall_clock())
+            if replica.stopping and report.state is ReplicaState.STOPPED:
+                batch.forget(replica.id)
+                await self._commit(batch)
+                self._capacity_freed()
+                self.mark_dirty(replica.cluster)
+                return
+            updated = _with_report(replica, report)
+            if updated == replica:
+                return
+            batch.put_replica(updated)
+            await self._commit(batch)
+            if updated.state is ReplicaState.FAILED:
+                self.mark_dirty(replica.cluster)
+            if updated.state is ReplicaState.READY and replica.cluster in self._replace_backoff:
+                self._replace_backoff.pop(replica.cluster, None)  # it works now
+
+    async def ack(self, node_id: str, seq: int) -> None:
+        queue = self.fleet.outbox.get(node_id)
+        if not queue or queue[0].seq > seq:
+            return
+        async with self.lock:
+            await self.store.apply([ops.AckCommands(node_id, seq)])
+            self.fleet.outbox[node_id] = [c for c in self.fleet.outbox.get(node_id, []) if c.seq > seq]
+
+    async def restore_liveness(self, grace_s: float) -> None:
+        """After a server restart, give every known node `grace_s` to reconnect before judging it."""
+        now = trio.current_time()
+        for node_id, record in self.fleet.nodes.items():
+            if record.state is NodeState.DOWN:
+                self.fleet.liveness[node_id] = Liveness(NodeState.DOWN, False, now - self.policy.down_after_s, now)
+            else:
+                # Pretend we heard from it at the end of the grace, minus the time to suspicion.
+                seen = now + grace_s - self.policy.suspect_after_s
+                self.fleet.liveness[node_id] = Liveness(NodeState.READY, False, seen, now)
+
+
+def _with_report(replica: Replica, report: ReplicaReport) -> Replica:
+    return replace(replica, state=report.state, reason=report.reason,
+                   address=report.address if report.address else replica.address)
+
+
+class _Batch:
+    """Collects one decision's changes: store ops, then the same changes for memory."""
+
+    def __init__(self, fleet: Fleet, wall: float) -> None:
+        self.fleet = fleet
+        self.wall = wall
+        self.changes: list[ops.Op] = []
+        self.replicas: dict[str, Replica] = {}
+        self.forgotten: list[str] = []
+        self.nodes: dict[str, NodeRecord] = {}
+        self.commands: list[CommandRecord] = []
+        self.touched_clusters: set[str] = set()
+        self._generation = fleet.generation
+
+    def next_generation(self) -> int:
+        self._generation += 1
+        return self._generation
+
+    def node(self, node_id: str) -> NodeRecord:
+        return self.nodes.get(node_id) or self.fleet.nodes[node_id]
+
+    def put_node(self, record: NodeRecord) -> None:
+        self.nodes[record.id] = record
+
+    def put_replica(self, replica: Replica) -> None:
+        self.replicas[replica.id] = replica
+        self.touched_clusters.add(replica.cluster)
+
+    def forget(self, replica_id: str) -> None:
+        self.replicas.pop(replica_id, None)
+        self.forgotten.append(replica_id)
+        replica = self.fleet.replicas.get(replica_id)
+        if replica is not None:
+            self.touched_clusters.add(replica.cluster)
+
+    def command(self, node_id: str, op: str, replica_id: str, assignment: Assignment | None) -> None:
+        node = self.node(node_id)
+        generation = assignment.generation if assignment else self.next_generation()
+        record = CommandRecord(node_id, node.next_seq, op, replica_id, generation, assignment, self.wall)
+        self.commands.append(record)
+        self.nodes[node_id] = replace(node, next_seq=node.next_seq + 1, generation=max(node.generation, generation))
+
+    def finish(self) -> None:
+        self.changes = [
+            *(ops.PutReplica(r, self.fleet.replica_created.get(r.id, self.wall)) for r in self.replicas.values()),
+            *(ops.DeleteReplica(i) for i in self.forgotten),
+            *(ops.PutNode(n) for n in self.nodes.values()),
+            *(ops.PutCommand(c) for c in self.commands),
+        ]
+        if self._generation != self.fleet.generation:
+            self.changes.append(ops.SetMeta("generation", str(self._generation)))
+
+    def apply_to_memory(self) -> None:
+        for replica in self.replicas.values():
+            self.fleet.put_replica(replica, self.wall)
+        for replica_id in self.forgotten:
+            self.fleet.remove_replica(replica_id)
+        for record in self.nodes.values():
+            self.fleet.put_node(record)
+        for command in self.commands:
+            self.fleet.outbox[command.node_id].append(command)
+        self.fleet.generation = self._generation
+
+
+def to_message(command: CommandRecord) -> Command:
+    return Command(command.seq, command.op, command.generation, command.replica_id, command.assignment)
+
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def random_id(length: int) -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+
+
+def new_replica_id(cluster: str) -> str:
+    return f"{cluster}-{random_id(5)}"
+
+
+def describe_update(old: ClusterSpec, new: ClusterSpec) -> str:
+    parts = []
+    if old.replicas != new.replicas:
+        parts.append(f"replicas {old.replicas} -> {new.replicas}")
+    changed = [name for name in ("gpu", "runtime", "image", "command", "env", "port", "health", "workdir")
+               if getattr(old, name) != getattr(new, name)]
+    if changed:
+        parts.append(f"{', '.join(changed)} changed: rolling replacement")
+    if old.reschedule_after_s != new.reschedule_after_s:
+        parts.append("reschedule_after changed")
+    return "; ".join(parts)

@@ -1,0 +1,103 @@
+"""The control plane's in-memory view of the fleet, indexed for cheap per-change work.
+
+The store is the source of truth across restarts; this view is loaded from it at start and kept
+in step by the controller, which writes to the store first and to this view second.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from vectorlay.core.health import Liveness
+from vectorlay.core.model import Assignment, Node, NodeState, Replica
+from vectorlay.server.records import ClusterRecord, CommandRecord, NodeRecord
+
+
+class Fleet:
+    def __init__(self) -> None:
+        self.nodes: dict[str, NodeRecord] = {}
+        self.node_ids_by_name: dict[str, str] = {}
+        self.liveness: dict[str, Liveness] = {}
+        self.clusters: dict[str, ClusterRecord] = {}
+        self.replicas: dict[str, Replica] = {}
+        self.replica_created: dict[str, float] = {}
+        self.by_cluster: defaultdict[str, set[str]] = defaultdict(set)
+        self.by_node: defaultdict[str, set[str]] = defaultdict(set)
+        self.outbox: defaultdict[str, list[CommandRecord]] = defaultdict(list)
+        self.generation = 0  # the fencing counter: only grows, persisted in meta
+
+    # --- nodes ---
+
+    def node_state(self, node_id: str) -> NodeState:
+        live = self.liveness.get(node_id)
+        return live.state if live else NodeState.DOWN
+
+    def node_view(self, node_id: str) -> Node | None:
+        record = self.nodes.get(node_id)
+        return record.as_node(self.node_state(node_id)) if record else None
+
+    def node_views(self) -> dict[str, Node]:
+        return {node_id: record.as_node(self.node_state(node_id)) for node_id, record in self.nodes.items()}
+
+    def down_since(self) -> dict[str, float]:
+        return {node_id: live.since for node_id, live in self.liveness.items() if live.state is NodeState.DOWN}
+
+    def put_node(self, record: NodeRecord) -> None:
+        old = self.nodes.get(record.id)
+        if old is not None and old.name != record.name:
+            self.node_ids_by_name.pop(old.name, None)
+        self.nodes[record.id] = record
+        self.node_ids_by_name[record.name] = record.id
+
+    def remove_node(self, node_id: str) -> None:
+        record = self.nodes.pop(node_id, None)
+        if record is not None:
+            self.node_ids_by_name.pop(record.name, None)
+        self.liveness.pop(node_id, None)
+        self.outbox.pop(node_id, None)
+
+    # --- replicas ---
+
+    def put_replica(self, replica: Replica, created_at: float) -> None:
+        old = self.replicas.get(replica.id)
+        if old is not None and old.node_id != replica.node_id and old.node_id is not None:
+            self.by_node[old.node_id].discard(replica.id)
+        self.replicas[replica.id] = replica
+        self.replica_created.setdefault(replica.id, created_at)
+        self.by_cluster[replica.cluster].add(replica.id)
+        if replica.node_id is not None:
+            self.by_node[replica.node_id].add(replica.id)
+
+    def remove_replica(self, replica_id: str) -> None:
+        replica = self.replicas.pop(replica_id, None)
+        self.replica_created.pop(replica_id, None)
+        if replica is None:
+            return
+        self.by_cluster[replica.cluster].discard(replica_id)
+        if not self.by_cluster[replica.cluster]:
+            del self.by_cluster[replica.cluster]
+        if replica.node_id is not None:
+            self.by_node[replica.node_id].discard(replica_id)
+
+    def replicas_of_cluster(self, cluster: str) -> list[Replica]:
+        return [self.replicas[i] for i in sorted(self.by_cluster.get(cluster, ()))]
+
+    def replicas_on_node(self, node_id: str) -> list[Replica]:
+        return [self.replicas[i] for i in sorted(self.by_node.get(node_id, ()))]
+
+    def clusters_on_node(self, node_id: str) -> set[str]:
+        return {self.replicas[i].cluster for i in self.by_node.get(node_id, ())}
+
+    def desired_on_node(self, node_id: str) -> list[Assignment]:
+        """What the node should run now: its placed replicas that are not being stopped."""
+        assignments = []
+        for replica in self.replicas_on_node(node_id):
+            record = self.clusters.get(replica.cluster)
+            if replica.stopping or record is None:
+                continue
+            assignments.append(Assignment(replica.id, replica.cluster, replica.generation, record.spec, replica.gpus))
+        return assignments
+
+    def all_cluster_names(self) -> Iterable[str]:
+        return set(self.clusters) | set(self.by_cluster)

@@ -1,0 +1,171 @@
+"""One connected node: its hello, then heartbeats, reports, acks and log streams.
+
+Everything the node says is attributed to the node id of the authenticated connection, never to
+an id inside a message. Outbound messages go through one bounded queue with one writer task; a
+node too slow to drain it is disconnected and catches up from the outbox when it reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from itertools import count
+
+import trio
+
+from vectorlay.core.manifest import is_dns_label
+from vectorlay.core.model import Role
+from vectorlay.core.protocol import (
+    NODE_TO_SERVER,
+    Ack,
+    Heartbeat,
+    Join,
+    Joined,
+    LogsClose,
+    LogsData,
+    LogsEnd,
+    LogsOpen,
+    Message,
+    NodeHello,
+    ReplicaStatus,
+    Welcome,
+)
+from vectorlay.core.tokens import hash_secret
+from vectorlay.errors import AuthError, ConflictError, ProtocolError, UserError
+from vectorlay.server.auth import Authenticator, new_secret
+from vectorlay.server.controller import Controller, random_id
+from vectorlay.server.records import NodeRecord
+from vectorlay.wire import CLOSE_GOING_AWAY, CLOSE_POLICY, Link, LinkClosed
+
+log = logging.getLogger("vectorlay.server")
+
+OUTBOUND_QUEUE = 1024
+LOG_STREAM_QUEUE = 64
+
+
+class NodeConnection:
+    """The server's side of one node's link (the controller's `NodeSession`)."""
+
+    _stream_ids = count(1)
+
+    def __init__(self, link: Link, node: NodeRecord, controller: Controller) -> None:
+        self.link = link
+        self.node_id = node.id
+        self.name = node.name
+        self.controller = controller
+        self._outbound_send, self._outbound = trio.open_memory_channel[Message](OUTBOUND_QUEUE)
+        self._scope = trio.CancelScope()
+        self._close_reason: tuple[int, str] | None = None
+        self._log_streams: dict[int, trio.MemorySendChannel[LogsData | LogsEnd]] = {}
+
+    def send_nowait(self, message: Message) -> None:
+        try:
+            self._outbound_send.send_nowait(message)
+        except trio.WouldBlock:
+            self.close_soon("node is not reading its messages fast enough")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def close_soon(self, reason: str, code: int = CLOSE_GOING_AWAY) -> None:
+        self._close_reason = (code, reason)
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+        finally:
+            for channel in self._log_streams.values():
+                channel.close()
+            with trio.CancelScope(shield=True):
+                await self.controller.node_disconnected(self.node_id, self)
+                if self._close_reason is not None:
+                    await self.link.close(*self._close_reason)
+
+    async def _writer(self) -> None:
+        async for message in self._outbound:
+            await self.link.send(message)
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                message = await self.link.receive(NODE_TO_SERVER)
+            except ProtocolError as error:
+                log.warning("node %s sent a bad message, closing: %s", self.name, error)
+                await self.link.reject(error)
+                return
+            except LinkClosed:
+                return
+            self.controller.heartbeat(self.node_id)  # any message is a sign of life
+            if isinstance(message, Heartbeat):
+                continue
+            if isinstance(message, ReplicaStatus):
+                await self.controller.replica_status(self.node_id, message.report)
+            elif isinstance(message, Ack):
+                await self.controller.ack(self.node_id, message.seq)
+            elif isinstance(message, LogsData | LogsEnd):
+                channel = self._log_streams.get(message.stream_id)
+                if channel is not None:
+                    try:
+                        channel.send_nowait(message)
+                    except trio.WouldBlock:
+                        pass  # the reader is slower than the log; drop rather than stall the node link
+                    except trio.BrokenResourceError:
+                        self._log_streams.pop(message.stream_id, None)
+
+    def open_logs(
+        self, replica_id: str, tail: int, follow: bool
+    ) -> tuple[int, trio.MemoryReceiveChannel[LogsData | LogsEnd]]:
+        stream_id = next(self._stream_ids)
+        send, receive = trio.open_memory_channel[LogsData | LogsEnd](LOG_STREAM_QUEUE)
+        self._log_streams[stream_id] = send
+        self.send_nowait(LogsOpen(stream_id, replica_id, tail, follow))
+        return stream_id, receive
+
+    def close_logs(self, stream_id: int) -> None:
+        channel = self._log_streams.pop(stream_id, None)
+        if channel is not None:
+            channel.close()
+            self.send_nowait(LogsClose(stream_id))
+
+
+async def handle_join(link: Link, join: Join, auth: Authenticator, controller: Controller) -> None:
+    """Trade a join token for a node id and credential, then close the link."""
+    try:
+        if not is_dns_label(join.name):
+            raise UserError(f"invalid node name {join.name!r}: use lowercase letters, digits and '-'")
+        if join.name in controller.fleet.node_ids_by_name:
+            raise ConflictError(f"a node named {join.name!r} already exists; pick another --name "
+                                "or remove the old one with `vectorlay node rm`")
+        await auth.check_token(join.token, frozenset({Role.NODE}), spend_use=True)
+    except (AuthError, UserError) as error:
+        log.warning("join refused from %s: %s", link.remote, error)
+        await link.close(CLOSE_POLICY, str(error))
+        return
+    secret = new_secret()
+    node_id = f"n-{random_id(10)}"
+    record = NodeRecord(node_id, join.name, hash_secret(secret), join.gpus, join.address, join.runtimes,
+                        joined_at=auth.wall_clock())
+    await controller.add_node(record)
+    log.info("node %s joined as %s from %s with %d GPU(s)", join.name, node_id, link.remote, len(join.gpus))
+    await link.send(Joined(node_id, join.name, f"{node_id}.{secret}"))
+    await link.close()
+
+
+async def handle_hello(link: Link, hello: NodeHello, auth: Authenticator, controller: Controller,
+                       heartbeat_interval_s: float) -> None:
+    try:
+        record = auth.check_node_credential(hello.credential)
+    except AuthError as error:
+        await link.close(CLOSE_POLICY, str(error))
+        return
+    record = replace(record, gpus=hello.gpus, address=hello.address, runtimes=hello.runtimes)
+    connection = NodeConnection(link, record, controller)
+    welcome = Welcome(record.id, record.name, heartbeat_interval_s)
+    await controller.node_connected(record, connection, welcome, hello.replicas, hello.generation)
+    log.info("node %s connected from %s", record.name, link.remote)
+    await connection.run()
+    log.info("node %s disconnected", record.name)

@@ -1,0 +1,56 @@
+"""Server-side records: what the control plane stores beyond the core model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vectorlay.core.model import Assignment, ClusterSpec, Gpu, Node, NodeState, Role
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    id: str
+    secret_hash: str
+    role: Role
+    created_at: float  # wall clock, seconds since the epoch
+    expires_at: float | None
+    uses_left: int | None  # None: unlimited
+    revoked: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    id: str
+    name: str
+    credential_hash: str
+    gpus: tuple[Gpu, ...]
+    address: str
+    runtimes: tuple[str, ...]
+    joined_at: float
+    last_seen_at: float | None = None  # wall clock, for display; liveness is in memory
+    state: NodeState = NodeState.DOWN  # persisted view; the live state is in memory
+    schedulable: bool = True
+    next_seq: int = 1  # the next command sequence number for this node
+    generation: int = 0  # fencing generation of this node's desired state
+
+    def as_node(self, state: NodeState) -> Node:
+        return Node(self.id, self.name, self.gpus, self.address, state, self.schedulable)
+
+
+@dataclass(frozen=True)
+class ClusterRecord:
+    spec: ClusterSpec
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    node_id: str
+    seq: int
+    op: str
+    replica_id: str
+    generation: int
+    assignment: Assignment | None
+    created_at: float

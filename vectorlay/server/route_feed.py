@@ -1,0 +1,131 @@
+"""The route feed: pushes each cluster's ready endpoints to every connected proxy.
+
+Proxies never poll. On connect a proxy gets a snapshot; after that it gets one `RouteUpdate` per
+cluster whose endpoints changed (a delta), as soon as the controller marks it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from vectorlay.core.model import NodeState, ReplicaState
+from vectorlay.core.protocol import Endpoint, Message, Route, RouteSnapshot, RouteUpdate
+from vectorlay.errors import ProtocolError
+from vectorlay.server.controller import Controller
+from vectorlay.server.fleet import Fleet
+from vectorlay.wire import CLOSE_GOING_AWAY, Link, LinkClosed
+
+log = logging.getLogger("vectorlay.server")
+
+PROXY_QUEUE = 4096
+
+
+def route_for(fleet: Fleet, cluster: str) -> Route:
+    endpoints = []
+    for replica in fleet.replicas_of_cluster(cluster):
+        if (
+            replica.state is ReplicaState.READY
+            and not replica.stopping
+            and replica.address
+            and replica.node_id is not None
+            and fleet.node_state(replica.node_id) is NodeState.READY
+        ):
+            endpoints.append(Endpoint(replica.id, replica.address, fleet.nodes[replica.node_id].name))
+    return Route(cluster, tuple(endpoints))
+
+
+class ProxyConnection:
+    def __init__(self, link: Link, url_template: str) -> None:
+        self.link = link
+        self.url_template = url_template
+        self.send_channel, self.receive_channel = trio.open_memory_channel[Message](PROXY_QUEUE)
+        self.scope = trio.CancelScope()
+
+    def send_nowait(self, message: Message) -> None:
+        try:
+            self.send_channel.send_nowait(message)
+        except trio.WouldBlock:
+            self.scope.cancel()  # too slow: it reconnects and gets a fresh snapshot
+        except trio.BrokenResourceError:
+            pass
+
+
+class RouteFeed:
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self.fleet = controller.fleet
+        self.version = 0
+        self.routes: dict[str, Route] = {}
+        self.proxies: list[ProxyConnection] = []
+
+    def endpoint_url(self, cluster: str) -> str | None:
+        """The cluster's public URL, as the most recently connected proxy serves it."""
+        if not self.proxies:
+            return None
+        return self.proxies[-1].url_template.replace("{cluster}", cluster)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        for name in self.fleet.clusters:
+            self.routes[name] = route_for(self.fleet, name)
+        task_status.started()
+        while True:
+            await self.controller.routes_changed.wait()
+            self.controller.routes_changed = trio.Event()
+            dirty, self.controller.routes_dirty = self.controller.routes_dirty, set()
+            for cluster in sorted(dirty):
+                self._update(cluster)
+
+    def _update(self, cluster: str) -> None:
+        exists = cluster in self.fleet.clusters
+        route = route_for(self.fleet, cluster)
+        old = self.routes.get(cluster)
+        if not exists:
+            if old is None:
+                return
+            del self.routes[cluster]
+            update = RouteUpdate(self._bump(), Route(cluster), removed=True)
+        else:
+            if old == route:
+                return
+            self.routes[cluster] = route
+            update = RouteUpdate(self._bump(), route)
+        for proxy in list(self.proxies):
+            proxy.send_nowait(update)
+
+    def _bump(self) -> int:
+        self.version += 1
+        return self.version
+
+    async def serve(self, link: Link, url_template: str) -> None:
+        proxy = ProxyConnection(link, url_template)
+        # Snapshot and registration happen with no checkpoint between them: no update is missed.
+        proxy.send_nowait(RouteSnapshot(self.version, tuple(self.routes.values())))
+        self.proxies.append(proxy)
+        log.info("proxy connected from %s", link.remote)
+        try:
+            with proxy.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._drain_incoming, link, nursery.cancel_scope)
+                    async for message in proxy.receive_channel:
+                        await link.send(message)
+        except LinkClosed:
+            pass
+        finally:
+            self.proxies.remove(proxy)
+            log.info("proxy %s disconnected", link.remote)
+            if proxy.scope.cancelled_caught:
+                with trio.CancelScope(shield=True):
+                    await link.close(CLOSE_GOING_AWAY, "proxy too slow to take route updates")
+
+    @staticmethod
+    async def _drain_incoming(link: Link, scope: trio.CancelScope) -> None:
+        """Proxies send nothing after hello; reading notices when they go away."""
+        try:
+            await link.receive(())
+        except ProtocolError as error:
+            await link.reject(error)
+        except LinkClosed:
+            pass
+        scope.cancel()

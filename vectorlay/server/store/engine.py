@@ -1,0 +1,288 @@
+"""The store: a SQLAlchemy engine driven from trio through worker threads.
+
+Each call is one unit of work (connection → transaction → commit) in `trio.to_thread.run_sync`,
+limited to the pool size so threads never wait on the pool. SQLite runs in WAL mode with one
+writer at a time; PostgreSQL gets a small pool.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy
+import trio
+from sqlalchemy import Connection, Engine, delete, event, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from vectorlay.core import codec
+from vectorlay.core.model import Assignment, ClusterSpec, Gpu, NodeState, Replica, ReplicaState, Role
+from vectorlay.errors import StoreError
+from vectorlay.server.records import ClusterRecord, CommandRecord, NodeRecord, TokenRecord
+from vectorlay.server.store import ops, schema
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the server keeps in memory, as loaded at start."""
+
+    nodes: list[NodeRecord]
+    clusters: list[ClusterRecord]
+    replicas: list[tuple[Replica, float]]
+    commands: list[CommandRecord]
+    meta: dict[str, str]
+
+
+def sqlite_url(state_dir: Path) -> str:
+    return f"sqlite:///{state_dir / 'vectorlay.db'}"
+
+
+def describe_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    try:
+        return sqlalchemy.make_url(url).render_as_string(hide_password=True)
+    except SQLAlchemyError:
+        return "<invalid database URL>"
+
+
+class Store:
+    def __init__(self, engine: Engine, limiter: trio.CapacityLimiter) -> None:
+        self.engine = engine
+        self._limiter = limiter
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    async def run(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in one transaction on a worker thread."""
+        return await trio.to_thread.run_sync(self._run_sync, work, limiter=self._limiter)
+
+    def _run_sync(self, work: Callable[[Connection], T]) -> T:
+        try:
+            with self.engine.begin() as conn:
+                return work(conn)
+        except SQLAlchemyError as error:
+            raise StoreError(f"database error: {_first_line(error)}") from error
+
+    async def apply(self, changes: Sequence[ops.Op]) -> None:
+        if changes:
+            await self.run(lambda conn: _apply(conn, changes))
+
+    async def load(self) -> Snapshot:
+        return await self.run(_load)
+
+    async def get_token(self, token_id: str) -> TokenRecord | None:
+        return await self.run(lambda conn: _get_token(conn, token_id))
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        return await self.run(lambda conn: [_token(row) for row in conn.execute(select(schema.tokens))])
+
+    async def consume_token_use(self, token_id: str) -> bool:
+        """Spend one use of a limited token atomically; False when none is left."""
+        return await self.run(lambda conn: _consume_use(conn, token_id))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_store(url: str) -> Store:
+    """Create the engine and bring the schema up to date (blocking; call before serving)."""
+    try:
+        parsed = sqlalchemy.make_url(url)
+    except SQLAlchemyError:
+        raise StoreError(f"invalid database URL {url!r}") from None
+    if parsed.get_backend_name() == "sqlite":
+        engine = sqlalchemy.create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        limiter = trio.CapacityLimiter(1)
+    elif parsed.get_backend_name() == "postgresql":
+        if parsed.get_driver_name() not in ("psycopg", ""):
+            raise StoreError("use the psycopg 3 driver: postgresql+psycopg://USER@HOST:PORT/DB")
+        engine = sqlalchemy.create_engine(
+            parsed.set(drivername="postgresql+psycopg"), pool_size=4, max_overflow=0, pool_pre_ping=True
+        )
+        limiter = trio.CapacityLimiter(4)
+    else:
+        raise StoreError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:/// or postgresql+psycopg://")
+    store = Store(engine, limiter)
+    try:
+        store._run_sync(schema.migrate)
+    except StoreError:
+        engine.dispose()
+        raise
+    return store
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _first_line(error: BaseException) -> str:
+    message = str(getattr(error, "orig", None) or error)
+    return message.strip().splitlines()[0] if message.strip() else type(error).__name__
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def _load(conn: Connection) -> Snapshot:
+    return Snapshot(
+        nodes=[_node(row) for row in conn.execute(select(schema.nodes))],
+        clusters=[_cluster(row) for row in conn.execute(select(schema.clusters))],
+        replicas=[(_replica(row), row.created_at) for row in conn.execute(select(schema.replicas))],
+        commands=[
+            _command(row)
+            for row in conn.execute(select(schema.commands).order_by(schema.commands.c.node_id, schema.commands.c.seq))
+        ],
+        meta={row.key: row.value for row in conn.execute(select(schema.meta))},
+    )
+
+
+def _get_token(conn: Connection, token_id: str) -> TokenRecord | None:
+    row = conn.execute(select(schema.tokens).where(schema.tokens.c.id == token_id)).first()
+    return _token(row) if row else None
+
+
+def _consume_use(conn: Connection, token_id: str) -> bool:
+    table = schema.tokens
+    result = conn.execute(
+        update(table)
+        .where(table.c.id == token_id, table.c.uses_left.is_not(None), table.c.uses_left > 0)
+        .values(uses_left=table.c.uses_left - 1)
+    )
+    if result.rowcount == 1:
+        return True
+    row = conn.execute(select(table.c.uses_left).where(table.c.id == token_id)).first()
+    return row is not None and row.uses_left is None
+
+
+def _token(row: Any) -> TokenRecord:
+    return TokenRecord(row.id, row.secret_hash, Role(row.role), row.created_at, row.expires_at, row.uses_left,
+                       bool(row.revoked), row.description)
+
+
+def _node(row: Any) -> NodeRecord:
+    return NodeRecord(
+        id=row.id, name=row.name, credential_hash=row.credential_hash,
+        gpus=codec.load(tuple[Gpu, ...], json.loads(row.gpus)), address=row.address,
+        runtimes=tuple(json.loads(row.runtimes)), joined_at=row.joined_at, last_seen_at=row.last_seen_at,
+        state=NodeState(row.state), schedulable=bool(row.schedulable), next_seq=row.next_seq,
+        generation=row.generation,
+    )
+
+
+def _cluster(row: Any) -> ClusterRecord:
+    return ClusterRecord(codec.load(ClusterSpec, json.loads(row.spec)), row.created_at, row.updated_at)
+
+
+def _replica(row: Any) -> Replica:
+    return Replica(
+        id=row.id, cluster=row.cluster, node_id=row.node_id, gpus=tuple(json.loads(row.gpus)),
+        state=ReplicaState(row.state), reason=row.reason, address=row.address, generation=row.generation,
+        stopping=bool(row.stopping), revision=row.revision,
+    )
+
+
+def _command(row: Any) -> CommandRecord:
+    assignment = codec.load(Assignment, json.loads(row.assignment)) if row.assignment else None
+    return CommandRecord(row.node_id, row.seq, row.op, row.replica_id, row.generation, assignment, row.created_at)
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def _apply(conn: Connection, changes: Sequence[ops.Op]) -> None:
+    for change in changes:
+        _APPLY[type(change)](conn, change)
+
+
+def _upsert(conn: Connection, table: sqlalchemy.Table, key: dict[str, Any], values: dict[str, Any]) -> None:
+    """Portable upsert: update by key, insert when no row matched (one writer at a time)."""
+    where = [table.c[name] == value for name, value in key.items()]
+    if conn.execute(update(table).where(*where).values(**values)).rowcount == 0:
+        conn.execute(table.insert().values(**key, **values))
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(codec.dump(value), separators=(",", ":"))
+
+
+def _put_token(conn: Connection, op: ops.PutToken) -> None:
+    t = op.token
+    _upsert(conn, schema.tokens, {"id": t.id}, {
+        "secret_hash": t.secret_hash, "role": t.role.value, "created_at": t.created_at,
+        "expires_at": t.expires_at, "uses_left": t.uses_left, "revoked": t.revoked, "description": t.description,
+    })
+
+
+def _put_node(conn: Connection, op: ops.PutNode) -> None:
+    n = op.node
+    _upsert(conn, schema.nodes, {"id": n.id}, {
+        "name": n.name, "credential_hash": n.credential_hash, "gpus": _dumps(n.gpus), "address": n.address,
+        "runtimes": json.dumps(list(n.runtimes)), "joined_at": n.joined_at, "last_seen_at": n.last_seen_at,
+        "state": n.state.value, "schedulable": n.schedulable, "next_seq": n.next_seq, "generation": n.generation,
+    })
+
+
+def _delete_node(conn: Connection, op: ops.DeleteNode) -> None:
+    conn.execute(delete(schema.commands).where(schema.commands.c.node_id == op.node_id))
+    conn.execute(delete(schema.nodes).where(schema.nodes.c.id == op.node_id))
+
+
+def _put_cluster(conn: Connection, op: ops.PutCluster) -> None:
+    c = op.cluster
+    _upsert(conn, schema.clusters, {"name": c.spec.name}, {
+        "spec": _dumps(c.spec), "created_at": c.created_at, "updated_at": c.updated_at,
+    })
+
+
+def _delete_cluster(conn: Connection, op: ops.DeleteCluster) -> None:
+    conn.execute(delete(schema.clusters).where(schema.clusters.c.name == op.name))
+
+
+def _put_replica(conn: Connection, op: ops.PutReplica) -> None:
+    r = op.replica
+    _upsert(conn, schema.replicas, {"id": r.id}, {
+        "cluster": r.cluster, "node_id": r.node_id, "gpus": json.dumps(list(r.gpus)), "state": r.state.value,
+        "reason": r.reason, "address": r.address, "generation": r.generation, "stopping": r.stopping,
+        "revision": r.revision, "created_at": op.created_at,
+    })
+
+
+def _delete_replica(conn: Connection, op: ops.DeleteReplica) -> None:
+    conn.execute(delete(schema.replicas).where(schema.replicas.c.id == op.replica_id))
+
+
+def _put_command(conn: Connection, op: ops.PutCommand) -> None:
+    c = op.command
+    conn.execute(schema.commands.insert().values(
+        node_id=c.node_id, seq=c.seq, op=c.op, replica_id=c.replica_id, generation=c.generation,
+        assignment=_dumps(c.assignment) if c.assignment else None, created_at=c.created_at,
+    ))
+
+
+def _ack_commands(conn: Connection, op: ops.AckCommands) -> None:
+    table = schema.commands
+    conn.execute(delete(table).where(table.c.node_id == op.node_id, table.c.seq <= op.through_seq))
+
+
+def _set_meta(conn: Connection, op: ops.SetMeta) -> None:
+    _upsert(conn, schema.meta, {"key": op.key}, {"value": op.value})
+
+
+_APPLY: dict[type, Callable[[Connection, Any], None]] = {
+    ops.PutToken: _put_token, ops.PutNode: _put_node, ops.DeleteNode: _delete_node,
+    ops.PutCluster: _put_cluster, ops.DeleteCluster: _delete_cluster, ops.PutReplica: _put_replica,
+    ops.DeleteReplica: _delete_replica, ops.PutCommand: _put_command, ops.AckCommands: _ack_commands,
+    ops.SetMeta: _set_meta,
+}

@@ -1,0 +1,70 @@
+"""Changes to persist, as values. The server decides a list of these, then the store applies them
+in one transaction, so a decision is either fully stored or not at all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vectorlay.core.model import Replica
+from vectorlay.server.records import ClusterRecord, CommandRecord, NodeRecord, TokenRecord
+
+
+@dataclass(frozen=True)
+class PutToken:
+    token: TokenRecord
+
+
+@dataclass(frozen=True)
+class PutNode:
+    node: NodeRecord
+
+
+@dataclass(frozen=True)
+class DeleteNode:
+    node_id: str
+
+
+@dataclass(frozen=True)
+class PutCluster:
+    cluster: ClusterRecord
+
+
+@dataclass(frozen=True)
+class DeleteCluster:
+    name: str
+
+
+@dataclass(frozen=True)
+class PutReplica:
+    replica: Replica
+    created_at: float
+
+
+@dataclass(frozen=True)
+class DeleteReplica:
+    replica_id: str
+
+
+@dataclass(frozen=True)
+class PutCommand:
+    command: CommandRecord
+
+
+@dataclass(frozen=True)
+class AckCommands:
+    """Commands up to `through_seq` were applied by the node (or superseded by a full sync)."""
+
+    node_id: str
+    through_seq: int
+
+
+@dataclass(frozen=True)
+class SetMeta:
+    key: str
+    value: str
+
+
+Op = (
+    PutToken | PutNode | DeleteNode | PutCluster | DeleteCluster | PutReplica | DeleteReplica
+    | PutCommand | AckCommands | SetMeta
+)

@@ -1,0 +1,130 @@
+"""Tables and migrations. A schema change is a new migration; old ones are never edited."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    Float,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    select,
+    text,
+)
+
+metadata = MetaData()
+
+meta = Table(
+    "vl_meta", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+tokens = Table(
+    "vl_tokens", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("secret_hash", String(64), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=True),
+    Column("uses_left", Integer, nullable=True),
+    Column("revoked", Boolean, nullable=False, default=False),
+    Column("description", Text, nullable=False, default=""),
+)
+
+nodes = Table(
+    "vl_nodes", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("credential_hash", String(64), nullable=False),
+    Column("gpus", Text, nullable=False),
+    Column("address", String(255), nullable=False),
+    Column("runtimes", Text, nullable=False),
+    Column("joined_at", Float, nullable=False),
+    Column("last_seen_at", Float, nullable=True),
+    Column("state", String(16), nullable=False),
+    Column("schedulable", Boolean, nullable=False),
+    Column("next_seq", Integer, nullable=False),
+    Column("generation", Integer, nullable=False),
+)
+
+clusters = Table(
+    "vl_clusters", metadata,
+    Column("name", String(63), primary_key=True),
+    Column("spec", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+replicas = Table(
+    "vl_replicas", metadata,
+    Column("id", String(96), primary_key=True),
+    Column("cluster", String(63), nullable=False, index=True),
+    Column("node_id", String(64), nullable=True, index=True),
+    Column("gpus", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("address", String(255), nullable=True),
+    Column("generation", Integer, nullable=False),
+    Column("stopping", Boolean, nullable=False),
+    Column("revision", String(32), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+commands = Table(
+    "vl_commands", metadata,
+    Column("node_id", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("op", String(16), nullable=False),
+    Column("replica_id", String(96), nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("assignment", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    PrimaryKeyConstraint("node_id", "seq"),
+)
+
+
+def _migration_1(conn: Connection) -> None:
+    for table in (meta, tokens, nodes, clusters, replicas, commands):
+        table.create(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def current_version(conn: Connection) -> int:
+    if not conn.dialect.has_table(conn, meta.name):
+        return 0
+    row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+    return int(row[0]) if row else 0
+
+
+def migrate(conn: Connection) -> int:
+    """Bring the schema up to date; return the version found before."""
+    if conn.dialect.name == "postgresql":
+        # Two servers starting at once must not both migrate.
+        conn.execute(text("SELECT pg_advisory_xact_lock(7070)"))
+    found = current_version(conn)
+    if found > SCHEMA_VERSION:
+        from vectorlay.errors import StoreError
+
+        raise StoreError(
+            f"the database schema is version {found}, newer than this vectorlay ({SCHEMA_VERSION}); upgrade vectorlay"
+        )
+    for version in range(found, SCHEMA_VERSION):
+        MIGRATIONS[version](conn)
+        if version == 0:
+            conn.execute(meta.insert().values(key="schema_version", value="1"))
+        else:
+            conn.execute(
+                meta.update().where(meta.c.key == "schema_version").values(value=str(version + 1))
+            )
+    return found

@@ -1,0 +1,83 @@
+"""What `vectorlay get` and `describe` show: JSON-ready views of the fleet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vectorlay.core.codec import dump
+from vectorlay.core.model import ReplicaState, template_revision
+from vectorlay.server.fleet import Fleet
+
+
+def cluster_view(fleet: Fleet, name: str, endpoint: str | None) -> dict[str, Any]:
+    record = fleet.clusters.get(name)
+    replicas = [r for r in fleet.replicas_of_cluster(name) if not r.stopping]
+    revision = template_revision(record.spec) if record else ""
+    current = [r for r in replicas if r.revision == revision]
+    ready = sum(1 for r in current if r.state is ReplicaState.READY)
+    desired = record.spec.replicas if record else 0
+    states: dict[str, int] = {}
+    for replica in replicas:
+        states[replica.state.value] = states.get(replica.state.value, 0) + 1
+    reasons = sorted({r.reason for r in replicas if r.reason and r.state is not ReplicaState.READY})
+    return {
+        "name": name,
+        "replicas": desired,
+        "ready": ready,
+        "up_to_date": len(current),
+        "endpoint": endpoint,
+        "states": states,
+        "stopping": sum(1 for r in fleet.replicas_of_cluster(name) if r.stopping),
+        "reasons": reasons,
+        "runtime": record.spec.runtime.value if record else None,
+        "gpu": dump(record.spec.gpu) if record else None,
+        "created_at": record.created_at if record else None,
+    }
+
+
+def is_cluster_ready(view: dict[str, Any]) -> bool:
+    """All desired replicas of the current revision ready, and nothing old still around."""
+    total_live = sum(view["states"].values())
+    return bool(view["ready"] >= view["replicas"] and total_live == view["replicas"])
+
+
+def node_view(fleet: Fleet, node_id: str, now: float) -> dict[str, Any]:
+    record = fleet.nodes[node_id]
+    live = fleet.liveness.get(node_id)
+    replicas = [r for r in fleet.replicas_on_node(node_id) if not r.stopping]
+    used = {uuid for r in fleet.replicas_on_node(node_id) if r.holds_resources for uuid in r.gpus}
+    return {
+        "id": record.id,
+        "name": record.name,
+        "state": fleet.node_state(node_id).value,
+        "connected": bool(live and live.connected),
+        "address": record.address,
+        "gpus": [{**dump(g), "in_use": g.uuid in used} for g in record.gpus],
+        "runtimes": list(record.runtimes),
+        "replicas": len(replicas),
+        "last_seen_s": round(now - live.last_seen, 1) if live and live.last_seen <= now else None,
+        "joined_at": record.joined_at,
+        "schedulable": record.schedulable,
+    }
+
+
+def replica_view(fleet: Fleet, replica_id: str) -> dict[str, Any]:
+    replica = fleet.replicas[replica_id]
+    node = fleet.nodes.get(replica.node_id) if replica.node_id else None
+    reason = replica.reason
+    if replica.stopping:
+        reason = f"stopping: {reason}" if reason else "stopping"
+    return {
+        "id": replica.id,
+        "cluster": replica.cluster,
+        "node": node.name if node else None,
+        "node_id": replica.node_id,
+        "state": replica.state.value,
+        "reason": reason,
+        "address": replica.address,
+        "gpus": list(replica.gpus),
+        "generation": replica.generation,
+        "revision": replica.revision,
+        "stopping": replica.stopping,
+        "created_at": fleet.replica_created.get(replica.id),
+    }

@@ -1,0 +1,160 @@
+"""Our one wrapper around trio-websocket: typed messages in, typed messages out.
+
+Every role uses `Link` for its WebSocket, so decoding, size limits, close codes and the
+translation of trio-websocket's exceptions into ours live in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    WebSocketRequest,
+    WebSocketServer,
+    open_websocket_url,
+    serve_websocket,
+)
+
+from vectorlay.core.protocol import MAX_MESSAGE_BYTES, Message, decode, encode
+from vectorlay.errors import ConnectError, PeerError, ProtocolError
+
+M = TypeVar("M", bound=Message)
+log = logging.getLogger("vectorlay.wire")
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_POLICY = 1008  # authentication or authorisation failed
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CONNECT_TIMEOUT_S = 10.0
+
+
+class LinkClosed(PeerError):
+    """The other end closed the link (or it broke); `code` and `reason` say why when known."""
+
+    def __init__(self, code: int | None, reason: str | None) -> None:
+        self.code = code
+        self.reason = reason or ""
+        super().__init__(f"connection closed ({code}{': ' + reason if reason else ''})")
+
+
+class Link:
+    """One WebSocket carrying protocol messages."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+
+    @property
+    def remote(self) -> str:
+        remote = self.ws.remote
+        return str(remote) if isinstance(remote, str) else f"{remote.address}:{remote.port}"
+
+    async def send(self, message: Message) -> None:
+        try:
+            await self.ws.send_message(encode(message))
+        except ConnectionClosed as closed:
+            raise _closed(closed) from None
+
+    async def receive(self, allowed: tuple[type[Message], ...]) -> Message:
+        """The next message; ProtocolError if it is malformed or not allowed here."""
+        try:
+            text = await self.ws.get_message()
+        except ConnectionClosed as closed:
+            raise _closed(closed) from None
+        return decode(text, allowed)
+
+    async def receive_one(self, kind: type[M]) -> M:
+        message = await self.receive((kind,))
+        assert isinstance(message, kind)
+        return message
+
+    async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        # Close reasons are limited to 123 bytes by the WebSocket spec.
+        with trio.move_on_after(2):
+            await self.ws.aclose(code, reason.encode()[:120].decode(errors="ignore"))
+
+    async def reject(self, error: Exception) -> None:
+        """Close with the code that fits the error, and its message as the reason."""
+        code = CLOSE_PROTOCOL_ERROR if isinstance(error, ProtocolError) else CLOSE_POLICY
+        await self.close(code, str(error))
+
+
+def _closed(closed: ConnectionClosed) -> LinkClosed:
+    reason = closed.reason
+    return LinkClosed(getattr(reason, "code", None), getattr(reason, "reason", None))
+
+
+@asynccontextmanager
+async def connect(
+    url: str, ssl_context: ssl.SSLContext | None = None, timeout_s: float = CONNECT_TIMEOUT_S
+) -> AsyncIterator[Link]:
+    """Open a link to `url` (ws:// or wss://); ConnectError with one readable line if that fails."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConnectError(f"invalid server URL {url!r}: expected ws://HOST:PORT or wss://HOST:PORT")
+    context = ssl_context
+    if parts.scheme == "wss" and context is None:
+        context = ssl.create_default_context()
+    async with AsyncExitStack() as stack:
+        try:
+            ws = await stack.enter_async_context(open_websocket_url(
+                url, ssl_context=context, max_message_size=MAX_MESSAGE_BYTES,
+                connect_timeout=timeout_s, disconnect_timeout=2,
+            ))
+        except HandshakeError as error:
+            raise ConnectError(f"cannot reach the server at {url}: {_handshake_reason(error)}") from None
+        except OSError as error:
+            raise ConnectError(f"cannot reach the server at {url}: {error.strerror or error}") from None
+        except trio.TooSlowError:
+            raise ConnectError(f"cannot reach the server at {url}: timed out") from None
+        yield Link(ws)
+
+
+def _handshake_reason(error: HandshakeError) -> str:
+    status = getattr(error, "status_code", None)
+    if status is not None:
+        return f"the server answered HTTP {status} (is this a vectorlay server?)"
+    return type(error).__name__.replace("Connection", "connection ").lower().strip()
+
+
+Handler = Callable[[str, Link], Awaitable[None]]
+
+
+async def serve(
+    handler: Handler,
+    host: str,
+    port: int,
+    paths: frozenset[str],
+    ssl_context: ssl.SSLContext | None = None,
+    *,
+    task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept WebSockets on `paths`; call `handler(path, link)` for each in its own task."""
+
+    async def accept(request: WebSocketRequest) -> None:
+        path = urlsplit(request.path).path
+        if path not in paths:
+            await request.reject(404, body=f"no such endpoint {path}; expected one of {sorted(paths)}".encode())
+            return
+        ws = await request.accept()
+        link = Link(ws)
+        try:
+            await handler(path, link)
+        except Exception:  # noqa: BLE001 - one peer's failure must never take the server down
+            log.exception("internal error while serving %s on %s", link.remote, path)
+            await link.close(CLOSE_INTERNAL, "internal server error")
+
+    await serve_websocket(
+        accept, host, port, ssl_context, max_message_size=MAX_MESSAGE_BYTES,
+        connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=2, task_status=task_status,
+    )
