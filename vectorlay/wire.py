@@ -53,11 +53,11 @@ class Link:
 
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
-
-    @property
-    def remote(self) -> str:
-        remote = self.ws.remote
-        return str(remote) if isinstance(remote, str) else f"{remote.address}:{remote.port}"
+        try:
+            remote = ws.remote
+            self.remote = str(remote) if isinstance(remote, str) else f"{remote.address}:{remote.port}"
+        except OSError:
+            self.remote = "unknown peer"  # the socket is already gone
 
     async def send(self, message: Message) -> None:
         try:

@@ -36,7 +36,7 @@ from vectorlay.core.protocol import (
     Sync,
     Welcome,
 )
-from vectorlay.errors import AuthError, ConnectError, ProtocolError, UserError
+from vectorlay.errors import AuthError, ConnectError, ProtocolError, UserError, unwrap_group
 from vectorlay.files import write_private
 from vectorlay.node import logs
 from vectorlay.node.runtime import ReplicaRuntime
@@ -114,8 +114,9 @@ class Agent:
         task_status.started()
         while True:
             try:
-                async with connect(url) as link:
-                    await self._session(link, backoff)
+                with unwrap_group():
+                    async with connect(url) as link:
+                        await self._session(link, backoff)
                 problem = "the server closed the link"
             except (ConnectError, LinkClosed, ProtocolError) as error:
                 if isinstance(error, LinkClosed) and error.code == CLOSE_POLICY:
@@ -142,17 +143,18 @@ class Agent:
                  welcome.heartbeat_interval_s)
         self._outbound_send, self._outbound = trio.open_memory_channel[Message](256)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, link)
-                nursery.start_soon(self._heartbeats, welcome.heartbeat_interval_s)
-                nursery.start_soon(self._send_reports)
-                try:
-                    await self._reader(link, nursery)
-                except ProtocolError as error:
-                    await link.reject(error)
-                    raise
-                finally:
-                    nursery.cancel_scope.cancel()
+            with unwrap_group():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, link)
+                    nursery.start_soon(self._heartbeats, welcome.heartbeat_interval_s)
+                    nursery.start_soon(self._send_reports)
+                    try:
+                        await self._reader(link, nursery)
+                    except ProtocolError as error:
+                        await link.reject(error)
+                        raise
+                    finally:
+                        nursery.cancel_scope.cancel()
         finally:
             for scope in self._log_scopes.values():
                 scope.cancel()

@@ -19,7 +19,7 @@ from vectorlay.core.protocol import (
     RouteSnapshot,
     RouteUpdate,
 )
-from vectorlay.errors import AuthError, ConnectError, ProtocolError
+from vectorlay.errors import AuthError, ConnectError, ProtocolError, unwrap_group
 from vectorlay.proxy.routing import RouteTable
 from vectorlay.wire import CLOSE_POLICY, LinkClosed, connect
 
@@ -34,22 +34,23 @@ async def follow_routes(server: str, token: str, url_template: str, table: Route
     url = server.rstrip("/") + "/v1/proxy"
     while True:
         try:
-            async with connect(url) as link:
-                await link.send(ProxyHello(PROTOCOL_VERSION, token, url_template))
-                first = await link.receive(SERVER_TO_PROXY)
-                if not isinstance(first, Ready):
-                    raise ProtocolError(f"expected ready, got {first.TYPE!r}")
-                backoff.reset()
-                while True:
-                    message = await link.receive(SERVER_TO_PROXY)
-                    if isinstance(message, RouteSnapshot):
-                        table.load_snapshot(message)
-                        log.info("route table loaded: %d cluster(s)", len(table.clusters))
-                        if not started:
-                            task_status.started()
-                            started = True
-                    elif isinstance(message, RouteUpdate):
-                        table.apply(message)
+            with unwrap_group():
+                async with connect(url) as link:
+                    await link.send(ProxyHello(PROTOCOL_VERSION, token, url_template))
+                    first = await link.receive(SERVER_TO_PROXY)
+                    if not isinstance(first, Ready):
+                        raise ProtocolError(f"expected ready, got {first.TYPE!r}")
+                    backoff.reset()
+                    while True:
+                        message = await link.receive(SERVER_TO_PROXY)
+                        if isinstance(message, RouteSnapshot):
+                            table.load_snapshot(message)
+                            log.info("route table loaded: %d cluster(s)", len(table.clusters))
+                            if not started:
+                                task_status.started()
+                                started = True
+                        elif isinstance(message, RouteUpdate):
+                            table.apply(message)
         except LinkClosed as closed:
             if closed.code == CLOSE_POLICY:
                 raise AuthError(f"the server refused this proxy: {closed.reason}") from None

@@ -153,6 +153,14 @@ class Controller:
             return
         await self._commit_plan(cluster, spec, plan)
 
+    def _rolling(self, cluster: str) -> bool:
+        """Whether some live replica of the cluster runs an older template revision."""
+        record = self.fleet.clusters.get(cluster)
+        if record is None:
+            return False
+        revision = template_revision(record.spec)
+        return any(r.revision != revision and not r.stopping for r in self.fleet.replicas_of_cluster(cluster))
+
     def _is_initial(self, cluster: str) -> bool:
         return not self.fleet.by_cluster.get(cluster)
 
@@ -401,8 +409,10 @@ class Controller:
                 return
             batch.put_replica(updated)
             await self._commit(batch)
-            if updated.state is ReplicaState.FAILED:
-                self.mark_dirty(replica.cluster)
+            if updated.state is ReplicaState.FAILED or (
+                updated.state is ReplicaState.READY and self._rolling(replica.cluster)
+            ):
+                self.mark_dirty(replica.cluster)  # replace it, or let the roll take its next step
             if updated.state is ReplicaState.READY and replica.cluster in self._replace_backoff:
                 self._replace_backoff.pop(replica.cluster, None)  # it works now
 

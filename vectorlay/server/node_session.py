@@ -31,7 +31,7 @@ from vectorlay.core.protocol import (
     Welcome,
 )
 from vectorlay.core.tokens import hash_secret
-from vectorlay.errors import AuthError, ConflictError, ProtocolError, UserError
+from vectorlay.errors import AuthError, ConflictError, ProtocolError, UserError, unwrap_group
 from vectorlay.server.auth import Authenticator, new_secret
 from vectorlay.server.controller import Controller, random_id
 from vectorlay.server.records import NodeRecord
@@ -72,11 +72,13 @@ class NodeConnection:
 
     async def run(self) -> None:
         try:
-            with self._scope:
+            with self._scope, unwrap_group():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer)
                     await self._reader()
                     nursery.cancel_scope.cancel()
+        except LinkClosed:
+            pass
         finally:
             for channel in self._log_streams.values():
                 channel.close()
@@ -86,8 +88,11 @@ class NodeConnection:
                     await self.link.close(*self._close_reason)
 
     async def _writer(self) -> None:
-        async for message in self._outbound:
-            await self.link.send(message)
+        try:
+            async for message in self._outbound:
+                await self.link.send(message)
+        except LinkClosed:
+            self._scope.cancel()  # the reader notices too; stop both
 
     async def _reader(self) -> None:
         while True:

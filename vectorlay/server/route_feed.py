@@ -12,7 +12,7 @@ import trio
 
 from vectorlay.core.model import NodeState, ReplicaState
 from vectorlay.core.protocol import Endpoint, Message, Route, RouteSnapshot, RouteUpdate
-from vectorlay.errors import ProtocolError
+from vectorlay.errors import ProtocolError, unwrap_group
 from vectorlay.server.controller import Controller
 from vectorlay.server.fleet import Fleet
 from vectorlay.wire import CLOSE_GOING_AWAY, Link, LinkClosed
@@ -105,7 +105,7 @@ class RouteFeed:
         self.proxies.append(proxy)
         log.info("proxy connected from %s", link.remote)
         try:
-            with proxy.scope:
+            with proxy.scope, unwrap_group():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._drain_incoming, link, nursery.cancel_scope)
                     async for message in proxy.receive_channel:

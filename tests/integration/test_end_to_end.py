@@ -1,0 +1,161 @@
+"""The day-one path with real processes on loopback: server, two nodes, a proxy, a cluster."""
+
+from __future__ import annotations
+
+import http.client
+import time
+
+import pytest
+
+from vectorlay.testing.processes import Stack, http_request, replica_pids, tinylm_manifest, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_request_served_end_to_end(any_db_stack: Stack) -> None:
+    stack = any_db_stack
+    stack.start_server()
+    stack.join_node("n1", gpus=["RTX 4090:24"])
+    stack.join_node("n2", gpus=["NVIDIA GeForce RTX 4090:24"])
+    _, proxy_port = stack.start_proxy()
+
+    applied = stack.cli("apply", "-", "--timeout", "60s", input_text=tinylm_manifest("echo", replicas=2))
+    assert "cluster/echo created" in applied.stdout
+    assert "ready at http://echo.localhost:" in applied.stdout
+
+    replicas = stack.cli_json("get", "replicas")
+    assert {r["state"] for r in replicas} == {"ready"}
+    assert sorted(r["node"] for r in replicas) == ["n1", "n2"]  # spread over both nodes
+    assert len({r["address"] for r in replicas}) == 2
+
+    # Responses come from both replicas, over one kept-alive client connection.
+    conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=10)
+    seen_nodes = set()
+    seen_replicas = set()
+    for _ in range(40):
+        result = http_request(proxy_port, "echo.localhost", "/v1/completions", "POST",
+                              b'{"prompt": "The ", "max_tokens": 8}', connection=conn)
+        assert result.status == 200, result.body
+        assert result.json()["choices"][0]["text"]
+        seen_nodes.add(result.headers["x-vectorlay-node"])
+        seen_replicas.add(result.headers["x-vectorlay-replica"])
+        assert result.headers["x-request-id"]
+    conn.close()
+    assert seen_nodes == {"n1", "n2"}
+    assert seen_replicas == {r["id"] for r in replicas}
+
+    clusters = stack.cli_json("get", "clusters")
+    assert [(c["name"], c["replicas"], c["ready"]) for c in clusters] == [("echo", 2, 2)]
+    assert clusters[0]["endpoint"] == f"http://echo.localhost:{proxy_port}/"
+    nodes = stack.cli_json("get", "nodes")
+    assert sorted((n["name"], n["state"], len(n["gpus"])) for n in nodes) == [("n1", "ready", 1), ("n2", "ready", 1)]
+
+    # Logs carry both replicas' output, prefixed with their ids.
+    logs = stack.cli("logs", "echo", "--tail", "50").stdout
+    for replica in replicas:
+        assert f"[{replica['id']}] tinylm listening on" in logs
+        assert f"[{replica['id']}] tinylm replica={replica['id']} POST /v1/completions 200" in logs
+
+    # Delete stops the processes and takes the endpoint away.
+    pids = [pid for r in replicas for pid in replica_pids(replica=r["id"])]
+    assert len(pids) == 2
+    deleted = stack.cli("delete", "echo", "--timeout", "30s")
+    assert "cluster/echo deleted" in deleted.stdout
+    wait_for(lambda: not any(replica_pids(replica=r["id"]) for r in replicas), 15, message="replicas to stop")
+    assert stack.cli_json("get", "replicas") == []
+    gone = wait_for(lambda: (r := http_request(proxy_port, "echo.localhost")).status == 404 and r, 10)
+    assert gone.json()["error"] == "unknown cluster"
+
+
+def test_apply_is_idempotent_dry_run_changes_nothing_and_unplaceable_is_pending(stack: Stack) -> None:
+    stack.start_server()
+    stack.join_node("n1", gpus=["RTX 4090:24"])
+
+    dry = stack.cli("apply", "-", "--dry-run", input_text=tinylm_manifest("echo", replicas=1))
+    assert "cluster/echo would be created" in dry.stdout
+    assert stack.cli_json("get", "clusters") == []
+
+    stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1))
+    before = stack.cli_json("get", "replicas")
+    again = stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1))
+    assert "cluster/echo unchanged" in again.stdout
+    assert stack.cli_json("get", "replicas") == before
+
+    # A valid manifest asking for a GPU no node has is accepted; its replica waits with the reason.
+    stack.cli("apply", "-", "--no-wait", input_text=tinylm_manifest("big", replicas=1, gpu='{type: "H100"}'))
+    pending = [r for r in stack.cli_json("get", "replicas") if r["cluster"] == "big"]
+    assert [(r["state"], r["node"]) for r in pending] == [("pending", None)]
+    assert "no ready node has 1 GPU(s) of 'H100'" in pending[0]["reason"]
+    table = stack.cli("get", "replicas").stdout
+    assert "no ready node has 1 GPU(s) of 'H100'" in table
+
+    # --timeout on a cluster that cannot become ready: non-zero exit, the change is kept.
+    waited = stack.cli("apply", "-", "--timeout", "1s", check=False,
+                       input_text=tinylm_manifest("big", replicas=1, gpu='{type: "H100"}'))
+    assert waited.returncode == 1
+    assert "timed out after 1s" in waited.stderr
+
+
+def test_scaling_and_template_change_roll_replicas(stack: Stack) -> None:
+    stack.start_server()
+    for name in ("n1", "n2", "n3"):
+        stack.join_node(name, gpus=["RTX 4090:24", "RTX 4090:24"])
+    stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=2))
+    stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=3))
+    replicas = stack.cli_json("get", "replicas")
+    assert len(replicas) == 3 and len({r["node"] for r in replicas}) == 3
+
+    changed = stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=3, extra_args=["--delay-ms", "1"]))
+    assert "rolling replacement" in changed.stdout
+    after = stack.cli_json("get", "replicas")
+    assert len(after) == 3
+    assert not {r["id"] for r in after} & {r["id"] for r in replicas}
+    assert {r["state"] for r in after} == {"ready"}
+
+    stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1, extra_args=["--delay-ms", "1"]))
+    wait_for(lambda: len(stack.cli_json("get", "replicas")) == 1, 15, message="scale down to 1")
+
+
+def test_dev_serves_the_example(tmp_path: pytest.TempPathFactory) -> None:
+    """The README's main job: `vectorlay dev --apply examples/tinylm.yaml` serves tinylm."""
+    stack = Stack(tmp_path)  # type: ignore[arg-type]
+    try:
+        proc = stack._spawn("dev", ["dev", "--state-dir", str(tmp_path / "dev"),  # type: ignore[operator]
+                                    "--server-port", "0", "--proxy-port", "0",
+                                    "--apply", "examples/tinylm.yaml"])
+        stack.procs.append(proc)
+        match = proc.wait_log(r"curl -s http://tinylm\.localhost:(\d+)/v1/completions", timeout_s=60)
+        port = int(match.group(1))
+        nodes = set()
+        for _ in range(20):
+            result = http_request(port, "tinylm.localhost", "/v1/completions", "POST",
+                                  b'{"prompt": "The function returns", "max_tokens": 16}')
+            assert result.status == 200
+            nodes.add(result.json()["node"])
+        assert nodes == {"dev-1", "dev-2"}
+        # The CLI now talks to the dev stack through the context dev wrote.
+        env_stack = Stack(tmp_path)  # type: ignore[arg-type]
+        listed = env_stack.cli("get", "clusters", "-o", "json")
+        assert '"name": "tinylm"' in listed.stdout
+        pids = replica_pids()
+        proc.stop()
+        # dev takes its replicas with it.
+        wait_for(lambda: not set(replica_pids()) & set(pids), 15, message="dev replicas to stop")
+    finally:
+        stack.close()
+
+
+def test_node_restart_reattaches_without_restarting_replicas(stack: Stack) -> None:
+    stack.start_server()
+    node = stack.join_node("n1", gpus=["RTX 4090:24"])
+    _, proxy_port = stack.start_proxy()
+    stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1))
+    replica = stack.cli_json("get", "replicas")[0]
+    pids = replica_pids(replica=replica["id"])
+    assert len(pids) == 1
+    node = stack.restart_node(node)
+    wait_for(lambda: node.log().count("re-attached to 1 running replica") == 1, 10, message="re-attach")
+    assert replica_pids(replica=replica["id"]) == pids
+    time.sleep(1.0)
+    assert stack.cli_json("get", "replicas")[0]["state"] == "ready"
+    assert http_request(proxy_port, "echo.localhost", "/healthz").status == 200

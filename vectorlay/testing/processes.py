@@ -1,0 +1,284 @@
+"""Run real `vectorlay` processes on loopback: a server, nodes and a proxy, like a user would.
+
+Used by the integration tests and the benchmarks. Every process logs to a file under the
+stack's directory; `Stack.close()` stops them all and kills the replicas their nodes started
+(an agent that exits leaves its replicas running on purpose, which a test must not).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 20.0
+
+
+def wait_for(predicate: Callable[[], T | None], timeout_s: float = 20.0, interval_s: float = 0.05,
+             message: str = "condition") -> T:
+    """Poll `predicate` until it returns something truthy; AssertionError after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:g}s waiting for {message} (last value: {last!r})")
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    log_path: Path
+    popen: subprocess.Popen[bytes]
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, pattern: str, timeout_s: float = START_TIMEOUT_S) -> re.Match[str]:
+        regex = re.compile(pattern)
+
+        def found() -> re.Match[str] | None:
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.popen.returncode}:\n{self.log()[-3000:]}")
+            return regex.search(self.log())
+
+        return wait_for(found, timeout_s, message=f"{pattern!r} in the log of {self.name}")
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.alive:
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if not self.alive:
+            return
+        self.popen.send_signal(signal.SIGCONT)
+        self.popen.terminate()
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+    def kill(self) -> None:
+        if self.alive:
+            self.popen.kill()
+            self.popen.wait()
+
+
+@dataclass
+class NodeProc(Proc):
+    state_dir: Path = Path()
+
+    @property
+    def node_id(self) -> str:
+        return str(json.loads((self.state_dir / "node.json").read_text())["node_id"])
+
+
+@dataclass
+class Stack:
+    """A server with nodes and proxies, each a real process, all under `root`."""
+
+    root: Path
+    db_url: str | None = None
+    heartbeat: str = "1s"
+    extra_server_args: Sequence[str] = ()
+    procs: list[Proc] = field(default_factory=list)
+    server_port: int = 0
+    admin_token: str = ""
+    server: Proc | None = None
+
+    @property
+    def server_url(self) -> str:
+        return f"ws://127.0.0.1:{self.server_port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["VECTORLAY_CONFIG"] = str(self.root / "client-config.json")
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop("VECTORLAY_SERVER", None)
+        env.pop("VECTORLAY_TOKEN", None)
+        if self.server_port:
+            env["VECTORLAY_SERVER"] = self.server_url
+            env["VECTORLAY_TOKEN"] = self.admin_token
+        return env
+
+    def _spawn(self, name: str, args: list[str], cwd: Path | None = None) -> Proc:
+        log_path = self.root / f"{name}.log"
+        handle = log_path.open("ab")
+        argv = [sys.executable, "-m", "vectorlay", *args]
+        popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=self.env(),
+                                 cwd=cwd or REPO_ROOT, start_new_session=True)
+        handle.close()
+        return Proc(name, argv, log_path, popen)
+
+    def start_server(self, port: int | None = None) -> Proc:
+        """Start (or restart, keeping the state dir and port) the server."""
+        listen_port = self.server_port if port is None else port
+        args = ["server", "--listen", f"127.0.0.1:{listen_port}", "--state-dir", str(self.root / "server"),
+                "--heartbeat-interval", self.heartbeat, *self.extra_server_args]
+        if self.db_url:
+            args += ["--db", self.db_url]
+        proc = self._spawn("server", args)
+        self.procs.append(proc)
+        match = proc.wait_log(r"listening on ws://127\.0\.0\.1:(\d+)")
+        self.server_port = int(match.group(1))
+        self.admin_token = (self.root / "server" / "admin.token").read_text().strip()
+        self.server = proc
+        return proc
+
+    def cli(self, *args: str, check: bool = True, input_text: str | None = None,
+            timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "vectorlay", *args], capture_output=True, text=True,
+                                env=self.env(), cwd=REPO_ROOT, input=input_text, timeout=timeout_s)
+        if check and result.returncode != 0:
+            raise AssertionError(f"vectorlay {' '.join(args)} failed ({result.returncode}):\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "-o", "json").stdout)
+
+    def token(self, role: str = "node", *extra: str) -> str:
+        return self.cli("token", "create", "--role", role, *extra).stdout.strip()
+
+    def join_node(self, name: str, gpus: Sequence[str] = (), extra: Sequence[str] = ()) -> NodeProc:
+        state_dir = self.root / name
+        args = ["node", "join", "--server", self.server_url, "--token", self.token("node"), "--name", name,
+                "--state-dir", str(state_dir), *extra]
+        for gpu in gpus:
+            args += ["--gpu", gpu]
+        proc = self._spawn(name, args)
+        node = NodeProc(proc.name, proc.args, proc.log_path, proc.popen, state_dir=state_dir)
+        self.procs.append(node)
+        node.wait_log(rf"connected to {re.escape(self.server_url)} as {name}")
+        return node
+
+    def restart_node(self, node: NodeProc, wait_connected: bool = True) -> NodeProc:
+        """Run the agent again from its saved credentials (`vectorlay node --state-dir`)."""
+        node.stop()
+        offset = len(node.log())
+        proc = self._spawn(node.name, ["node", "--state-dir", str(node.state_dir)])
+        fresh = NodeProc(proc.name, proc.args, proc.log_path, proc.popen, state_dir=node.state_dir)
+        self.procs.append(fresh)
+        if wait_connected:
+            wait_for(lambda: "connected to" in fresh.log()[offset:], START_TIMEOUT_S,
+                     message=f"{node.name} to reconnect")
+        return fresh
+
+    def start_proxy(self, *extra: str) -> tuple[Proc, int]:
+        token = self.token("proxy", "--ttl", "0")
+        proc = self._spawn(f"proxy-{len(self.procs)}", ["proxy", "--server", self.server_url, "--token", token,
+                                                        "--listen", "127.0.0.1:0", *extra])
+        self.procs.append(proc)
+        match = proc.wait_log(r"proxy listening on http://127\.0\.0\.1:(\d+)")
+        return proc, int(match.group(1))
+
+    def close(self) -> None:
+        node_ids = []
+        for proc in self.procs:
+            if isinstance(proc, NodeProc):
+                try:
+                    node_ids.append(proc.node_id)
+                except (OSError, ValueError, KeyError):
+                    pass
+        for proc in reversed(self.procs):
+            proc.stop()
+        for node_id in set(node_ids):
+            for pid in replica_pids(node_id):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+
+def replica_pids(node_id: str | None = None, replica: str | None = None) -> list[int]:
+    """Pids of replica processes (session leaders) started by vectorlay nodes, found by their env."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if os.getpgid(int(entry.name)) != int(entry.name):
+                continue
+        except OSError:
+            continue
+        values = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        if b"VECTORLAY_REPLICA" not in values:
+            continue
+        if node_id is not None and values.get(b"VECTORLAY_NODE_ID") != node_id.encode():
+            continue
+        if replica is not None and values.get(b"VECTORLAY_REPLICA") != replica.encode():
+            continue
+        found.append(int(entry.name))
+    return found
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http_request(port: int, host: str, path: str = "/", method: str = "GET", body: bytes | None = None,
+                 headers: dict[str, str] | None = None, timeout_s: float = 10.0,
+                 connection: http.client.HTTPConnection | None = None) -> HttpResult:
+    """One request to 127.0.0.1:port with the given Host header (optionally on a kept-alive connection)."""
+    conn = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request(method, path, body=body, headers={"Host": host, **(headers or {})})
+        response = conn.getresponse()
+        data = response.read()
+        return HttpResult(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    finally:
+        if connection is None:
+            conn.close()
+
+
+TINYLM_MANIFEST = """\
+apiVersion: vectorlay.dev/v1
+kind: Cluster
+metadata:
+  name: {name}
+spec:
+  replicas: {replicas}
+  gpu: {gpu}
+  runtime: process
+  command: ["python3", "examples/tinylm/serve.py", "--port", "${{PORT}}"{extra_args}]
+  port: 8000
+  health: {{path: /healthz, interval: 500ms, timeout: 400ms}}
+  reschedule_after: {reschedule_after}
+"""
+
+
+def tinylm_manifest(name: str = "echo", replicas: int = 2, gpu: str = '{type: "RTX 4090", count: 1}',
+                    reschedule_after: str = "30s", extra_args: Sequence[str] = ()) -> str:
+    extra = "".join(f', "{a}"' for a in extra_args)
+    return TINYLM_MANIFEST.format(name=name, replicas=replicas, gpu=gpu, reschedule_after=reschedule_after,
+                                  extra_args=extra)
