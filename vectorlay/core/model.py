@@ -97,6 +97,7 @@ class Node:
     address: str  # host the node's replicas are reachable on
     state: NodeState = NodeState.READY
     schedulable: bool = True
+    runtimes: tuple[str, ...] = ("process",)  # the replica runtimes this node offers
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ def place(
         placed = _place_one_cluster(spec, count, by_id, free, spread)
         placements.extend(placed)
         if len(placed) < count:
-            reason = _why_unplaced(spec.gpu, nodes, free, bool(placed))
+            reason = _why_unplaced(spec, nodes, bool(placed))
             unplaced.append(Unplaced(spec.name, count - len(placed), reason))
     return Plan(tuple(placements), tuple(unplaced))
 
@@ -113,6 +113,8 @@ def _place_one_cluster(
     request = spec.gpu
     heap: list[tuple[int, int, str, str]] = []
     for node_id, gpus in free.items():
+        if spec.runtime.value not in nodes[node_id].runtimes:
+            continue
         fitting = sum(1 for g in gpus if gpu_matches(g, request))
         if fitting >= request.count:
             heap.append((spread[node_id], fitting, nodes[node_id].name, node_id))
@@ -132,11 +134,15 @@ def _place_one_cluster(
     return placements
 
 
-def _why_unplaced(request: GpuRequest, nodes: Sequence[Node], free: Mapping[str, list[Gpu]], some: bool) -> str:
+def _why_unplaced(spec: ClusterSpec, nodes: Sequence[Node], some: bool) -> str:
+    request = spec.gpu
     wanted = describe_request(request)
     ready = [n for n in nodes if eligible(n)]
     if not ready:
         return "no ready node to run it"
+    ready = [n for n in ready if spec.runtime.value in n.runtimes]
+    if not ready:
+        return f"no ready node offers the {spec.runtime.value} runtime"
     capable = [n for n in ready if sum(1 for g in n.gpus if gpu_matches(g, request)) >= request.count]
     if not capable:
         return f"no ready node has {wanted}"

@@ -35,7 +35,7 @@ class NodeRecord:
     generation: int = 0  # fencing generation of this node's desired state
 
     def as_node(self, state: NodeState) -> Node:
-        return Node(self.id, self.name, self.gpus, self.address, state, self.schedulable)
+        return Node(self.id, self.name, self.gpus, self.address, state, self.schedulable, self.runtimes)
 
 
 @dataclass(frozen=True)
