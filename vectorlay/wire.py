@@ -79,8 +79,9 @@ class Link:
         return message
 
     async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
-        # Close reasons are limited to 123 bytes by the WebSocket spec.
-        with trio.move_on_after(2):
+        # Close reasons are limited to 123 bytes by the WebSocket spec. Shielded: a peer being
+        # told why it is dropped should hear it even if we are cancelled meanwhile.
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
             await self.ws.aclose(code, reason.encode()[:120].decode(errors="ignore"))
 
     async def reject(self, error: Exception) -> None:

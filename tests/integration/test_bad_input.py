@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 
@@ -128,12 +129,14 @@ def test_garbage_after_hello_closes_only_that_node(stack: Stack) -> None:
     stack.start_server()
     node = stack.join_node("n1", gpus=["RTX 4090:24"])
     credential = json.loads((node.state_dir / "node.json").read_text())["credential"]
-    hello = json.dumps({"type": "node_hello", "protocol": 1, "credential": "x"})
-    # A second connection with a valid credential then garbage: closed with a reason...
+    # A second connection with a valid credential, then garbage: closed with a reason. The real
+    # agent is paused meanwhile so that its reconnect cannot race the rogue session.
+    node.signal(signal.SIGSTOP)
     hello = json.dumps({"type": "node_hello", "protocol": 1, "credential": credential})
     code, reason = trio.run(_send_raw, stack.server_url + "/v1/node",
                             [hello, '{"type": "replica_status", "report": {"replica_id": 1}}'])
     assert code == 1002 and "replica_id: expected a string" in reason
-    # ...and the real agent reconnects (it was replaced by that session) and stays healthy.
+    node.signal(signal.SIGCONT)
+    # The real agent reconnects (its session was replaced by the rogue one) and stays healthy.
     stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1), timeout_s=60)
     assert [(n["name"], n["state"]) for n in stack.cli_json("get", "nodes")] == [("n1", "ready")]
