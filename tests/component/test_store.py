@@ -11,8 +11,7 @@ import sqlalchemy
 from vectorlay.core.model import Assignment, ClusterSpec, Gpu, GpuRequest, NodeState, Replica, ReplicaState, Role
 from vectorlay.errors import StoreError
 from vectorlay.server.records import ClusterRecord, CommandRecord, NodeRecord, TokenRecord
-from vectorlay.server.store import Store, open_store
-from vectorlay.server.store import ops, schema
+from vectorlay.server.store import Store, open_store, ops, schema
 from vectorlay.server.store.engine import sqlite_url
 
 

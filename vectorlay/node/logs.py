@@ -74,8 +74,7 @@ def tail_lines(path: Path, count: int) -> tuple[list[str], int]:
 
 
 def read_from(path: Path, offset: int, limit: int = 1024 * 1024) -> tuple[bytes, int]:
-    """Bytes appended after `offset` (at most `limit`) and the new offset; restarts at 0 after a
-    rotation truncated the file below `offset`."""
+    """Bytes after `offset` (at most `limit`) and the new offset; from 0 if the file shrank."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -90,11 +89,34 @@ def read_from(path: Path, offset: int, limit: int = 1024 * 1024) -> tuple[bytes,
     return data, offset + len(data)
 
 
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _read_new(path: Path, offset: int, rotated_seen: tuple[int, int, int] | None
+              ) -> tuple[bytes, int, tuple[int, int, int] | None]:
+    """New bytes since the last look, across a rotation: when the rotated copy changed, the live
+    file was truncated, so finish the old content from the copy and continue from the start."""
+    rotated = path.with_name(path.name + ".1")
+    signature = _signature(rotated)
+    prefix = b""
+    if signature != rotated_seen and signature is not None:
+        prefix, _ = read_from(rotated, offset, limit=64 * 1024 * 1024)
+        offset = 0
+    data, offset = read_from(path, offset)
+    return prefix + data, offset, signature
+
+
 async def follow(path: Path, offset: int) -> AsyncIterator[list[str]]:
     """Yield batches of new complete lines appended after `offset`, forever (cancel to stop)."""
     pending = b""
+    rotated_seen = await trio.to_thread.run_sync(_signature, path.with_name(path.name + ".1"))
     while True:
-        data, offset = await trio.to_thread.run_sync(read_from, path, offset)
+        data, offset, rotated_seen = await trio.to_thread.run_sync(_read_new, path, offset, rotated_seen)
         if data:
             pending += data
             complete, _, pending = pending.rpartition(b"\n")

@@ -12,7 +12,10 @@ async def http_probe(host: str, port: int, path: str, timeout_s: float) -> tuple
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as error:
-            return False, f"connect to port {port} failed: {error.strerror or error}"
+            cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
+            if isinstance(cause, ConnectionRefusedError):
+                return False, f"nothing listening on port {port} yet"
+            return False, f"connect to port {port} failed: {cause.strerror or cause}"
         async with stream:
             conn = h11.Connection(h11.CLIENT)
             request = h11.Request(method="GET", target=path,

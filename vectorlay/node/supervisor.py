@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,8 @@ from vectorlay.node.probe import http_probe
 from vectorlay.node.runtime import Handle, LaunchRequest, ReplicaRuntime
 
 log = logging.getLogger("vectorlay.node")
+
+Probe = Callable[[str, int, str, float], Awaitable[tuple[bool, str]]]
 
 STOP_GRACE_S = 10.0
 RESTART_BACKOFF_INITIAL_S = 1.0
@@ -78,8 +80,9 @@ def cuda_visible_devices(gpu_uuids: tuple[str, ...]) -> str:
 
 class Supervisor:
     def __init__(self, runtime: ReplicaRuntime, state_dir: Path, identity: NodeIdentity,
-                 on_report: Callable[[ReplicaReport], None]) -> None:
+                 on_report: Callable[[ReplicaReport], None], probe: Probe = http_probe) -> None:
         self.runtime = runtime
+        self.probe = probe
         self.identity = identity
         self.state_path = state_dir / "agent-state.json"
         self.log_dir = state_dir / "logs"
@@ -161,7 +164,7 @@ class Supervisor:
         state = ReplicaState.READY
         reason = ""
         if check is not None:
-            ok, reason = await http_probe(self.identity.probe_host, port, check.path, check.timeout_s)
+            ok, reason = await self.probe(self.identity.probe_host, port, check.path, check.timeout_s)
             state = ReplicaState.READY if ok else ReplicaState.STARTING
         return self._make_report(runner, state, reason)
 
@@ -272,7 +275,7 @@ class Supervisor:
             current = health.ProbeState(ReplicaState.READY)  # re-attached and already serving
         interval = check.interval_s
         while True:
-            ok, detail = await http_probe(self.identity.probe_host, runner.host_port or 0, check.path, check.timeout_s)
+            ok, detail = await self.probe(self.identity.probe_host, runner.host_port or 0, check.path, check.timeout_s)
             current = health.on_probe(current, ok, detail, check.failure_threshold)
             self._report(runner, self._make_report(runner, current.state, current.reason))
             # Probe fast until the first success so a new replica joins routing quickly.
