@@ -105,7 +105,9 @@ def server(
     host, port = _parse_listen(listen, 7070)
     directory = state_dir or _data_dir("server")
     interval = _duration(heartbeat_interval, "--heartbeat-interval") or 1.0
-    config = ServerConfig(directory, host, port, db, interval)
+    # VECTORLAY_FAULTS names crash points for fault-injection tests; never set it in production.
+    faults = frozenset(f for f in os.environ.get("VECTORLAY_FAULTS", "").split(",") if f)
+    config = ServerConfig(directory.resolve(), host, port, db, interval, crash_points=faults)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -169,6 +171,38 @@ def node_join(
     _save_node_settings(directory, {"gpu": declarations})
     stderr.print(f"joined as {creds.name} ({creds.node_id}); credential saved in {directory}")
     _run_node(creds, directory, declarations)
+
+
+@node_app.command("cordon")
+def node_cordon(name: Annotated[str, typer.Argument()], server_url: ServerOpt = None, token: TokenOpt = None) -> None:
+    """Stop placing new replicas on a node; the ones it runs stay."""
+    _run(commands.node_action, resolve(server_url, token), "cordon", name)
+
+
+@node_app.command("uncordon")
+def node_uncordon(name: Annotated[str, typer.Argument()], server_url: ServerOpt = None,
+                  token: TokenOpt = None) -> None:
+    """Make a cordoned or drained node schedulable again."""
+    _run(commands.node_action, resolve(server_url, token), "uncordon", name)
+
+
+@node_app.command("drain")
+def node_drain(
+    name: Annotated[str, typer.Argument()],
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once draining has started.")] = False,
+    timeout: Annotated[str, typer.Option(help="How long to wait for the node to be empty.")] = "5m",
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Move a node's replicas elsewhere before its owner takes it back: new copies become ready
+    on other nodes first, then the old ones stop. The node stays cordoned until uncordoned."""
+    _run(commands.node_action, resolve(server_url, token), "drain", name, not no_wait, _duration(timeout, "--timeout"))
+
+
+@node_app.command("rm")
+def node_rm(name: Annotated[str, typer.Argument()], server_url: ServerOpt = None, token: TokenOpt = None) -> None:
+    """Forget a node: its credential stops working and its replicas are replaced elsewhere."""
+    _run(commands.node_action, resolve(server_url, token), "rm", name)
 
 
 def _run_node(creds: Any, directory: Path, declarations: list[str]) -> None:

@@ -139,6 +139,31 @@ async def logs(ctx: Context, cluster: str, follow: bool, tail: int, prefix: bool
             sys.stdout.flush()
 
 
+async def node_action(ctx: Context, action: str, name: str, wait: bool = True, timeout_s: float | None = None) -> None:
+    """cordon / uncordon / rm, or drain with progress until the node holds no replica."""
+    async with open_api(ctx.server, ctx.token) as api:
+        if action != "drain":
+            result = await api.call(f"node_{action}", {"name": name})
+            done = {"cordon": "cordoned (no new replicas)", "uncordon": "uncordoned (schedulable again)",
+                    "rm": f"removed ({result.get('replicas_replaced', 0)} replica(s) replaced elsewhere)"}[action]
+            output.stdout.print(f"node/{name} {done}")
+            return
+        last = None
+        async for kind, value in api.stream("node_drain", {"name": name, "wait": wait, "timeout_s": timeout_s}):
+            if kind == "event":
+                if value["replicas_left"] != last:
+                    last = value["replicas_left"]
+                    output.stderr.print(f"draining {name}: {last} replica(s) left")
+                continue
+            if value["drained"]:
+                output.stdout.print(f"node/{name} drained")
+            elif wait:
+                raise WaitTimedOut(f"node {name} still holds {value['replicas_left']} replica(s) after the timeout "
+                                   "(their replacements may have no room elsewhere)")
+            else:
+                output.stdout.print(f"node/{name} draining ({value['replicas_left']} replica(s) to move)")
+
+
 async def token_create(ctx: Context, role: str, ttl: str | None, uses: int | None, description: str) -> None:
     async with open_api(ctx.server, ctx.token) as api:
         result = await api.call("token_create", {"role": role, "ttl": ttl, "uses": uses, "description": description})

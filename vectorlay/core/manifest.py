@@ -301,7 +301,8 @@ def _parse_env(value: _Value) -> dict[str, str]:
 def _parse_health(value: _Value) -> HealthCheck | None:
     if isinstance(value.node, yaml.ScalarNode) and value.scalar() is None:
         return None  # `health: null` disables probing: running means ready
-    health = value.mapping({"path", "interval", "timeout", "failure_threshold"})
+    health = value.mapping({"path", "interval", "timeout", "failure_threshold", "startup_timeout",
+                            "unready_timeout"})
     path = health["path"].string() if "path" in health else "/healthz"
     if not path.startswith("/"):
         raise health["path"].fail(f"must start with '/', got {path!r}")
@@ -310,4 +311,7 @@ def _parse_health(value: _Value) -> HealthCheck | None:
     if timeout > interval:
         raise health["timeout"].fail("must not be longer than the interval")
     threshold = health["failure_threshold"].integer(minimum=1, maximum=100) if "failure_threshold" in health else 3
-    return HealthCheck(path=path, interval_s=interval, timeout_s=timeout, failure_threshold=threshold)
+    startup = health["startup_timeout"].duration(minimum_s=1) if "startup_timeout" in health else 600.0
+    unready = health["unready_timeout"].duration(minimum_s=1) if "unready_timeout" in health else 60.0
+    return HealthCheck(path=path, interval_s=interval, timeout_s=timeout, failure_threshold=threshold,
+                       startup_timeout_s=startup, unready_timeout_s=unready)

@@ -68,6 +68,8 @@ class HealthCheck:
     interval_s: float = 2.0
     timeout_s: float = 1.0
     failure_threshold: int = 3  # consecutive failures before a ready replica turns unready
+    startup_timeout_s: float = 600.0  # never ready within this after launch: failed, replaced
+    unready_timeout_s: float = 60.0  # unready for this long after having been ready: failed
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class Node:
     state: NodeState = NodeState.READY
     schedulable: bool = True
     runtimes: tuple[str, ...] = ("process",)  # the replica runtimes this node offers
+    draining: bool = False  # replicas here are moved elsewhere, new copies ready first
 
 
 @dataclass(frozen=True)

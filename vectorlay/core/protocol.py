@@ -124,6 +124,14 @@ class Heartbeat(Message):
 
 
 @dataclass(frozen=True)
+class Goodbye(Message):
+    """The agent is shutting down on purpose; its replicas keep running (it will be back)."""
+
+    TYPE: ClassVar[str] = "goodbye"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class ReplicaStatus(Message):
     TYPE: ClassVar[str] = "replica_status"
     report: ReplicaReport
@@ -261,7 +269,7 @@ class Cancel(Message):
 
 # --- channels ---------------------------------------------------------------------------------
 
-NODE_TO_SERVER: tuple[type[Message], ...] = (Ack, Heartbeat, ReplicaStatus, LogsData, LogsEnd)
+NODE_TO_SERVER: tuple[type[Message], ...] = (Ack, Heartbeat, ReplicaStatus, LogsData, LogsEnd, Goodbye)
 SERVER_TO_NODE: tuple[type[Message], ...] = (Welcome, Command, Sync, LogsOpen, LogsClose)
 NODE_FIRST: tuple[type[Message], ...] = (Join, NodeHello)
 PROXY_FIRST: tuple[type[Message], ...] = (ProxyHello,)

@@ -29,6 +29,7 @@ class ClusterPlan:
     create: tuple[Placement, ...] = ()  # new replicas with a node
     create_unplaced: int = 0  # new replicas that must wait (see `unplaced_reason`)
     unplaced_reason: str = ""
+    lost_replaced: int = 0  # how many replicas on down nodes this plan gives up on
 
     @property
     def empty(self) -> bool:
@@ -44,6 +45,18 @@ def is_lost(replica: Replica, nodes: Mapping[str, Node], down_since: Mapping[str
     if node is None:
         return True
     return node.state is NodeState.DOWN and now - down_since.get(node.id, now) >= grace_s
+
+
+def _lost_within_budget(spec: ClusterSpec | None, replicas: Sequence[Replica], nodes: Mapping[str, Node],
+                        down_since: Mapping[str, float], now: float, budget: int | None) -> set[str]:
+    """Ids of the lost replicas to give up on now: those down longest first, at most `budget`."""
+    if spec is None:
+        return set()
+    lost = [r for r in replicas
+            if not r.stopping and r.state is not ReplicaState.FAILED
+            and is_lost(r, nodes, down_since, spec.reschedule_after_s, now)]
+    lost.sort(key=lambda r: (down_since.get(r.node_id or "", now), r.id))
+    return {r.id for r in (lost if budget is None else lost[:max(0, budget)])}
 
 
 def _stop_order(replica: Replica, nodes: Mapping[str, Node]) -> tuple[int, int, int]:
@@ -64,18 +77,21 @@ def plan_cluster(
     all_replicas: Sequence[Replica],
     now: float,
     may_replace: bool = True,
+    lost_budget: int | None = None,
 ) -> ClusterPlan:
     """One cluster's next step. `all_replicas` is the fleet's, for GPU usage and spread.
 
     Replicas of an older template revision are replaced by rolling: new ones are placed first and
     old ones stop only while enough new ones are ready. `may_replace` is False while the
     controller holds back replacing failed or lost replicas (a crash-looping cluster); surplus is
-    still stopped.
+    still stopped. `lost_budget` caps how many replicas on down nodes are given up on in this plan
+    (None: no cap); the rest keep counting as live, which paces recovery from a mass failure.
     """
     stop: list[Stop] = []
     forget: list[str] = []
     live: list[Replica] = []
     stops_in_flight = 0
+    lost_ids = _lost_within_budget(spec, replicas, nodes, down_since, now, lost_budget)
     for replica in replicas:
         if replica.stopping:
             if replica.node_id is None or replica.node_id not in nodes:
@@ -92,7 +108,7 @@ def plan_cluster(
         if replica.state is ReplicaState.FAILED:
             stop.append(Stop(replica.id, replica.reason or "failed"))
             continue
-        if is_lost(replica, nodes, down_since, spec.reschedule_after_s, now):
+        if replica.id in lost_ids:
             stop.append(Stop(replica.id, "its node is down; replaced elsewhere"))
             continue
         live.append(replica)
@@ -100,8 +116,14 @@ def plan_cluster(
         return ClusterPlan(stop=tuple(stop), forget=tuple(forget))
 
     revision = template_revision(spec)
-    current = [r for r in live if r.revision == revision]
-    outdated = [r for r in live if r.revision != revision]
+
+    def is_current(replica: Replica) -> bool:
+        node = nodes.get(replica.node_id) if replica.node_id else None
+        return replica.revision == revision and not (node is not None and node.draining)
+
+    # Replicas of an older revision, or on a draining node, are replaced the same way: by rolling.
+    current = [r for r in live if is_current(r)]
+    outdated = [r for r in live if not is_current(r)]
     for replica in outdated:
         if replica.node_id is None:
             forget.append(replica.id)
@@ -123,12 +145,14 @@ def plan_cluster(
     if any(r.node_id is None for r in current) and stops_in_flight == 0 and not stop:
         removable = max(removable, 1)
     for replica in sorted(outdated, key=lambda r: _stop_order(r, nodes))[: max(0, removable)]:
-        stop.append(Stop(replica.id, "replaced by a newer revision"))
+        node = nodes.get(replica.node_id) if replica.node_id else None
+        why = "its node is draining" if node is not None and node.draining else "replaced by a newer revision"
+        stop.append(Stop(replica.id, why))
 
     unplaced = [r for r in current if r.node_id is None]
     missing = max(0, spec.replicas - len(current)) if may_replace else 0
     if not unplaced and missing == 0:
-        return ClusterPlan(stop=tuple(stop), forget=tuple(forget))
+        return ClusterPlan(stop=tuple(stop), forget=tuple(forget), lost_replaced=len(lost_ids))
     stopping_now = {s.replica_id for s in stop}
     fleet_view = [replace(r, stopping=True) if r.id in stopping_now else r for r in all_replicas]
     plan = place(list(nodes.values()), fleet_view, [(spec, len(unplaced) + missing)])
@@ -137,4 +161,4 @@ def plan_cluster(
     create = tuple(placements[len(assign):])
     reason = plan.unplaced[0].reason if plan.unplaced else ""
     create_unplaced = max(0, missing - len(create))
-    return ClusterPlan(tuple(stop), tuple(forget), assign, create, create_unplaced, reason)
+    return ClusterPlan(tuple(stop), tuple(forget), assign, create, create_unplaced, reason, len(lost_ids))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from vectorlay.core.protocol import (
     SERVER_TO_NODE,
     Ack,
     Command,
+    Goodbye,
     Heartbeat,
     Join,
     Joined,
@@ -120,6 +122,9 @@ class Agent:
                 problem = "the server closed the link"
             except (ConnectError, LinkClosed, ProtocolError) as error:
                 if isinstance(error, LinkClosed) and error.code == CLOSE_POLICY:
+                    # Removed or no longer trusted: nothing should keep running in our name.
+                    with trio.CancelScope(shield=True):
+                        await self.supervisor.stop_all()
                     raise AuthError(f"the server refused this node: {error.reason}") from None
                 problem = str(error)
             finally:
@@ -159,6 +164,8 @@ class Agent:
             for scope in self._log_scopes.values():
                 scope.cancel()
             self._log_scopes.clear()
+            if trio.current_effective_deadline() == -math.inf:
+                await _say_goodbye(link)
 
     async def _writer(self, link: Link) -> None:
         async for message in self._outbound:
@@ -217,6 +224,16 @@ class Agent:
             await self._send(LogsEnd(request.stream_id))
         if self._log_scopes.get(request.stream_id) is scope:
             del self._log_scopes[request.stream_id]
+
+
+async def _say_goodbye(link: Link) -> None:
+    """We are being cancelled (the agent is stopping): tell the server our replicas stay up, so it
+    keeps routing to them instead of treating the closed link as a lost node."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await link.send(Goodbye("agent stopping; replicas keep running"))
+        except LinkClosed:
+            pass
 
 
 async def run_node(

@@ -269,15 +269,18 @@ class Supervisor:
         if check is None:
             self._report(runner, self._make_report(runner, ReplicaState.READY, ""))
             return
-        current = health.ProbeState()
+        current = health.ProbeState(since=trio.current_time())
         last = self.reports.get(runner.assignment.replica_id)
         if last is not None and last.state is ReplicaState.READY:
-            current = health.ProbeState(ReplicaState.READY)  # re-attached and already serving
+            current = health.ProbeState(ReplicaState.READY, since=trio.current_time())  # re-attached, serving
         interval = check.interval_s
         while True:
             ok, detail = await self.probe(self.identity.probe_host, runner.host_port or 0, check.path, check.timeout_s)
-            current = health.on_probe(current, ok, detail, check.failure_threshold)
+            current = health.on_probe(current, ok, detail, check, trio.current_time())
             self._report(runner, self._make_report(runner, current.state, current.reason))
+            if current.state is ReplicaState.FAILED:
+                log.warning("replica %s failed: %s", runner.assignment.replica_id, current.reason)
+                return  # the server replaces it and stops this copy
             # Probe fast until the first success so a new replica joins routing quickly.
             await trio.sleep(interval if current.state is ReplicaState.READY else min(interval, 0.25))
 

@@ -48,6 +48,10 @@ class Api:
             "wait_deleted": self.wait_deleted,
             "logs": self.logs,
             "token_create": self.token_create,
+            "node_cordon": self.node_cordon,
+            "node_uncordon": self.node_uncordon,
+            "node_drain": self.node_drain,
+            "node_rm": self.node_rm,
         }
 
     async def serve(self, link: Link, role: Role) -> None:
@@ -189,6 +193,34 @@ class Api:
                     if message.error:
                         await emit({**header, "error": message.error})
                     return
+
+    async def node_cordon(self, params: dict[str, Any], emit: Emit) -> Any:
+        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=False, draining=False)
+        return {"node": record.name, "schedulable": False}
+
+    async def node_uncordon(self, params: dict[str, Any], emit: Emit) -> Any:
+        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=True, draining=False)
+        return {"node": record.name, "schedulable": True}
+
+    async def node_drain(self, params: dict[str, Any], emit: Emit) -> Any:
+        """Cordon the node and move its replicas (new copies ready elsewhere first); stream the
+        count left until none is, or the timeout passes."""
+        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=False, draining=True)
+        with trio.move_on_after(_timeout(params)):
+            while True:
+                left = [r.id for r in self.fleet.replicas_on_node(record.id)]
+                await emit({"node": record.name, "replicas_left": len(left)})
+                if not left or not params.get("wait", True):
+                    return {"node": record.name, "drained": not left, "replicas_left": len(left)}
+                with trio.move_on_after(1.0):
+                    await self.controller.wait_changed()
+        left = [r.id for r in self.fleet.replicas_on_node(record.id)]
+        return {"node": record.name, "drained": not left, "replicas_left": len(left)}
+
+    async def node_rm(self, params: dict[str, Any], emit: Emit) -> Any:
+        name = _param(params, "name", str)
+        lost = await self.controller.remove_node(name)
+        return {"node": name, "replicas_replaced": lost}
 
     async def token_create(self, params: dict[str, Any], emit: Emit) -> Any:
         try:

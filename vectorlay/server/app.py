@@ -48,6 +48,7 @@ class ServerConfig:
     db_url: str | None = None
     heartbeat_interval_s: float = 1.0
     failover_grace_s: float | None = None  # after a restart; default: the down threshold
+    crash_points: frozenset[str] = frozenset()  # fault-injection tests only
 
     @property
     def database_url(self) -> str:
@@ -94,7 +95,7 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
     fleet.generation = int(snapshot.meta.get("generation", "0"))
 
     policy = config.policy
-    controller = Controller(fleet, store, policy, wall_clock)
+    controller = Controller(fleet, store, policy, wall_clock, config.crash_points)
     grace = config.failover_grace_s if config.failover_grace_s is not None else policy.down_after_s
     await controller.restore_liveness(grace)
     auth = Authenticator(store, fleet, wall_clock)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import secrets
+import signal
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -23,6 +25,7 @@ from vectorlay.core.health import Liveness, LivenessPolicy
 from vectorlay.core.model import (
     Assignment,
     ClusterSpec,
+    Node,
     NodeState,
     Replica,
     ReplicaState,
@@ -30,13 +33,21 @@ from vectorlay.core.model import (
 )
 from vectorlay.core.protocol import Command, Message, ReplicaReport, Sync
 from vectorlay.core.reconciler import ClusterPlan, plan_cluster
+from vectorlay.core.token_bucket import TokenBucket
+from vectorlay.errors import NotFoundError
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.records import ClusterRecord, CommandRecord, NodeRecord
 from vectorlay.server.store import Store, ops
+from vectorlay.wire import CLOSE_POLICY
 
 log = logging.getLogger("vectorlay.server")
 
 REPLACE_BACKOFF_MAX_S = 60.0
+# When this share of the fleet (and at least this many nodes) is down at once, the likelier cause is
+# our own link or a regional outage, not the nodes: replace lost replicas at a paced rate (a tenth
+# of the fleet per minute) instead of moving everything at once and again when they come back.
+MASS_FAILURE_FRACTION = 0.3
+MASS_FAILURE_MIN_NODES = 3
 
 
 class NodeSession(Protocol):
@@ -44,7 +55,7 @@ class NodeSession(Protocol):
 
     def send_nowait(self, message: Message) -> None: ...
 
-    def close_soon(self, reason: str) -> None: ...
+    def close_soon(self, reason: str, code: int = ...) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,23 +72,34 @@ class Controller:
         store: Store,
         policy: LivenessPolicy,
         wall_clock: Callable[[], float],
+        crash_points: frozenset[str] = frozenset(),
     ) -> None:
         self.fleet = fleet
         self.store = store
         self.policy = policy
         self.wall_clock = wall_clock
+        self.crash_points = crash_points
         self.lock = trio.Lock()
+        self.restart_grace_s = policy.down_after_s  # how long a restarting agent keeps its routes
         self.sessions: dict[str, NodeSession] = {}
         self._dirty: set[str] = set()
         self._wake = trio.Event()
         self._timers: list[tuple[float, str]] = []
         self._timer_set: set[tuple[float, str]] = set()
         self._replace_backoff: dict[str, tuple[int, float]] = {}  # cluster -> (failures, not before)
+        self._mass_bucket: TokenBucket | None = None
+        self._states_to_persist: set[str] = set()
         self.routes_dirty: set[str] = set()
         self.routes_changed = trio.Event()
         self.changed = trio.Event()
 
     # --- notification -----------------------------------------------------------------------
+
+    def _crash_point(self, name: str) -> None:
+        """Die here as if by kill -9, when a fault-injection test asks for it (VECTORLAY_FAULTS)."""
+        if name in self.crash_points:
+            log.warning("crash point %r reached: killing the server", name)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def mark_dirty(self, cluster: str) -> None:
         self._dirty.add(cluster)
@@ -142,8 +164,14 @@ class Controller:
         may_replace = now >= not_before or self._is_initial(cluster)
         nodes = fleet.node_views()
         down_since = fleet.down_since()
+        budget = self._lost_budget(nodes, now)
         plan = plan_cluster(spec, cluster, fleet.replicas_of_cluster(cluster), nodes, down_since,
-                            list(fleet.replicas.values()), now, may_replace)
+                            list(fleet.replicas.values()), now, may_replace, budget)
+        if budget is not None and self._mass_bucket is not None:
+            if plan.lost_replaced:
+                _, self._mass_bucket = self._mass_bucket.take(now, plan.lost_replaced)
+            if budget == 0:
+                self._wake_at(now + self._mass_bucket.retry_after(now), cluster)
         if not may_replace:
             self._wake_at(not_before, cluster)
         if spec is not None:
@@ -159,7 +187,29 @@ class Controller:
         if record is None:
             return False
         revision = template_revision(record.spec)
-        return any(r.revision != revision and not r.stopping for r in self.fleet.replicas_of_cluster(cluster))
+        return any(
+            not r.stopping and (r.revision != revision or self._on_draining_node(r))
+            for r in self.fleet.replicas_of_cluster(cluster)
+        )
+
+    def _on_draining_node(self, replica: Replica) -> bool:
+        node = self.fleet.nodes.get(replica.node_id) if replica.node_id else None
+        return node is not None and node.draining
+
+    def _lost_budget(self, nodes: Mapping[str, Node], now: float) -> int | None:
+        """None normally; during a mass failure, how many lost replicas may be replaced now."""
+        down = sum(1 for node in nodes.values() if node.state is NodeState.DOWN)
+        if len(nodes) < MASS_FAILURE_MIN_NODES or down < MASS_FAILURE_FRACTION * len(nodes):
+            if self._mass_bucket is not None:
+                log.info("mass failure over (%d of %d nodes down): replacing lost replicas normally", down, len(nodes))
+            self._mass_bucket = None
+            return None
+        if self._mass_bucket is None:
+            per_minute = max(1.0, len(nodes) / 10)
+            self._mass_bucket = TokenBucket.full(per_minute / 60, per_minute, now)
+            log.warning("%d of %d nodes are down at once: pacing replacements to %g per minute",
+                        down, len(nodes), per_minute)
+        return self._mass_bucket.available(now)
 
     def _is_initial(self, cluster: str) -> bool:
         return not self.fleet.by_cluster.get(cluster)
@@ -239,6 +289,8 @@ class Controller:
         if not batch.changes:
             return
         await self.store.apply(batch.changes)
+        if batch.commands:
+            self._crash_point("after-commit")
         batch.apply_to_memory()
         for cluster in batch.touched_clusters:
             self.mark_route(cluster)
@@ -300,6 +352,45 @@ class Controller:
             self._announce()
             return True
 
+    # --- nodes (from the API) ---------------------------------------------------------------
+
+    def node_by_name(self, name: str) -> NodeRecord:
+        node_id = self.fleet.node_ids_by_name.get(name)
+        if node_id is None:
+            raise NotFoundError(f"node {name!r} not found")
+        return self.fleet.nodes[node_id]
+
+    async def set_node_flags(self, name: str, schedulable: bool, draining: bool) -> NodeRecord:
+        """Cordon (no new replicas), drain (also move the ones it has) or undo both."""
+        async with self.lock:
+            record = replace(self.node_by_name(name), schedulable=schedulable, draining=draining)
+            await self.store.apply([ops.PutNode(record)])
+            self.fleet.put_node(record)
+            for cluster in self.fleet.clusters_on_node(record.id):
+                self.mark_dirty(cluster)
+            if schedulable:
+                self._capacity_freed()
+            self._announce()
+            return record
+
+    async def remove_node(self, name: str) -> int:
+        """Forget a node: its replicas count as lost at once and are replaced elsewhere."""
+        async with self.lock:
+            record = self.node_by_name(name)
+            replicas = self.fleet.replicas_on_node(record.id)
+            await self.store.apply([*(ops.DeleteReplica(r.id) for r in replicas), ops.DeleteNode(record.id)])
+            for replica in replicas:
+                self.fleet.remove_replica(replica.id)
+                self.mark_dirty(replica.cluster)
+                self.mark_route(replica.cluster)
+            self.fleet.remove_node(record.id)
+            session = self.sessions.pop(record.id, None)
+            if session is not None:
+                session.close_soon("this node was removed from the fleet", CLOSE_POLICY)
+            self._capacity_freed()
+            self._announce()
+            return len(replicas)
+
     # --- nodes (from their sessions) --------------------------------------------------------
 
     async def add_node(self, record: NodeRecord) -> None:
@@ -360,6 +451,11 @@ class Controller:
             self.fleet.liveness[node_id] = health.on_disconnect(live, trio.current_time())
             self._node_state_changed(node_id)
 
+    def goodbye(self, node_id: str) -> None:
+        live = self.fleet.liveness.get(node_id)
+        if live is not None:
+            self.fleet.liveness[node_id] = health.on_goodbye(live, trio.current_time(), self.restart_grace_s)
+
     def heartbeat(self, node_id: str) -> None:
         live = self.fleet.liveness.get(node_id)
         now = trio.current_time()
@@ -371,6 +467,7 @@ class Controller:
             self._node_state_changed(node_id)
 
     def _node_state_changed(self, node_id: str) -> None:
+        self._states_to_persist.add(node_id)
         for cluster in self.fleet.clusters_on_node(node_id):
             self.mark_route(cluster)
             self.mark_dirty(cluster)
@@ -391,6 +488,19 @@ class Controller:
                         name = self.fleet.nodes[node_id].name if node_id in self.fleet.nodes else node_id
                         log.info("node %s is %s (silent for %.1fs)", name, stepped.state, now - stepped.last_seen)
                         self._node_state_changed(node_id)
+            if self._states_to_persist:
+                await self._persist_node_states()
+
+    async def _persist_node_states(self) -> None:
+        """Write node state changes in one batch (not per heartbeat): they survive a restart."""
+        async with self.lock:
+            ids, self._states_to_persist = self._states_to_persist, set()
+            wall = self.wall_clock()
+            records = [replace(self.fleet.nodes[i], state=self.fleet.node_state(i), last_seen_at=wall)
+                       for i in ids if i in self.fleet.nodes]
+            await self.store.apply([ops.PutNode(r) for r in records])
+            for record in records:
+                self.fleet.put_node(record)
 
     async def replica_status(self, node_id: str, report: ReplicaReport) -> None:
         async with self.lock:
@@ -398,12 +508,13 @@ class Controller:
             if replica is None or replica.node_id != node_id or report.generation != replica.generation:
                 return  # stale or foreign: fencing drops it
             batch = _Batch(self.fleet, self.wall_clock())
-            if replica.stopping and report.state is ReplicaState.STOPPED:
-                batch.forget(replica.id)
-                await self._commit(batch)
-                self._capacity_freed()
-                self.mark_dirty(replica.cluster)
-                return
+            if replica.stopping:
+                if report.state is ReplicaState.STOPPED:
+                    batch.forget(replica.id)
+                    await self._commit(batch)
+                    self._capacity_freed()
+                    self.mark_dirty(replica.cluster)
+                return  # anything else about a replica being stopped is stale: ignore it
             updated = _with_report(replica, report)
             if updated == replica:
                 return
@@ -421,6 +532,7 @@ class Controller:
         if not queue or queue[0].seq > seq:
             return
         async with self.lock:
+            self._crash_point("before-ack-stored")
             await self.store.apply([ops.AckCommands(node_id, seq)])
             self.fleet.outbox[node_id] = [c for c in self.fleet.outbox.get(node_id, []) if c.seq > seq]
 
@@ -429,11 +541,11 @@ class Controller:
         now = trio.current_time()
         for node_id, record in self.fleet.nodes.items():
             if record.state is NodeState.DOWN:
+                # How long it has been down is unknown (the old monotonic clock is gone): count
+                # its replicas' grace from now, which errs on the side of less churn.
                 self.fleet.liveness[node_id] = Liveness(NodeState.DOWN, False, now - self.policy.down_after_s, now)
             else:
-                # Pretend we heard from it at the end of the grace, minus the time to suspicion.
-                seen = now + grace_s - self.policy.suspect_after_s
-                self.fleet.liveness[node_id] = Liveness(NodeState.READY, False, seen, now)
+                self.fleet.liveness[node_id] = health.in_grace(now, grace_s)
 
 
 def _with_report(replica: Replica, report: ReplicaReport) -> Replica:

@@ -18,6 +18,7 @@ from vectorlay.core.model import Role
 from vectorlay.core.protocol import (
     NODE_TO_SERVER,
     Ack,
+    Goodbye,
     Heartbeat,
     Join,
     Joined,
@@ -106,6 +107,10 @@ class NodeConnection:
                 return
             self.controller.heartbeat(self.node_id)  # any message is a sign of life
             if isinstance(message, Heartbeat):
+                continue
+            if isinstance(message, Goodbye):
+                log.info("node %s is restarting (%s); keeping its replicas routed", self.name, message.reason)
+                self.controller.goodbye(self.node_id)
                 continue
             if isinstance(message, ReplicaStatus):
                 await self.controller.replica_status(self.node_id, message.report)

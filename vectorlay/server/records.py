@@ -33,9 +33,11 @@ class NodeRecord:
     schedulable: bool = True
     next_seq: int = 1  # the next command sequence number for this node
     generation: int = 0  # fencing generation of this node's desired state
+    draining: bool = False  # its replicas move elsewhere (new copies ready first)
 
     def as_node(self, state: NodeState) -> Node:
-        return Node(self.id, self.name, self.gpus, self.address, state, self.schedulable, self.runtimes)
+        return Node(self.id, self.name, self.gpus, self.address, state, self.schedulable, self.runtimes,
+                    self.draining)
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,7 @@ def _node(row: Any) -> NodeRecord:
         gpus=codec.load(tuple[Gpu, ...], json.loads(row.gpus)), address=row.address,
         runtimes=tuple(json.loads(row.runtimes)), joined_at=row.joined_at, last_seen_at=row.last_seen_at,
         state=NodeState(row.state), schedulable=bool(row.schedulable), next_seq=row.next_seq,
-        generation=row.generation,
+        generation=row.generation, draining=bool(row.draining),
     )
 
 
@@ -231,6 +231,7 @@ def _put_node(conn: Connection, op: ops.PutNode) -> None:
         "name": n.name, "credential_hash": n.credential_hash, "gpus": _dumps(n.gpus), "address": n.address,
         "runtimes": json.dumps(list(n.runtimes)), "joined_at": n.joined_at, "last_seen_at": n.last_seen_at,
         "state": n.state.value, "schedulable": n.schedulable, "next_seq": n.next_seq, "generation": n.generation,
+        "draining": n.draining,
     })
 
 

@@ -1,8 +1,10 @@
-"""Tables and migrations. A schema change is a new migration; old ones are never edited."""
+"""The tables as the code queries them (the latest schema), and the migration runner.
+
+The tables here always describe the newest schema; `migrations.py` holds the frozen steps that
+build it, so an old database is brought forward one step at a time.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from sqlalchemy import (
     Boolean,
@@ -18,6 +20,8 @@ from sqlalchemy import (
     select,
     text,
 )
+
+from vectorlay.server.store.migrations import MIGRATIONS  # noqa: E402 - after the docstring on purpose
 
 metadata = MetaData()
 
@@ -53,6 +57,7 @@ nodes = Table(
     Column("schedulable", Boolean, nullable=False),
     Column("next_seq", Integer, nullable=False),
     Column("generation", Integer, nullable=False),
+    Column("draining", Boolean, nullable=False, default=False),  # migration 2
 )
 
 clusters = Table(
@@ -91,12 +96,6 @@ commands = Table(
 )
 
 
-def _migration_1(conn: Connection) -> None:
-    for table in (meta, tokens, nodes, clusters, replicas, commands):
-        table.create(conn)
-
-
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,0 +1,65 @@
+"""Schema migrations, oldest first. Each is frozen once released: a change is a new step.
+
+Migration 1 spells out the first schema on its own rather than reusing `schema.py`'s tables,
+which always describe the latest shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    Float,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    text,
+)
+
+
+def _migration_1(conn: Connection) -> None:
+    """The first schema: tokens, nodes, clusters, replicas, the command outbox and meta."""
+    v1 = MetaData()
+    Table("vl_meta", v1, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
+    Table("vl_tokens", v1,
+          Column("id", String(64), primary_key=True), Column("secret_hash", String(64), nullable=False),
+          Column("role", String(16), nullable=False), Column("created_at", Float, nullable=False),
+          Column("expires_at", Float, nullable=True), Column("uses_left", Integer, nullable=True),
+          Column("revoked", Boolean, nullable=False), Column("description", Text, nullable=False))
+    Table("vl_nodes", v1,
+          Column("id", String(64), primary_key=True), Column("name", String(128), nullable=False, unique=True),
+          Column("credential_hash", String(64), nullable=False), Column("gpus", Text, nullable=False),
+          Column("address", String(255), nullable=False), Column("runtimes", Text, nullable=False),
+          Column("joined_at", Float, nullable=False), Column("last_seen_at", Float, nullable=True),
+          Column("state", String(16), nullable=False), Column("schedulable", Boolean, nullable=False),
+          Column("next_seq", Integer, nullable=False), Column("generation", Integer, nullable=False))
+    Table("vl_clusters", v1,
+          Column("name", String(63), primary_key=True), Column("spec", Text, nullable=False),
+          Column("created_at", Float, nullable=False), Column("updated_at", Float, nullable=False))
+    Table("vl_replicas", v1,
+          Column("id", String(96), primary_key=True), Column("cluster", String(63), nullable=False, index=True),
+          Column("node_id", String(64), nullable=True, index=True), Column("gpus", Text, nullable=False),
+          Column("state", String(16), nullable=False), Column("reason", Text, nullable=False),
+          Column("address", String(255), nullable=True), Column("generation", Integer, nullable=False),
+          Column("stopping", Boolean, nullable=False), Column("revision", String(32), nullable=False),
+          Column("created_at", Float, nullable=False))
+    Table("vl_commands", v1,
+          Column("node_id", String(64), nullable=False), Column("seq", Integer, nullable=False),
+          Column("op", String(16), nullable=False), Column("replica_id", String(96), nullable=False),
+          Column("generation", Integer, nullable=False), Column("assignment", Text, nullable=True),
+          Column("created_at", Float, nullable=False), PrimaryKeyConstraint("node_id", "seq"))
+    v1.create_all(conn)
+
+
+def _migration_2(conn: Connection) -> None:
+    """Nodes can be drained: their replicas move elsewhere before the owner takes the machine."""
+    conn.execute(text("ALTER TABLE vl_nodes ADD COLUMN draining BOOLEAN NOT NULL DEFAULT FALSE"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
