@@ -7,15 +7,9 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
+from tests_support import missing_service
 
 POSTGRES_URL = os.environ.get("VECTORLAY_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-def missing_service(what: str) -> None:
-    """Under CI a missing service is a failure; elsewhere the test is skipped with the reason."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is required under CI=true")
-    pytest.skip(f"{what} is not available here")
 
 
 @pytest.fixture

@@ -61,10 +61,12 @@ class RouteFeed:
         self.proxies: list[ProxyConnection] = []
 
     def endpoint_url(self, cluster: str) -> str | None:
-        """The cluster's public URL, as the most recently connected proxy serves it."""
-        if not self.proxies:
-            return None
-        return self.proxies[-1].url_template.replace("{cluster}", cluster)
+        """The cluster's public URL, as the most recently connected proxy serves it (route
+        followers that serve nothing, such as monitors, send no template)."""
+        for proxy in reversed(self.proxies):
+            if proxy.url_template:
+                return proxy.url_template.replace("{cluster}", cluster)
+        return None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         for name in self.fleet.clusters:

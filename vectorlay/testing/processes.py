@@ -104,6 +104,7 @@ class Stack:
     db_url: str | None = None
     heartbeat: str = "1s"
     extra_server_args: Sequence[str] = ()
+    server_env: dict[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
     server_port: int = 0
     admin_token: str = ""
@@ -124,25 +125,29 @@ class Stack:
             env["VECTORLAY_TOKEN"] = self.admin_token
         return env
 
-    def _spawn(self, name: str, args: list[str], cwd: Path | None = None) -> Proc:
+    def _spawn(self, name: str, args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
+               prefix: Sequence[str] = ()) -> Proc:
         log_path = self.root / f"{name}.log"
         handle = log_path.open("ab")
-        argv = [sys.executable, "-m", "vectorlay", *args]
-        popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=self.env(),
+        argv = [*prefix, sys.executable, "-m", "vectorlay", *args]
+        popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env={**self.env(), **(env or {})},
                                  cwd=cwd or REPO_ROOT, start_new_session=True)
         handle.close()
         return Proc(name, argv, log_path, popen)
 
-    def start_server(self, port: int | None = None) -> Proc:
+    def start_server(self, port: int | None = None, env: dict[str, str] | None = None) -> Proc:
         """Start (or restart, keeping the state dir and port) the server."""
         listen_port = self.server_port if port is None else port
         args = ["server", "--listen", f"127.0.0.1:{listen_port}", "--state-dir", str(self.root / "server"),
                 "--heartbeat-interval", self.heartbeat, *self.extra_server_args]
         if self.db_url:
             args += ["--db", self.db_url]
-        proc = self._spawn("server", args)
+        offset = len(self.server.log()) if self.server is not None else 0
+        proc = self._spawn("server", args, env={**self.server_env, **(env or {})})
         self.procs.append(proc)
-        match = proc.wait_log(r"listening on ws://127\.0\.0\.1:(\d+)")
+        regex = re.compile(r"listening on ws://127\.0\.0\.1:(\d+)")
+        match = wait_for(lambda: regex.search(proc.log()[offset:]) if proc.alive else _exited(proc),
+                         START_TIMEOUT_S, message="the server to listen")
         self.server_port = int(match.group(1))
         self.admin_token = (self.root / "server" / "admin.token").read_text().strip()
         self.server = proc
@@ -163,16 +168,18 @@ class Stack:
     def token(self, role: str = "node", *extra: str) -> str:
         return self.cli("token", "create", "--role", role, *extra).stdout.strip()
 
-    def join_node(self, name: str, gpus: Sequence[str] = (), extra: Sequence[str] = ()) -> NodeProc:
+    def join_node(self, name: str, gpus: Sequence[str] = (), extra: Sequence[str] = (), server_url: str | None = None,
+                  prefix: Sequence[str] = (), env: dict[str, str] | None = None) -> NodeProc:
         state_dir = self.root / name
-        args = ["node", "join", "--server", self.server_url, "--token", self.token("node"), "--name", name,
+        url = server_url or self.server_url
+        args = ["node", "join", "--server", url, "--token", self.token("node"), "--name", name,
                 "--state-dir", str(state_dir), *extra]
         for gpu in gpus:
             args += ["--gpu", gpu]
-        proc = self._spawn(name, args)
+        proc = self._spawn(name, args, prefix=prefix, env=env)
         node = NodeProc(proc.name, proc.args, proc.log_path, proc.popen, state_dir=state_dir)
         self.procs.append(node)
-        node.wait_log(rf"connected to {re.escape(self.server_url)} as {name}")
+        node.wait_log(rf"connected to {re.escape(url)} as {name}")
         return node
 
     def restart_node(self, node: NodeProc, wait_connected: bool = True) -> NodeProc:
@@ -211,6 +218,10 @@ class Stack:
                     os.killpg(pid, signal.SIGKILL)
                 except OSError:
                     pass
+
+
+def _exited(proc: Proc) -> None:
+    raise AssertionError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log()[-3000:]}")
 
 
 def replica_pids(node_id: str | None = None, replica: str | None = None) -> list[int]:
@@ -282,3 +293,9 @@ def tinylm_manifest(name: str = "echo", replicas: int = 2, gpu: str = '{type: "R
     extra = "".join(f', "{a}"' for a in extra_args)
     return TINYLM_MANIFEST.format(name=name, replicas=replicas, gpu=gpu, reschedule_after=reschedule_after,
                                   extra_args=extra)
+
+
+def faketime_available() -> bool:
+    import shutil
+
+    return shutil.which("faketime") is not None
