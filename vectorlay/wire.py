@@ -78,6 +78,25 @@ class Link:
         assert isinstance(message, kind)
         return message
 
+    async def ping(self, timeout_s: float) -> None:
+        """Round-trip a WebSocket ping; ConnectError if no pong comes back in time.
+
+        The only way a silent peer behind a dead path (no FIN, no RST) can be told apart from
+        an idle one."""
+        try:
+            with trio.fail_after(timeout_s):
+                await self.ws.ping()
+        except trio.TooSlowError:
+            raise ConnectError(f"no answer to a ping within {timeout_s:g}s") from None
+        except ConnectionClosed as closed:
+            raise _closed(closed) from None
+
+    async def keepalive(self, interval_s: float, timeout_s: float) -> None:
+        """Ping forever; raises (ending the caller's nursery) when the peer stops answering."""
+        while True:
+            await trio.sleep(interval_s)
+            await self.ping(timeout_s)
+
     async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         # Close reasons are limited to 123 bytes by the WebSocket spec. Shielded: a peer being
         # told why it is dropped should hear it even if we are cancelled meanwhile.

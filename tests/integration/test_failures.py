@@ -12,6 +12,7 @@ from tests_support import missing_service
 
 from vectorlay.testing.load import RouteWatcher, SteadyClient
 from vectorlay.testing.processes import Stack, faketime_available, replica_pids, tinylm_manifest, wait_for
+from vectorlay.testing.relay import Relay
 
 pytestmark = pytest.mark.slow
 
@@ -189,3 +190,39 @@ def test_server_restart_keeps_routes_and_marks_no_node_down(stack: Stack) -> Non
     assert client.failures() == []  # the proxy kept its table while the server was away
     assert {r["id"] for r in stack.cli_json("get", "replicas")} == before
     assert os.path.exists(stack.root / "server" / "vectorlay.db")
+
+
+@pytest.mark.parametrize("fault", ["blackhole", "stall", "reject"])
+def test_cut_link_heals_with_exactly_the_desired_copies(stack: Stack, fault: str) -> None:
+    stack.start_server()
+    with Relay(stack.server_port) as relay:
+        relay.start()
+        # n1 reaches the server only through the relay; the replica is placed there first.
+        n1 = stack.join_node("n1", gpus=["RTX 4090:24"], server_url=f"ws://127.0.0.1:{relay.port}")
+        stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1, reschedule_after="1s"))
+        [original] = stack.cli_json("get", "replicas")
+        assert original["node"] == "n1"
+        stack.join_node("n2", gpus=["RTX 4090:24"])
+
+        # A flicker (both sides reset, the agent reconnects at once) causes no churn at all.
+        relay.cut()
+        n1.wait_log(r"reconnecting in", timeout_s=10)
+        wait_for(lambda: {n["name"]: n["connected"] for n in stack.cli_json("get", "nodes")}.get("n1"), 30,
+                 message="n1 to reconnect")
+        assert [r["id"] for r in stack.cli_json("get", "replicas")] == [original["id"]]
+
+        # A long outage: the server gives up on n1 and replaces the replica on n2.
+        relay.set_mode(fault)
+        replacement = wait_for(lambda: next((r for r in stack.cli_json("get", "replicas")
+                                             if r["node"] == "n2" and r["state"] == "ready"), None), 40,
+                               message="a replacement on n2")
+        assert replica_pids(replica=original["id"])  # still running on the cut-off node
+
+        relay.set_mode("pass")  # heal: n1 learns its copy is stale and stops it
+        wait_for(lambda: not replica_pids(replica=original["id"]), 60, message="the stale copy to stop")
+        wait_for(lambda: [r["id"] for r in stack.cli_json("get", "replicas")] == [replacement["id"]], 20,
+                 message="exactly one copy")
+        wait_for(lambda: all(n["state"] == "ready" for n in stack.cli_json("get", "nodes")), 60,
+                 message="n1 back")
+        assert [r["id"] for r in stack.cli_json("get", "replicas")] == [replacement["id"]]
+        assert n1.alive

@@ -48,6 +48,7 @@ from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect
 log = logging.getLogger("vectorlay.node")
 
 CREDENTIAL_FILE = "node.json"
+WELCOME_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,10 @@ class Agent:
                           tuple(self.supervisor.current_reports()))
         self._dirty_reports.clear()
         await link.send(hello)
-        welcome = await link.receive(SERVER_TO_NODE)
+        with trio.move_on_after(WELCOME_TIMEOUT_S) as waiting:
+            welcome = await link.receive(SERVER_TO_NODE)
+        if waiting.cancelled_caught:
+            raise ConnectError(f"no welcome from the server within {WELCOME_TIMEOUT_S:g}s")
         if not isinstance(welcome, Welcome):
             raise ProtocolError(f"expected a welcome, got {welcome.TYPE!r}")
         backoff.reset()
@@ -153,6 +157,9 @@ class Agent:
                     nursery.start_soon(self._writer, link)
                     nursery.start_soon(self._heartbeats, welcome.heartbeat_interval_s)
                     nursery.start_soon(self._send_reports)
+                    # Pings catch a dead path that heartbeats alone never notice from this side.
+                    interval = welcome.heartbeat_interval_s
+                    nursery.start_soon(link.keepalive, max(2.0, 2 * interval), max(5.0, 5 * interval))
                     try:
                         await self._reader(link, nursery)
                     except ProtocolError as error:

@@ -25,6 +25,9 @@ from vectorlay.wire import CLOSE_POLICY, LinkClosed, connect
 
 log = logging.getLogger("vectorlay.proxy")
 
+KEEPALIVE_INTERVAL_S = 2.0
+KEEPALIVE_TIMEOUT_S = 5.0
+
 
 async def follow_routes(server: str, token: str, url_template: str, table: RouteTable,
                         *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -37,26 +40,31 @@ async def follow_routes(server: str, token: str, url_template: str, table: Route
             with unwrap_group():
                 async with connect(url) as link:
                     await link.send(ProxyHello(PROTOCOL_VERSION, token, url_template))
-                    first = await link.receive(SERVER_TO_PROXY)
+                    with trio.fail_after(KEEPALIVE_TIMEOUT_S * 2):
+                        first = await link.receive(SERVER_TO_PROXY)
                     if not isinstance(first, Ready):
                         raise ProtocolError(f"expected ready, got {first.TYPE!r}")
                     backoff.reset()
-                    while True:
-                        message = await link.receive(SERVER_TO_PROXY)
-                        if isinstance(message, RouteSnapshot):
-                            table.load_snapshot(message)
-                            log.info("route table loaded: %d cluster(s)", len(table.clusters))
-                            if not started:
-                                task_status.started()
-                                started = True
-                        elif isinstance(message, RouteUpdate):
-                            table.apply(message)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(link.keepalive, KEEPALIVE_INTERVAL_S, KEEPALIVE_TIMEOUT_S)
+                        while True:
+                            message = await link.receive(SERVER_TO_PROXY)
+                            if isinstance(message, RouteSnapshot):
+                                table.load_snapshot(message)
+                                log.info("route table loaded: %d cluster(s)", len(table.clusters))
+                                if not started:
+                                    task_status.started()
+                                    started = True
+                            elif isinstance(message, RouteUpdate):
+                                table.apply(message)
         except LinkClosed as closed:
             if closed.code == CLOSE_POLICY:
                 raise AuthError(f"the server refused this proxy: {closed.reason}") from None
             problem = str(closed)
         except (ConnectError, ProtocolError) as error:
             problem = str(error)
+        except trio.TooSlowError:
+            problem = "the server did not answer the hello"
         delay = backoff.next_delay()
         log.warning("route feed: %s; keeping the last table, reconnecting in %.1fs", problem, delay)
         await trio.sleep(delay)

@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 
 import trio
 
-from vectorlay.core.protocol import PROTOCOL_VERSION, SERVER_TO_PROXY, ProxyHello, Ready, RouteSnapshot, RouteUpdate
+from vectorlay.core.protocol import (
+    PROTOCOL_VERSION,
+    SERVER_TO_PROXY,
+    Endpoint,
+    ProxyHello,
+    Ready,
+    RouteSnapshot,
+    RouteUpdate,
+)
 from vectorlay.wire import connect
 
 
@@ -137,7 +145,7 @@ class RouteWatcher:
                     elif isinstance(message, RouteUpdate):
                         self._record(now, message.route.cluster, () if message.removed else message.route.endpoints)
 
-    def _record(self, now: float, cluster: str, endpoints: tuple[object, ...]) -> None:
+    def _record(self, now: float, cluster: str, endpoints: tuple[Endpoint, ...]) -> None:
         ids = tuple(e.replica_id for e in endpoints)
         nodes = tuple(e.node for e in endpoints)
         self.changes.append(RouteChange(now, cluster, ids, nodes))

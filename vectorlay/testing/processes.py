@@ -67,23 +67,27 @@ class Proc:
         return self.popen.poll() is None
 
     def signal(self, sig: signal.Signals) -> None:
+        """Signal the process and anything it runs in its group (a wrapper such as faketime and
+        its child); replicas are in sessions of their own and are not touched."""
         if self.alive:
-            self.popen.send_signal(sig)
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if not self.alive:
             return
-        self.popen.send_signal(signal.SIGCONT)
-        self.popen.terminate()
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
         try:
             self.popen.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+            self.kill()
 
     def kill(self) -> None:
         if self.alive:
-            self.popen.kill()
+            self.signal(signal.SIGKILL)
             self.popen.wait()
 
 
