@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import http.client
+import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -116,13 +118,12 @@ def test_scaling_and_template_change_roll_replicas(stack: Stack) -> None:
     wait_for(lambda: len(stack.cli_json("get", "replicas")) == 1, 15, message="scale down to 1")
 
 
-def test_dev_serves_the_example(tmp_path: pytest.TempPathFactory) -> None:
+def test_dev_serves_the_example(tmp_path: Path) -> None:
     """The README's main job: `vectorlay dev --apply examples/tinylm.yaml` serves tinylm."""
-    stack = Stack(tmp_path)  # type: ignore[arg-type]
+    stack = Stack(tmp_path)
     try:
-        proc = stack._spawn("dev", ["dev", "--state-dir", str(tmp_path / "dev"),  # type: ignore[operator]
-                                    "--server-port", "0", "--proxy-port", "0",
-                                    "--apply", "examples/tinylm.yaml"])
+        proc = stack._spawn("dev", ["dev", "--state-dir", str(tmp_path / "dev"), "--server-port", "0",
+                                    "--proxy-port", "0", "--apply", "examples/tinylm.yaml"])
         stack.procs.append(proc)
         match = proc.wait_log(r"curl -s http://tinylm\.localhost:(\d+)/v1/completions", timeout_s=60)
         port = int(match.group(1))
@@ -134,13 +135,14 @@ def test_dev_serves_the_example(tmp_path: pytest.TempPathFactory) -> None:
             nodes.add(result.json()["node"])
         assert nodes == {"dev-1", "dev-2"}
         # The CLI now talks to the dev stack through the context dev wrote.
-        env_stack = Stack(tmp_path)  # type: ignore[arg-type]
-        listed = env_stack.cli("get", "clusters", "-o", "json")
+        listed = stack.cli("get", "clusters", "-o", "json")
         assert '"name": "tinylm"' in listed.stdout
-        pids = replica_pids()
+        node_ids = [json.loads((tmp_path / "dev" / name / "node.json").read_text())["node_id"]
+                    for name in ("dev-1", "dev-2")]
+        assert sum(len(replica_pids(node_id=n)) for n in node_ids) == 2
         proc.stop()
         # dev takes its replicas with it.
-        wait_for(lambda: not set(replica_pids()) & set(pids), 15, message="dev replicas to stop")
+        wait_for(lambda: not any(replica_pids(node_id=n) for n in node_ids), 15, message="dev replicas to stop")
     finally:
         stack.close()
 
