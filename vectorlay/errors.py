@@ -65,17 +65,21 @@ class RuntimeFailure(VectorlayError):
 
 @contextmanager
 def unwrap_group() -> Iterator[None]:
-    """Re-raise a nursery's group holding a single exception as that exception.
+    """Re-raise a nursery's group as its one meaningful exception, so callers catch it by type.
 
-    Trio wraps whatever escapes a nursery in an ExceptionGroup; where a nursery has one meaningful
-    failure (the link closed, say) callers want to catch it by type as usual.
+    Trio wraps whatever escapes a nursery in an ExceptionGroup. When a link breaks, several tasks
+    on it (reader, writer, pinger) may each fail with the same kind of error at once: a group of
+    only PeerErrors is the link's failure, reported as its first. Anything else stays a group.
     """
     try:
         yield
     except BaseExceptionGroup as group:
         leaves = _leaves(group)
+        failures = [leaf for leaf in leaves if isinstance(leaf, Exception)]  # not cancellations
         if len(leaves) == 1:
             raise leaves[0] from None
+        if failures and len(failures) == len(leaves) and all(isinstance(f, PeerError) for f in failures):
+            raise failures[0] from None
         raise
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -113,7 +114,13 @@ def _load_union(annotation: Any, data: Any, path: str) -> Any:
 def _load_scalar(annotation: Any, data: Any, path: str) -> Any:
     if annotation is float:
         if isinstance(data, int | float) and not isinstance(data, bool):
-            return float(data)
+            try:
+                value = float(data)
+            except OverflowError:
+                raise CodecError(path, "number is too large") from None
+            if not math.isfinite(value):
+                raise CodecError(path, "expected a finite number")
+            return value
         raise CodecError(path, f"expected a number, got {_kind(data)}")
     if annotation is int:
         if isinstance(data, int) and not isinstance(data, bool):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -13,8 +14,8 @@ def parse_duration(text: str | int | float) -> float:
     if isinstance(text, bool):
         raise ValueError("expected a duration like 2s, 500ms or 1h, got a boolean")
     if isinstance(text, int | float):
-        if text < 0:
-            raise ValueError(f"duration must not be negative, got {text}")
+        if not math.isfinite(text) or text < 0:
+            raise ValueError(f"duration must be a finite, non-negative number, got {text}")
         return float(text)
     value = text.strip()
     if not value:
@@ -24,8 +25,8 @@ def parse_duration(text: str | int | float) -> float:
     except ValueError:
         pass
     else:
-        if seconds < 0:
-            raise ValueError(f"duration must not be negative, got {text!r}")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"duration must be a finite, non-negative number, got {text!r}")
         return seconds
     position = 0
     total = 0.0

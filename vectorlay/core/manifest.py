@@ -26,12 +26,12 @@ MAX_NODES = 20_000
 RESERVED_ENV_PREFIX = "VECTORLAY_"
 RESERVED_ENV = frozenset({"PORT"})
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def is_dns_label(name: str) -> bool:
-    return bool(_DNS_LABEL.match(name))
+    return bool(_DNS_LABEL.fullmatch(name))
 
 
 def parse_manifest(text: str) -> list[ClusterSpec]:
@@ -55,40 +55,41 @@ def parse_manifest(text: str) -> list[ClusterSpec]:
 
 def _compose(text: str) -> list[yaml.Node]:
     try:
-        nodes = [node for node in yaml.compose_all(text, Loader=yaml.SafeLoader) if node is not None]
+        _check_events(text)
+        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
     except yaml.MarkedYAMLError as error:
         line = error.problem_mark.line + 1 if error.problem_mark else None
         raise ManifestError(f"invalid YAML: {error.problem or error}", "", line) from None
     except yaml.YAMLError as error:
         raise ManifestError(f"invalid YAML: {error}") from None
-    budget = _Budget()
-    for node in nodes:
-        budget.check(node, "", 0)
-    return nodes
+    # An empty document (a trailing `---`) composes to an empty null scalar: skip it.
+    return [node for node in documents if not _is_empty(node)]
 
 
-class _Budget:
-    """Rejects aliases and oversized or over-deep trees before anything is built from them."""
+def _is_empty(node: yaml.Node | None) -> bool:
+    return node is None or (isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+                            and node.value in ("", "~", "null", "Null", "NULL"))
 
-    def __init__(self) -> None:
-        self.seen: set[int] = set()
 
-    def check(self, node: yaml.Node, path: str, depth: int) -> None:
-        line = node.start_mark.line + 1
-        if id(node) in self.seen or getattr(node, "anchor", None):
-            raise ManifestError("YAML anchors and aliases are not allowed", path, line)
-        self.seen.add(id(node))
-        if len(self.seen) > MAX_NODES:
-            raise ManifestError(f"manifest has more than {MAX_NODES} values", path, line)
-        if depth > MAX_DEPTH:
-            raise ManifestError(f"manifest is nested deeper than {MAX_DEPTH} levels", path, line)
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                self.check(key, path, depth + 1)
-                self.check(value, path, depth + 1)
-        elif isinstance(node, yaml.SequenceNode):
-            for item in node.value:
-                self.check(item, path, depth + 1)
+def _check_events(text: str) -> None:
+    """Walk the event stream (flat, so a hostile document cannot exhaust the stack) and refuse
+    anchors, aliases, too many values and too deep nesting before anything is built."""
+    depth = 0
+    values = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1 if event.start_mark else None
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise ManifestError("YAML anchors and aliases are not allowed", "", line)
+        if isinstance(event, yaml.ScalarEvent | yaml.CollectionStartEvent):
+            values += 1
+            if values > MAX_NODES:
+                raise ManifestError(f"manifest has more than {MAX_NODES} values", "", line)
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ManifestError(f"manifest is nested deeper than {MAX_DEPTH} levels", "", line)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 _SCALARS = yaml.SafeLoader("")
@@ -125,7 +126,12 @@ class _Value:
         construct = _SCALAR_TAGS.get(self.node.tag)
         if construct is None:
             raise self.fail(f"unsupported YAML tag {self.node.tag}")
-        return construct(self.node)
+        try:
+            return construct(self.node)
+        except (ValueError, IndexError, KeyError, TypeError) as error:
+            # An explicit tag on a value that does not fit it (`!!int abc`), or an integer too
+            # long for Python to convert.
+            raise self.fail(f"invalid {self.node.tag.rsplit(':', 1)[-1]} {self.node.value[:40]!r} ({error})") from None
 
     def mapping(self, allowed: set[str]) -> dict[str, _Value]:
         if not isinstance(self.node, yaml.MappingNode):
@@ -287,7 +293,7 @@ def _parse_env(value: _Value) -> dict[str, str]:
     keys = {str(k.value) for k, _ in value.node.value}
     env: dict[str, str] = {}
     for key, item in value.mapping(keys).items():
-        if not _ENV_NAME.match(key):
+        if not _ENV_NAME.fullmatch(key):
             raise item.fail(f"{key!r} is not a valid environment variable name")
         if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIX):
             raise item.fail(f"{key!r} is set by vectorlay and cannot be overridden")

@@ -286,10 +286,11 @@ def encode(message: Message) -> str:
 
 def decode(text: str | bytes, allowed: tuple[type[Message], ...]) -> Message:
     """Parse one frame; raise ProtocolError for anything but a well-formed allowed message."""
-    if len(text) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(text)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    size = len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else len(text)
+    if size > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {size} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as error:
         raise ProtocolError(f"message is not valid JSON: {error}") from None
     if not isinstance(data, dict):
@@ -307,6 +308,10 @@ def decode(text: str | bytes, allowed: tuple[type[Message], ...]) -> Message:
         raise ProtocolError(f"bad {kind!r} message: {error}") from None
     _check_rules(message)
     return message
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _check_rules(message: Message) -> None:

@@ -59,6 +59,16 @@ def _lost_within_budget(spec: ClusterSpec | None, replicas: Sequence[Replica], n
     return {r.id for r in (lost if budget is None else lost[:max(0, budget)])}
 
 
+def _freeing_makes_room(spec: ClusterSpec, candidate: Replica, nodes: Mapping[str, Node],
+                        all_replicas: Sequence[Replica]) -> bool:
+    """Whether one new replica fits only once `candidate` has given back its GPUs."""
+    fleet = list(nodes.values())
+    if place(fleet, all_replicas, [(spec, 1)]).placements:
+        return False  # it fits already: nothing needs to stop early
+    others = [r for r in all_replicas if r.id != candidate.id]
+    return bool(place(fleet, others, [(spec, 1)]).placements)
+
+
 def _stop_order(replica: Replica, nodes: Mapping[str, Node]) -> tuple[int, int, int]:
     """Which surplus replica to stop first: unplaced, then on unhealthy nodes, then not ready, newest."""
     node = nodes.get(replica.node_id) if replica.node_id else None
@@ -98,6 +108,9 @@ def plan_cluster(
                 forget.append(replica.id)  # nothing can be running it any more
             else:
                 stops_in_flight += 1
+            continue
+        if replica.state is ReplicaState.STOPPED or (replica.state is ReplicaState.FAILED and replica.node_id is None):
+            forget.append(replica.id)  # its node says nothing runs: the row is all that is left
             continue
         if spec is None:
             if replica.node_id is None:
@@ -139,12 +152,17 @@ def plan_cluster(
         current = [r for r in current if r.id not in {s.replica_id for s in stop} and r.id not in forget]
 
     # Roll: an old replica may stop while the ready new ones plus the remaining old ones still
-    # cover the desired count; if new ones cannot be placed, free one old replica's GPUs at a time.
+    # cover the desired count. When the fleet is full, free one old replica's GPUs at a time, but
+    # only once every placed new replica is ready, and only if that frees room a new one can use.
+    outdated.sort(key=lambda r: _stop_order(r, nodes))
     ready_current = sum(1 for r in current if r.state is ReplicaState.READY)
     removable = len(outdated) + ready_current - spec.replicas
-    if any(r.node_id is None for r in current) and stops_in_flight == 0 and not stop:
-        removable = max(removable, 1)
-    for replica in sorted(outdated, key=lambda r: _stop_order(r, nodes))[: max(0, removable)]:
+    waiting = any(r.node_id is None for r in current)
+    settled = all(r.state is ReplicaState.READY for r in current if r.node_id is not None)
+    if (removable < 1 and waiting and settled and outdated and stops_in_flight == 0 and not stop
+            and _freeing_makes_room(spec, outdated[0], nodes, all_replicas)):
+        removable = 1
+    for replica in outdated[: max(0, removable)]:
         node = nodes.get(replica.node_id) if replica.node_id else None
         why = "its node is draining" if node is not None and node.draining else "replaced by a newer revision"
         stop.append(Stop(replica.id, why))

@@ -209,8 +209,14 @@ class Proxy:
             else:
                 await self._stream_rest_of_body(client, upstream)
             with trio.move_on_after(self.limits.upstream_response_timeout_s) as scope:
-                response = await upstream.next_event()
+                stats.awaiting_head.add(scope)
+                try:
+                    response = await upstream.next_event()
+                finally:
+                    stats.awaiting_head.discard(scope)
             if scope.cancelled_caught:
+                if not stats.routed:
+                    raise UpstreamError("the replica left routing before answering")
                 raise UpstreamError(f"no response within {self.limits.upstream_response_timeout_s:g}s")
             while isinstance(response, h11.InformationalResponse):
                 response = await upstream.next_event()

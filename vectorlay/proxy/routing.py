@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+import trio
+
 from vectorlay.core import balancer
 from vectorlay.core.protocol import Endpoint, Route, RouteSnapshot, RouteUpdate
 
@@ -18,6 +20,15 @@ class EndpointStats:
     latency_s: float | None = None
     ejected_until: float = 0.0
     failures: int = 0
+    # Requests waiting for this replica's response head; cancelled if it leaves routing, so they
+    # can be retried elsewhere instead of hanging on a node the server has given up on.
+    awaiting_head: set[trio.CancelScope] = field(default_factory=set)
+    routed: bool = True
+
+    def leave_routing(self) -> None:
+        self.routed = False
+        for scope in self.awaiting_head:
+            scope.cancel()
 
 
 @dataclass
@@ -57,7 +68,9 @@ class RouteTable:
 
     def apply(self, update: RouteUpdate) -> None:
         if update.removed:
-            self.clusters.pop(update.route.cluster, None)
+            gone = self.clusters.pop(update.route.cluster, None)
+            for stats in gone.endpoints.values() if gone else ():
+                stats.leave_routing()
         else:
             self._set(update.route)
         self.version = update.version
@@ -67,7 +80,7 @@ class RouteTable:
         fresh = {e.replica_id: e for e in route.endpoints}
         for replica_id in list(cluster.endpoints):
             if replica_id not in fresh:
-                del cluster.endpoints[replica_id]  # requests in flight keep their own reference
+                cluster.endpoints.pop(replica_id).leave_routing()
         for replica_id, endpoint in fresh.items():
             stats = cluster.endpoints.get(replica_id)
             if stats is None or stats.endpoint != endpoint:
