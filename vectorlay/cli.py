@@ -33,9 +33,14 @@ token_app = typer.Typer(help="Create tokens for nodes, proxies and admins.", no_
 node_app = typer.Typer(help="Run this machine as a node: [bold]join[/bold] once, then plain "
                             "[bold]vectorlay node[/bold] runs the agent from saved credentials.")
 context_app = typer.Typer(help="Client contexts (server URL + token) in the config file.", no_args_is_help=True)
+key_app = typer.Typer(help="API keys for a cluster's endpoint (with spec.endpoint.auth: api-key).",
+                      no_args_is_help=True)
+describe_app = typer.Typer(help="Show one object in detail, with its recent events.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(node_app, name="node")
 app.add_typer(context_app, name="context")
+app.add_typer(key_app, name="key")
+app.add_typer(describe_app, name="describe")
 
 
 def _data_dir(role: str) -> Path:
@@ -368,6 +373,52 @@ def token_create(
     """Create a token and print only the token on stdout."""
     _duration(ttl, "--ttl")
     _run(commands.token_create, resolve(server_url, token), role.value, ttl, uses, description)
+
+
+@key_app.command("create")
+def key_create(
+    cluster: Annotated[str, typer.Argument()],
+    name: Annotated[str | None, typer.Option(help="A label to recognise the key by.")] = None,
+    output_format: Annotated[Format, typer.Option("--output", "-o")] = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create a key and print it on stdout: it is shown this once (only its hash is stored)."""
+    _run(commands.key, resolve(server_url, token), "create", cluster, name, output_format is Format.json)
+
+
+@key_app.command("list")
+def key_list(
+    cluster: Annotated[str, typer.Argument()],
+    output_format: Annotated[Format, typer.Option("--output", "-o")] = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """List a cluster's keys (ids and names; never the keys)."""
+    _run(commands.key, resolve(server_url, token), "list", cluster, None, output_format is Format.json)
+
+
+@key_app.command("revoke")
+def key_revoke(
+    cluster: Annotated[str, typer.Argument()],
+    key_id: Annotated[str, typer.Argument(metavar="ID")],
+    output_format: Annotated[Format, typer.Option("--output", "-o")] = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Revoke a key; proxies refuse it as soon as the change reaches them."""
+    _run(commands.key, resolve(server_url, token), "revoke", cluster, key_id, output_format is Format.json)
+
+
+@describe_app.command("cluster")
+def describe_cluster(
+    name: Annotated[str, typer.Argument()],
+    output_format: Annotated[Format, typer.Option("--output", "-o")] = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """A cluster, each replica (node, state, image digest) with its last events, and recent events."""
+    _run(commands.describe, resolve(server_url, token), name, output_format is Format.json)
 
 
 @context_app.command("list")

@@ -104,6 +104,13 @@ CLUSTER_NAMES = ("alpha", "beta", "gamma", "delta")
 RUNTIME_SETS = (("process",), ("process",), ("process", "container"), ("container",))
 
 
+def offers(node: Node, spec: ClusterSpec) -> bool:
+    """Written apart from the scheduler's: the runtime, and for containers the isolation level."""
+    if spec.runtime.value not in node.runtimes:
+        return False
+    return spec.runtime is not Runtime.CONTAINER or spec.isolation.value in node.isolation
+
+
 @st.composite
 def nodes_strategy(draw: st.DrawFn, max_nodes: int = 6, min_nodes: int = 0) -> list[Node]:
     count = draw(st.integers(min_value=min_nodes, max_value=max_nodes))
@@ -118,7 +125,10 @@ def nodes_strategy(draw: st.DrawFn, max_nodes: int = 6, min_nodes: int = 0) -> l
         schedulable = draw(st.sampled_from([True, True, True, True, False]))
         runtimes = draw(st.sampled_from(RUNTIME_SETS))
         draining = not schedulable and draw(st.booleans())  # draining nodes are cordoned, as the API does
-        nodes.append(Node(f"n{i}", f"node-{i}", gpus, f"10.0.0.{i}", state, schedulable, runtimes, draining))
+        # A container-capable node offers plain container isolation, sometimes gVisor too.
+        isolation = (("container", "sandbox") if draw(st.booleans()) else ("container",)) if "container" in runtimes else ()
+        nodes.append(Node(f"n{i}", f"node-{i}", gpus, f"10.0.0.{i}", state, schedulable, runtimes, draining,
+                          isolation))
     return nodes
 
 
@@ -216,6 +226,6 @@ def nodes_that_fit(nodes: Iterable[Node], replicas: Iterable[Replica], the_spec:
     request = the_spec.gpu
     return [
         n for n in nodes
-        if is_eligible(n) and the_spec.runtime.value in n.runtimes and free_matching(n, held, request) >= request.count
+        if is_eligible(n) and offers(n, the_spec) and free_matching(n, held, request) >= request.count
     ]
 

@@ -53,6 +53,10 @@ def test_dump_produces_plain_json_values() -> None:
         "health": None,
         "workdir": None,
         "reschedule_after_s": 30.0,
+        "isolation": "container",
+        "image_pull": "if-not-present",
+        "resources": {"cpus": None, "memory_mb": None},
+        "endpoint": {"auth": "none", "rate_limit": None, "per_client_rate_limit": None},
     }
 
 

@@ -49,11 +49,15 @@ metadata:
   name: tiny
 spec:
   command: [python3, serve.py]
+  runtime: process
 """
 
 
 def doc(spec_body: str = "  command: [python3, serve.py]\n", name: str = "web") -> str:
-    """One cluster document; `spec_body` starts on line 6."""
+    """One cluster document; `spec_body` starts on line 6. Without a `runtime:` of its own it gets
+    `runtime: process` after the body (containers are the default and would need an image)."""
+    if "runtime:" not in spec_body and spec_body.strip() not in ("", "{}", "null") and spec_body.startswith("  "):
+        spec_body = spec_body.rstrip("\n") + "\n  runtime: process\n"
     return f"apiVersion: vectorlay.dev/v1\nkind: Cluster\nmetadata:\n  name: {name}\nspec:\n{spec_body}"
 
 
@@ -82,7 +86,7 @@ def test_full_multi_document_manifest() -> None:
         workdir="/srv",
         reschedule_after_s=90.0,
     )
-    assert tiny == ClusterSpec(name="tiny", replicas=1, command=("python3", "serve.py"))
+    assert tiny == ClusterSpec(name="tiny", replicas=1, runtime=Runtime.PROCESS, command=("python3", "serve.py"))
     assert tiny.gpu == GpuRequest(types=(), count=0, min_memory_gb=None)
     assert tiny.runtime is Runtime.PROCESS and tiny.image is None and tiny.env == {} and tiny.port == 8000
     assert tiny.health == HealthCheck() and tiny.workdir is None and tiny.reschedule_after_s == 30.0
@@ -270,7 +274,7 @@ def test_duplicate_cluster_names_in_one_file() -> None:
     error = reject(text)
     assert "defined twice" in error.message and "'web'" in error.message
     assert error.path == "metadata.name"
-    assert error.line == 8  # where the second document starts (line 7 is the separator)
+    assert error.line == 9  # where the second document starts (line 8 is the separator)
 
 
 def test_same_cluster_twice_is_rejected_even_when_identical() -> None:

@@ -267,7 +267,7 @@ def test_only_ready_schedulable_nodes() -> None:
 
 def test_only_nodes_offering_the_runtime() -> None:
     nodes = [node("proc", ("RTX 4090", 24.0)),
-             replace(node("both", ("RTX 4090", 24.0)), runtimes=("process", "container"))]
+             replace(node("both", ("RTX 4090", 24.0)), runtimes=("process", "container"), isolation=("container",))]
     container = spec("web", gpu=GpuRequest((), 1), runtime=Runtime.CONTAINER)
     plan = place(nodes, [], [(container, 2)])
     assert [p.node_id for p in plan.placements] == ["both"]

@@ -164,6 +164,41 @@ async def node_action(ctx: Context, action: str, name: str, wait: bool = True, t
                 output.stdout.print(f"node/{name} draining ({value['replicas_left']} replica(s) to move)")
 
 
+async def key(ctx: Context, action: str, cluster: str, arg: str | None, as_json: bool) -> None:
+    """create (prints the key once), list, revoke."""
+    async with open_api(ctx.server, ctx.token) as api:
+        if action == "create":
+            result = await api.call("key_create", {"cluster": cluster, "name": arg})
+            if as_json:
+                output.print_json(result)
+                return
+            sys.stdout.write(result["key"] + "\n")
+            note = "" if result["enforced"] else (" (not enforced yet: set spec.endpoint.auth: api-key "
+                                                   "in the manifest)")
+            output.stderr.print(f"key {result['id']} for cluster/{cluster}: shown once, store it now{note}",
+                                markup=False)
+        elif action == "list":
+            keys = await api.call("key_list", {"cluster": cluster})
+            if as_json:
+                output.print_json(keys)
+            elif keys:
+                output.stdout.print(output.key_table(keys))
+            else:
+                output.stderr.print(f"no API keys for cluster {cluster}")
+        else:
+            result = await api.call("key_revoke", {"cluster": cluster, "id": arg})
+            output.print_json(result) if as_json else output.stdout.print(f"key {result['id']} revoked")
+
+
+async def describe(ctx: Context, name: str, as_json: bool) -> None:
+    async with open_api(ctx.server, ctx.token) as api:
+        info = await api.call("describe_cluster", {"name": name})
+    if as_json:
+        output.print_json(info)
+    else:
+        output.print_description(info)
+
+
 async def token_create(ctx: Context, role: str, ttl: str | None, uses: int | None, description: str) -> None:
     async with open_api(ctx.server, ctx.token) as api:
         result = await api.call("token_create", {"role": role, "ttl": ttl, "uses": uses, "description": description})

@@ -78,3 +78,51 @@ def replica_table(replicas: list[dict[str, Any]]) -> Table:
         table.add_row(r["id"], r["cluster"], r["node"] or "-", r["state"], r["address"] or "-",
                       _age(r.get("created_at")), r["reason"] or "")
     return table
+
+
+def key_table(keys: list[dict[str, Any]]) -> Table:
+    table = _table("ID", "NAME", "STATE", "AGE")
+    for k in keys:
+        table.add_row(k["id"], k["name"], k["state"], _age(k["created_at"]))
+    return table
+
+
+def _clock(timestamp: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(timestamp))
+
+
+def print_description(info: dict[str, Any]) -> None:
+    """`vectorlay describe cluster`: the cluster, each replica with its last events, recent events."""
+    spec = info.get("spec") or {}
+    cluster = info["cluster"]
+    lines = [
+        f"Name:        {cluster['name']}",
+        f"Endpoint:    {cluster['endpoint'] or '-'}",
+        f"Replicas:    {cluster['ready']}/{cluster['replicas']} ready, {cluster['up_to_date']} up to date"
+        + (f", {cluster['stopping']} stopping" if cluster["stopping"] else ""),
+    ]
+    if spec:
+        gpu = spec["gpu"]
+        kinds = ", ".join(gpu["types"]) or "any"
+        lines.append(f"Runtime:     {spec['runtime']}" + (f" ({spec['isolation']} isolation)"
+                                                          if spec["runtime"] == "container" else ""))
+        if spec.get("image"):
+            lines.append(f"Image:       {spec['image']} (pull: {spec['image_pull']})")
+        lines.append(f"GPU:         {gpu['count']} x {kinds}" if gpu["count"] else "GPU:         none")
+    lines.append("")
+    lines.append("Replicas:")
+    for r in info["replicas"]:
+        lines.append(f"  {r['id']}  node={r['node'] or '-'}  state={r['state']}  address={r['address'] or '-'}"
+                     + (f"  digest={r['image_digest']}" if r.get("image_digest") else ""))
+        if r["reason"]:
+            lines.append(f"    reason: {r['reason']}")
+        for event in r["events"]:
+            lines.append(f"    {_clock(event['at'])}  {event['message']}")
+    lines.append("")
+    lines.append("Events:")
+    for event in info["events"]:
+        who = f"{event['replica']}: " if event["replica"] else ""
+        lines.append(f"  {_clock(event['at'])}  {who}{event['message']}")
+    if not info["events"]:
+        lines.append("  none")
+    stdout.print("\n".join(lines), markup=False)

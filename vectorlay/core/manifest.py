@@ -8,15 +8,27 @@ walked here rather than loaded, which keeps line numbers and rejects aliases out
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from enum import Enum
+from typing import Any, TypeVar
 
 import yaml
 
 from vectorlay.core.durations import parse_duration
-from vectorlay.core.model import ClusterSpec, GpuRequest, HealthCheck, Runtime
+from vectorlay.core.model import (
+    ClusterSpec,
+    EndpointConfig,
+    GpuRequest,
+    HealthCheck,
+    Isolation,
+    PullPolicy,
+    RateLimit,
+    Resources,
+    Runtime,
+)
 from vectorlay.errors import ManifestError
 
 API_VERSION = "vectorlay.dev/v1"
@@ -28,6 +40,11 @@ RESERVED_ENV = frozenset({"PORT"})
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# name[:tag][@digest], each name component lowercase; loose on purpose (registries vary), strict
+# enough to refuse spaces, uppercase names and shell metacharacters.
+_IMAGE = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-]{1,2}[a-z0-9]+)*)*"
+                    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?")
+E = TypeVar("E", bound=Enum)
 
 
 def is_dns_label(name: str) -> bool:
@@ -181,6 +198,15 @@ class _Value:
             raise self.fail(f"must be at least {minimum:g}, got {value}")
         return float(value)
 
+    def choice(self, kind: type[E]) -> E:
+        raw = self.string()
+        try:
+            return kind(raw)
+        except ValueError:
+            allowed = ", ".join(str(m.value) for m in kind)
+            what = self.path.rsplit(".", 1)[-1].replace("_", " ")
+            raise self.fail(f"unknown {what} {raw!r} (allowed: {allowed})") from None
+
     def duration(self, minimum_s: float = 0.0) -> float:
         value = self.scalar()
         if isinstance(value, bool) or not isinstance(value, str | int | float):
@@ -234,26 +260,21 @@ def _parse_cluster(doc: _Value) -> ClusterSpec:
 
 
 _SPEC_KEYS = {"replicas", "gpu", "runtime", "image", "command", "env", "port", "health", "workdir",
-              "reschedule_after"}
+              "reschedule_after", "isolation", "image_pull", "resources", "endpoint"}
 
 
 def _parse_spec(name: str, value: _Value) -> ClusterSpec:
     spec = value.mapping(_SPEC_KEYS)
     replicas = spec["replicas"].integer(minimum=0, maximum=10_000) if "replicas" in spec else 1
-    runtime = Runtime.PROCESS
-    if "runtime" in spec:
-        raw = spec["runtime"].string()
-        try:
-            runtime = Runtime(raw)
-        except ValueError:
-            allowed = ", ".join(r.value for r in Runtime)
-            raise spec["runtime"].fail(f"unknown runtime {raw!r} (allowed: {allowed})") from None
+    runtime = spec["runtime"].choice(Runtime) if "runtime" in spec else Runtime.CONTAINER
     image = spec["image"].string() if "image" in spec else None
     command = tuple(item.string(allow_empty=True) for item in spec["command"].sequence()) if "command" in spec else ()
     if runtime is Runtime.PROCESS and not command:
         raise (spec["command"] if "command" in spec else value).fail("the process runtime needs a non-empty 'command'")
     if runtime is Runtime.CONTAINER and image is None:
-        raise value.fail("the container runtime needs an 'image'")
+        raise value.fail("the container runtime (the default) needs an 'image'; or set 'runtime: process'")
+    if image is not None and not _IMAGE.fullmatch(image):
+        raise spec["image"].fail(f"{image!r} is not a valid image reference")
     return ClusterSpec(
         name=name,
         replicas=replicas,
@@ -266,7 +287,63 @@ def _parse_spec(name: str, value: _Value) -> ClusterSpec:
         health=_parse_health(spec["health"]) if "health" in spec else HealthCheck(),
         workdir=spec["workdir"].string() if "workdir" in spec else None,
         reschedule_after_s=spec["reschedule_after"].duration() if "reschedule_after" in spec else 30.0,
+        isolation=spec["isolation"].choice(Isolation) if "isolation" in spec else Isolation.CONTAINER,
+        image_pull=spec["image_pull"].choice(PullPolicy) if "image_pull" in spec else PullPolicy.IF_NOT_PRESENT,
+        resources=_parse_resources(spec["resources"]) if "resources" in spec else Resources(),
+        endpoint=_parse_endpoint(spec["endpoint"]) if "endpoint" in spec else EndpointConfig(),
     )
+
+
+def _parse_resources(value: _Value) -> Resources:
+    resources = value.mapping({"cpus", "memory"})
+    cpus = resources["cpus"].number(minimum=0.01) if "cpus" in resources else None
+    memory = _memory_mb(resources["memory"]) if "memory" in resources else None
+    return Resources(cpus=cpus, memory_mb=memory)
+
+
+_QUANTITY = re.compile(r"(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|K|M|G|T)?")
+_BYTES = {None: 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _memory_mb(value: _Value) -> int:
+    """A Kubernetes-style quantity (`512Mi`, `4Gi`, `2G`, or bytes) in whole MiB, rounded up."""
+    raw = value.scalar()
+    text = str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else raw
+    match = _QUANTITY.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise value.fail(f"expected a memory size like 512Mi or 4Gi, got {_describe_value(raw)}")
+    size = float(match.group(1)) * _BYTES[match.group(2)]
+    mib = math.ceil(size / 2**20)
+    if mib < 6:
+        raise value.fail("must be at least 6Mi (container runtimes refuse less)")
+    return mib
+
+
+def _parse_endpoint(value: _Value) -> EndpointConfig:
+    endpoint = value.mapping({"auth", "rate_limit"})
+    auth = "none"
+    if "auth" in endpoint:
+        auth = endpoint["auth"].string()
+        if auth not in ("none", "api-key"):
+            raise endpoint["auth"].fail(f"unknown auth {auth!r} (allowed: none, api-key)")
+    limit = per_client = None
+    if "rate_limit" in endpoint:
+        fields = endpoint["rate_limit"].mapping({"requests_per_second", "burst", "per_client"})
+        if "requests_per_second" in fields:
+            limit = _rate(endpoint["rate_limit"], fields)
+        if "per_client" in fields:
+            per_client = _rate(fields["per_client"], fields["per_client"].mapping({"requests_per_second", "burst"}))
+        if limit is None and per_client is None:
+            raise endpoint["rate_limit"].fail("give requests_per_second, per_client, or both")
+    return EndpointConfig(auth, limit, per_client)
+
+
+def _rate(value: _Value, fields: dict[str, _Value]) -> RateLimit:
+    if "requests_per_second" not in fields:
+        raise value.fail("missing required key 'requests_per_second'")
+    rate = fields["requests_per_second"].number(minimum=0.001)
+    burst = fields["burst"].integer(minimum=1, maximum=1_000_000) if "burst" in fields else max(1, math.ceil(rate))
+    return RateLimit(rate, burst)
 
 
 def _parse_gpu(value: _Value) -> GpuRequest:

@@ -43,6 +43,20 @@ class Runtime(StrEnum):
     CONTAINER = "container"
 
 
+class Isolation(StrEnum):
+    """How strongly a container replica is kept apart from the host it runs on."""
+
+    CONTAINER = "container"  # runc or crun: namespaces and cgroups
+    SANDBOX = "sandbox"  # gVisor (runsc): a user-space kernel between the workload and the host
+    MICROVM = "microvm"  # Kata Containers: a lightweight VM per replica (needs KVM)
+
+
+class PullPolicy(StrEnum):
+    ALWAYS = "always"
+    IF_NOT_PRESENT = "if-not-present"
+    NEVER = "never"
+
+
 @dataclass(frozen=True)
 class Gpu:
     """One GPU on a node. `uuid` is unique on its node; NVML reports it, declared GPUs get one."""
@@ -51,6 +65,18 @@ class Gpu:
     name: str
     memory_gb: float | None = None
     index: int = 0
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    """What NVML says about one GPU right now; None for what it cannot read."""
+
+    uuid: str
+    utilization_pct: float | None = None
+    temperature_c: float | None = None
+    memory_used_gb: float | None = None
+    healthy: bool = True
+    reason: str = ""  # why it is unhealthy (e.g. an XID error)
 
 
 @dataclass(frozen=True)
@@ -73,13 +99,38 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """Container limits; None means no limit."""
+
+    cpus: float | None = None
+    memory_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A token bucket: `requests_per_second` on average, up to `burst` at once."""
+
+    requests_per_second: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """How the proxy guards a cluster's endpoint."""
+
+    auth: str = "none"  # "none" | "api-key"
+    rate_limit: RateLimit | None = None  # for the whole cluster
+    per_client_rate_limit: RateLimit | None = None  # for each API key (else client address)
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     """A validated cluster manifest: everything needed to run and route its replicas."""
 
     name: str
     replicas: int
     gpu: GpuRequest = GpuRequest()
-    runtime: Runtime = Runtime.PROCESS
+    runtime: Runtime = Runtime.PROCESS  # a manifest without `runtime` gets CONTAINER (manifest.py)
     image: str | None = None
     command: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
@@ -87,6 +138,10 @@ class ClusterSpec:
     health: HealthCheck | None = HealthCheck()
     workdir: str | None = None
     reschedule_after_s: float = 30.0
+    isolation: Isolation = Isolation.CONTAINER
+    image_pull: PullPolicy = PullPolicy.IF_NOT_PRESENT
+    resources: Resources = Resources()
+    endpoint: EndpointConfig = EndpointConfig()
 
 
 @dataclass(frozen=True)
@@ -101,6 +156,8 @@ class Node:
     schedulable: bool = True
     runtimes: tuple[str, ...] = ("process",)  # the replica runtimes this node offers
     draining: bool = False  # replicas here are moved elsewhere, new copies ready first
+    isolation: tuple[str, ...] = ()  # isolation levels its container runtime offers
+    gpus_healthy: bool = True  # False while a GPU reports a fault: no new replicas here
 
 
 @dataclass(frozen=True)
@@ -117,6 +174,7 @@ class Replica:
     generation: int = 0  # fencing: grows with every new assignment
     stopping: bool = False  # the server wants it gone; kept until the node confirms
     revision: str = ""  # template_revision of the spec it was created from
+    image_digest: str | None = None  # the image digest the node resolved and runs
 
     @property
     def holds_resources(self) -> bool:
@@ -135,9 +193,9 @@ class Assignment:
     gpus: tuple[str, ...] = ()
 
 
-# Fields of a spec that only say how many replicas exist or how patiently they are replaced;
-# changing any other field changes what a replica runs, so it gets a new revision.
-_SCALING_FIELDS = frozenset({"replicas", "reschedule_after_s"})
+# Fields of a spec that say how many replicas exist, how patiently they are replaced or how the
+# proxy guards them; changing any other field changes what a replica runs: a new revision.
+_SCALING_FIELDS = frozenset({"replicas", "reschedule_after_s", "endpoint"})
 
 
 def template_revision(spec: ClusterSpec) -> str:

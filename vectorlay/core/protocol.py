@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from vectorlay.core import codec
 from vectorlay.core.codec import CodecError
-from vectorlay.core.model import Assignment, Gpu, ReplicaState
+from vectorlay.core.model import Assignment, Gpu, GpuStatus, RateLimit, ReplicaState
 from vectorlay.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -40,6 +40,7 @@ class Join(Message):
     gpus: tuple[Gpu, ...] = ()
     address: str = "127.0.0.1"
     runtimes: tuple[str, ...] = ("process",)
+    isolation: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ReplicaReport:
     state: ReplicaState
     reason: str = ""
     address: str | None = None
+    image_digest: str | None = None  # what the node resolved the image to (containers)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class NodeHello(Message):
     gpus: tuple[Gpu, ...] = ()
     address: str = "127.0.0.1"
     runtimes: tuple[str, ...] = ("process",)
+    isolation: tuple[str, ...] = ()  # isolation levels its container runtime offers
     generation: int = 0  # the highest generation the agent has applied
     replicas: tuple[ReplicaReport, ...] = ()
 
@@ -121,6 +124,7 @@ class Ack(Message):
 class Heartbeat(Message):
     TYPE: ClassVar[str] = "heartbeat"
     sent_at: float = 0.0  # the node's wall clock, for display only; liveness uses the server's clock
+    gpus: tuple[GpuStatus, ...] = ()  # utilisation and health, when NVML can read them
 
 
 @dataclass(frozen=True)
@@ -188,10 +192,18 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Route:
-    """Where a cluster's traffic may go. `endpoints` holds only ready replicas on ready nodes."""
+    """Where a cluster's traffic may go, and how its endpoint is guarded.
+
+    `endpoints` holds only ready replicas on ready nodes. With `auth` "api-key", a request must
+    carry `Authorization: Bearer <key>` for a key whose SHA-256 is in `key_hashes`.
+    """
 
     cluster: str
     endpoints: tuple[Endpoint, ...] = ()
+    auth: str = "none"
+    key_hashes: tuple[str, ...] = ()
+    rate_limit: RateLimit | None = None
+    per_client_rate_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True)

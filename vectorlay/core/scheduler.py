@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from vectorlay.core.model import ClusterSpec, Gpu, GpuRequest, Node, NodeState, Replica
+from vectorlay.core.model import ClusterSpec, Gpu, GpuRequest, Node, NodeState, Replica, Runtime
 
 _NOISE = re.compile(r"\b(nvidia|geforce|tesla)\b")
 
@@ -61,7 +61,15 @@ class Plan:
 
 
 def eligible(node: Node) -> bool:
-    return node.state is NodeState.READY and node.schedulable
+    return node.state is NodeState.READY and node.schedulable and node.gpus_healthy
+
+
+def offers(node: Node, spec: ClusterSpec) -> bool:
+    """Whether the node can run this kind of replica at all: its runtime and, for containers,
+    the isolation level it asks for (gVisor for `sandbox`, Kata for `microvm`)."""
+    if spec.runtime.value not in node.runtimes:
+        return False
+    return spec.runtime is not Runtime.CONTAINER or spec.isolation.value in node.isolation
 
 
 def free_gpus(nodes: Iterable[Node], replicas: Iterable[Replica]) -> dict[str, list[Gpu]]:
@@ -113,7 +121,7 @@ def _place_one_cluster(
     request = spec.gpu
     heap: list[tuple[int, int, str, str]] = []
     for node_id, gpus in free.items():
-        if spec.runtime.value not in nodes[node_id].runtimes:
+        if not offers(nodes[node_id], spec):
             continue
         fitting = sum(1 for g in gpus if gpu_matches(g, request))
         if fitting >= request.count:
@@ -143,6 +151,9 @@ def _why_unplaced(spec: ClusterSpec, nodes: Sequence[Node], some: bool) -> str:
     ready = [n for n in ready if spec.runtime.value in n.runtimes]
     if not ready:
         return f"no ready node offers the {spec.runtime.value} runtime"
+    ready = [n for n in ready if offers(n, spec)]
+    if not ready:
+        return f"no ready node offers {spec.isolation.value} isolation"
     capable = [n for n in ready if sum(1 for g in n.gpus if gpu_matches(g, request)) >= request.count]
     if not capable:
         return f"no ready node has {wanted}"

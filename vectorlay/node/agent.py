@@ -95,11 +95,13 @@ async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str
 
 
 class Agent:
-    def __init__(self, creds: Credentials, supervisor: Supervisor, gpus: list[Gpu], runtimes: tuple[str, ...]) -> None:
+    def __init__(self, creds: Credentials, supervisor: Supervisor, gpus: list[Gpu], runtimes: tuple[str, ...],
+                 isolation: tuple[str, ...] = ()) -> None:
         self.creds = creds
         self.supervisor = supervisor
         self.gpus = gpus
         self.runtimes = runtimes
+        self.isolation = isolation
         self._outbound_send, self._outbound = trio.open_memory_channel[Message](256)
         self._dirty_reports: dict[str, ReplicaReport] = {}
         self._reports_changed = trio.Event()
@@ -135,9 +137,11 @@ class Agent:
             await trio.sleep(delay)
 
     async def _session(self, link: Link, backoff: Backoff) -> None:
-        hello = NodeHello(PROTOCOL_VERSION, self.creds.credential, tuple(self.gpus), self.creds.address,
-                          self.runtimes, self.supervisor.state.generation,
-                          tuple(self.supervisor.current_reports()))
+        hello = NodeHello(
+            protocol=PROTOCOL_VERSION, credential=self.creds.credential, gpus=tuple(self.gpus),
+            address=self.creds.address, runtimes=self.runtimes, isolation=self.isolation,
+            generation=self.supervisor.state.generation, replicas=tuple(self.supervisor.current_reports()),
+        )
         self._dirty_reports.clear()
         await link.send(hello)
         with trio.move_on_after(WELCOME_TIMEOUT_S) as waiting:

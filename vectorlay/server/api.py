@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from vectorlay.core import codec
 from vectorlay.core.durations import parse_duration
 from vectorlay.core.manifest import parse_manifest
 from vectorlay.core.model import Role
@@ -52,6 +53,10 @@ class Api:
             "node_uncordon": self.node_uncordon,
             "node_drain": self.node_drain,
             "node_rm": self.node_rm,
+            "key_create": self.key_create,
+            "key_list": self.key_list,
+            "key_revoke": self.key_revoke,
+            "describe_cluster": self.describe_cluster,
         }
 
     async def serve(self, link: Link, role: Role) -> None:
@@ -221,6 +226,40 @@ class Api:
         name = _param(params, "name", str)
         lost = await self.controller.remove_node(name)
         return {"node": name, "replicas_replaced": lost}
+
+    async def key_create(self, params: dict[str, Any], emit: Emit) -> Any:
+        record, key = await self.controller.create_api_key(_param(params, "cluster", str),
+                                                           str(params.get("name") or ""))
+        auth = self.fleet.clusters[record.cluster].spec.endpoint.auth
+        return {**views.key_view(record), "key": key, "enforced": auth == "api-key"}
+
+    async def key_list(self, params: dict[str, Any], emit: Emit) -> Any:
+        cluster = _param(params, "cluster", str)
+        if cluster not in self.fleet.clusters:
+            raise NotFoundError(f"cluster {cluster!r} not found")
+        keys = sorted((k for k in self.fleet.api_keys.values() if k.cluster == cluster), key=lambda k: k.created_at)
+        return [views.key_view(k) for k in keys]
+
+    async def key_revoke(self, params: dict[str, Any], emit: Emit) -> Any:
+        record = await self.controller.revoke_api_key(_param(params, "cluster", str), _param(params, "id", str))
+        return views.key_view(record)
+
+    async def describe_cluster(self, params: dict[str, Any], emit: Emit) -> Any:
+        name = _param(params, "name", str)
+        record = self.fleet.clusters.get(name)
+        if record is None and not self.fleet.by_cluster.get(name):
+            raise NotFoundError(f"cluster {name!r} not found")
+        events = await self.controller.store.events(name, 200)
+        replicas = []
+        for replica in self.fleet.replicas_of_cluster(name):
+            mine = [views.event_view(e) for e in events if e.replica_id == replica.id][-5:]
+            replicas.append({**views.replica_view(self.fleet, replica.id), "events": mine})
+        return {
+            "cluster": views.cluster_view(self.fleet, name, self.feed.endpoint_url(name)),
+            "spec": codec.dump(record.spec) if record else None,
+            "replicas": replicas,
+            "events": [views.event_view(e) for e in events[-20:]],
+        }
 
     async def token_create(self, params: dict[str, Any], emit: Emit) -> Any:
         try:

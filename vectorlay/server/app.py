@@ -92,6 +92,8 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
         fleet.put_replica(replica, created_at)
     for command in snapshot.commands:
         fleet.outbox[command.node_id].append(command)
+    for key in snapshot.api_keys:
+        fleet.api_keys[key.id] = key
     fleet.generation = int(snapshot.meta.get("generation", "0"))
 
     policy = config.policy

@@ -8,6 +8,7 @@ loses nothing: commands wait in the outbox and are redelivered when the node rec
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import os
@@ -25,6 +26,7 @@ from vectorlay.core.health import Liveness, LivenessPolicy
 from vectorlay.core.model import (
     Assignment,
     ClusterSpec,
+    GpuStatus,
     Node,
     NodeState,
     Replica,
@@ -36,7 +38,7 @@ from vectorlay.core.reconciler import ClusterPlan, plan_cluster
 from vectorlay.core.token_bucket import TokenBucket
 from vectorlay.errors import NotFoundError
 from vectorlay.server.fleet import Fleet
-from vectorlay.server.records import ClusterRecord, CommandRecord, NodeRecord
+from vectorlay.server.records import ApiKeyRecord, ClusterRecord, CommandRecord, EventRecord, NodeRecord
 from vectorlay.server.store import Store, ops
 from vectorlay.wire import CLOSE_POLICY
 
@@ -48,6 +50,8 @@ REPLACE_BACKOFF_MAX_S = 60.0
 # of the fleet per minute) instead of moving everything at once and again when they come back.
 MASS_FAILURE_FRACTION = 0.3
 MASS_FAILURE_MIN_NODES = 3
+EVENTS_KEPT_PER_CLUSTER = 500
+EVENT_TRIM_INTERVAL_S = 300.0
 
 
 class NodeSession(Protocol):
@@ -130,6 +134,7 @@ class Controller:
             self.mark_dirty(name)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._liveness_loop)
+            nursery.start_soon(self._trim_events)
             task_status.started()
             while True:
                 now = trio.current_time()
@@ -147,6 +152,11 @@ class Controller:
                 deadline = self._timers[0][0] if self._timers else now + 3600
                 with trio.move_on_at(deadline):
                     await self._wake.wait()
+
+    async def _trim_events(self) -> None:
+        while True:
+            await trio.sleep(EVENT_TRIM_INTERVAL_S)
+            await self.store.trim_events(EVENTS_KEPT_PER_CLUSTER)
 
     def _wake_at(self, when: float, cluster: str) -> None:
         if (when, cluster) in self._timer_set:
@@ -352,6 +362,35 @@ class Controller:
             self._announce()
             return True
 
+    # --- endpoint API keys ------------------------------------------------------------------
+
+    async def create_api_key(self, cluster: str, name: str) -> tuple[ApiKeyRecord, str]:
+        """A new key for the cluster's endpoint; the key itself is returned once, never stored."""
+        if cluster not in self.fleet.clusters:
+            raise NotFoundError(f"cluster {cluster!r} not found")
+        key_id = f"vk-{random_id(8)}"
+        key = f"{key_id}.{secrets.token_urlsafe(32)}"
+        record = ApiKeyRecord(key_id, cluster, name or key_id, hash_api_key(key), self.wall_clock())
+        async with self.lock:
+            await self.store.apply([ops.PutApiKey(record), ops.AddEvent(EventRecord(
+                cluster, None, record.created_at, f"API key {record.id} ({record.name}) created"))])
+            self.fleet.api_keys[record.id] = record
+            self.mark_route(cluster)
+        return record, key
+
+    async def revoke_api_key(self, cluster: str, key_id: str) -> ApiKeyRecord:
+        async with self.lock:
+            record = self.fleet.api_keys.get(key_id)
+            if record is None or record.cluster != cluster:
+                raise NotFoundError(f"no API key {key_id!r} for cluster {cluster!r}")
+            if record.revoked_at is None:
+                record = replace(record, revoked_at=self.wall_clock())
+                await self.store.apply([ops.PutApiKey(record), ops.AddEvent(EventRecord(
+                    cluster, None, record.revoked_at or 0.0, f"API key {record.id} ({record.name}) revoked"))])
+                self.fleet.api_keys[record.id] = record
+                self.mark_route(cluster)  # proxies drop the key within one push
+            return record
+
     # --- nodes (from the API) ---------------------------------------------------------------
 
     def node_by_name(self, name: str) -> NodeRecord:
@@ -450,6 +489,23 @@ class Controller:
         if live is not None:
             self.fleet.liveness[node_id] = health.on_disconnect(live, trio.current_time())
             self._node_state_changed(node_id)
+
+    def gpu_status(self, node_id: str, statuses: Sequence[GpuStatus]) -> None:
+        """Latest GPU readings from a heartbeat; a GPU turning unhealthy (or healthy again)
+        changes whether new replicas may land on this node."""
+        known = {g.uuid for g in self.fleet.nodes[node_id].gpus} if node_id in self.fleet.nodes else set()
+        statuses = tuple(s for s in statuses if s.uuid in known)  # never trust uuids it does not own
+        was_healthy = self.fleet.gpus_healthy(node_id)
+        self.fleet.gpu_status[node_id] = statuses
+        if self.fleet.gpus_healthy(node_id) != was_healthy:
+            name = self.fleet.nodes[node_id].name
+            if was_healthy:
+                bad = ", ".join(f"{s.uuid} ({s.reason or 'unhealthy'})" for s in statuses if not s.healthy)
+                log.warning("node %s has an unhealthy GPU: %s; no new replicas there", name, bad)
+            else:
+                log.info("node %s GPUs are healthy again", name)
+            self._capacity_freed()
+            self._announce()
 
     def goodbye(self, node_id: str) -> None:
         live = self.fleet.liveness.get(node_id)
@@ -550,7 +606,8 @@ class Controller:
 
 def _with_report(replica: Replica, report: ReplicaReport) -> Replica:
     return replace(replica, state=report.state, reason=report.reason,
-                   address=report.address if report.address else replica.address)
+                   address=report.address if report.address else replica.address,
+                   image_digest=report.image_digest or replica.image_digest)
 
 
 class _Batch:
@@ -564,6 +621,7 @@ class _Batch:
         self.forgotten: list[str] = []
         self.nodes: dict[str, NodeRecord] = {}
         self.commands: list[CommandRecord] = []
+        self.events: list[EventRecord] = []
         self.touched_clusters: set[str] = set()
         self._generation = fleet.generation
 
@@ -578,6 +636,10 @@ class _Batch:
         self.nodes[record.id] = record
 
     def put_replica(self, replica: Replica) -> None:
+        old = self.replicas.get(replica.id) or self.fleet.replicas.get(replica.id)
+        if old is None or old.state is not replica.state or old.stopping != replica.stopping:
+            change = _describe_change(old, replica, self)
+            self.events.append(EventRecord(replica.cluster, replica.id, self.wall, change))
         self.replicas[replica.id] = replica
         self.touched_clusters.add(replica.cluster)
 
@@ -587,6 +649,7 @@ class _Batch:
         replica = self.fleet.replicas.get(replica_id)
         if replica is not None:
             self.touched_clusters.add(replica.cluster)
+            self.events.append(EventRecord(replica.cluster, replica_id, self.wall, "removed"))
 
     def command(self, node_id: str, op: str, replica_id: str, assignment: Assignment | None) -> None:
         node = self.node(node_id)
@@ -601,6 +664,7 @@ class _Batch:
             *(ops.DeleteReplica(i) for i in self.forgotten),
             *(ops.PutNode(n) for n in self.nodes.values()),
             *(ops.PutCommand(c) for c in self.commands),
+            *(ops.AddEvent(e) for e in self.events),
         ]
         if self._generation != self.fleet.generation:
             self.changes.append(ops.SetMeta("generation", str(self._generation)))
@@ -617,6 +681,20 @@ class _Batch:
         self.fleet.generation = self._generation
 
 
+def _describe_change(old: Replica | None, new: Replica, batch: _Batch) -> str:
+    """One line for `describe`: what happened to the replica, with its reason."""
+    node = batch.node(new.node_id).name if new.node_id and new.node_id in batch.fleet.nodes else None
+    if new.stopping and (old is None or not old.stopping):
+        text = "stopping"
+    elif old is None or (old.node_id is None and new.node_id is not None):
+        if node:
+            return f"placed on {node}"
+        text = "pending"
+    else:
+        text = new.state.value
+    return f"{text}: {new.reason}" if new.reason else text
+
+
 def to_message(command: CommandRecord) -> Command:
     return Command(command.seq, command.op, command.generation, command.replica_id, command.assignment)
 
@@ -626,6 +704,11 @@ _ID_ALPHABET = string.ascii_lowercase + string.digits
 
 def random_id(length: int) -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+
+
+def hash_api_key(key: str) -> str:
+    """What proxies compare: the SHA-256 of the whole key (keys are long random secrets)."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def new_replica_id(cluster: str) -> str:

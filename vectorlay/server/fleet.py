@@ -10,8 +10,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from vectorlay.core.health import Liveness
-from vectorlay.core.model import Assignment, Node, NodeState, Replica
-from vectorlay.server.records import ClusterRecord, CommandRecord, NodeRecord
+from vectorlay.core.model import Assignment, GpuStatus, Node, NodeState, Replica
+from vectorlay.server.records import ApiKeyRecord, ClusterRecord, CommandRecord, NodeRecord
 
 
 class Fleet:
@@ -25,6 +25,8 @@ class Fleet:
         self.by_cluster: defaultdict[str, set[str]] = defaultdict(set)
         self.by_node: defaultdict[str, set[str]] = defaultdict(set)
         self.outbox: defaultdict[str, list[CommandRecord]] = defaultdict(list)
+        self.gpu_status: dict[str, tuple[GpuStatus, ...]] = {}  # latest from heartbeats, memory only
+        self.api_keys: dict[str, ApiKeyRecord] = {}
         self.generation = 0  # the fencing counter: only grows, persisted in meta
 
     # --- nodes ---
@@ -33,12 +35,20 @@ class Fleet:
         live = self.liveness.get(node_id)
         return live.state if live else NodeState.DOWN
 
+    def gpus_healthy(self, node_id: str) -> bool:
+        return all(status.healthy for status in self.gpu_status.get(node_id, ()))
+
     def node_view(self, node_id: str) -> Node | None:
         record = self.nodes.get(node_id)
-        return record.as_node(self.node_state(node_id)) if record else None
+        return record.as_node(self.node_state(node_id), self.gpus_healthy(node_id)) if record else None
 
     def node_views(self) -> dict[str, Node]:
-        return {node_id: record.as_node(self.node_state(node_id)) for node_id, record in self.nodes.items()}
+        return {node_id: record.as_node(self.node_state(node_id), self.gpus_healthy(node_id))
+                for node_id, record in self.nodes.items()}
+
+    def key_hashes(self, cluster: str) -> tuple[str, ...]:
+        return tuple(sorted(k.secret_hash for k in self.api_keys.values()
+                            if k.cluster == cluster and k.revoked_at is None))
 
     def down_since(self) -> dict[str, float]:
         return {node_id: live.since for node_id, live in self.liveness.items() if live.state is NodeState.DOWN}
@@ -56,6 +66,7 @@ class Fleet:
             self.node_ids_by_name.pop(record.name, None)
         self.liveness.pop(node_id, None)
         self.outbox.pop(node_id, None)
+        self.gpu_status.pop(node_id, None)
 
     # --- replicas ---
 

@@ -107,6 +107,8 @@ class NodeConnection:
                 return
             self.controller.heartbeat(self.node_id)  # any message is a sign of life
             if isinstance(message, Heartbeat):
+                if message.gpus:
+                    self.controller.gpu_status(self.node_id, message.gpus)
                 continue
             if isinstance(message, Goodbye):
                 log.info("node %s is restarting (%s); keeping its replicas routed", self.name, message.reason)
@@ -158,7 +160,7 @@ async def handle_join(link: Link, join: Join, auth: Authenticator, controller: C
     secret = new_secret()
     node_id = f"n-{random_id(10)}"
     record = NodeRecord(node_id, join.name, hash_secret(secret), join.gpus, join.address, join.runtimes,
-                        joined_at=auth.wall_clock())
+                        joined_at=auth.wall_clock(), isolation=join.isolation)
     await controller.add_node(record)
     log.info("node %s joined as %s from %s with %d GPU(s)", join.name, node_id, link.remote, len(join.gpus))
     await link.send(Joined(node_id, join.name, f"{node_id}.{secret}"))
@@ -172,7 +174,8 @@ async def handle_hello(link: Link, hello: NodeHello, auth: Authenticator, contro
     except AuthError as error:
         await link.close(CLOSE_POLICY, str(error))
         return
-    record = replace(record, gpus=hello.gpus, address=hello.address, runtimes=hello.runtimes)
+    record = replace(record, gpus=hello.gpus, address=hello.address, runtimes=hello.runtimes,
+                     isolation=hello.isolation)
     connection = NodeConnection(link, record, controller)
     welcome = Welcome(record.id, record.name, heartbeat_interval_s)
     await controller.node_connected(record, connection, welcome, hello.replicas, hello.generation)

@@ -34,10 +34,11 @@ class NodeRecord:
     next_seq: int = 1  # the next command sequence number for this node
     generation: int = 0  # fencing generation of this node's desired state
     draining: bool = False  # its replicas move elsewhere (new copies ready first)
+    isolation: tuple[str, ...] = ()  # isolation levels its container runtime offers
 
-    def as_node(self, state: NodeState) -> Node:
+    def as_node(self, state: NodeState, gpus_healthy: bool = True) -> Node:
         return Node(self.id, self.name, self.gpus, self.address, state, self.schedulable, self.runtimes,
-                    self.draining)
+                    self.draining, self.isolation, gpus_healthy)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,28 @@ class ClusterRecord:
     spec: ClusterSpec
     created_at: float
     updated_at: float
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """A key for a cluster's endpoint (`vectorlay key create`): only the hash of the secret."""
+
+    id: str
+    cluster: str
+    name: str
+    secret_hash: str
+    created_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """Something that happened to a cluster or replica, with its reason, for `describe`."""
+
+    cluster: str
+    replica_id: str | None
+    at: float
+    message: str
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import logging
 
 import trio
 
-from vectorlay.core.model import NodeState, ReplicaState
+from vectorlay.core.model import EndpointConfig, NodeState, ReplicaState
 from vectorlay.core.protocol import Endpoint, Message, Route, RouteSnapshot, RouteUpdate
 from vectorlay.errors import ProtocolError, unwrap_group
 from vectorlay.server.controller import Controller
@@ -23,6 +23,8 @@ PROXY_QUEUE = 4096
 
 
 def route_for(fleet: Fleet, cluster: str) -> Route:
+    record = fleet.clusters.get(cluster)
+    endpoint = record.spec.endpoint if record else EndpointConfig()
     endpoints = []
     for replica in fleet.replicas_of_cluster(cluster):
         if (
@@ -33,7 +35,8 @@ def route_for(fleet: Fleet, cluster: str) -> Route:
             and fleet.node_state(replica.node_id) is NodeState.READY
         ):
             endpoints.append(Endpoint(replica.id, replica.address, fleet.nodes[replica.node_id].name))
-    return Route(cluster, tuple(endpoints))
+    keys = fleet.key_hashes(cluster) if endpoint.auth == "api-key" else ()
+    return Route(cluster, tuple(endpoints), endpoint.auth, keys, endpoint.rate_limit, endpoint.per_client_rate_limit)
 
 
 class ProxyConnection:

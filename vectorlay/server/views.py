@@ -7,6 +7,7 @@ from typing import Any
 from vectorlay.core.codec import dump
 from vectorlay.core.model import ReplicaState, template_revision
 from vectorlay.server.fleet import Fleet
+from vectorlay.server.records import ApiKeyRecord, EventRecord
 
 
 def cluster_view(fleet: Fleet, name: str, endpoint: str | None) -> dict[str, Any]:
@@ -78,6 +79,16 @@ def replica_view(fleet: Fleet, replica_id: str) -> dict[str, Any]:
         "gpus": list(replica.gpus),
         "generation": replica.generation,
         "revision": replica.revision,
+        "image_digest": replica.image_digest,
         "stopping": replica.stopping,
         "created_at": fleet.replica_created.get(replica.id),
     }
+
+
+def key_view(record: ApiKeyRecord) -> dict[str, Any]:
+    return {"id": record.id, "cluster": record.cluster, "name": record.name, "created_at": record.created_at,
+            "revoked_at": record.revoked_at, "state": "revoked" if record.revoked_at else "active"}
+
+
+def event_view(event: EventRecord) -> dict[str, Any]:
+    return {"at": event.at, "replica": event.replica_id, "message": event.message}

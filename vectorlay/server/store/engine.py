@@ -21,7 +21,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from vectorlay.core import codec
 from vectorlay.core.model import Assignment, ClusterSpec, Gpu, NodeState, Replica, ReplicaState, Role
 from vectorlay.errors import StoreError
-from vectorlay.server.records import ClusterRecord, CommandRecord, NodeRecord, TokenRecord
+from vectorlay.server.records import (
+    ApiKeyRecord,
+    ClusterRecord,
+    CommandRecord,
+    EventRecord,
+    NodeRecord,
+    TokenRecord,
+)
 from vectorlay.server.store import ops, schema
 
 T = TypeVar("T")
@@ -36,6 +43,7 @@ class Snapshot:
     replicas: list[tuple[Replica, float]]
     commands: list[CommandRecord]
     meta: dict[str, str]
+    api_keys: list[ApiKeyRecord]
 
 
 def sqlite_url(state_dir: Path) -> str:
@@ -76,6 +84,25 @@ class Store:
 
     async def load(self) -> Snapshot:
         return await self.run(_load)
+
+    async def events(self, cluster: str, limit: int) -> list[EventRecord]:
+        """The cluster's newest `limit` events, oldest first."""
+        def work(conn: Connection) -> list[EventRecord]:
+            table = schema.events
+            rows = conn.execute(select(table).where(table.c.cluster == cluster)
+                                .order_by(table.c.id.desc()).limit(limit)).all()
+            return [EventRecord(r.cluster, r.replica_id, r.at, r.message) for r in reversed(rows)]
+        return await self.run(work)
+
+    async def trim_events(self, keep_per_cluster: int) -> None:
+        def work(conn: Connection) -> None:
+            table = schema.events
+            for (cluster,) in conn.execute(select(table.c.cluster).distinct()).all():
+                cutoff = conn.execute(select(table.c.id).where(table.c.cluster == cluster)
+                                      .order_by(table.c.id.desc()).offset(keep_per_cluster).limit(1)).scalar()
+                if cutoff is not None:
+                    conn.execute(delete(table).where(table.c.cluster == cluster, table.c.id <= cutoff))
+        await self.run(work)
 
     async def get_token(self, token_id: str) -> TokenRecord | None:
         return await self.run(lambda conn: _get_token(conn, token_id))
@@ -145,6 +172,8 @@ def _load(conn: Connection) -> Snapshot:
             for row in conn.execute(select(schema.commands).order_by(schema.commands.c.node_id, schema.commands.c.seq))
         ],
         meta={row.key: row.value for row in conn.execute(select(schema.meta))},
+        api_keys=[ApiKeyRecord(row.id, row.cluster, row.name, row.secret_hash, row.created_at, row.revoked_at)
+                  for row in conn.execute(select(schema.api_keys))],
     )
 
 
@@ -177,7 +206,7 @@ def _node(row: Any) -> NodeRecord:
         gpus=codec.load(tuple[Gpu, ...], json.loads(row.gpus)), address=row.address,
         runtimes=tuple(json.loads(row.runtimes)), joined_at=row.joined_at, last_seen_at=row.last_seen_at,
         state=NodeState(row.state), schedulable=bool(row.schedulable), next_seq=row.next_seq,
-        generation=row.generation, draining=bool(row.draining),
+        generation=row.generation, draining=bool(row.draining), isolation=tuple(json.loads(row.isolation)),
     )
 
 
@@ -189,7 +218,7 @@ def _replica(row: Any) -> Replica:
     return Replica(
         id=row.id, cluster=row.cluster, node_id=row.node_id, gpus=tuple(json.loads(row.gpus)),
         state=ReplicaState(row.state), reason=row.reason, address=row.address, generation=row.generation,
-        stopping=bool(row.stopping), revision=row.revision,
+        stopping=bool(row.stopping), revision=row.revision, image_digest=row.image_digest,
     )
 
 
@@ -231,7 +260,7 @@ def _put_node(conn: Connection, op: ops.PutNode) -> None:
         "name": n.name, "credential_hash": n.credential_hash, "gpus": _dumps(n.gpus), "address": n.address,
         "runtimes": json.dumps(list(n.runtimes)), "joined_at": n.joined_at, "last_seen_at": n.last_seen_at,
         "state": n.state.value, "schedulable": n.schedulable, "next_seq": n.next_seq, "generation": n.generation,
-        "draining": n.draining,
+        "draining": n.draining, "isolation": json.dumps(list(n.isolation)),
     })
 
 
@@ -256,7 +285,7 @@ def _put_replica(conn: Connection, op: ops.PutReplica) -> None:
     _upsert(conn, schema.replicas, {"id": r.id}, {
         "cluster": r.cluster, "node_id": r.node_id, "gpus": json.dumps(list(r.gpus)), "state": r.state.value,
         "reason": r.reason, "address": r.address, "generation": r.generation, "stopping": r.stopping,
-        "revision": r.revision, "created_at": op.created_at,
+        "revision": r.revision, "created_at": op.created_at, "image_digest": r.image_digest,
     })
 
 
@@ -277,6 +306,19 @@ def _ack_commands(conn: Connection, op: ops.AckCommands) -> None:
     conn.execute(delete(table).where(table.c.node_id == op.node_id, table.c.seq <= op.through_seq))
 
 
+def _put_api_key(conn: Connection, op: ops.PutApiKey) -> None:
+    k = op.key
+    _upsert(conn, schema.api_keys, {"id": k.id}, {
+        "cluster": k.cluster, "name": k.name, "secret_hash": k.secret_hash, "created_at": k.created_at,
+        "revoked_at": k.revoked_at,
+    })
+
+
+def _add_event(conn: Connection, op: ops.AddEvent) -> None:
+    e = op.event
+    conn.execute(schema.events.insert().values(cluster=e.cluster, replica_id=e.replica_id, at=e.at, message=e.message))
+
+
 def _set_meta(conn: Connection, op: ops.SetMeta) -> None:
     _upsert(conn, schema.meta, {"key": op.key}, {"value": op.value})
 
@@ -285,5 +327,5 @@ _APPLY: dict[type, Callable[[Connection, Any], None]] = {
     ops.PutToken: _put_token, ops.PutNode: _put_node, ops.DeleteNode: _delete_node,
     ops.PutCluster: _put_cluster, ops.DeleteCluster: _delete_cluster, ops.PutReplica: _put_replica,
     ops.DeleteReplica: _delete_replica, ops.PutCommand: _put_command, ops.AckCommands: _ack_commands,
-    ops.SetMeta: _set_meta,
+    ops.SetMeta: _set_meta, ops.PutApiKey: _put_api_key, ops.AddEvent: _add_event,
 }

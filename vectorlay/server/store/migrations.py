@@ -62,4 +62,20 @@ def _migration_2(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE vl_nodes ADD COLUMN draining BOOLEAN NOT NULL DEFAULT FALSE"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
+def _migration_3(conn: Connection) -> None:
+    """Containers and the edge: image digests and isolation levels, API keys, replica events."""
+    conn.execute(text("ALTER TABLE vl_replicas ADD COLUMN image_digest VARCHAR(100)"))
+    conn.execute(text("ALTER TABLE vl_nodes ADD COLUMN isolation TEXT NOT NULL DEFAULT '[]'"))
+    v3 = MetaData()
+    Table("vl_api_keys", v3,
+          Column("id", String(32), primary_key=True), Column("cluster", String(63), nullable=False, index=True),
+          Column("name", String(128), nullable=False), Column("secret_hash", String(64), nullable=False),
+          Column("created_at", Float, nullable=False), Column("revoked_at", Float, nullable=True))
+    Table("vl_events", v3,
+          Column("id", Integer, primary_key=True, autoincrement=True),
+          Column("cluster", String(63), nullable=False, index=True), Column("replica_id", String(96), nullable=True),
+          Column("at", Float, nullable=False), Column("message", Text, nullable=False))
+    v3.create_all(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]

@@ -6,7 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vectorlay.core.model import Replica
-from vectorlay.server.records import ClusterRecord, CommandRecord, NodeRecord, TokenRecord
+from vectorlay.server.records import (
+    ApiKeyRecord,
+    ClusterRecord,
+    CommandRecord,
+    EventRecord,
+    NodeRecord,
+    TokenRecord,
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,16 @@ class AckCommands:
 
 
 @dataclass(frozen=True)
+class PutApiKey:
+    key: ApiKeyRecord
+
+
+@dataclass(frozen=True)
+class AddEvent:
+    event: EventRecord
+
+
+@dataclass(frozen=True)
 class SetMeta:
     key: str
     value: str
@@ -66,5 +83,5 @@ class SetMeta:
 
 Op = (
     PutToken | PutNode | DeleteNode | PutCluster | DeleteCluster | PutReplica | DeleteReplica
-    | PutCommand | AckCommands | SetMeta
+    | PutCommand | AckCommands | SetMeta | PutApiKey | AddEvent
 )

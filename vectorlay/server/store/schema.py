@@ -58,6 +58,7 @@ nodes = Table(
     Column("next_seq", Integer, nullable=False),
     Column("generation", Integer, nullable=False),
     Column("draining", Boolean, nullable=False, default=False),  # migration 2
+    Column("isolation", Text, nullable=False, default="[]"),  # migration 3
 )
 
 clusters = Table(
@@ -81,6 +82,7 @@ replicas = Table(
     Column("stopping", Boolean, nullable=False),
     Column("revision", String(32), nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("image_digest", String(100), nullable=True),  # migration 3
 )
 
 commands = Table(
@@ -95,6 +97,25 @@ commands = Table(
     PrimaryKeyConstraint("node_id", "seq"),
 )
 
+
+api_keys = Table(
+    "vl_api_keys", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("cluster", String(63), nullable=False, index=True),
+    Column("name", String(128), nullable=False),
+    Column("secret_hash", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+events = Table(
+    "vl_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("cluster", String(63), nullable=False, index=True),
+    Column("replica_id", String(96), nullable=True),
+    Column("at", Float, nullable=False),
+    Column("message", Text, nullable=False),
+)
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
