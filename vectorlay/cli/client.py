@@ -1,0 +1,169 @@
+"""Client commands: apply, get, logs, delete, describe, tokens, keys and contexts."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+from vectorlay import __version__
+from vectorlay.cli.common import Format, OutputOpt, ServerOpt, TokenOpt, duration, run
+from vectorlay.client import commands
+from vectorlay.client.config import config_path, list_contexts, resolve, use_context
+from vectorlay.client.output import stderr, stdout
+
+token_app = typer.Typer(help="Create tokens for nodes, proxies and admins.", no_args_is_help=True)
+context_app = typer.Typer(help="Client contexts (server URL + token) in the config file.", no_args_is_help=True)
+key_app = typer.Typer(help="API keys for a cluster's endpoint (with spec.endpoint.auth: api-key).",
+                      no_args_is_help=True)
+describe_app = typer.Typer(help="Show one object in detail, with its recent events.", no_args_is_help=True)
+
+
+class Kind(StrEnum):
+    clusters = "clusters"
+    nodes = "nodes"
+    replicas = "replicas"
+
+
+class TokenRole(StrEnum):
+    node = "node"
+    proxy = "proxy"
+    admin = "admin"
+
+
+def apply(
+    file: Annotated[str, typer.Argument(help="Manifest file (YAML, several documents allowed), or - for stdin.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would change; change nothing.")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once the server accepted the change.")] = False,
+    timeout: Annotated[str, typer.Option(help="How long to wait for all replicas to be ready.")] = "5m",
+    output_format: OutputOpt = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create or update clusters from a manifest and wait until their replicas are ready."""
+    text = commands.read_manifest(file)
+    from vectorlay.core.manifest import parse_manifest
+
+    parse_manifest(text)  # a bad manifest fails here, before any connection is made
+    ctx = resolve(server_url, token)
+    run(commands.apply, ctx, text, dry_run, not no_wait, duration(timeout, "--timeout"),
+         output_format is Format.json)
+
+
+def get(
+    kind: Annotated[Kind, typer.Argument(help="clusters, nodes or replicas.")],
+    name: Annotated[str | None, typer.Argument(help="One cluster or node (for replicas: a cluster).")] = None,
+    output_format: OutputOpt = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """List clusters, nodes or replicas."""
+    run(commands.get, resolve(server_url, token), kind.value, name, output_format is Format.json)
+
+
+def logs(
+    cluster: Annotated[str, typer.Argument()],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming new lines.")] = False,
+    tail: Annotated[int, typer.Option(min=0, help="Lines from the end of each replica's log.")] = 100,
+    no_prefix: Annotated[bool, typer.Option("--no-prefix", help="Do not prefix lines with the replica id.")]
+    = False,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Print the stdout and stderr of a cluster's replicas."""
+    run(commands.logs, resolve(server_url, token), cluster, follow, tail, not no_prefix)
+
+
+def delete(
+    cluster: Annotated[str, typer.Argument()],
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for the replicas to stop.")] = False,
+    timeout: Annotated[str, typer.Option()] = "1m",
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Delete a cluster: its endpoint goes away and its replicas are stopped."""
+    run(commands.delete, resolve(server_url, token), cluster, not no_wait, duration(timeout, "--timeout"))
+
+
+def version() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[TokenRole, typer.Option(help="node: joins one machine; proxy: runs a proxy.")] = TokenRole.node,
+    ttl: Annotated[str, typer.Option(help="Lifetime, e.g. 24h; 0 never expires.")] = "24h",
+    uses: Annotated[int | None, typer.Option(min=1, help="How many times it may be used (node tokens).")] = None,
+    description: Annotated[str, typer.Option()] = "",
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create a token and print only the token on stdout."""
+    duration(ttl, "--ttl")
+    run(commands.token_create, resolve(server_url, token), role.value, ttl, uses, description)
+
+
+@key_app.command("create")
+def key_create(
+    cluster: Annotated[str, typer.Argument()],
+    name: Annotated[str | None, typer.Option(help="A label to recognise the key by.")] = None,
+    output_format: OutputOpt = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create a key and print it on stdout: it is shown this once (only its hash is stored)."""
+    run(commands.key, resolve(server_url, token), "create", cluster, name, output_format is Format.json)
+
+
+@key_app.command("list")
+def key_list(
+    cluster: Annotated[str, typer.Argument()],
+    output_format: OutputOpt = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """List a cluster's keys (ids and names; never the keys)."""
+    run(commands.key, resolve(server_url, token), "list", cluster, None, output_format is Format.json)
+
+
+@key_app.command("revoke")
+def key_revoke(
+    cluster: Annotated[str, typer.Argument()],
+    key_id: Annotated[str, typer.Argument(metavar="ID")],
+    output_format: OutputOpt = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Revoke a key; proxies refuse it as soon as the change reaches them."""
+    run(commands.key, resolve(server_url, token), "revoke", cluster, key_id, output_format is Format.json)
+
+
+@describe_app.command("cluster")
+def describe_cluster(
+    name: Annotated[str, typer.Argument()],
+    output_format: OutputOpt = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """A cluster, each replica (node, state, image digest) with its last events, and recent events."""
+    run(commands.describe, resolve(server_url, token), name, output_format is Format.json)
+
+
+@context_app.command("list")
+def context_list() -> None:
+    """Show the contexts in the config file; * marks the current one."""
+    current, contexts = list_contexts()
+    for name, ctx in sorted(contexts.items()):
+        marker = "*" if name == current else " "
+        stdout.print(f"{marker} {name}  {ctx.server}" + (f"  proxy {ctx.proxy}" if ctx.proxy else ""), markup=False)
+    if not contexts:
+        stderr.print(f"no contexts in {config_path()}")
+
+
+@context_app.command("use")
+def context_use(name: Annotated[str, typer.Argument()]) -> None:
+    """Make NAME the current context."""
+    use_context(name)
+    stdout.print(f"using context {name}")

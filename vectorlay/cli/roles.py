@@ -1,0 +1,96 @@
+"""Long-running roles: `vectorlay server`, `vectorlay proxy` and `vectorlay dev`."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from typing import Annotated
+
+import trio
+import typer
+
+from vectorlay.cli.common import ServerOpt, TokenOpt, VerboseOpt, data_dir, duration, parse_listen, run
+from vectorlay.client.config import Context, resolve, save_context
+from vectorlay.client.output import stderr
+from vectorlay.lifecycle import setup_logging, until_signalled
+
+
+def server(
+    listen: Annotated[str, typer.Option(help="Address for nodes, proxies and the CLI.")] = "127.0.0.1:7070",
+    db: Annotated[str | None, typer.Option(
+        help="Database URL. Default: SQLite in the state dir. "
+             "PostgreSQL: postgresql+psycopg://USER@HOST:PORT/DB")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Where the SQLite file and admin.token live.")] = None,
+    heartbeat_interval: Annotated[str, typer.Option(help="How often nodes heartbeat (e.g. 1s).")] = "1s",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the control plane. The first start creates an admin token, prints it and saves it."""
+    from vectorlay.server.app import ServerConfig, run_server
+
+    setup_logging(verbose)
+    host, port = parse_listen(listen, 7070)
+    directory = state_dir or data_dir("server")
+    interval = duration(heartbeat_interval, "--heartbeat-interval") or 1.0
+    # VECTORLAY_FAULTS names crash points for fault-injection tests; never set it in production.
+    faults = frozenset(f for f in os.environ.get("VECTORLAY_FAULTS", "").split(",") if f)
+    config = ServerConfig(directory.resolve(), host, port, db, interval, crash_points=faults)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            started = await nursery.start(run_server, config)
+            if started.created_admin_token:
+                stderr.print(f"admin token (also in {directory / 'admin.token'}):")
+                print(started.admin_token, flush=True)
+            if started.admin_token:
+                client_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+                save_context(f"{client_host}:{started.port}", Context(f"ws://{client_host}:{started.port}",
+                                                                     started.admin_token))
+
+    run(partial(until_signalled, main))
+
+
+def proxy(
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+    listen: Annotated[str, typer.Option(help="HTTP address to serve clusters on.")] = "127.0.0.1:8080",
+    domain: Annotated[str, typer.Option(help="Clusters are served at <cluster>.<domain>.")] = "localhost",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the edge proxy: routes http://<cluster>.<domain>/ to ready replicas."""
+    from vectorlay.proxy.app import ProxyConfig, run_proxy
+
+    setup_logging(verbose)
+    ctx = resolve(server_url, token)
+    host, port = parse_listen(listen, 8080)
+    config = ProxyConfig(ctx.server, ctx.token, host, port, domain)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_proxy, config)
+
+    run(partial(until_signalled, main))
+
+
+def dev(
+    state_dir: Annotated[Path, typer.Option(help="State of the whole stack.")] = Path(".vectorlay/dev"),
+    nodes: Annotated[int, typer.Option(min=1, max=32, help="How many nodes to run.")] = 2,
+    server_port: Annotated[int, typer.Option(help="0 picks a free port.")] = 7070,
+    proxy_port: Annotated[int, typer.Option(help="0 picks a free port.")] = 8080,
+    domain: Annotated[str, typer.Option()] = "localhost",
+    gpu: Annotated[list[str] | None, typer.Option(help="Declare GPUs on every dev node, TYPE[:MEMORY_GB].")] = None,
+    apply_file: Annotated[str | None, typer.Option("--apply", help="Apply this manifest once the stack is up.")]
+    = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a server, N nodes and a proxy in one process, and point the CLI at them."""
+    from vectorlay.dev import DevConfig, run_dev
+
+    setup_logging(verbose)
+    config = DevConfig(state_dir, nodes, server_port, proxy_port, domain, tuple(gpu or ()), apply_file)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_dev, config)
+
+    run(partial(until_signalled, main))
