@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.live import Live
+from rich.text import Text
 
 from vectorlay.client import output
 from vectorlay.client.api import ApiClient, open_api
@@ -70,7 +71,7 @@ async def _wait_ready(api: ApiClient, names: list[str], timeout_s: float | None,
                 result = value
                 break
             if interactive:
-                live.update(output.cluster_table(value), refresh=True)
+                live.update(Text(output.cluster_table(value)), refresh=True)
             elif not quiet:
                 line = "; ".join(f"{c['name']}: {c['ready']}/{c['replicas']} ready"
                                  + (f" ({c['reasons'][0]})" if c["reasons"] else "") for c in value)
@@ -91,25 +92,36 @@ class _Null:
         return None
 
 
+PAGE_SIZE = 500
+
+
 async def get(ctx: Context, kind: str, name: str | None, as_json: bool) -> None:
     method = {"clusters": "get_clusters", "nodes": "get_nodes", "replicas": "get_replicas"}[kind]
     params: dict[str, Any] = {}
     if name is not None:
         params["cluster" if kind == "replicas" else "name"] = name
+    items: list[dict[str, Any]] = []
+    summary: dict[str, Any] | None = None
     async with open_api(ctx.server, ctx.token) as api:
-        items = await api.call(method, params)
-    if name is not None and kind == "nodes":
-        items = [n for n in items if n["name"] == name]
-        if not items:
-            raise UserError(f"node {name!r} not found")
+        if kind == "clusters":
+            items = await api.call(method, params)
+        else:
+            async for event, value in api.stream(method, {**params, "page_size": PAGE_SIZE}):
+                if event == "event":
+                    items.extend(value)
+            if not as_json and name is None:
+                summary = await api.call("fleet_summary")
     if as_json:
         output.print_json(items)
         return
+    if summary is not None:
+        output.stderr.print(output.summary_line(kind, summary), markup=False)
     if not items:
         output.stderr.print(f"no {kind}")
         return
     table = {"clusters": output.cluster_table, "nodes": output.node_table, "replicas": output.replica_table}[kind]
-    output.stdout.print(table(items))
+    sys.stdout.write(table(items))
+    sys.stdout.flush()
 
 
 async def delete(ctx: Context, name: str, wait: bool, timeout_s: float | None) -> None:
@@ -182,7 +194,7 @@ async def key(ctx: Context, action: str, cluster: str, arg: str | None, as_json:
             if as_json:
                 output.print_json(keys)
             elif keys:
-                output.stdout.print(output.key_table(keys))
+                sys.stdout.write(output.key_table(keys))
             else:
                 output.stderr.print(f"no API keys for cluster {cluster}")
         else:

@@ -45,6 +45,7 @@ class Api:
             "get_clusters": self.get_clusters,
             "get_nodes": self.get_nodes,
             "get_replicas": self.get_replicas,
+            "fleet_summary": self.fleet_summary,
             "wait_ready": self.wait_ready,
             "wait_deleted": self.wait_deleted,
             "logs": self.logs,
@@ -132,8 +133,18 @@ class Api:
 
     async def get_nodes(self, params: dict[str, Any], emit: Emit) -> Any:
         now = trio.current_time()
-        return [views.node_view(self.fleet, i, now)
-                for i in sorted(self.fleet.nodes, key=lambda i: self.fleet.nodes[i].name)]
+        name = params.get("name")
+        if name is not None:
+            node_id = self.fleet.node_ids_by_name.get(str(name))
+            if node_id is None:
+                raise NotFoundError(f"node {name!r} not found")
+            return [views.node_view(self.fleet, node_id, now)]
+        ids = sorted(self.fleet.nodes, key=lambda i: self.fleet.nodes[i].name)
+        return await _paged(params, emit, ids, lambda i: views.node_view(self.fleet, i, now))
+
+    async def fleet_summary(self, params: dict[str, Any], emit: Emit) -> Any:
+        """Counts only: cheap at any fleet size (for `get` headers and monitoring)."""
+        return views.fleet_summary(self.fleet)
 
     async def get_replicas(self, params: dict[str, Any], emit: Emit) -> Any:
         cluster = params.get("cluster")
@@ -143,7 +154,7 @@ class Api:
                 raise NotFoundError(f"cluster {cluster!r} not found")
         else:
             ids = sorted(self.fleet.replicas, key=lambda i: (self.fleet.replicas[i].cluster, i))
-        return [views.replica_view(self.fleet, i) for i in ids]
+        return await _paged(params, emit, ids, lambda i: views.replica_view(self.fleet, i))
 
     async def wait_ready(self, params: dict[str, Any], emit: Emit) -> Any:
         """Stream the clusters' status on every change until all are ready or the timeout passes."""
@@ -285,6 +296,19 @@ async def _log_stream(session: NodeConnection, replica_id: str, tail: int,
         yield channel
     finally:
         session.close_logs(stream_id)
+
+
+async def _paged(params: dict[str, Any], emit: Emit, ids: list[str], view: Callable[[str], Any]) -> Any:
+    """The whole list as the result; or, with `page_size`, pages as events and a count as the
+    result, so a fleet of thousands streams instead of one message that grows without bound."""
+    size = params.get("page_size")
+    if size is None:
+        return [view(i) for i in ids]
+    if not isinstance(size, int) or size < 1:
+        raise UserError("page_size must be a positive integer")
+    for start in range(0, len(ids), size):
+        await emit([view(i) for i in ids[start:start + size]])
+    return {"total": len(ids)}
 
 
 def _param(params: dict[str, Any], name: str, kind: type) -> Any:

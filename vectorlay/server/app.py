@@ -98,7 +98,9 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
 
     policy = config.policy
     controller = Controller(fleet, store, policy, wall_clock, config.crash_points)
-    grace = config.failover_grace_s if config.failover_grace_s is not None else policy.down_after_s
+    # Nodes get this long to reconnect after a server restart before silence counts against them;
+    # a fleet of thousands reconnecting with jittered backoff needs most of a minute.
+    grace = config.failover_grace_s if config.failover_grace_s is not None else max(60.0, 2 * policy.down_after_s)
     await controller.restore_liveness(grace)
     auth = Authenticator(store, fleet, wall_clock)
     feed = RouteFeed(controller)

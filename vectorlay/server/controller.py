@@ -51,6 +51,8 @@ REPLACE_BACKOFF_MAX_S = 60.0
 MASS_FAILURE_FRACTION = 0.3
 MASS_FAILURE_MIN_NODES = 3
 EVENTS_KEPT_PER_CLUSTER = 500
+REPORT_QUEUE = 10_000  # replica reports waiting to be stored; node readers wait when it is full
+REPORT_BATCH = 1_000  # at most this many reports per transaction
 EVENT_TRIM_INTERVAL_S = 300.0
 
 
@@ -92,6 +94,7 @@ class Controller:
         self._timer_set: set[tuple[float, str]] = set()
         self._replace_backoff: dict[str, tuple[int, float]] = {}  # cluster -> (failures, not before)
         self._mass_bucket: TokenBucket | None = None
+        self._reports_in, self._reports_out = trio.open_memory_channel[tuple[str, ReplicaReport]](REPORT_QUEUE)
         self._states_to_persist: set[str] = set()
         self.routes_dirty: set[str] = set()
         self.routes_changed = trio.Event()
@@ -135,6 +138,7 @@ class Controller:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._liveness_loop)
             nursery.start_soon(self._trim_events)
+            nursery.start_soon(self._apply_reports)
             task_status.started()
             while True:
                 now = trio.current_time()
@@ -177,6 +181,10 @@ class Controller:
         budget = self._lost_budget(nodes, now)
         plan = plan_cluster(spec, cluster, fleet.replicas_of_cluster(cluster), nodes, down_since,
                             list(fleet.replicas.values()), now, may_replace, budget)
+        if self._rolling(cluster):
+            fleet.rolling.add(cluster)
+        else:
+            fleet.rolling.discard(cluster)
         if budget is not None and self._mass_bucket is not None:
             if plan.lost_replaced:
                 _, self._mass_bucket = self._mass_bucket.take(now, plan.lost_replaced)
@@ -196,7 +204,7 @@ class Controller:
         record = self.fleet.clusters.get(cluster)
         if record is None:
             return False
-        revision = template_revision(record.spec)
+        revision = record.revision
         return any(
             not r.stopping and (r.revision != revision or self._on_draining_node(r))
             for r in self.fleet.replicas_of_cluster(cluster)
@@ -309,9 +317,8 @@ class Controller:
 
     def _capacity_freed(self) -> None:
         """GPUs came free: clusters waiting for capacity get another try."""
-        for replica in list(self.fleet.replicas.values()):
-            if replica.node_id is None and not replica.stopping:
-                self.mark_dirty(replica.cluster)
+        for cluster in {self.fleet.replicas[i].cluster for i in self.fleet.unplaced}:
+            self.mark_dirty(cluster)
 
     # --- clusters (from the API) ------------------------------------------------------------
 
@@ -451,12 +458,19 @@ class Controller:
             if old_session is not None:
                 old_session.close_soon("replaced by a newer connection from the same node")
             now = trio.current_time()
+            was = fleet.node_state(record.id)
             fleet.liveness[record.id] = health.on_connect(now)
             batch = _Batch(fleet, self.wall_clock())
-            batch.put_node(replace(record, state=NodeState.READY, last_seen_at=self.wall_clock()))
+            known = fleet.nodes[record.id]
+            if (record.gpus, record.address, record.runtimes, record.isolation) != (
+                    known.gpus, known.address, known.runtimes, known.isolation):
+                batch.put_node(replace(record, state=NodeState.READY, last_seen_at=self.wall_clock()))
+            # Otherwise nothing to write now: the state change is persisted with the next batch,
+            # which keeps a reconnect storm of thousands of nodes from being thousands of commits.
             self._adopt_reports(batch, record.id, reports)
             await self._commit(batch)
-            self._node_state_changed(record.id)
+            if was is not NodeState.READY:
+                self._node_state_changed(record.id)  # back in routing and in scheduling
             node = fleet.nodes[record.id]
             session.send_nowait(welcome)
             for command in fleet.outbox.get(record.id, []):
@@ -478,7 +492,7 @@ class Controller:
                     batch.put_replica(replace(replica, state=ReplicaState.PENDING,
                                               reason="node restarted without it; starting again", address=None))
                 continue
-            if report.generation == replica.generation:
+            if report.generation == replica.generation and _with_report(replica, report) != replica:
                 batch.put_replica(_with_report(replica, report))
 
     async def node_disconnected(self, node_id: str, session: NodeSession) -> None:
@@ -559,29 +573,56 @@ class Controller:
                 self.fleet.put_node(record)
 
     async def replica_status(self, node_id: str, report: ReplicaReport) -> None:
-        async with self.lock:
-            replica = self.fleet.replicas.get(report.replica_id)
-            if replica is None or replica.node_id != node_id or report.generation != replica.generation:
-                return  # stale or foreign: fencing drops it
-            batch = _Batch(self.fleet, self.wall_clock())
-            if replica.stopping:
-                if report.state is ReplicaState.STOPPED:
-                    batch.forget(replica.id)
-                    await self._commit(batch)
+        """Queue a node's report; `_apply_reports` stores reports in batches, one transaction for
+        however many arrived meanwhile, so a thousand replicas turning ready is not a thousand
+        commits. Reports keep their arrival order."""
+        await self._reports_in.send((node_id, report))
+
+    async def _apply_reports(self) -> None:
+        async for first in self._reports_out:
+            items = [first]
+            while len(items) < REPORT_BATCH:
+                try:
+                    items.append(self._reports_out.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            async with self.lock:
+                batch = _Batch(self.fleet, self.wall_clock())
+                dirty: set[str] = set()
+                freed = False
+                for node_id, report in items:
+                    freed |= self._fold_report(batch, node_id, report, dirty)
+                await self._commit(batch)
+                if freed:
                     self._capacity_freed()
-                    self.mark_dirty(replica.cluster)
-                return  # anything else about a replica being stopped is stale: ignore it
-            updated = _with_report(replica, report)
-            if updated == replica:
-                return
-            batch.put_replica(updated)
-            await self._commit(batch)
-            if updated.state is ReplicaState.FAILED or (
-                updated.state is ReplicaState.READY and self._rolling(replica.cluster)
-            ):
-                self.mark_dirty(replica.cluster)  # replace it, or let the roll take its next step
-            if updated.state is ReplicaState.READY and replica.cluster in self._replace_backoff:
-                self._replace_backoff.pop(replica.cluster, None)  # it works now
+                for cluster in dirty:
+                    self.mark_dirty(cluster)
+
+    def _fold_report(self, batch: _Batch, node_id: str, report: ReplicaReport, dirty: set[str]) -> bool:
+        """Add one report to `batch`; return whether it freed GPUs. Clusters needing a
+        reconcile are added to `dirty`."""
+        if report.replica_id in batch.forgotten:
+            return False
+        replica = batch.replicas.get(report.replica_id) or self.fleet.replicas.get(report.replica_id)
+        if replica is None or replica.node_id != node_id or report.generation != replica.generation:
+            return False  # stale or foreign: fencing drops it
+        if replica.stopping:
+            if report.state is ReplicaState.STOPPED:
+                batch.forget(replica.id)
+                dirty.add(replica.cluster)
+                return True
+            return False  # anything else about a replica being stopped is stale: ignore it
+        updated = _with_report(replica, report)
+        if updated == replica:
+            return False
+        batch.put_replica(updated)
+        if updated.state is ReplicaState.FAILED or (
+            updated.state is ReplicaState.READY and replica.cluster in self.fleet.rolling
+        ):
+            dirty.add(replica.cluster)  # replace it, or let the roll take its next step
+        if updated.state is ReplicaState.READY:
+            self._replace_backoff.pop(replica.cluster, None)  # it works now
+        return False
 
     async def ack(self, node_id: str, seq: int) -> None:
         queue = self.fleet.outbox.get(node_id)

@@ -27,6 +27,8 @@ class Fleet:
         self.outbox: defaultdict[str, list[CommandRecord]] = defaultdict(list)
         self.gpu_status: dict[str, tuple[GpuStatus, ...]] = {}  # latest from heartbeats, memory only
         self.api_keys: dict[str, ApiKeyRecord] = {}
+        self.rolling: set[str] = set()  # clusters with replicas of an old revision or on draining nodes
+        self.unplaced: set[str] = set()  # ids of replicas waiting for a node
         self.generation = 0  # the fencing counter: only grows, persisted in meta
 
     # --- nodes ---
@@ -76,6 +78,10 @@ class Fleet:
             self.by_node[old.node_id].discard(replica.id)
         self.replicas[replica.id] = replica
         self.replica_created.setdefault(replica.id, created_at)
+        if replica.node_id is None and not replica.stopping:
+            self.unplaced.add(replica.id)
+        else:
+            self.unplaced.discard(replica.id)
         self.by_cluster[replica.cluster].add(replica.id)
         if replica.node_id is not None:
             self.by_node[replica.node_id].add(replica.id)
@@ -83,6 +89,7 @@ class Fleet:
     def remove_replica(self, replica_id: str) -> None:
         replica = self.replicas.pop(replica_id, None)
         self.replica_created.pop(replica_id, None)
+        self.unplaced.discard(replica_id)
         if replica is None:
             return
         self.by_cluster[replica.cluster].discard(replica_id)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
-from vectorlay.core.model import Assignment, ClusterSpec, Gpu, Node, NodeState, Role
+from vectorlay.core.model import Assignment, ClusterSpec, Gpu, Node, NodeState, Role, template_revision
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class ClusterRecord:
     spec: ClusterSpec
     created_at: float
     updated_at: float
+
+    @cached_property
+    def revision(self) -> str:
+        return template_revision(self.spec)
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,15 @@ from vectorlay.wire import CLOSE_GOING_AWAY, Link, LinkClosed
 log = logging.getLogger("vectorlay.server")
 
 PROXY_QUEUE = 4096
+COALESCE_S = 0.01
 
 
 def route_for(fleet: Fleet, cluster: str) -> Route:
     record = fleet.clusters.get(cluster)
     endpoint = record.spec.endpoint if record else EndpointConfig()
     endpoints = []
-    for replica in fleet.replicas_of_cluster(cluster):
+    for replica_id in fleet.by_cluster.get(cluster, ()):
+        replica = fleet.replicas[replica_id]
         if (
             replica.state is ReplicaState.READY
             and not replica.stopping
@@ -36,6 +38,7 @@ def route_for(fleet: Fleet, cluster: str) -> Route:
         ):
             endpoints.append(Endpoint(replica.id, replica.address, fleet.nodes[replica.node_id].name))
     keys = fleet.key_hashes(cluster) if endpoint.auth == "api-key" else ()
+    endpoints.sort(key=lambda e: e.replica_id)
     return Route(cluster, tuple(endpoints), endpoint.auth, keys, endpoint.rate_limit, endpoint.per_client_rate_limit)
 
 
@@ -77,6 +80,9 @@ class RouteFeed:
         task_status.started()
         while True:
             await self.controller.routes_changed.wait()
+            # Let a burst of changes (a batch of reports, a node with many replicas) land first:
+            # one update per cluster instead of one per change. Far below the 2 s routing target.
+            await trio.sleep(COALESCE_S)
             self.controller.routes_changed = trio.Event()
             dirty, self.controller.routes_dirty = self.controller.routes_dirty, set()
             for cluster in sorted(dirty):

@@ -92,3 +92,17 @@ def key_view(record: ApiKeyRecord) -> dict[str, Any]:
 
 def event_view(event: EventRecord) -> dict[str, Any]:
     return {"at": event.at, "replica": event.replica_id, "message": event.message}
+
+
+def fleet_summary(fleet: Fleet) -> dict[str, Any]:
+    nodes: dict[str, int] = {}
+    for node_id in fleet.nodes:
+        state = fleet.node_state(node_id).value
+        nodes[state] = nodes.get(state, 0) + 1
+    replicas: dict[str, int] = {}
+    for replica in fleet.replicas.values():
+        key = "stopping" if replica.stopping else replica.state.value
+        replicas[key] = replicas.get(key, 0) + 1
+    connected = sum(1 for live in fleet.liveness.values() if live.connected)
+    return {"nodes": nodes, "nodes_total": len(fleet.nodes), "connected": connected, "replicas": replicas,
+            "replicas_total": len(fleet.replicas), "clusters": len(fleet.clusters)}

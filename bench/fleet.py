@@ -1,0 +1,165 @@
+"""Fleet benchmark: one real `vectorlay server` and N simulated nodes on the real protocol.
+
+The nodes are real agents with a fake runtime (vectorlay/testing/fleet_sim.py), spread over a few
+client processes, all over real WebSockets on loopback. It measures, at heartbeat interval H:
+
+- rss_mb, cpu_share:  the server's resident memory and share of one core at steady state
+- apply_ready_s:      from `apply` (R replicas, one GPU each) returning to all R routed as ready
+- detect_s:           from one node going silent (its link blackholed) to the server calling it suspect
+- reconnect_s:        from restarting the server (kill -9) to all N nodes connected and ready again
+- rescheduled:        replicas that got a new id because of the restart (target 0); down_during_restart
+                      counts nodes the server marked down meanwhile (target 0)
+
+    python bench/fleet.py --nodes 1000 --heartbeat 5 --replicas 1000 [--db postgresql+psycopg://...]
+
+The last line is for scripts:
+fleet: nodes=N heartbeat_s=H rss_mb=X cpu_share=Y apply_ready_s=Z detect_s=W reconnect_s=V rescheduled=K
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vectorlay.client.api import open_api  # noqa: E402
+from vectorlay.testing.fleet_sim import SimProcess  # noqa: E402
+from vectorlay.testing.processes import Stack, wait_for  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def api_call(stack: Stack, method: str, params: dict[str, Any] | None = None) -> Any:
+    async with open_api(stack.server_url, stack.admin_token) as api:
+        return await api.call(method, params or {})
+
+
+def call(stack: Stack, method: str, params: dict[str, Any] | None = None) -> Any:
+    return trio.run(api_call, stack, method, params)
+
+
+def summary(stack: Stack) -> dict[str, Any]:
+    result: dict[str, Any] = call(stack, "fleet_summary")
+    return result
+
+
+MANIFEST = """\
+apiVersion: vectorlay.dev/v1
+kind: Cluster
+metadata: {{name: big}}
+spec:
+  replicas: {replicas}
+  gpu: {{type: "RTX 4090", count: 1}}
+  runtime: process
+  command: ["serve", "--port", "${{PORT}}"]
+  health: {{path: /healthz, interval: 2s, timeout: 1s}}
+  reschedule_after: 30s
+"""
+
+
+def run(args: argparse.Namespace, root: Path) -> dict[str, float]:
+    stack = Stack(root, db_url=args.db, heartbeat=f"{args.heartbeat:g}s")
+    sims: list[SimProcess] = []
+    try:
+        server = stack.start_server()
+        token = stack.token("node", "--uses", str(args.nodes), "--ttl", "2h")
+        per_proc = [args.nodes // args.procs + (1 if i < args.nodes % args.procs else 0) for i in range(args.procs)]
+        started = time.monotonic()
+        sims = [SimProcess(stack.server_url, token, count, f"sim-{chr(97 + i)}-", stack.root / f"sim{i}",
+                           stack.root / f"sim{i}.log") for i, count in enumerate(per_proc) if count]
+        wait_for(lambda: all(s.connected >= s.count for s in sims), 1200, 0.5, "all simulated nodes to connect")
+        print(f"{args.nodes} nodes joined and connected in {time.monotonic() - started:.1f}s", flush=True)
+
+        time.sleep(max(5.0, 2 * args.heartbeat))  # settle
+        pid = server.popen.pid
+        cpu0, wall0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(args.window)
+        cpu_share = (cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0)
+        rss = rss_mb(pid)
+        print(f"steady state: rss_mb={rss:.0f} cpu_share={cpu_share:.3f} over {args.window:g}s", flush=True)
+
+        stack.cli("apply", "-", "--no-wait", input_text=MANIFEST.format(replicas=args.replicas))
+        applied = time.monotonic()
+        wait_for(lambda: summary(stack)["replicas"].get("ready", 0) >= args.replicas, 300, 0.1,
+                 f"{args.replicas} replicas to be ready")
+        apply_ready = time.monotonic() - applied
+        print(f"apply: {args.replicas} replicas ready {apply_ready:.2f}s after apply returned", flush=True)
+
+        victim = "sim-a-0"
+        sims[0].command("freeze")
+        frozen = time.monotonic()
+        wait_for(lambda: call(stack, "get_nodes", {"name": victim})[0]["state"] != "ready", 120, 0.05,
+                 "the silent node to be detected")
+        detect = time.monotonic() - frozen
+        print(f"detect: {victim} suspect {detect:.2f}s after going silent", flush=True)
+        sims[0].command("thaw")
+        wait_for(lambda: call(stack, "get_nodes", {"name": victim})[0]["state"] == "ready", 120, 0.2,
+                 "the node to come back")
+
+        before = {r["id"] for r in call(stack, "get_replicas")}
+        server.kill()
+        restarted = time.monotonic()
+        stack.start_server()
+        max_down = 0
+
+        def all_back() -> bool:
+            nonlocal max_down
+            s = summary(stack)
+            max_down = max(max_down, s["nodes"].get("down", 0))
+            return bool(s["connected"] >= args.nodes and s["nodes"].get("ready", 0) >= args.nodes)
+
+        wait_for(all_back, 600, 0.2, "all nodes to reconnect")
+        reconnect = time.monotonic() - restarted
+        time.sleep(2)
+        after = {r["id"] for r in call(stack, "get_replicas")}
+        rescheduled = len(before - after)
+        print(f"restart: all {args.nodes} nodes back {reconnect:.1f}s after the restart; rescheduled={rescheduled}; "
+              f"down_during_restart={max_down}", flush=True)
+        return {"rss_mb": rss, "cpu_share": cpu_share, "apply_ready_s": apply_ready, "detect_s": detect,
+                "reconnect_s": reconnect, "rescheduled": rescheduled, "down": max_down}
+    finally:
+        for sim in sims:
+            sim.stop()
+        stack.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--heartbeat", type=float, default=5.0, help="seconds")
+    parser.add_argument("--replicas", type=int, default=1000)
+    parser.add_argument("--db", default=None, help="database URL (default: SQLite in a temporary state dir)")
+    parser.add_argument("--procs", type=int, default=4, help="client processes hosting the simulated nodes")
+    parser.add_argument("--window", type=float, default=30.0, help="seconds of steady state to measure")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="vl-fleet-") as root:
+        r = run(args, Path(root))
+    print(f"fleet: nodes={args.nodes} heartbeat_s={args.heartbeat:g} rss_mb={r['rss_mb']:.0f} "
+          f"cpu_share={r['cpu_share']:.3f} apply_ready_s={r['apply_ready_s']:.2f} detect_s={r['detect_s']:.2f} "
+          f"reconnect_s={r['reconnect_s']:.1f} rescheduled={r['rescheduled']:.0f}")
+
+
+if __name__ == "__main__":
+    main()
+
+
