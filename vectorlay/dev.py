@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -16,8 +17,8 @@ from vectorlay.client import commands, output
 from vectorlay.client.api import open_api
 from vectorlay.client.config import Context, save_context
 from vectorlay.node.agent import Agent, Credentials, join, load_credentials, run_node
-from vectorlay.node.gpus import inventory
-from vectorlay.node.process_runtime import ProcessRuntime
+from vectorlay.node.gpu_health import NvmlMonitor
+from vectorlay.node.setup import NodeOptions, NodeSetup, prepare_node
 from vectorlay.proxy.app import ProxyConfig, run_proxy
 from vectorlay.server.app import ServerConfig, run_server
 
@@ -44,9 +45,12 @@ async def run_dev(config: DevConfig, *, task_status: trio.TaskStatus[Context] = 
             config.state_dir / "server", port=config.server_port, heartbeat_interval_s=config.heartbeat_interval_s))
         url = f"ws://127.0.0.1:{server.port}"
         admin = server.admin_token or (config.state_dir / "server" / "admin.token").read_text().strip()
+        # dev runs the process examples, so its nodes allow the (unisolated) process runtime.
+        setup = await prepare_node(NodeOptions(allow_process_runtime=True, gpu_declarations=config.gpus), "127.0.0.1")
+        log.info("dev nodes: %s", setup.preflight.gpu_note)
         supervisors = []
         for index in range(1, config.nodes + 1):
-            supervisors.append(await _start_node(nursery, config, url, admin, f"dev-{index}"))
+            supervisors.append(await _start_node(nursery, config, url, admin, f"dev-{index}", setup))
         async with open_api(url, admin) as api:
             proxy_token = (await api.call("token_create", {"role": "proxy", "description": "vectorlay dev"}))["token"]
         proxy = await nursery.start(run_proxy, ProxyConfig(url, proxy_token, port=config.proxy_port,
@@ -66,21 +70,27 @@ async def run_dev(config: DevConfig, *, task_status: trio.TaskStatus[Context] = 
                     await agent.supervisor.stop_all()
 
 
-async def _start_node(nursery: trio.Nursery, config: DevConfig, url: str, admin: str, name: str) -> Agent:
+async def _start_node(nursery: trio.Nursery, config: DevConfig, url: str, admin: str, name: str,
+                      setup: NodeSetup) -> Agent:
     state_dir = config.state_dir / name
-    gpus, note = inventory(list(config.gpus))
-    log.info("%s: %s", name, note)
     creds: Credentials
     if (state_dir / "node.json").exists():
         creds = load_credentials(state_dir)
     else:
         async with open_api(url, admin) as api:
             token = (await api.call("token_create", {"role": "node", "ttl": "10m", "uses": 1}))["token"]
-        creds = await join(url, token, name, gpus, "127.0.0.1", ("process",), state_dir)
+        creds = await join(url, token, name, setup.gpus, "127.0.0.1", setup.runtimes, state_dir, setup.isolation)
     if creds.server != url:
         creds = Credentials(url, creds.node_id, creds.name, creds.credential, creds.address)
-    agent: Agent = await nursery.start(run_node, creds, state_dir, ProcessRuntime(), gpus, ("process",))
+    agent: Agent = await nursery.start(partial(
+        run_node, creds, state_dir, setup.runtime, setup.gpus, setup.runtimes, isolation=setup.isolation,
+        publish_ip=setup.publish_ip, gpu_monitor=_monitor_for_node(setup)))
     return agent
+
+
+def _monitor_for_node(setup: NodeSetup) -> NvmlMonitor | None:
+    """Every dev node watches the machine's GPUs, each with its own NVML session."""
+    return NvmlMonitor(setup.gpu_monitor.uuids) if setup.gpu_monitor is not None else None
 
 
 async def _apply_example(context: Context, config: DevConfig, proxy_port: int) -> None:

@@ -7,7 +7,7 @@ import re
 import socket
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import trio
 import typer
@@ -15,19 +15,38 @@ import typer
 from vectorlay.cli.common import ServerOpt, TokenOpt, VerboseOpt, data_dir, duration, run
 from vectorlay.client import commands
 from vectorlay.client.config import resolve
-from vectorlay.client.output import stderr
+from vectorlay.client.output import stderr, stdout
 from vectorlay.errors import UserError
 from vectorlay.files import write_private
 from vectorlay.lifecycle import setup_logging, until_signalled
 
+if TYPE_CHECKING:
+    from vectorlay.node.agent import Credentials
+    from vectorlay.node.setup import NodeOptions, NodeSetup
+
 node_app = typer.Typer(help="Run this machine as a node: [bold]join[/bold] once, then plain "
                             "[bold]vectorlay node[/bold] runs the agent from saved credentials.")
+
+
+AllowProcessOpt = Annotated[bool | None, typer.Option(
+    "--allow-process-runtime/--no-allow-process-runtime",
+    help="Also run `runtime: process` replicas, as plain processes on this host (not isolated).")]
+ContainerCliOpt = Annotated[str | None, typer.Option(
+    "--container-cli", help="The container CLI: podman (default) or docker, or a path to either.")]
+OciRuntimeOpt = Annotated[list[str] | None, typer.Option(
+    "--oci-runtime", help="An OCI runtime to offer: runc|crun (container), runsc (sandbox), kata (microvm); "
+                          "repeat for several. Default: every one found.")]
+GpuOpt = Annotated[list[str] | None, typer.Option(
+    help="Declare a GPU as TYPE[:MEMORY_GB] (repeat per GPU); overrides NVML.")]
 
 
 @node_app.callback(invoke_without_command=True)
 def node(
     ctx: typer.Context,
     state_dir: Annotated[Path | None, typer.Option(help="Where the node's credential and replica logs live.")] = None,
+    allow_process_runtime: AllowProcessOpt = None,
+    container_cli: ContainerCliOpt = None,
+    oci_runtime: OciRuntimeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the node agent from the credentials saved by [bold]vectorlay node join[/bold]."""
@@ -38,8 +57,9 @@ def node(
     setup_logging(verbose)
     directory = state_dir or data_dir("node")
     creds = load_credentials(directory)
-    settings = _load_node_settings(directory)
-    _run_node(creds, directory, settings.get("gpu", []))
+    options = _options(_load_node_settings(directory), allow_process_runtime, container_cli, oci_runtime, None)
+    _save_node_settings(directory, options.settings())
+    run(partial(until_signalled, partial(_run_node, creds, directory, options)))
 
 
 @node_app.command("join")
@@ -49,15 +69,17 @@ def node_join(
                                        help="A join token from `vectorlay token create --role node`.")],
     name: Annotated[str | None, typer.Option(help="Node name (default: this machine's hostname).")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="Where to keep the node credential.")] = None,
-    gpu: Annotated[list[str] | None, typer.Option(
-        help="Declare a GPU as TYPE[:MEMORY_GB] (repeat per GPU); overrides NVML.")] = None,
+    gpu: GpuOpt = None,
     advertise: Annotated[str, typer.Option(help="Address the proxy uses to reach this node's replicas.")]
     = "127.0.0.1",
+    allow_process_runtime: AllowProcessOpt = None,
+    container_cli: ContainerCliOpt = None,
+    oci_runtime: OciRuntimeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Join a server with a join token, save this node's credential, then run the agent."""
     from vectorlay.node.agent import join
-    from vectorlay.node.gpus import inventory
+    from vectorlay.node.setup import prepare_node
 
     setup_logging(verbose)
     directory = state_dir or data_dir("node")
@@ -65,13 +87,52 @@ def node_join(
         raise UserError(f"{directory} already holds a joined node; run `vectorlay node --state-dir {directory}` "
                         "or pick another --state-dir")
     node_name = name or _hostname_label()
-    declarations = gpu or []
-    gpus, note = inventory(declarations)
-    stderr.print(f"{node_name}: {note}")
-    creds = trio.run(join, server_url, token, node_name, gpus, advertise, ("process",), directory)
-    _save_node_settings(directory, {"gpu": declarations})
-    stderr.print(f"joined as {creds.name} ({creds.node_id}); credential saved in {directory}")
-    _run_node(creds, directory, declarations)
+    options = _options({}, allow_process_runtime, container_cli, oci_runtime, gpu)
+
+    async def main() -> None:
+        setup = await prepare_node(options, advertise)
+        stderr.print(f"{node_name}: {setup.preflight.gpu_note}")
+        creds = await join(server_url, token, node_name, setup.gpus, advertise, setup.runtimes, directory,
+                           setup.isolation)
+        _save_node_settings(directory, options.settings())
+        stderr.print(f"joined as {creds.name} ({creds.node_id}); credential saved in {directory}")
+        await _run_setup(creds, directory, setup)
+
+    run(partial(until_signalled, main))
+
+
+@node_app.command("check")
+def node_check(
+    state_dir: Annotated[Path | None, typer.Option(help="Use the options this node was joined with.")] = None,
+    gpu: GpuOpt = None,
+    allow_process_runtime: AllowProcessOpt = None,
+    container_cli: ContainerCliOpt = None,
+    oci_runtime: OciRuntimeOpt = None,
+) -> None:
+    """Check what this machine needs to be a node (podman, OCI runtimes, NVIDIA driver, CDI, KVM,
+    IOMMU) and print each item as present or missing, with a fix. Exits 1 if it could run nothing."""
+    from vectorlay.node.container_args import ContainerCli
+    from vectorlay.node.preflight import run_checks
+
+    saved = _load_node_settings(state_dir or data_dir("node"))
+    options = _options(saved, allow_process_runtime, container_cli, oci_runtime, gpu)
+
+    async def main() -> None:
+        preflight = await run_checks(ContainerCli.named(options.container_cli), options.oci_runtimes,
+                                     options.allow_process_runtime, options.gpu_declarations)
+        for check in preflight.checks:
+            stdout.print(check.line(), markup=False, highlight=False)
+        for gpu_info in preflight.gpus:
+            memory = f"{gpu_info.memory_gb:g} GB" if gpu_info.memory_gb is not None else "memory unknown"
+            stdout.print(f"         GPU {gpu_info.index}: {gpu_info.name}, {memory}, {gpu_info.uuid}",
+                         markup=False, highlight=False)
+        for note in preflight.notes:
+            stdout.print(f"note: {note}", markup=False, highlight=False)
+        stdout.print(preflight.summary(), markup=False, highlight=False)
+        if not preflight.runtimes:
+            raise typer.Exit(1)
+
+    run(main)
 
 
 @node_app.command("cordon")
@@ -106,18 +167,33 @@ def node_rm(name: Annotated[str, typer.Argument()], server_url: ServerOpt = None
     run(commands.node_action, resolve(server_url, token), "rm", name)
 
 
-def _run_node(creds: Any, directory: Path, declarations: list[str]) -> None:
+def _options(saved: dict[str, Any], allow_process: bool | None, container_cli: str | None,
+             oci_runtime: list[str] | None, gpu: list[str] | None) -> NodeOptions:
+    """Flags given now win over the settings saved at join."""
+    from vectorlay.node.setup import NodeOptions
+
+    base = NodeOptions.from_settings(saved)
+    return NodeOptions(
+        allow_process_runtime=base.allow_process_runtime if allow_process is None else allow_process,
+        container_cli=container_cli or base.container_cli,
+        oci_runtimes=tuple(oci_runtime) if oci_runtime else base.oci_runtimes,
+        gpu_declarations=tuple(gpu) if gpu is not None else base.gpu_declarations,
+    )
+
+
+async def _run_node(creds: Credentials, directory: Path, options: NodeOptions) -> None:
+    from vectorlay.node.setup import prepare_node
+
+    await _run_setup(creds, directory, await prepare_node(options, creds.address))
+
+
+async def _run_setup(creds: Credentials, directory: Path, setup: NodeSetup) -> None:
     from vectorlay.node.agent import run_node
-    from vectorlay.node.gpus import inventory
-    from vectorlay.node.process_runtime import ProcessRuntime
 
-    gpus, note = inventory(declarations)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(run_node, creds, directory, ProcessRuntime(), gpus, ("process",))
-
-    run(partial(until_signalled, main))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_node, creds, directory, setup.runtime, setup.gpus, setup.runtimes,
+                                    isolation=setup.isolation, publish_ip=setup.publish_ip,
+                                    gpu_monitor=setup.gpu_monitor))
 
 
 def _load_node_settings(directory: Path) -> dict[str, Any]:

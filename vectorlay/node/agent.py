@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from vectorlay.backoff import Backoff
-from vectorlay.core.model import Gpu
+from vectorlay.core.model import Gpu, GpuStatus
 from vectorlay.core.protocol import (
     PROTOCOL_VERSION,
     SERVER_TO_NODE,
@@ -41,6 +41,7 @@ from vectorlay.core.protocol import (
 from vectorlay.errors import AuthError, ConnectError, ProtocolError, UserError, unwrap_group
 from vectorlay.files import write_private
 from vectorlay.node import logs
+from vectorlay.node.gpu_health import NvmlMonitor, watch_gpus
 from vectorlay.node.runtime import ReplicaRuntime
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
 from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect
@@ -81,10 +82,10 @@ def save_credentials(state_dir: Path, creds: Credentials) -> None:
 
 
 async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str, runtimes: tuple[str, ...],
-               state_dir: Path) -> Credentials:
+               state_dir: Path, isolation: tuple[str, ...] = ()) -> Credentials:
     """Trade a join token for this node's own credential and save it in `state_dir`."""
     async with connect(server.rstrip("/") + "/v1/node") as link:
-        await link.send(Join(PROTOCOL_VERSION, token, name, tuple(gpus), address, runtimes))
+        await link.send(Join(PROTOCOL_VERSION, token, name, tuple(gpus), address, runtimes, isolation))
         try:
             joined = await link.receive_one(Joined)
         except LinkClosed as closed:
@@ -107,6 +108,14 @@ class Agent:
         self._reports_changed = trio.Event()
         self._log_scopes: dict[int, trio.CancelScope] = {}
         self.connected = False
+        self.gpu_status: tuple[GpuStatus, ...] = ()  # the latest NVML sample, sent with each heartbeat
+
+    def set_gpu_status(self, status: tuple[GpuStatus, ...]) -> None:
+        for gpu in status:
+            before = next((g for g in self.gpu_status if g.uuid == gpu.uuid), None)
+            if not gpu.healthy and (before is None or before.healthy):
+                log.warning("GPU %s is unhealthy: %s", gpu.uuid, gpu.reason)
+        self.gpu_status = status
 
     def on_report(self, report: ReplicaReport) -> None:
         self._dirty_reports[report.replica_id] = report
@@ -161,9 +170,10 @@ class Agent:
                     nursery.start_soon(self._writer, link)
                     nursery.start_soon(self._heartbeats, welcome.heartbeat_interval_s)
                     nursery.start_soon(self._send_reports)
-                    # Pings catch a dead path that heartbeats alone never notice from this side.
+                    # Pings catch a dead path that heartbeats alone never notice from this side. They
+                    # are rarer than heartbeats: at fleet scale each one costs the server a pong.
                     interval = welcome.heartbeat_interval_s
-                    nursery.start_soon(link.keepalive, max(2.0, 2 * interval), max(5.0, 5 * interval))
+                    nursery.start_soon(link.keepalive, max(5.0, 6 * interval), max(5.0, 5 * interval))
                     try:
                         await self._reader(link, nursery)
                     except ProtocolError as error:
@@ -189,7 +199,7 @@ class Agent:
 
     async def _heartbeats(self, interval_s: float) -> None:
         while True:
-            await self._send(Heartbeat(time.time()))
+            await self._send(Heartbeat(time.time(), self.gpu_status))
             await trio.sleep(interval_s)
 
     async def _send_reports(self) -> None:
@@ -254,15 +264,20 @@ async def run_node(
     gpus: list[Gpu],
     runtimes: tuple[str, ...],
     *,
+    isolation: tuple[str, ...] = (),
+    publish_ip: str = "127.0.0.1",
+    gpu_monitor: NvmlMonitor | None = None,
     task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Re-attach to running replicas, then run the supervisor and the server link."""
-    identity = NodeIdentity(creds.node_id, creds.name, creds.address)
+    """Re-attach to running replicas, then run the supervisor, the GPU monitor and the server link."""
+    identity = NodeIdentity(creds.node_id, creds.name, creds.address, publish_ip=publish_ip)
     supervisor = Supervisor(runtime, state_dir, identity, on_report=lambda report: None)
-    agent = Agent(creds, supervisor, gpus, runtimes)
+    agent = Agent(creds, supervisor, gpus, runtimes, isolation)
     supervisor.on_report = agent.on_report
     await supervisor.reattach()
     async with trio.open_nursery() as nursery:
+        if gpu_monitor is not None:
+            await nursery.start(watch_gpus, gpu_monitor, agent.set_gpu_status)
         await nursery.start(supervisor.run)
         await nursery.start(agent.run)
         task_status.started(agent)

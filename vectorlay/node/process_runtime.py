@@ -70,6 +70,9 @@ class ProcessRuntime:
     def is_running(self, handle: Handle) -> bool:
         return handle.pid is not None and process_start_time(handle.pid) == handle.start_time
 
+    async def is_alive(self, handle: Handle) -> bool:
+        return self.is_running(handle)
+
     async def wait(self, handle: Handle) -> int | None:
         assert handle.pid is not None
         try:
@@ -106,8 +109,12 @@ class ProcessRuntime:
         with trio.move_on_after(5):
             await self.wait(handle)
 
+    async def list_owned(self, node_id: str) -> list[Handle]:
+        return await trio.to_thread.run_sync(self.list_running, node_id)
+
     def list_running(self, node_id: str) -> list[Handle]:
         found = []
+        own_namespace = _pid_namespace(PROC / "self")
         for entry in PROC.iterdir():
             if not entry.name.isdigit():
                 continue
@@ -115,6 +122,8 @@ class ProcessRuntime:
                 environ = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
+            if _pid_namespace(entry) != own_namespace:
+                continue  # a container replica's process: it carries the same variables, but is not ours
             values = dict(item.split(b"=", 1) for item in environ if b"=" in item)
             if values.get(b"VECTORLAY_NODE_ID") != node_id.encode():
                 continue
@@ -128,6 +137,13 @@ class ProcessRuntime:
             if replica and leader and start_time is not None:
                 found.append(Handle(replica, self.name, pid=pid, start_time=start_time))
         return found
+
+
+def _pid_namespace(entry: Path) -> str | None:
+    try:
+        return os.readlink(entry / "ns" / "pid")
+    except OSError:
+        return None
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

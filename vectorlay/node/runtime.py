@@ -1,12 +1,17 @@
-"""The small protocol every replica runtime implements (process now, containers later)."""
+"""The small protocol every replica runtime implements: `process` and `container` (podman/docker)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from vectorlay.core.model import Assignment
+
+
+def _ignore_progress(note: str) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -17,6 +22,8 @@ class LaunchRequest:
     host_port: int  # where the workload must be reachable on the node
     env: dict[str, str]  # the replica's full environment on top of the runtime's base
     log_path: Path
+    host_ip: str = "127.0.0.1"  # the node's address the port is published on (containers)
+    progress: Callable[[str], None] = _ignore_progress  # slow steps say what they do ("pulling image ...")
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,8 @@ class Handle:
     runtime: str
     pid: int | None = None
     start_time: int | None = None  # kernel start time of `pid`, to tell a reused pid apart
-    container: str | None = None
+    container: str | None = None  # the container id (container runtime)
+    image_digest: str | None = None  # what the image resolved to when it was launched
 
 
 class ReplicaRuntime(Protocol):
@@ -42,11 +50,14 @@ class ReplicaRuntime(Protocol):
         ...
 
     async def stop(self, handle: Handle, grace_s: float) -> None:
-        """Ask it to stop, and kill it after `grace_s`."""
+        """Ask it to stop, and kill it after `grace_s`; remove what is left of it."""
         ...
 
-    def is_running(self, handle: Handle) -> bool: ...
+    async def is_alive(self, handle: Handle) -> bool:
+        """Whether the workload behind `handle` still runs (RuntimeFailure if that cannot be told)."""
+        ...
 
-    def list_running(self, node_id: str) -> list[Handle]:
-        """Every workload this runtime started for `node_id`, found without local state."""
+    async def list_owned(self, node_id: str) -> list[Handle]:
+        """Every workload this runtime started for `node_id` that still exists (running, or exited
+        and not yet removed), found without local state."""
         ...

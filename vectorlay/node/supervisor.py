@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 
 from vectorlay.core import health
-from vectorlay.core.model import Assignment, ReplicaState
+from vectorlay.core.model import Assignment, ReplicaState, Runtime
 from vectorlay.core.protocol import Command, ReplicaReport, Sync
 from vectorlay.errors import RuntimeFailure
 from vectorlay.node import local_state, logs
@@ -41,6 +41,7 @@ class NodeIdentity:
     name: str
     address: str  # where replicas are reachable from the proxy
     probe_host: str = "127.0.0.1"
+    publish_ip: str = "127.0.0.1"  # the local IP container ports are published on (the advertised one)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class _Runner:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     handle: Handle | None = None
     host_port: int | None = None
+    image_digest: str | None = None
     restart_requested: bool = False
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -142,18 +144,31 @@ class Supervisor:
             self.state = AgentState()
         adopted: set[str] = set()
         for replica_id, record in list(self.state.running.items()):
-            if self.runtime.is_running(record.handle):
-                runner = _Runner(record.assignment, handle=record.handle, host_port=record.host_port)
+            try:
+                alive = await self.runtime.is_alive(record.handle)
+            except RuntimeFailure as error:
+                # Unknown is treated as alive: watching it will tell, and it never runs twice.
+                log.warning("cannot tell whether replica %s still runs (%s); re-attaching", replica_id, error)
+                alive = True
+            if alive:
+                runner = _Runner(record.assignment, handle=record.handle, host_port=record.host_port,
+                                 image_digest=record.handle.image_digest)
                 self.runners[replica_id] = runner
                 self.desired[replica_id] = record.assignment
                 adopted.add(replica_id)
                 self._report(runner, await self._first_probe(runner))
             else:
                 del self.state.running[replica_id]
-        for handle in self.runtime.list_running(self.identity.node_id):
+        try:
+            leftovers = await self.runtime.list_owned(self.identity.node_id)
+        except RuntimeFailure as error:
+            log.warning("cannot list the replicas left on this node: %s", error)
+            leftovers = []
+        for handle in leftovers:
             if handle.replica_id not in adopted:
-                log.warning("stopping replica %s (pid %s): not in local state", handle.replica_id, handle.pid)
-                await self.runtime.stop(handle, STOP_GRACE_S)
+                log.warning("stopping replica %s (%s): not in local state", handle.replica_id,
+                            f"container {handle.container[:12]}" if handle.container else f"pid {handle.pid}")
+                await self._stop_handle(handle)
         if adopted:
             log.info("re-attached to %d running replica(s): %s", len(adopted), ", ".join(sorted(adopted)))
         self._save()
@@ -164,7 +179,7 @@ class Supervisor:
         state = ReplicaState.READY
         reason = ""
         if check is not None:
-            ok, reason = await self.probe(self.identity.probe_host, port, check.path, check.timeout_s)
+            ok, reason = await self.probe(self._probe_host(runner), port, check.path, check.timeout_s)
             state = ReplicaState.READY if ok else ReplicaState.STARTING
         return self._make_report(runner, state, reason)
 
@@ -240,8 +255,13 @@ class Supervisor:
         if runner.host_port is None:
             runner.host_port = pick_free_port()
         env = replica_env(assignment, self.identity, runner.host_port, cuda_visible_devices(assignment.gpus))
+
+        def progress(note: str) -> None:
+            self._report(runner, self._make_report(runner, ReplicaState.STARTING, note))
+
         request = LaunchRequest(assignment, self.identity.node_id, self.identity.name, runner.host_port, env,
-                                logs.log_path(self.log_dir, assignment.replica_id))
+                                logs.log_path(self.log_dir, assignment.replica_id), self.identity.publish_ip,
+                                progress)
         self._report(runner, self._make_report(runner, ReplicaState.STARTING, "launching"))
         try:
             runner.handle = await self.runtime.launch(request)
@@ -249,6 +269,7 @@ class Supervisor:
             log.warning("replica %s failed to start: %s", assignment.replica_id, error)
             self._report(runner, self._make_report(runner, ReplicaState.FAILED, str(error)))
             return False
+        runner.image_digest = runner.handle.image_digest
         self.state.running[assignment.replica_id] = RunningRecord(assignment, runner.handle, runner.host_port)
         self._save()
         log.info("replica %s started on port %d", assignment.replica_id, runner.host_port)
@@ -260,7 +281,11 @@ class Supervisor:
         handle = runner.handle
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._probe_loop, runner)
-            exit_code = await self.runtime.wait(handle)
+            try:
+                exit_code = await self.runtime.wait(handle)
+            except RuntimeFailure as error:
+                log.warning("lost track of replica %s: %s", runner.assignment.replica_id, error)
+                exit_code = None
             nursery.cancel_scope.cancel()
         return exit_code
 
@@ -275,7 +300,7 @@ class Supervisor:
             current = health.ProbeState(ReplicaState.READY, since=trio.current_time())  # re-attached, serving
         interval = check.interval_s
         while True:
-            ok, detail = await self.probe(self.identity.probe_host, runner.host_port or 0, check.path, check.timeout_s)
+            ok, detail = await self.probe(self._probe_host(runner), runner.host_port or 0, check.path, check.timeout_s)
             current = health.on_probe(current, ok, detail, check, trio.current_time())
             self._report(runner, self._make_report(runner, current.state, current.reason))
             if current.state is ReplicaState.FAILED:
@@ -284,11 +309,24 @@ class Supervisor:
             # Probe fast until the first success so a new replica joins routing quickly.
             await trio.sleep(interval if current.state is ReplicaState.READY else min(interval, 0.25))
 
+    def _probe_host(self, runner: _Runner) -> str:
+        """Containers are reachable where their port is published; processes on loopback."""
+        publish_ip = self.identity.publish_ip
+        if runner.assignment.spec.runtime is Runtime.CONTAINER and publish_ip not in ("0.0.0.0", "::"):
+            return publish_ip
+        return self.identity.probe_host
+
     async def _stop(self, runner: _Runner) -> None:
         if runner.handle is not None:
-            await self.runtime.stop(runner.handle, STOP_GRACE_S)
+            await self._stop_handle(runner.handle)
             runner.handle = None
         self._forget_handle(runner)
+
+    async def _stop_handle(self, handle: Handle) -> None:
+        try:
+            await self.runtime.stop(handle, STOP_GRACE_S)
+        except RuntimeFailure as error:
+            log.warning("stopping replica %s failed: %s", handle.replica_id, error)
 
     def _forget_handle(self, runner: _Runner) -> None:
         if self.state.running.pop(runner.assignment.replica_id, None) is not None:
@@ -309,7 +347,8 @@ class Supervisor:
 
     def _make_report(self, runner: _Runner, state: ReplicaState, reason: str) -> ReplicaReport:
         address = f"{self.identity.address}:{runner.host_port}" if runner.host_port else None
-        return ReplicaReport(runner.assignment.replica_id, runner.assignment.generation, state, reason, address)
+        return ReplicaReport(runner.assignment.replica_id, runner.assignment.generation, state, reason, address,
+                             runner.image_digest)
 
     def _report(self, runner: _Runner, report: ReplicaReport) -> None:
         if self.reports.get(report.replica_id) == report:

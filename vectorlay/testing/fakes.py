@@ -32,12 +32,16 @@ class FakeProcess:
 
 
 class FakeRuntime:
-    name = "process"
+    """`name` is the runtime it poses as ("process" or "container"); a "container" one reports
+    `image_digest` for each launch, and says it is pulling first, as the real one does."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "process", image_digest: str | None = None) -> None:
+        self.name = name
+        self.image_digest = image_digest
         self.processes: dict[int, FakeProcess] = {}
         self.launches: list[LaunchRequest] = []
         self.fail_next: dict[str, str] = {}  # replica id -> reason its next launch fails with
+        self.broken: str | None = None  # every stop and list fails with this (a runtime gone bad)
         self._pids = itertools.count(10_000)
 
     # --- the ReplicaRuntime protocol ---
@@ -47,10 +51,13 @@ class FakeRuntime:
         replica_id = request.assignment.replica_id
         if replica_id in self.fail_next:
             raise RuntimeFailure(self.fail_next.pop(replica_id))
+        if request.assignment.spec.image:
+            request.progress(f"pulling image {request.assignment.spec.image}")
+            await trio.lowlevel.checkpoint()
         self.launches.append(request)
         process = FakeProcess(request, next(self._pids))
         self.processes[process.pid] = process
-        return Handle(replica_id, self.name, pid=process.pid, start_time=1)
+        return Handle(replica_id, self.name, pid=process.pid, start_time=1, image_digest=self.image_digest)
 
     async def wait(self, handle: Handle) -> int | None:
         process = self.processes[handle.pid or 0]
@@ -59,17 +66,26 @@ class FakeRuntime:
 
     async def stop(self, handle: Handle, grace_s: float) -> None:
         await trio.lowlevel.checkpoint()
+        if self.broken:
+            raise RuntimeFailure(self.broken)
         process = self.processes.get(handle.pid or 0)
         if process is not None:
             process.exit(-15)
 
+    async def is_alive(self, handle: Handle) -> bool:
+        await trio.lowlevel.checkpoint()
+        return self.is_running(handle)
+
+    async def list_owned(self, node_id: str) -> list[Handle]:
+        await trio.lowlevel.checkpoint()
+        if self.broken:
+            raise RuntimeFailure(self.broken)
+        return [Handle(p.request.assignment.replica_id, self.name, pid=p.pid, start_time=1)
+                for p in self.processes.values() if not p.exited.is_set() and p.request.node_id == node_id]
+
     def is_running(self, handle: Handle) -> bool:
         process = self.processes.get(handle.pid or 0)
         return process is not None and not process.exited.is_set()
-
-    def list_running(self, node_id: str) -> list[Handle]:
-        return [Handle(p.request.assignment.replica_id, self.name, pid=p.pid, start_time=1)
-                for p in self.processes.values() if not p.exited.is_set() and p.request.node_id == node_id]
 
     # --- health, for Supervisor(probe=...) ---
 

@@ -173,11 +173,15 @@ class Stack:
         return self.cli("token", "create", "--role", role, *extra).stdout.strip()
 
     def join_node(self, name: str, gpus: Sequence[str] = (), extra: Sequence[str] = (), server_url: str | None = None,
-                  prefix: Sequence[str] = (), env: dict[str, str] | None = None) -> NodeProc:
+                  prefix: Sequence[str] = (), env: dict[str, str] | None = None,
+                  allow_process: bool = True) -> NodeProc:
+        """Join a node; it allows process replicas (what most tests deploy) unless told otherwise."""
         state_dir = self.root / name
         url = server_url or self.server_url
         args = ["node", "join", "--server", url, "--token", self.token("node"), "--name", name,
                 "--state-dir", str(state_dir), *extra]
+        if allow_process:
+            args.append("--allow-process-runtime")
         for gpu in gpus:
             args += ["--gpu", gpu]
         proc = self._spawn(name, args, prefix=prefix, env=env)
@@ -186,11 +190,11 @@ class Stack:
         node.wait_log(rf"connected to {re.escape(url)} as {name}")
         return node
 
-    def restart_node(self, node: NodeProc, wait_connected: bool = True) -> NodeProc:
-        """Run the agent again from its saved credentials (`vectorlay node --state-dir`)."""
+    def restart_node(self, node: NodeProc, wait_connected: bool = True, extra: Sequence[str] = ()) -> NodeProc:
+        """Run the agent again from its saved credentials and options (`vectorlay node --state-dir`)."""
         node.stop()
         offset = len(node.log())
-        proc = self._spawn(node.name, ["node", "--state-dir", str(node.state_dir)])
+        proc = self._spawn(node.name, ["node", "--state-dir", str(node.state_dir), *extra])
         fresh = NodeProc(proc.name, proc.args, proc.log_path, proc.popen, state_dir=node.state_dir)
         self.procs.append(fresh)
         if wait_connected:
@@ -222,6 +226,27 @@ class Stack:
                     os.killpg(pid, signal.SIGKILL)
                 except OSError:
                     pass
+            remove_containers(node_id)
+
+
+def container_ids(node_id: str | None = None, replica: str | None = None, running_only: bool = False) -> list[str]:
+    """Ids of containers vectorlay nodes created (by their labels); [] where podman is missing."""
+    import shutil
+
+    if shutil.which("podman") is None:
+        return []
+    filters = ["--filter", f"label=vectorlay.node={node_id}" if node_id else "label=vectorlay.node"]
+    if replica:
+        filters += ["--filter", f"label=vectorlay.replica={replica}"]
+    argv = ["podman", "ps", "--quiet", "--no-trunc", *filters, *([] if running_only else ["--all"])]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    return result.stdout.split()
+
+
+def remove_containers(node_id: str) -> None:
+    ids = container_ids(node_id)
+    if ids:
+        subprocess.run(["podman", "rm", "--force", "--time", "0", *ids], capture_output=True, timeout=120)
 
 
 def _exited(proc: Proc) -> None:
@@ -231,6 +256,7 @@ def _exited(proc: Proc) -> None:
 def replica_pids(node_id: str | None = None, replica: str | None = None) -> list[int]:
     """Pids of replica processes (session leaders) started by vectorlay nodes, found by their env."""
     found = []
+    own_namespace = os.readlink("/proc/self/ns/pid")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -238,6 +264,8 @@ def replica_pids(node_id: str | None = None, replica: str | None = None) -> list
             environ = (entry / "environ").read_bytes().split(b"\0")
             if os.getpgid(int(entry.name)) != int(entry.name):
                 continue
+            if os.readlink(entry / "ns" / "pid") != own_namespace:
+                continue  # inside a container: see container_ids
         except OSError:
             continue
         values = dict(item.split(b"=", 1) for item in environ if b"=" in item)

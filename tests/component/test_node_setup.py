@@ -1,0 +1,37 @@
+"""The node's options: saved at join, overridden by flags given later, checked on the way in; and
+the address container ports are published on."""
+
+from __future__ import annotations
+
+import pytest
+
+from vectorlay.cli.node import _options
+from vectorlay.errors import UserError
+from vectorlay.node.setup import NodeOptions, publish_ip
+
+
+def test_options_survive_a_restart_and_flags_given_later_win() -> None:
+    joined = NodeOptions(allow_process_runtime=True, container_cli="docker", oci_runtimes=("runc", "runsc"),
+                         gpu_declarations=("RTX 4090:24",))
+    saved = joined.settings()
+    assert NodeOptions.from_settings(saved) == joined
+    assert _options(saved, None, None, None, None) == joined
+    changed = _options(saved, False, "podman", ["crun"], None)
+    assert changed == NodeOptions(False, "podman", ("crun",), ("RTX 4090:24",))
+    # A node joined before these options existed saved only its GPUs: it no longer runs process replicas.
+    assert _options({"gpu": []}, None, None, None, None) == NodeOptions()
+
+
+def test_bad_options_are_user_errors() -> None:
+    with pytest.raises(UserError, match="unknown --oci-runtime 'youki'"):
+        NodeOptions(oci_runtimes=("youki",))
+    with pytest.raises(UserError, match="unknown --container-cli 'lxc'"):
+        NodeOptions(container_cli="lxc")
+    assert NodeOptions(container_cli="/usr/local/bin/docker").container_cli == "/usr/local/bin/docker"
+
+
+def test_ports_are_published_on_the_advertised_address_when_it_is_this_machines() -> None:
+    assert publish_ip("127.0.0.1") == "127.0.0.1"
+    assert publish_ip("localhost") in ("127.0.0.1", "::1")
+    # An address this machine does not have (a router forwarding to it): all addresses.
+    assert publish_ip("203.0.113.7") == "0.0.0.0"
