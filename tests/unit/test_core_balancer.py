@@ -11,7 +11,16 @@ from core_strategies import CHEAP
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vectorlay.core.balancer import DEFAULT_LATENCY_S, Candidate, cost, pick, update_latency
+from vectorlay.core.balancer import (
+    DEFAULT_LATENCY_S,
+    Candidate,
+    chance_first,
+    cost,
+    ejection_s,
+    pick,
+    stale_latency,
+    update_latency,
+)
 
 PICKS = 10_000
 
@@ -32,6 +41,7 @@ candidates_strategy = st.lists(
         key=st.text(max_size=4),
         outstanding=st.integers(min_value=0, max_value=1000),
         latency_s=st.none() | st.floats(min_value=0.0, max_value=60.0),
+        ejected=st.booleans(),
     ),
     max_size=8,
 )
@@ -76,10 +86,15 @@ def test_equal_candidates_share_evenly_among_many() -> None:
         assert 0.15 < share < 0.25
 
 
-def test_a_five_times_slower_candidate_gets_clearly_less() -> None:
+def test_a_five_times_slower_candidate_gets_almost_nothing_while_the_fast_one_is_free() -> None:
+    # Round robin would send it half, and the p99 would be its latency.
     result = shares([Candidate("fast", 0, 0.1), Candidate("slow", 0, 0.5)])
-    assert result["slow"] < 0.30
-    assert result["slow"] > 0.05  # less, not starved: it still gets measured
+    assert result["slow"] < 0.01
+
+
+def test_a_slow_candidate_takes_overflow_once_the_fast_ones_queue_up() -> None:
+    result = shares([Candidate("fast", 9, 0.1), Candidate("slow", 0, 0.5)])
+    assert result["slow"] > 0.9
 
 
 def test_a_five_times_busier_candidate_gets_clearly_less() -> None:
@@ -133,3 +148,86 @@ def test_update_latency_converges_to_a_steady_sample() -> None:
     for _ in range(60):
         latency = update_latency(latency, 0.1)
     assert latency == pytest.approx(0.1, abs=1e-6)
+
+
+@CHEAP
+@given(candidates_strategy, st.integers())
+def test_an_ejected_candidate_is_picked_only_when_all_are_ejected(candidates: list[Candidate], seed: int) -> None:
+    chosen = pick(candidates, random.Random(seed))
+    if any(not c.ejected for c in candidates):
+        assert chosen is not None and not chosen.ejected
+
+
+@CHEAP
+@given(st.floats(min_value=0, max_value=1e6), st.floats(min_value=0, max_value=1e6))
+def test_chances_of_two_sum_to_one_and_favour_the_cheaper(a: float, b: float) -> None:
+    first, second = chance_first(a, b), chance_first(b, a)
+    assert 0.0 <= first <= 1.0
+    assert first + second == pytest.approx(1.0)
+    if a < b:
+        assert first >= 0.5
+    if a == b:
+        assert first == 0.5
+
+
+@CHEAP
+@given(st.floats(min_value=1e-3, max_value=10), st.floats(min_value=1e-3, max_value=10),
+       st.floats(min_value=1e-3, max_value=10))
+def test_a_dearer_rival_never_lowers_the_odds(a: float, b: float, more: float) -> None:
+    assert chance_first(a, b + more) >= chance_first(a, b)
+
+
+def test_pick_never_raises_on_extreme_costs() -> None:
+    result = shares([Candidate("a", 1000, 60.0), Candidate("b", 0, 1e-9)], picks=200)
+    assert result["b"] == 1.0
+
+
+@CHEAP
+@given(st.floats(min_value=0.001, max_value=10), st.floats(min_value=0.001, max_value=10),
+       st.floats(min_value=0, max_value=1000))
+def test_a_stale_latency_drifts_toward_the_fastest_and_never_past_it(latency: float, fastest: float,
+                                                                     age: float) -> None:
+    drifted = stale_latency(latency, fastest, age)
+    assert drifted is not None
+    assert min(latency, fastest) - 1e-9 <= drifted <= latency + 1e-9
+    later = stale_latency(latency, fastest, age + 10)
+    assert later is not None and later <= drifted + 1e-9
+
+
+def test_a_stale_latency_halves_its_excess_every_half_life() -> None:
+    assert stale_latency(0.5, 0.1, 0.0) == pytest.approx(0.5)
+    assert stale_latency(0.5, 0.1, 10.0) == pytest.approx(0.3)
+    assert stale_latency(0.5, 0.1, 20.0) == pytest.approx(0.2)
+    assert stale_latency(None, 0.1, 20.0) is None
+
+
+def test_a_long_ignored_slow_replica_gets_probed_again() -> None:
+    # After a minute without a sample its cost is close to the fast one's: it wins now and then.
+    slow = stale_latency(0.5, 0.1, 60.0)
+    result = shares([Candidate("fast", 0, 0.1), Candidate("slow", 0, slow)])
+    assert result["slow"] > 0.05
+
+
+@CHEAP
+@given(st.integers(min_value=0, max_value=10_000))
+def test_ejection_doubles_and_is_capped(failures: int) -> None:
+    duration = ejection_s(failures, 5.0, 60.0)
+    assert 0.0 <= duration <= 60.0
+    if failures == 0:
+        assert duration == 0.0
+    else:
+        assert duration >= 5.0
+        assert ejection_s(failures + 1, 5.0, 60.0) in (min(60.0, duration * 2), 60.0)
+
+
+def test_three_equal_candidates_share_evenly() -> None:
+    for share in shares([Candidate(str(i), 0, 0.02) for i in range(3)]).values():
+        assert 0.28 < share < 0.39
+
+
+def test_among_three_the_slow_one_is_left_out_while_a_fast_one_is_free() -> None:
+    # Two fast replicas, one of them busy, and a slow one: the free fast one is always compared
+    # (sampling two of three would leave it out a third of the time and send the slow one traffic).
+    result = shares([Candidate("fast", 0, 0.01), Candidate("busy", 3, 0.01), Candidate("slow", 0, 0.05)])
+    assert result["slow"] < 0.01
+    assert result["fast"] > 0.9

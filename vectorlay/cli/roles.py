@@ -13,6 +13,7 @@ import typer
 from vectorlay.cli.common import ServerOpt, TokenOpt, VerboseOpt, data_dir, duration, parse_listen, run
 from vectorlay.client.config import Context, resolve, save_context
 from vectorlay.client.output import stderr
+from vectorlay.errors import UserError
 from vectorlay.lifecycle import setup_logging, until_signalled
 
 
@@ -55,21 +56,57 @@ def proxy(
     token: TokenOpt = None,
     listen: Annotated[str, typer.Option(help="HTTP address to serve clusters on.")] = "127.0.0.1:8080",
     domain: Annotated[str, typer.Option(help="Clusters are served at <cluster>.<domain>.")] = "localhost",
+    tls_cert: Annotated[Path | None, typer.Option(help="Serve HTTPS with this certificate chain (PEM); "
+                                                       "SIGHUP reloads it.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The certificate's private key (PEM).")] = None,
+    metrics_listen: Annotated[str | None, typer.Option(
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics.")] = None,
+    max_connections: Annotated[int, typer.Option(min=1, help="Client connections at once.")] = 10_000,
+    max_body: Annotated[str, typer.Option(help="Largest request body (e.g. 16MiB); more is 413.")] = "16MiB",
+    header_timeout: Annotated[str, typer.Option(help="Time for a request's headers; then 408.")] = "10s",
+    idle_timeout: Annotated[str, typer.Option(help="Close kept-alive client connections idle this long.")] = "60s",
+    upstream_timeout: Annotated[str, typer.Option(
+        help="Wait this long for a replica's response head (and between streamed chunks).")] = "300s",
+    eject_time: Annotated[str, typer.Option(
+        help="How long a failing replica is first left out; doubles while it keeps failing.")] = "5s",
+    shutdown_grace: Annotated[str, typer.Option(
+        help="On SIGTERM, how long requests in flight get to finish.")] = "30s",
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the edge proxy: routes http://<cluster>.<domain>/ to ready replicas."""
-    from vectorlay.proxy.app import ProxyConfig, run_proxy
+    from vectorlay.proxy.app import ProxyConfig, serve_until_signalled
+    from vectorlay.proxy.limits import ProxyLimits, parse_size
 
     setup_logging(verbose)
     ctx = resolve(server_url, token)
     host, port = parse_listen(listen, 8080)
-    config = ProxyConfig(ctx.server, ctx.token, host, port, domain)
+    if (tls_cert is None) != (tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together")
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(run_proxy, config)
+    def _seconds(text: str, option: str) -> float:
+        value = duration(text, option)
+        if not value:
+            raise UserError(f"invalid {option}: must be more than 0")
+        return value
 
-    run(partial(until_signalled, main))
+    try:
+        body_bytes = parse_size(max_body)
+    except ValueError as error:
+        raise UserError(f"invalid --max-body: {error}") from None
+    defaults = ProxyLimits()
+    limits = ProxyLimits(
+        max_body_bytes=body_bytes,
+        retry_buffer_bytes=min(defaults.retry_buffer_bytes, body_bytes),
+        header_timeout_s=_seconds(header_timeout, "--header-timeout"),
+        idle_timeout_s=_seconds(idle_timeout, "--idle-timeout"),
+        max_connections=max_connections,
+        upstream_response_timeout_s=_seconds(upstream_timeout, "--upstream-timeout"),
+        eject_s=_seconds(eject_time, "--eject-time"),
+        shutdown_grace_s=_seconds(shutdown_grace, "--shutdown-grace"),
+    )
+    config = ProxyConfig(ctx.server, ctx.token, host, port, domain, limits, tls_cert=tls_cert, tls_key=tls_key,
+                         metrics_listen=parse_listen(metrics_listen, 9090) if metrics_listen else None)
+    run(serve_until_signalled, config)
 
 
 def dev(

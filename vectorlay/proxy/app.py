@@ -1,16 +1,21 @@
-"""`vectorlay proxy`: follow the server's routes and serve HTTP on the listen address."""
+"""`vectorlay proxy`: follow the server's routes and serve HTTP (or HTTPS) on the listen address."""
 
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass
-from functools import partial
+from pathlib import Path
 
 import trio
 
 from vectorlay.proxy.feed import follow_routes
-from vectorlay.proxy.http import Proxy, ProxyLimits
+from vectorlay.proxy.http import Proxy
+from vectorlay.proxy.limits import ProxyLimits
+from vectorlay.proxy.listener import Edge, raise_open_files_limit
+from vectorlay.proxy.metrics import serve_metrics
 from vectorlay.proxy.routing import RouteTable
+from vectorlay.proxy.tls import TlsTerminator
 
 log = logging.getLogger("vectorlay.proxy")
 
@@ -26,40 +31,83 @@ class ProxyConfig:
     domain: str = "localhost"
     limits: ProxyLimits = ProxyLimits()
     public_port: int | None = None  # the port in endpoint URLs, if not the listen port
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics_listen: tuple[str, int] | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
 
     def url_template(self, port: int) -> str:
-        return f"http://{{cluster}}.{self.domain}:{self.public_port or port}/"
+        return f"{self.scheme}://{{cluster}}.{self.domain}:{self.public_port or port}/"
 
 
 @dataclass(frozen=True)
 class ProxyStarted:
     port: int
     proxy: Proxy
+    edge: Edge
+    tls: TlsTerminator | None
+    metrics_port: int | None
 
 
 async def run_proxy(
     config: ProxyConfig, *, task_status: trio.TaskStatus[ProxyStarted] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    table = RouteTable()
+    tls = TlsTerminator(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
+    raise_open_files_limit(2 * config.limits.max_connections + 256)
+    table = RouteTable(limits=config.limits)
     proxy = Proxy(table, config.domain, config.limits)
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     port = listeners[0].socket.getsockname()[1]
+    template = config.url_template(port)
+    edge = Edge(proxy, listeners, tls)
     async with trio.open_nursery() as nursery:
+        metrics_port = None
+        if config.metrics_listen is not None:
+            metrics_host, wanted = config.metrics_listen
+            metrics_listeners = await trio.open_tcp_listeners(wanted, host=metrics_host)
+            metrics_port = metrics_listeners[0].socket.getsockname()[1]
+            await nursery.start(serve_metrics, proxy.metrics, metrics_listeners)
+            log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
         with trio.move_on_after(FIRST_ROUTES_WAIT_S) as scope:
-            await nursery.start(follow_routes, config.server, config.token, config.url_template(port), table)
+            await nursery.start(follow_routes, config.server, config.token, template, table)
         if scope.cancelled_caught:
             log.warning("no route table from %s yet; serving anyway (every cluster is unknown until it arrives)",
                         config.server)
-            nursery.start_soon(follow_routes, config.server, config.token, config.url_template(port), table)
-        nursery.start_soon(partial(trio.serve_listeners, partial(_serve_client, proxy), listeners))
-        log.info("proxy listening on http://%s:%d (clusters at %s)", config.host, port, config.url_template(port))
-        task_status.started(ProxyStarted(port, proxy))
+            nursery.start_soon(follow_routes, config.server, config.token, template, table)
+        await nursery.start(edge.serve)
+        log.info("proxy listening on %s://%s:%d (clusters at %s)", config.scheme, config.host, port, template)
+        task_status.started(ProxyStarted(port, proxy, edge, tls, metrics_port))
 
 
-async def _serve_client(proxy: Proxy, stream: trio.SocketStream) -> None:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-        peer = str(host)
-    except OSError:
-        peer = "unknown"
-    await proxy.handle_connection(stream, peer)
+async def serve_until_signalled(config: ProxyConfig) -> None:
+    """Run the proxy. SIGHUP reloads the TLS certificate; SIGTERM or SIGINT stop accepting and let
+    requests in flight finish (up to the shutdown grace); a second one stops at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            started: ProxyStarted = await nursery.start(run_proxy, config)
+
+            async def stop_gracefully() -> None:
+                grace = config.limits.shutdown_grace_s
+                if await started.edge.shutdown(grace):
+                    log.info("every request in flight finished; stopping")
+                nursery.cancel_scope.cancel()
+
+            stopping = False
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if started.tls is not None:
+                        started.tls.reload()
+                    else:
+                        log.info("received SIGHUP; no TLS certificate to reload")
+                elif not stopping:
+                    stopping = True
+                    log.info("received %s, shutting down: finishing %d request(s) in flight (up to %gs)",
+                             name, started.proxy.in_flight, config.limits.shutdown_grace_s)
+                    nursery.start_soon(stop_gracefully)
+                else:
+                    log.info("received %s again; stopping now", name)
+                    nursery.cancel_scope.cancel()

@@ -1,234 +1,313 @@
 """The proxy's HTTP side: h11 over trio streams, one task per client connection.
 
-Requests are routed by Host header to a ready replica, forwarded on a pooled keep-alive
-connection and the response is streamed back event by event (chunked and SSE responses pass
-through as they arrive). A request whose body was fully buffered is retried on another replica
-if the first one fails before any response byte reached the client.
+Each request is admitted (known cluster, body size, API key, rate limits), then forwarded to a
+replica chosen by the balancer on a pooled keep-alive connection, and the response is streamed
+back event by event (chunked and SSE responses pass through as they arrive, with back-pressure
+both ways). A request whose body was fully buffered is retried on another replica if the first
+one fails before any response byte reached the client, within the cluster's retry budget.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import uuid
-from collections.abc import Sequence
+import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import TypeVar
 
 import h11
 import trio
 
-from vectorlay.core import balancer
-from vectorlay.proxy.routing import EndpointStats, RouteTable, cluster_from_host
-from vectorlay.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool
+from vectorlay.errors import unwrap_group
+from vectorlay.proxy import headers as hdr
+from vectorlay.proxy.auth import API_KEY, authorize
+from vectorlay.proxy.client import ClientConnection, ClientGone, HeaderTimeout
+from vectorlay.proxy.limits import ProxyLimits
+from vectorlay.proxy.metrics import UNKNOWN, ClusterMetrics, Metrics
+from vectorlay.proxy.routing import ClusterRoute, EndpointStats, RouteTable, cluster_from_host
+from vectorlay.proxy.upstream import UpstreamConnectError, UpstreamConnection, UpstreamError, UpstreamPool
+
+__all__ = ["ClientGone", "Proxy", "ProxyLimits"]
 
 log = logging.getLogger("vectorlay.proxy")
 
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade", b"proxy-connection",
-})
-READ_SIZE = 64 * 1024
+T = TypeVar("T")
+
+GATEWAY_ERRORS = frozenset({502, 503, 504})  # from a replica: it is failing; eject, try another
+QUICK_HEAD_S = 0.05  # a head this fast needs no watch on the client meanwhile
+DRAIN_BODY_BYTES = 64 * 1024  # an unread body up to this is read and dropped after an error reply
+MAX_FLUSH_BYTES = 256 * 1024
+CLIENT_GONE_STATUS = 499
+CLOSE_TIMEOUT_S = 1.0
+LINGER_S = 0.5
+LINGER_BYTES = 1024 * 1024  # nginx's code, for the metrics of requests whose client left
 
 
-@dataclass(frozen=True)
-class ProxyLimits:
-    max_header_bytes: int = 16 * 1024
-    retry_buffer_bytes: int = 1024 * 1024  # bodies up to this are buffered so they can be retried
-    header_timeout_s: float = 10.0
-    idle_timeout_s: float = 60.0
-    upstream_connect_timeout_s: float = 2.0
-    upstream_response_timeout_s: float = 300.0
-    max_attempts: int = 3
-    eject_s: float = 5.0
+@dataclass
+class _Attempt:
+    """A failure of one attempt before any response byte reached the client."""
+
+    error: str
+    eject: bool = True  # the replica's fault (not a stale pooled connection or a route change)
+    stale: bool = False  # a reused keep-alive connection failed: try again, not the replica's fault
+    retry: bool = True  # worth another replica (a response timeout is not: it would double the wait)
+    status: int = 502  # what the client gets if nothing else can be tried
 
 
-class ClientGone(Exception):
-    """The client closed its connection: stop work on its behalf."""
-
-
-class ClientConnection:
-    def __init__(self, stream: trio.abc.Stream, limits: ProxyLimits, peer: str, scheme: str) -> None:
-        self.stream = stream
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
-        self.peer = peer
-        self.scheme = scheme
-
-    async def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            try:
-                data = await self.stream.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                raise ClientGone() from None
-            self.conn.receive_data(bytes(data))
-
-    async def send(self, event: h11.Event) -> None:
-        data = self.conn.send(event)
-        if data:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                raise ClientGone() from None
-
-    @property
-    def response_started(self) -> bool:
-        return self.conn.our_state is not h11.SEND_RESPONSE
+class _Retry(Exception):
+    def __init__(self, attempt: _Attempt) -> None:
+        super().__init__(attempt.error)
+        self.attempt = attempt
 
 
 class Proxy:
-    def __init__(self, routes: RouteTable, domain: str, limits: ProxyLimits | None = None) -> None:
+    def __init__(self, routes: RouteTable, domain: str, limits: ProxyLimits | None = None,
+                 metrics: Metrics | None = None, pool: UpstreamPool | None = None) -> None:
         self.routes = routes
         self.domain = domain
         self.limits = limits or ProxyLimits()
-        self.pool = UpstreamPool(self.limits.upstream_connect_timeout_s)
+        self.metrics = metrics or Metrics()
+        self.pool = pool or UpstreamPool(self.limits.upstream_connect_timeout_s)
         self.in_flight = 0
+        self.draining = False
+        self._clients: set[ClientConnection] = set()
+        routes.on_endpoint_removed.append(lambda endpoint: self.pool.forget(endpoint.address))
+
+    # ---- connections ----
+
+    def drain(self) -> None:
+        """Graceful shutdown: idle connections close now; busy ones after their current response."""
+        self.draining = True
+        for client in list(self._clients):
+            if client.idle_scope is not None:
+                client.idle_scope.cancel()
 
     async def handle_connection(self, stream: trio.abc.Stream, peer: str, scheme: str = "http") -> None:
         client = ClientConnection(stream, self.limits, peer, scheme)
+        self.metrics.connections += 1
+        self._clients.add(client)
         try:
-            while True:
-                idle = client.conn.their_state is h11.IDLE
-                timeout = self.limits.idle_timeout_s if idle else self.limits.header_timeout_s
-                with trio.move_on_after(timeout) as scope:
-                    event = await client.next_event()
-                if scope.cancelled_caught:
-                    if client.conn.their_state is h11.SEND_BODY or client.conn.our_state is h11.SEND_RESPONSE:
-                        await self._error(client, 408, "request timeout")
-                    return
-                if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                    return
-                if isinstance(event, h11.Request):
-                    self.in_flight += 1
-                    try:
-                        await self._forward(client, event)
-                    finally:
-                        self.in_flight -= 1
-                if client.conn.our_state is h11.MUST_CLOSE or client.conn.their_state is h11.MUST_CLOSE:
-                    return
-                if client.conn.our_state is h11.DONE and client.conn.their_state is h11.DONE:
-                    client.conn.start_next_cycle()
-                elif client.conn.our_state is h11.DONE:
-                    return  # we answered without reading the whole body: cannot reuse
-        except h11.RemoteProtocolError as error:
-            if client.conn.our_state is h11.SEND_RESPONSE:
-                status = error.error_status_hint
-                try:
-                    await self._error(client, status, f"bad request: {error}")
-                except (ClientGone, h11.LocalProtocolError):
-                    pass
-        except trio.TooSlowError:
-            if client.conn.our_state is h11.SEND_RESPONSE:
-                try:
-                    await self._error(client, 408, "request timeout")
-                except (ClientGone, h11.LocalProtocolError):
-                    pass
+            await self._serve(client)
         except ClientGone:
             pass
         finally:
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            self._clients.discard(client)
+            self.metrics.connections -= 1
+            # Shielded so a cancelled connection still closes; bounded so a TLS peer that stopped
+            # reading cannot hold the close_notify forever.
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                try:
+                    if client.unread_input:
+                        await _linger(stream)
+                    await stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
 
-    async def _forward(self, client: ClientConnection, request: h11.Request) -> None:
-        # Read (up to the retry limit) before deciding anything, so that even an error reply
-        # leaves the connection clean for the client's next request.
-        body, complete = await self._read_body(client)
-        host = _header(request.headers, b"host")
-        cluster_name = cluster_from_host(host.decode("latin-1"), self.domain) if host else None
-        if cluster_name is None:
-            await self._error(client, 404, f"unknown host; use http://<cluster>.{self.domain}/")
-            return
-        route = self.routes.clusters.get(cluster_name)
-        if route is None:
-            await self._error(client, 404, "unknown cluster", cluster=cluster_name)
-            return
-        if not route.endpoints:
-            await self._error(client, 503, "no ready replica", cluster=cluster_name)
-            return
-        request_id = _header(request.headers, b"x-request-id") or uuid.uuid4().hex.encode()
-        headers = self._upstream_headers(request, client, request_id)
-        tried: set[str] = set()
-        last_error = "no replica answered"
-        for _attempt in range(self.limits.max_attempts):
-            stats = self.routes.choose(route, trio.current_time(), tried)
-            if stats is None:
-                break
-            tried.add(stats.endpoint.replica_id)
+    async def _serve(self, client: ClientConnection) -> None:
+        while not self.draining:
             try:
-                await self._exchange(client, stats, request, headers, body, complete, request_id)
+                event = await client.next_request()
+            except HeaderTimeout:
+                await self._reply_error(client, 408, "request headers took too long")
                 return
-            except UpstreamError as error:
-                last_error = str(error)
-                self._eject(stats)
-                log.warning("%s: replica %s failed: %s", cluster_name, stats.endpoint.replica_id, error)
-                if client.response_started or not complete:
-                    raise ClientGone() from None  # nothing safe left to do: close the client
-        await self._error(client, 502, f"bad gateway: {last_error}", cluster=cluster_name)
+            except h11.RemoteProtocolError as error:
+                await self._reply_error(client, error.error_status_hint, _protocol_problem(error))
+                return
+            if event is None or not isinstance(event, h11.Request):
+                return  # closed, idle too long, or drained
+            if hdr.head_size(event) > self.limits.max_header_bytes:
+                # h11 only bounds a head still arriving; one that came in a single read is measured here.
+                await self._reply_error(client, 431, "request line and headers too large")
+                return
+            await self._serve_request(client, event)
+            conn = client.conn
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+            else:
+                return  # closing, or we answered without reading the whole body
+
+    async def _reply_error(self, client: ClientConnection, status: int, message: str) -> int:
+        """Answer a broken request if nothing was sent yet; the connection closes after it."""
+        if client.response_started:
+            return CLIENT_GONE_STATUS
+        client.unread_input = True
+        try:
+            await self._error(client, status, message, close=True)
+        except (ClientGone, h11.LocalProtocolError):
+            return CLIENT_GONE_STATUS
+        return status
+
+    # ---- one request ----
+
+    async def _serve_request(self, client: ClientConnection, request: h11.Request) -> None:
+        started = trio.current_time()
+        client.request_length = hdr.header(request.headers, b"content-length")
+        host = hdr.header(request.headers, b"host")
+        name = cluster_from_host(host.decode("latin-1"), self.domain) if host else None
+        cluster = self.routes.clusters.get(name) if name else None
+        metrics = self.metrics.clusters[cluster.name if cluster else UNKNOWN]
+        metrics.in_flight += 1
+        self.in_flight += 1
+        status = CLIENT_GONE_STATUS
+        try:
+            if name is None:
+                status = await self._refuse(client, 404, f"unknown host; use http://<cluster>.{self.domain}/")
+            elif cluster is None:
+                status = await self._refuse(client, 404, "unknown cluster", cluster=name)
+            else:
+                status = await self._admit_and_forward(client, request, cluster, metrics)
+        except ClientGone as gone:
+            status = gone.status if isinstance(gone, _Truncated) else CLIENT_GONE_STATUS
+            raise
+        except trio.TooSlowError:
+            status = await self._reply_error(client, 408, "request body took too long")
+        except _BodyTooLarge:
+            status = await self._reply_error(client, 413, f"request body over {self.limits.max_body_bytes} bytes")
+        except h11.RemoteProtocolError as error:
+            status = await self._reply_error(client, error.error_status_hint, _protocol_problem(error))
+        finally:
+            metrics.in_flight -= 1
+            self.in_flight -= 1
+            metrics.observe(status, trio.current_time() - started)
+
+    async def _admit_and_forward(self, client: ClientConnection, request: h11.Request, cluster: ClusterRoute,
+                                 metrics: ClusterMetrics) -> int:
+        length = client.request_length
+        if length.isdigit() and int(length) > self.limits.max_body_bytes:
+            return await self._refuse(client, 413, f"request body over {self.limits.max_body_bytes} bytes",
+                                      cluster=cluster.name)
+        route = cluster.route
+        auth = authorize(route.auth, cluster.key_hashes, hdr.header(request.headers, b"authorization"))
+        if not auth.allowed:
+            return await self._refuse(client, 401, auth.problem, cluster=cluster.name,
+                                      extra=[(b"www-authenticate", b'Bearer realm="vectorlay"')])
+        wait = cluster.limiter.admit(auth.key_hash or client.peer, trio.current_time())
+        if wait is not None:
+            retry_after = str(max(1, math.ceil(wait))).encode()
+            return await self._refuse(client, 429, "rate limit exceeded", cluster=cluster.name,
+                                      extra=[(b"retry-after", retry_after)])
+        if not cluster.endpoints:
+            return await self._refuse(client, 503, "no ready replica", cluster=cluster.name)
+        if client.conn.they_are_waiting_for_100_continue:
+            client.queue(h11.InformationalResponse(status_code=100, headers=[]))
+            await client.flush()
+        body, complete = await self._read_body(client)
+        rid = hdr.request_id(request.headers)
+        headers = hdr.upstream_request_headers(request.headers, client.peer, client.scheme, rid,
+                                               strip_authorization=route.auth == API_KEY)
+        hdr.set_body_framing(headers, sum(map(len, body)) if complete else None,
+                             had_body=bool(body or client.request_length) or hdr.is_chunked(request.headers))
+        upstream_request = h11.Request(method=request.method, target=request.target, headers=headers)
+        return await self._forward(client, cluster, metrics, upstream_request, body, complete, rid)
 
     async def _read_body(self, client: ClientConnection) -> tuple[list[bytes], bool]:
         """Buffer the request body up to the retry limit; (chunks, whether it is complete)."""
         chunks: list[bytes] = []
         size = 0
         while size <= self.limits.retry_buffer_bytes:
-            with trio.fail_after(self.limits.header_timeout_s):
-                event = await client.next_event()
+            event = await client.next_body_event()
             if isinstance(event, h11.Data):
                 chunks.append(bytes(event.data))
                 size += len(event.data)
+                if size > self.limits.max_body_bytes:
+                    raise _BodyTooLarge()
             elif isinstance(event, h11.EndOfMessage):
                 return chunks, True
             else:
                 raise ClientGone()
         return chunks, False
 
-    def _upstream_headers(self, request: h11.Request, client: ClientConnection,
-                          request_id: bytes) -> list[tuple[bytes, bytes]]:
-        headers = [(k, v) for k, v in request.headers if k not in HOP_BY_HOP and k not in _REPLACED]
-        forwarded_for = _header(request.headers, b"x-forwarded-for")
-        peer = client.peer.encode()
-        headers.append((b"x-forwarded-for", forwarded_for + b", " + peer if forwarded_for else peer))
-        headers.append((b"x-forwarded-proto", client.scheme.encode()))
-        headers.append((b"x-request-id", request_id))
-        return headers
+    async def _forward(self, client: ClientConnection, cluster: ClusterRoute, metrics: ClusterMetrics,
+                       request: h11.Request, body: list[bytes], complete: bool, rid: bytes) -> int:
+        cluster.budget.on_request()
+        tried: set[str] = set()
+        stale_retried = False
+        failure = _Attempt("no replica answered")
+        while True:
+            stats = self.routes.choose(cluster, trio.current_time(), tried)
+            if stats is None:
+                break
+            others = tried | {stats.endpoint.replica_id}
 
-    async def _exchange(self, client: ClientConnection, stats: EndpointStats, request: h11.Request,
-                        headers: list[tuple[bytes, bytes]], body: list[bytes], complete: bool,
-                        request_id: bytes) -> None:
-        upstream = await self.pool.acquire(stats.endpoint.address)
+            def can_retry(others: set[str] = others) -> bool:
+                return (complete and len(others) < self.limits.max_attempts
+                        and self.routes.choose(cluster, trio.current_time(), others) is not None)
+
+            try:
+                return await self._exchange(client, stats, metrics, request, body, complete, rid, can_retry)
+            except _Retry as retry:
+                failure = retry.attempt
+            log.warning("%s: replica %s failed: %s", cluster.name, stats.endpoint.replica_id, failure.error)
+            now = trio.current_time()
+            if failure.eject:
+                stats.eject(now, self.limits)
+                metrics.ejections += 1
+            if not failure.retry or not complete:
+                break  # a timeout, or part of the body is gone upstream and cannot be sent again
+            if failure.stale and not stale_retried:
+                stale_retried = True  # a kept-alive connection the replica had closed: not its fault
+                continue
+            tried.add(stats.endpoint.replica_id)
+            if len(tried) >= self.limits.max_attempts:
+                break
+            if not cluster.budget.try_retry(now):
+                failure = _Attempt(f"{failure.error}; retry budget spent", status=failure.status)
+                break
+            metrics.retries += 1
+        if client.response_started:
+            raise ClientGone()
+        return await self._refuse(client, failure.status, f"bad gateway: {failure.error}", cluster=cluster.name)
+
+    async def _exchange(self, client: ClientConnection, stats: EndpointStats, metrics: ClusterMetrics,
+                        request: h11.Request, body: list[bytes], complete: bool, rid: bytes,
+                        can_retry: Callable[[], bool]) -> int:
+        try:
+            upstream = await self.pool.acquire(stats.endpoint.address)
+        except UpstreamConnectError as error:
+            metrics.connect_errors += 1
+            raise _Retry(_Attempt(str(error))) from None
         stats.outstanding += 1
         started = trio.current_time()
         clean = False
         try:
-            await upstream.send(h11.Request(method=request.method, target=request.target, headers=headers))
-            for chunk in body:
-                await upstream.send(h11.Data(data=chunk))
-            if complete:
-                await upstream.send(h11.EndOfMessage())
+            try:
+                upstream.queue(request)
+                for chunk in body:
+                    upstream.queue(h11.Data(data=chunk))
+                if complete:
+                    upstream.queue(h11.EndOfMessage())
+                    await upstream.flush()
+                else:
+                    await upstream.flush()
+                    await self._stream_rest_of_body(client, upstream, sum(map(len, body)))
+                response = await self._await_head(client, upstream, stats)
+            except UpstreamError as error:
+                stale = upstream.reused and not upstream.received
+                raise _Retry(_Attempt(str(error), eject=not stale, stale=stale)) from None
+            now = trio.current_time()
+            stats.record_latency(now - started, now)
+            if response.status_code in GATEWAY_ERRORS:
+                if can_retry():
+                    raise _Retry(_Attempt(f"answered {response.status_code}", status=response.status_code))
+                stats.eject(now, self.limits)
+                metrics.ejections += 1
             else:
-                await self._stream_rest_of_body(client, upstream)
-            with trio.move_on_after(self.limits.upstream_response_timeout_s) as scope:
-                stats.awaiting_head.add(scope)
-                try:
-                    response = await upstream.next_event()
-                finally:
-                    stats.awaiting_head.discard(scope)
-            if scope.cancelled_caught:
-                if not stats.routed:
-                    raise UpstreamError("the replica left routing before answering")
-                raise UpstreamError(f"no response within {self.limits.upstream_response_timeout_s:g}s")
-            while isinstance(response, h11.InformationalResponse):
-                response = await upstream.next_event()
-            if not isinstance(response, h11.Response):
-                raise UpstreamError(f"closed the connection without a response ({type(response).__name__})")
-            out_headers = [(k, v) for k, v in response.headers if k not in HOP_BY_HOP]
-            out_headers.append((b"x-request-id", request_id))
-            await client.send(h11.Response(status_code=response.status_code, headers=out_headers,
-                                           reason=response.reason))
-            stats.latency_s = balancer.update_latency(stats.latency_s, trio.current_time() - started)
-            await self._relay_body(client, upstream)
+                stats.record_success()
+            close = self.draining or client.conn.their_state is not h11.DONE
+            client.queue(h11.Response(status_code=response.status_code, reason=response.reason,
+                                      headers=hdr.client_response_headers(response.headers, rid, close)))
+            try:
+                if _is_streaming(response):
+                    await self._watching_client(client, lambda: self._relay_body(client, upstream))
+                else:
+                    await self._relay_body(client, upstream)
+            except UpstreamError as error:
+                log.warning("replica %s failed mid-response: %s", stats.endpoint.replica_id, error)
+                raise _Truncated(response.status_code) from None
             clean = True
+            return response.status_code
         finally:
             stats.outstanding -= 1
             if clean:
@@ -236,10 +315,51 @@ class Proxy:
             else:
                 await upstream.aclose()
 
-    async def _stream_rest_of_body(self, client: ClientConnection, upstream: UpstreamConnection) -> None:
+    async def _await_head(self, client: ClientConnection, upstream: UpstreamConnection,
+                          stats: EndpointStats) -> h11.Response:
+        """The replica's response head. A slow one is awaited while watching the client, so a
+        client that gives up cancels the request upstream (a GPU stops working for nobody)."""
+        with trio.move_on_after(QUICK_HEAD_S):
+            return await _next_head(upstream)
+        timeout = self.limits.upstream_response_timeout_s
+        with trio.move_on_after(timeout) as scope:
+            stats.awaiting_head.add(scope)
+            try:
+                return await self._watching_client(client, lambda: _next_head(upstream))
+            finally:
+                stats.awaiting_head.discard(scope)
+        if not stats.routed:
+            raise _Retry(_Attempt("the replica left routing before answering", eject=False))
+        raise _NoHead(f"no response within {timeout:g}s")
+
+    async def _watching_client(self, client: ClientConnection, work: Callable[[], Awaitable[T]]) -> T:
+        """Run `work`, cancelling it (ClientGone) if the client closes its connection meanwhile."""
+        gone = False
+        result: list[T] = []
+        with unwrap_group():
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    nonlocal gone
+                    await client.wait_gone()
+                    gone = True
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                result.append(await work())
+                nursery.cancel_scope.cancel()
+        if gone or not result:
+            raise ClientGone()
+        return result[0]
+
+    async def _stream_rest_of_body(self, client: ClientConnection, upstream: UpstreamConnection,
+                                   size: int) -> None:
         while True:
-            event = await client.next_event()
+            event = await client.next_body_event()
             if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > self.limits.max_body_bytes:
+                    raise _BodyTooLarge()
                 await upstream.send(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
                 await upstream.send(h11.EndOfMessage())
@@ -248,36 +368,121 @@ class Proxy:
                 raise ClientGone()
 
     async def _relay_body(self, client: ClientConnection, upstream: UpstreamConnection) -> None:
-        """Pass the response body through event by event: each upstream chunk goes out at once."""
+        """Pass the response body through as it arrives: whatever is buffered goes out in one
+        write, and the client's write completes before more is read from the replica."""
+        timeout = self.limits.upstream_response_timeout_s
         while True:
-            event = await upstream.next_event()
+            event = upstream.buffered_event()
+            if event is h11.NEED_DATA or client.pending_bytes > MAX_FLUSH_BYTES:
+                await client.flush()
+                if event is h11.NEED_DATA:
+                    with trio.move_on_after(timeout) as scope:
+                        event = await upstream.next_event()
+                    if scope.cancelled_caught:
+                        raise ClientGone()  # the replica stalled mid-response: end the client's too
             if isinstance(event, h11.Data):
-                await client.send(h11.Data(data=event.data))
+                client.queue(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
-                await client.send(h11.EndOfMessage())
+                client.queue(h11.EndOfMessage())
+                await client.flush()
                 return
-            else:
+            elif event is not h11.NEED_DATA:
                 raise ClientGone()  # the replica vanished mid-response: the client must not reuse this
 
-    def _eject(self, stats: EndpointStats) -> None:
-        stats.failures += 1
-        stats.ejected_until = trio.current_time() + min(60.0, self.limits.eject_s * 2 ** (stats.failures - 1))
+    # ---- refusals ----
 
-    async def _error(self, client: ClientConnection, status: int, message: str, **extra: str) -> None:
-        body = json.dumps({"error": message, "status": status, **extra}).encode() + b"\n"
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if status in (400, 408, 431):
+    async def _refuse(self, client: ClientConnection, status: int, message: str, cluster: str | None = None,
+                      extra: list[tuple[bytes, bytes]] | None = None) -> int:
+        """Answer with an error, reading a small unread body first so the connection stays usable."""
+        close = self.draining
+        if client.conn.their_state is h11.SEND_BODY and not await self._discard_body(client, client.request_length):
+            close = client.unread_input = True
+        await self._error(client, status, message, close=close, cluster=cluster, extra=extra)
+        return status
+
+    async def _discard_body(self, client: ClientConnection, request_length: bytes) -> bool:
+        """Read and drop a small unread request body; False if it is too big or too slow for that."""
+        if client.conn.they_are_waiting_for_100_continue:
+            return False  # the client has not sent it and need not
+        if request_length.isdigit() and int(request_length) > DRAIN_BODY_BYTES:
+            return False
+        read = 0
+        with trio.move_on_after(self.limits.header_timeout_s):
+            while read <= DRAIN_BODY_BYTES:
+                event = await client.next_body_event()
+                if isinstance(event, h11.EndOfMessage):
+                    return True
+                if not isinstance(event, h11.Data):
+                    return False
+                read += len(event.data)
+        return False
+
+    async def _error(self, client: ClientConnection, status: int, message: str, close: bool = False,
+                     cluster: str | None = None, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        payload: dict[str, object] = {"error": message, "status": status}
+        if cluster:
+            payload["cluster"] = cluster
+        body = json.dumps(payload).encode() + b"\n"
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   *(extra or [])]
+        if close:
             headers.append((b"connection", b"close"))
-        await client.send(h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase))
-        await client.send(h11.Data(data=body))
-        await client.send(h11.EndOfMessage())
+        client.queue(h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase))
+        client.queue(h11.Data(data=body))
+        client.queue(h11.EndOfMessage())
+        await client.flush()
 
 
-_REPLACED = frozenset({b"x-forwarded-proto", b"x-request-id", b"x-forwarded-for"})
+class _BodyTooLarge(Exception):
+    pass
 
 
-def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes:
-    for key, value in headers:
-        if key == name:
-            return bytes(value)
-    return b""
+class _NoHead(_Retry):
+    def __init__(self, error: str) -> None:
+        super().__init__(_Attempt(error, retry=False, status=504))
+
+
+class _Truncated(ClientGone):
+    """The replica failed mid-response: the client's connection is closed to show it."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__()
+        self.status = status
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Close our side, then read and drop what the client still sends for a moment.
+
+    Closing a socket with unread input makes the kernel send a reset, which can destroy the error
+    response we just wrote before the client reads it (nginx's lingering close, for the same reason).
+    """
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        return
+    await stream.send_eof()
+    drained = 0
+    with trio.move_on_after(LINGER_S):
+        while drained < LINGER_BYTES:
+            data = await stream.receive_some(64 * 1024)
+            if not data:
+                return
+            drained += len(data)
+
+
+async def _next_head(upstream: UpstreamConnection) -> h11.Response:
+    event = await upstream.next_event()
+    while isinstance(event, h11.InformationalResponse):
+        event = await upstream.next_event()
+    if isinstance(event, h11.Response):
+        return event
+    raise UpstreamError(f"{upstream.address} closed the connection without a response")
+
+
+def _is_streaming(response: h11.Response) -> bool:
+    """Chunked or close-delimited: possibly long and paced (SSE), worth watching the client."""
+    return not hdr.header(response.headers, b"content-length")
+
+
+def _protocol_problem(error: h11.RemoteProtocolError) -> str:
+    if error.error_status_hint == 431:
+        return "request line and headers too large"
+    return f"bad request: {str(error)[:200]}"

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from vectorlay.core import balancer
 from vectorlay.core.protocol import Endpoint, Route, RouteSnapshot, RouteUpdate
+from vectorlay.proxy.limits import ProxyLimits
+from vectorlay.proxy.ratelimit import ClusterLimiter
+from vectorlay.proxy.retries import RetryBudget
 
 
 @dataclass
@@ -18,8 +22,9 @@ class EndpointStats:
     endpoint: Endpoint
     outstanding: int = 0
     latency_s: float | None = None
+    sampled_at: float = 0.0  # when latency_s last took a sample
     ejected_until: float = 0.0
-    failures: int = 0
+    failures: int = 0  # consecutive; a success resets it
     # Requests waiting for this replica's response head; cancelled if it leaves routing, so they
     # can be retried elsewhere instead of hanging on a node the server has given up on.
     awaiting_head: set[trio.CancelScope] = field(default_factory=set)
@@ -30,11 +35,26 @@ class EndpointStats:
         for scope in self.awaiting_head:
             scope.cancel()
 
+    def record_latency(self, seconds: float, now: float) -> None:
+        self.latency_s = balancer.update_latency(self.latency_s, seconds)
+        self.sampled_at = now
+
+    def record_success(self) -> None:
+        self.failures = 0
+
+    def eject(self, now: float, limits: ProxyLimits) -> None:
+        self.failures += 1
+        self.ejected_until = now + balancer.ejection_s(self.failures, limits.eject_s, limits.max_eject_s)
+
 
 @dataclass
 class ClusterRoute:
     name: str
+    route: Route
+    limiter: ClusterLimiter
+    budget: RetryBudget
     endpoints: dict[str, EndpointStats] = field(default_factory=dict)
+    key_hashes: frozenset[str] = frozenset()
 
 
 def cluster_from_host(host: str, domain: str) -> str | None:
@@ -52,44 +72,74 @@ def cluster_from_host(host: str, domain: str) -> str | None:
 
 
 class RouteTable:
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None, limits: ProxyLimits | None = None,
+                 clock: Callable[[], float] = trio.current_time) -> None:
         self.clusters: dict[str, ClusterRoute] = {}
         self.version = -1
         self.rng = rng or random.Random()
+        self.limits = limits or ProxyLimits()
+        self.clock = clock
+        self.on_endpoint_removed: list[Callable[[Endpoint], None]] = []
 
     def load_snapshot(self, snapshot: RouteSnapshot) -> None:
         names = {route.cluster for route in snapshot.routes}
         for name in list(self.clusters):
             if name not in names:
-                del self.clusters[name]
+                self._drop(name)
         for route in snapshot.routes:
             self._set(route)
         self.version = snapshot.version
 
     def apply(self, update: RouteUpdate) -> None:
         if update.removed:
-            gone = self.clusters.pop(update.route.cluster, None)
-            for stats in gone.endpoints.values() if gone else ():
-                stats.leave_routing()
+            self._drop(update.route.cluster)
         else:
             self._set(update.route)
         self.version = update.version
 
+    def _drop(self, name: str) -> None:
+        gone = self.clusters.pop(name, None)
+        for stats in gone.endpoints.values() if gone else ():
+            self._leave(stats)
+
+    def _leave(self, stats: EndpointStats) -> None:
+        stats.leave_routing()
+        for callback in self.on_endpoint_removed:
+            callback(stats.endpoint)
+
     def _set(self, route: Route) -> None:
-        cluster = self.clusters.setdefault(route.cluster, ClusterRoute(route.cluster))
+        cluster = self.clusters.get(route.cluster)
+        if cluster is None:
+            limits = self.limits
+            cluster = ClusterRoute(route.cluster, route,
+                                   ClusterLimiter(route.rate_limit, route.per_client_rate_limit),
+                                   RetryBudget(limits.retry_budget_ratio, limits.retry_budget_min_per_s, self.clock()))
+            self.clusters[route.cluster] = cluster
+        cluster.route = route
+        cluster.key_hashes = frozenset(route.key_hashes)
+        if not cluster.limiter.same_config(route.rate_limit, route.per_client_rate_limit):
+            cluster.limiter = ClusterLimiter(route.rate_limit, route.per_client_rate_limit)
         fresh = {e.replica_id: e for e in route.endpoints}
         for replica_id in list(cluster.endpoints):
-            if replica_id not in fresh:
-                cluster.endpoints.pop(replica_id).leave_routing()
+            if replica_id not in fresh or cluster.endpoints[replica_id].endpoint != fresh[replica_id]:
+                self._leave(cluster.endpoints.pop(replica_id))
         for replica_id, endpoint in fresh.items():
-            stats = cluster.endpoints.get(replica_id)
-            if stats is None or stats.endpoint != endpoint:
+            if replica_id not in cluster.endpoints:
                 cluster.endpoints[replica_id] = EndpointStats(endpoint)
 
     def choose(self, cluster: ClusterRoute, now: float, exclude: set[str]) -> EndpointStats | None:
         """Pick among endpoints not tried yet; ejected ones only when nothing else is left."""
-        available = [s for k, s in cluster.endpoints.items() if k not in exclude]
-        healthy = [s for s in available if s.ejected_until <= now] or available
-        candidates = [balancer.Candidate(s.endpoint.replica_id, s.outstanding, s.latency_s) for s in healthy]
+        endpoints = cluster.endpoints
+        if len(endpoints) == 1 and not exclude:
+            return next(iter(endpoints.values()))  # the common small case, without building candidates
+        available = [s for k, s in endpoints.items() if k not in exclude]
+        measured = [s.latency_s for s in available if s.latency_s is not None]
+        fastest = min(measured) if measured else None
+        candidates = [
+            balancer.Candidate(s.endpoint.replica_id, s.outstanding,
+                               balancer.stale_latency(s.latency_s, fastest, now - s.sampled_at),
+                               ejected=s.ejected_until > now)
+            for s in available
+        ]
         picked = balancer.pick(candidates, self.rng)
-        return cluster.endpoints[picked.key] if picked else None
+        return endpoints[picked.key] if picked else None

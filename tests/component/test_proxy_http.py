@@ -1,0 +1,233 @@
+"""The proxy's request path in-process: in-memory client and replica streams on the autojump clock.
+
+These pin down the timing rules exactly (deadlines, ejection backoff, Retry-After, drain) without
+waiting for real time; tests/integration/test_proxy_*.py check the same behaviour over real sockets.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from vectorlay.core.model import RateLimit
+from vectorlay.core.protocol import Endpoint, Route, RouteSnapshot
+from vectorlay.proxy.http import Proxy
+from vectorlay.proxy.limits import ProxyLimits
+from vectorlay.proxy.routing import RouteTable
+from vectorlay.proxy.upstream import UpstreamPool
+
+
+@dataclass
+class FakeReplica:
+    """Answers each request with `status` after `delay_s`; counts what it saw."""
+
+    name: str
+    status: int = 200
+    delay_s: float = 0.0
+    refuse: bool = False  # connections fail as if refused
+    requests: int = 0
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    conn.receive_data(data)
+                    if not data and conn.their_state is h11.IDLE:
+                        return
+                    continue
+                if isinstance(event, h11.EndOfMessage):
+                    self.requests += 1
+                    await trio.sleep(self.delay_s)
+                    body = self.name.encode()
+                    out = conn.send(h11.Response(status_code=self.status,
+                                                 headers=[(b"content-length", str(len(body)).encode())]))
+                    out = (out or b"") + (conn.send(h11.Data(data=body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+                    await stream.send_all(out)
+                    conn.start_next_cycle()
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            return
+
+
+@dataclass
+class Harness:
+    proxy: Proxy
+    replicas: dict[str, FakeReplica]
+    nursery: trio.Nursery
+    clients: list[trio.abc.Stream] = field(default_factory=list)
+
+    def connect_client(self) -> trio.abc.Stream:
+        ours, theirs = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self.proxy.handle_connection, theirs, "192.0.2.7")
+        self.clients.append(ours)
+        return ours
+
+
+async def request(stream: trio.abc.Stream, target: bytes = b"/", headers: list[tuple[bytes, bytes]] | None = None,
+                  host: bytes = b"echo.localhost") -> tuple[int, dict[bytes, bytes], bytes]:
+    """One request on a (kept-alive) client stream; (status, headers, body)."""
+    conn = h11.Connection(h11.CLIENT)
+    await stream.send_all(conn.send(h11.Request(method=b"GET", target=target,
+                                                headers=[(b"host", host), *(headers or [])])) or b"")
+    await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+    response: h11.Response | None = None
+    body = b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Response):
+            response = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert response is not None
+            return response.status_code, dict(response.headers), body
+        else:
+            raise AssertionError(f"unexpected {event!r}")
+
+
+@asynccontextmanager
+async def harness(*replicas: FakeReplica, limits: ProxyLimits | None = None,
+                  route_extra: Callable[[Route], Route] | None = None) -> AsyncIterator[Harness]:
+    by_address = {f"10.0.0.{i}:80": r for i, r in enumerate(replicas, 1)}
+    limits = limits or ProxyLimits()
+    async with trio.open_nursery() as nursery:
+
+        async def connect(host: str, port: int) -> trio.abc.Stream:
+            replica = by_address[f"{host}:{port}"]
+            if replica.refuse:
+                raise ConnectionRefusedError(111, "Connection refused")
+            ours, theirs = trio.testing.memory_stream_pair()
+            nursery.start_soon(replica.serve, theirs)
+            return ours
+
+        table = RouteTable(random.Random(7), limits=limits)  # seeded: the same choices every run
+        route = Route("echo", tuple(Endpoint(r.name, address, "n") for address, r in by_address.items()))
+        table.load_snapshot(RouteSnapshot(1, (route_extra(route) if route_extra else route,)))
+        proxy = Proxy(table, "localhost", limits, pool=UpstreamPool(connect=connect))
+        yield Harness(proxy, {r.name: r for r in replicas}, nursery)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slowloris_gets_408_after_the_header_timeout_however_often_it_sends(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async with harness(FakeReplica("a"), limits=ProxyLimits(header_timeout_s=10, idle_timeout_s=60)) as h:
+        client = h.connect_client()
+        start = trio.current_time()
+        await client.send_all(b"GET / HTTP/1.1\r\n")
+        answer = b""
+        with trio.fail_after(30):
+            while not answer:
+                with trio.move_on_after(1):
+                    answer = await client.receive_some(65536)
+                if not answer:
+                    await client.send_all(b"X-Drip: 1\r\n")  # a byte every second keeps no deadline alive
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert trio.current_time() - start == pytest.approx(10, abs=1.01)
+
+
+async def test_an_idle_connection_is_closed_quietly_after_the_idle_timeout(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async with harness(FakeReplica("a"), limits=ProxyLimits(idle_timeout_s=60)) as h:
+        client = h.connect_client()
+        assert (await request(client))[0] == 200
+        start = trio.current_time()
+        with trio.fail_after(120):
+            assert await client.receive_some(65536) == b""
+        assert trio.current_time() - start == pytest.approx(60, abs=0.1)
+
+
+async def test_ejection_backs_off_while_a_replica_keeps_failing_and_resets_when_it_recovers(
+        autojump_clock: trio.testing.MockClock) -> None:
+    bad, good = FakeReplica("bad", status=503), FakeReplica("good")
+    async with harness(bad, good, limits=ProxyLimits(eject_s=5, max_eject_s=60)) as h:
+        client = h.connect_client()
+
+        async def traffic_until(end: float) -> set[bytes]:
+            bodies = set()
+            while trio.current_time() < end:
+                status, _, body = await request(client)
+                assert status == 200  # a 503 is retried on the good replica
+                bodies.add(body)
+                await trio.sleep(0.1)
+            return bodies
+
+        while bad.requests == 0:
+            await traffic_until(trio.current_time() + 0.1)
+        first_failure = trio.current_time()
+        assert await traffic_until(first_failure + 4.9) == {b"good"}  # ejected for 5 s
+        assert bad.requests == 1
+        while bad.requests == 1:  # back in the rotation after 5 s: fails again
+            await traffic_until(trio.current_time() + 0.1)
+        second_failure = trio.current_time()
+        assert second_failure - first_failure == pytest.approx(5.0, abs=1.0)
+        await traffic_until(second_failure + 9.9)  # now out for 10 s
+        assert bad.requests == 2
+        bad.status = 200
+        assert b"bad" in await traffic_until(second_failure + 12)  # readmitted, and it answers
+        assert h.proxy.routes.clusters["echo"].endpoints["bad"].failures == 0  # a success resets the backoff
+
+
+async def test_a_response_head_that_never_comes_is_a_504_not_retried(autojump_clock: trio.testing.MockClock) -> None:
+    slow, other = FakeReplica("slow", delay_s=1000), FakeReplica("other", delay_s=1000)
+    async with harness(slow, other, limits=ProxyLimits(upstream_response_timeout_s=30)) as h:
+        client = h.connect_client()
+        start = trio.current_time()
+        status, _, body = await request(client)
+        assert status == 504 and b"no response within 30s" in body
+        assert trio.current_time() - start == pytest.approx(30, abs=0.1)
+        assert slow.requests + other.requests == 1  # a timeout is not retried: it would double the wait
+
+
+async def test_rate_limited_requests_get_429_with_the_wait(autojump_clock: trio.testing.MockClock) -> None:
+    def limited(route: Route) -> Route:
+        return Route(route.cluster, route.endpoints, rate_limit=RateLimit(0.5, 2))
+
+    async with harness(FakeReplica("a"), route_extra=limited) as h:
+        client = h.connect_client()
+        assert [(await request(client))[0] for _ in range(2)] == [200, 200]
+        status, headers, _ = await request(client)
+        assert status == 429 and headers[b"retry-after"] == b"2"
+        await trio.sleep(2)
+        assert (await request(client))[0] == 200
+
+
+async def test_drain_lets_the_request_in_flight_finish_and_closes_idle_connections(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async with harness(FakeReplica("a", delay_s=20)) as h:
+        idle = h.connect_client()
+        busy = h.connect_client()
+        async with trio.open_nursery() as nursery:
+            results: list[tuple[int, dict[bytes, bytes], bytes]] = []
+
+            async def in_flight() -> None:
+                results.append(await request(busy))
+
+            nursery.start_soon(in_flight)
+            await trio.sleep(5)
+            h.proxy.drain()
+            with trio.fail_after(1):
+                assert await idle.receive_some(65536) == b""
+        status, headers, _ = results[0]
+        assert status == 200 and headers[b"connection"] == b"close"
+
+
+async def test_all_replicas_refusing_is_a_502_after_trying_each(autojump_clock: trio.testing.MockClock) -> None:
+    replicas = [FakeReplica(name, refuse=True) for name in "xyz"]
+    async with harness(*replicas) as h:
+        status, _, body = await request(h.connect_client())
+        assert status == 502 and b"connect to" in body
+        metrics = h.proxy.metrics.clusters["echo"]
+        assert metrics.connect_errors == 3 and metrics.retries == 2 and metrics.requests[502] == 1

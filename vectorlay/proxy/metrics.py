@@ -1,0 +1,124 @@
+"""Counters the proxy keeps per cluster, rendered in Prometheus' text format on `--metrics-listen`.
+
+Plain ints and dicts updated inline on the request path (one trio thread, no locks). The cluster
+label only ever holds names from the route table, so a client inventing Host headers cannot grow
+the series without bound.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import h11
+import trio
+
+log = logging.getLogger("vectorlay.proxy")
+
+UNKNOWN = "_unknown"  # requests for hosts that are not a known cluster
+BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+SCRAPE_TIMEOUT_S = 5.0
+
+
+@dataclass
+class ClusterMetrics:
+    requests: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))  # by status
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS_S) + 1))
+    latency_sum_s: float = 0.0
+    in_flight: int = 0
+    retries: int = 0
+    ejections: int = 0
+    connect_errors: int = 0
+
+    def observe(self, status: int, seconds: float) -> None:
+        self.requests[status] += 1
+        self.latency_buckets[bisect.bisect_left(BUCKETS_S, seconds)] += 1
+        self.latency_sum_s += seconds
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.clusters: defaultdict[str, ClusterMetrics] = defaultdict(ClusterMetrics)
+        self.connections = 0
+        self.connections_rejected = 0
+
+    def render(self) -> bytes:
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        clusters = sorted(self.clusters.items())
+        family("vectorlay_proxy_requests_total", "counter", "Requests answered, by cluster and status code.")
+        for name, m in clusters:
+            for status, count in sorted(m.requests.items()):
+                lines.append(f'vectorlay_proxy_requests_total{{cluster="{name}",code="{status}"}} {count}')
+        family("vectorlay_proxy_request_duration_seconds", "histogram",
+               "Time from a request's head to the end of its response.")
+        for name, m in clusters:
+            running = 0
+            for bound, count in zip((*BUCKETS_S, float("inf")), m.latency_buckets, strict=True):
+                running += count
+                le = "+Inf" if bound == float("inf") else f"{bound:g}"
+                lines.append(f'vectorlay_proxy_request_duration_seconds_bucket{{cluster="{name}",le="{le}"}} {running}')
+            lines.append(f'vectorlay_proxy_request_duration_seconds_sum{{cluster="{name}"}} {m.latency_sum_s:.6f}')
+            lines.append(f'vectorlay_proxy_request_duration_seconds_count{{cluster="{name}"}} {running}')
+        for metric, kind, attr, help_text in (
+            ("vectorlay_proxy_requests_in_flight", "gauge", "in_flight", "Requests being served now."),
+            ("vectorlay_proxy_retries_total", "counter", "retries", "Requests sent again to another replica."),
+            ("vectorlay_proxy_ejections_total", "counter", "ejections", "Replicas ejected after a failure."),
+            ("vectorlay_proxy_upstream_connect_errors_total", "counter", "connect_errors",
+             "Connections to replicas that failed or timed out."),
+        ):
+            family(metric, kind, help_text)
+            for name, m in clusters:
+                lines.append(f'{metric}{{cluster="{name}"}} {getattr(m, attr)}')
+        family("vectorlay_proxy_connections", "gauge", "Client connections open now.")
+        lines.append(f"vectorlay_proxy_connections {self.connections}")
+        family("vectorlay_proxy_connections_rejected_total", "counter",
+               "Client connections refused because the connection limit was reached.")
+        lines.append(f"vectorlay_proxy_connections_rejected_total {self.connections_rejected}")
+        return ("\n".join(lines) + "\n").encode()
+
+
+async def serve_metrics(metrics: Metrics, listeners: list[trio.SocketListener],
+                        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(SCRAPE_TIMEOUT_S):
+                await _answer_scrape(stream, metrics)
+        finally:
+            await stream.aclose()
+
+    task_status.started()
+    await trio.serve_listeners(handle, listeners)
+
+
+async def _answer_scrape(stream: trio.SocketStream, metrics: Metrics) -> None:
+    conn = h11.Connection(h11.SERVER)
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(16 * 1024))
+                continue
+            break
+        if not isinstance(event, h11.Request):
+            return
+        path = event.target.split(b"?", 1)[0]
+        if event.method in (b"GET", b"HEAD") and path == b"/metrics":
+            status, body, kind = 200, metrics.render(), CONTENT_TYPE
+        else:
+            status, body, kind = 404, b"not found; metrics are at /metrics\n", b"text/plain"
+        headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        data = conn.send(h11.Response(status_code=status, headers=headers))
+        if event.method != b"HEAD":
+            data += conn.send(h11.Data(data=body))
+        data += conn.send(h11.EndOfMessage())
+        await stream.send_all(data)
+    except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return
