@@ -24,7 +24,9 @@ from trio_websocket import (
     serve_websocket,
 )
 
-from vectorlay.core.protocol import MAX_MESSAGE_BYTES, Message, decode, encode
+from vectorlay import tls
+from vectorlay.core.protocol import MAX_MESSAGE_BYTES, CaBundle, Message, decode, encode
+from vectorlay.core.tokens import token_pin
 from vectorlay.errors import ConnectError, PeerError, ProtocolError
 
 M = TypeVar("M", bound=Message)
@@ -137,7 +139,45 @@ async def connect(
             raise ConnectError(f"cannot reach the server at {url}: {error.strerror or error}") from None
         except trio.TooSlowError:
             raise ConnectError(f"cannot reach the server at {url}: timed out") from None
+        except trio.BrokenResourceError as error:  # a TLS handshake that failed
+            cause = error.__cause__ or error
+            raise ConnectError(f"cannot reach the server at {url}: TLS failed ({cause})") from None
         yield Link(ws)
+
+
+async def fetch_ca(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> bytes:
+    """The server's CA certificate, fetched without verifying anything (see `secure_context`)."""
+    base = url.rstrip("/").rsplit("/v1/", 1)[0]
+    async with connect(base + "/v1/ca", tls.discovery_context(), timeout_s) as link:
+        with trio.move_on_after(timeout_s):
+            bundle = await link.receive_one(CaBundle)
+            return bundle.pem.encode()
+    raise ConnectError(f"the server at {url} did not send its CA certificate")
+
+
+async def secure_context(url: str, token: str | None, ca_pem: bytes | None = None) -> ssl.SSLContext | None:
+    """How to open `url` safely before any credential goes over it.
+
+    ws:// needs nothing. For wss://, a CA we already trust (a node's saved `ca.pem`) is used as
+    is; a token carrying a CA pin makes us fetch the server's CA and check its hash first: a
+    server whose CA does not match gets no credential, because we never connect to it for real.
+    Without either, the system's trusted CAs verify the server."""
+    if urlsplit(url).scheme != "wss":
+        return None
+    if ca_pem is not None:
+        return tls.client_context(ca_pem)
+    pin = token_pin(token) if token else None
+    if pin is None:
+        return tls.client_context(None)
+    fetched = await fetch_ca(url)
+    try:
+        found = tls.public_key_pin(fetched)
+    except ValueError:
+        raise ConnectError(f"the server at {url} sent an invalid CA certificate") from None
+    if found != pin:
+        raise ConnectError(f"the server at {url} is not the one that issued this token (its CA's key hash is "
+                           f"{found[:16]}..., the token expects {pin[:16]}...): refusing to send credentials")
+    return tls.client_context(fetched)
 
 
 def _handshake_reason(error: HandshakeError) -> str:

@@ -57,6 +57,8 @@ def test_dump_produces_plain_json_values() -> None:
         "image_pull": "if-not-present",
         "resources": {"cpus": None, "memory_mb": None},
         "endpoint": {"auth": "none", "rate_limit": None, "per_client_rate_limit": None},
+        "project": "default",
+        "env_from_secret": {},
     }
 
 

@@ -17,7 +17,7 @@ from vectorlay.errors import ProtocolError
 ALL_MESSAGES: list[type[p.Message]] = [
     p.Join, p.Joined, p.NodeHello, p.Welcome, p.Command, p.Sync, p.Ack, p.Heartbeat, p.Goodbye, p.ReplicaStatus,
     p.LogsOpen, p.LogsData, p.LogsEnd, p.LogsClose, p.ProxyHello, p.RouteSnapshot, p.RouteUpdate,
-    p.ClientHello, p.Ready, p.Call, p.Result, p.Event, p.Failure, p.Cancel,
+    p.ClientHello, p.Ready, p.Call, p.Result, p.Event, p.Failure, p.Cancel, p.CaBundle,
 ]  # fmt: skip
 
 CHANNELS: dict[str, tuple[type[p.Message], ...]] = {
@@ -29,6 +29,7 @@ CHANNELS: dict[str, tuple[type[p.Message], ...]] = {
     "CLIENT_FIRST": p.CLIENT_FIRST,
     "CLIENT_TO_SERVER": p.CLIENT_TO_SERVER,
     "SERVER_TO_CLIENT": p.SERVER_TO_CLIENT,
+    "SERVER_TO_DISCOVERY": p.SERVER_TO_DISCOVERY,
 }
 # Every message type (and, for the channel property, the one-type "channel" the node uses to
 # receive `Joined`, which no channel tuple lists).

@@ -32,6 +32,8 @@ app.add_typer(client.describe_app, name="describe")
 app.add_typer(node.node_app, name="node")
 app.add_typer(client.token_app, name="token")
 app.add_typer(client.key_app, name="key")
+app.add_typer(client.secret_app, name="secret")
+app.command()(client.audit)
 app.add_typer(client.context_app, name="context")
 app.command()(client.version)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from enum import StrEnum
 from typing import Annotated
 
 import typer
 
 from vectorlay import __version__
-from vectorlay.cli.common import Format, OutputOpt, ServerOpt, TokenOpt, duration, run
+from vectorlay.cli.common import Format, OutputOpt, ProjectOpt, ServerOpt, TokenOpt, duration, run
 from vectorlay.client import commands
 from vectorlay.client.config import config_path, list_contexts, resolve, use_context
 from vectorlay.client.output import stderr, stdout
@@ -17,6 +18,8 @@ token_app = typer.Typer(help="Create tokens for nodes, proxies and admins.", no_
 context_app = typer.Typer(help="Client contexts (server URL + token) in the config file.", no_args_is_help=True)
 key_app = typer.Typer(help="API keys for a cluster's endpoint (with spec.endpoint.auth: api-key).",
                       no_args_is_help=True)
+secret_app = typer.Typer(help="Secrets of a project, stored encrypted, given to replicas as env vars.",
+                         no_args_is_help=True)
 describe_app = typer.Typer(help="Show one object in detail, with its recent events.", no_args_is_help=True)
 
 
@@ -29,6 +32,7 @@ class Kind(StrEnum):
 class TokenRole(StrEnum):
     node = "node"
     proxy = "proxy"
+    deployer = "deployer"
     admin = "admin"
 
 
@@ -55,11 +59,12 @@ def get(
     kind: Annotated[Kind, typer.Argument(help="clusters, nodes or replicas.")],
     name: Annotated[str | None, typer.Argument(help="One cluster or node (for replicas: a cluster).")] = None,
     output_format: OutputOpt = Format.table,
+    project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """List clusters, nodes or replicas."""
-    run(commands.get, resolve(server_url, token), kind.value, name, output_format is Format.json)
+    run(commands.get, resolve(server_url, token, project), kind.value, name, output_format is Format.json)
 
 
 def logs(
@@ -68,22 +73,24 @@ def logs(
     tail: Annotated[int, typer.Option(min=0, help="Lines from the end of each replica's log.")] = 100,
     no_prefix: Annotated[bool, typer.Option("--no-prefix", help="Do not prefix lines with the replica id.")]
     = False,
+    project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Print the stdout and stderr of a cluster's replicas."""
-    run(commands.logs, resolve(server_url, token), cluster, follow, tail, not no_prefix)
+    run(commands.logs, resolve(server_url, token, project), cluster, follow, tail, not no_prefix)
 
 
 def delete(
     cluster: Annotated[str, typer.Argument()],
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for the replicas to stop.")] = False,
     timeout: Annotated[str, typer.Option()] = "1m",
+    project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Delete a cluster: its endpoint goes away and its replicas are stopped."""
-    run(commands.delete, resolve(server_url, token), cluster, not no_wait, duration(timeout, "--timeout"))
+    run(commands.delete, resolve(server_url, token, project), cluster, not no_wait, duration(timeout, "--timeout"))
 
 
 def version() -> None:
@@ -93,16 +100,75 @@ def version() -> None:
 
 @token_app.command("create")
 def token_create(
-    role: Annotated[TokenRole, typer.Option(help="node: joins one machine; proxy: runs a proxy.")] = TokenRole.node,
+    role: Annotated[TokenRole, typer.Option(
+        help="node: joins one machine; proxy: runs a proxy; deployer: manages one project's clusters; "
+             "admin: everything.")] = TokenRole.node,
+    project: Annotated[str | None, typer.Option("--project", "-p", help="The project of a deployer token.")] = None,
     ttl: Annotated[str, typer.Option(help="Lifetime, e.g. 24h; 0 never expires.")] = "24h",
     uses: Annotated[int | None, typer.Option(min=1, help="How many times it may be used (node tokens).")] = None,
     description: Annotated[str, typer.Option()] = "",
     server_url: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Create a token and print only the token on stdout."""
+    """Create a token and print only the token on stdout (it is not stored: keep it now)."""
     duration(ttl, "--ttl")
-    run(commands.token_create, resolve(server_url, token), role.value, ttl, uses, description)
+    run(commands.token_create, resolve(server_url, token), role.value, ttl, uses, description, project)
+
+
+@token_app.command("list")
+def token_list(output_format: OutputOpt = Format.table, server_url: ServerOpt = None, token: TokenOpt = None) -> None:
+    """List tokens: ids, roles, projects, expiry; never their secrets."""
+    run(commands.token_list, resolve(server_url, token), output_format is Format.json)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(metavar="ID", help="The token's id: the part before the first dot.")],
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Revoke a token; connections opened with it are closed within seconds."""
+    run(commands.token_revoke, resolve(server_url, token), token_id)
+
+
+@secret_app.command("set")
+def secret_set(
+    project: Annotated[str, typer.Argument()],
+    name: Annotated[str, typer.Argument()],
+    value: Annotated[str | None, typer.Option(
+        help="The value; by default it is read from stdin, which keeps it out of shell history.")] = None,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create or replace a secret; clusters use it with spec.env_from_secret. Stored encrypted."""
+    if value is None:
+        value = sys.stdin.read().rstrip("\n")
+    run(commands.secret, resolve(server_url, token), "set", project, name, value, False)
+
+
+@secret_app.command("list")
+def secret_list(project: Annotated[str, typer.Argument()], output_format: OutputOpt = Format.table,
+                server_url: ServerOpt = None, token: TokenOpt = None) -> None:
+    """List a project's secrets (names only)."""
+    run(commands.secret, resolve(server_url, token), "list", project, None, None, output_format is Format.json)
+
+
+@secret_app.command("delete")
+def secret_delete(project: Annotated[str, typer.Argument()], name: Annotated[str, typer.Argument()],
+                  server_url: ServerOpt = None, token: TokenOpt = None) -> None:
+    """Delete a secret no cluster uses."""
+    run(commands.secret, resolve(server_url, token), "delete", project, name, None, False)
+
+
+def audit(
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="How many of the newest records.")] = 100,
+    project: ProjectOpt = None,
+    output_format: OutputOpt = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Who changed what, when: applies, deletes, tokens, keys, secrets, nodes joining and leaving."""
+    run(commands.audit, resolve(server_url, token, project), limit, output_format is Format.json)
 
 
 @key_app.command("create")
@@ -110,22 +176,24 @@ def key_create(
     cluster: Annotated[str, typer.Argument()],
     name: Annotated[str | None, typer.Option(help="A label to recognise the key by.")] = None,
     output_format: OutputOpt = Format.table,
+    project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Create a key and print it on stdout: it is shown this once (only its hash is stored)."""
-    run(commands.key, resolve(server_url, token), "create", cluster, name, output_format is Format.json)
+    run(commands.key, resolve(server_url, token, project), "create", cluster, name, output_format is Format.json)
 
 
 @key_app.command("list")
 def key_list(
     cluster: Annotated[str, typer.Argument()],
     output_format: OutputOpt = Format.table,
+    project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """List a cluster's keys (ids and names; never the keys)."""
-    run(commands.key, resolve(server_url, token), "list", cluster, None, output_format is Format.json)
+    run(commands.key, resolve(server_url, token, project), "list", cluster, None, output_format is Format.json)
 
 
 @key_app.command("revoke")
@@ -133,22 +201,24 @@ def key_revoke(
     cluster: Annotated[str, typer.Argument()],
     key_id: Annotated[str, typer.Argument(metavar="ID")],
     output_format: OutputOpt = Format.table,
+    project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Revoke a key; proxies refuse it as soon as the change reaches them."""
-    run(commands.key, resolve(server_url, token), "revoke", cluster, key_id, output_format is Format.json)
+    run(commands.key, resolve(server_url, token, project), "revoke", cluster, key_id, output_format is Format.json)
 
 
 @describe_app.command("cluster")
 def describe_cluster(
     name: Annotated[str, typer.Argument()],
     output_format: OutputOpt = Format.table,
+    project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """A cluster, each replica (node, state, image digest) with its last events, and recent events."""
-    run(commands.describe, resolve(server_url, token), name, output_format is Format.json)
+    run(commands.describe, resolve(server_url, token, project), name, output_format is Format.json)
 
 
 @context_app.command("list")

@@ -18,6 +18,8 @@ ServerOpt = Annotated[str | None, typer.Option("--server", "-s", envvar="VECTORL
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="VECTORLAY_TOKEN",
                                               help="API token. Default: current context.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")]
+ProjectOpt = Annotated[str | None, typer.Option("--project", "-p", envvar="VECTORLAY_PROJECT",
+                                                help="The project (tenant). Default: your token's, else default.")]
 
 
 class Format(StrEnum):

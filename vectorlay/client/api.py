@@ -18,7 +18,7 @@ from vectorlay.core.protocol import (
     Result,
 )
 from vectorlay.errors import AuthError, ConflictError, NotFoundError, PeerError, ProtocolError, UserError
-from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect
+from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect, secure_context
 
 
 class ApiClient:
@@ -59,7 +59,8 @@ def _error(failure: Failure) -> Exception:
 
 @asynccontextmanager
 async def open_api(server: str, token: str) -> AsyncIterator[ApiClient]:
-    async with connect(server.rstrip("/") + "/v1/api") as link:
+    url = server.rstrip("/") + "/v1/api"
+    async with connect(url, await secure_context(url, token)) as link:
         await link.send(ClientHello(PROTOCOL_VERSION, token))
         try:
             await link.receive_one(Ready)

@@ -32,9 +32,10 @@ def read_manifest(path: str) -> str:
 
 
 async def apply(ctx: Context, text: str, dry_run: bool, wait: bool, timeout_s: float | None, as_json: bool) -> None:
-    specs = parse_manifest(text)  # validate here first: a bad manifest never reaches the server
+    parse_manifest(text)  # validate here first: a bad manifest never reaches the server
     async with open_api(ctx.server, ctx.token) as api:
         result = await api.call("apply", {"manifest": text, "dry_run": dry_run})
+        keys = [change["cluster"] for change in result["changes"]]
         if as_json and (dry_run or not wait):
             output.print_json(result)
             return
@@ -45,7 +46,7 @@ async def apply(ctx: Context, text: str, dry_run: bool, wait: bool, timeout_s: f
                 output.stdout.print(f"cluster/{change['cluster']} {verb}{change['action']}{detail}")
         if dry_run or not wait:
             return
-        final = await _wait_ready(api, [s.name for s in specs], timeout_s, quiet=as_json)
+        final = await _wait_ready(api, keys, timeout_s, quiet=as_json)
         if as_json:
             output.print_json({**result, "ready": final["ready"], "clusters": final["clusters"]})
         if not final["ready"]:
@@ -54,9 +55,9 @@ async def apply(ctx: Context, text: str, dry_run: bool, wait: bool, timeout_s: f
         if not as_json:
             for cluster in final["clusters"]:
                 if cluster["endpoint"]:
-                    output.stdout.print(f"cluster/{cluster['name']} ready at {cluster['endpoint']}")
+                    output.stdout.print(f"cluster/{cluster['key']} ready at {cluster['endpoint']}")
                 else:
-                    output.stdout.print(f"cluster/{cluster['name']} ready (no proxy connected yet)")
+                    output.stdout.print(f"cluster/{cluster['key']} ready (no proxy connected yet)")
 
 
 async def _wait_ready(api: ApiClient, names: list[str], timeout_s: float | None, quiet: bool) -> dict[str, Any]:
@@ -97,7 +98,7 @@ PAGE_SIZE = 500
 
 async def get(ctx: Context, kind: str, name: str | None, as_json: bool) -> None:
     method = {"clusters": "get_clusters", "nodes": "get_nodes", "replicas": "get_replicas"}[kind]
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = _scope(ctx)
     if name is not None:
         params["cluster" if kind == "replicas" else "name"] = name
     items: list[dict[str, Any]] = []
@@ -126,11 +127,11 @@ async def get(ctx: Context, kind: str, name: str | None, as_json: bool) -> None:
 
 async def delete(ctx: Context, name: str, wait: bool, timeout_s: float | None) -> None:
     async with open_api(ctx.server, ctx.token) as api:
-        await api.call("delete", {"name": name})
+        await api.call("delete", {"name": name, **_scope(ctx)})
         output.stdout.print(f"cluster/{name} deleted")
         if not wait:
             return
-        result = await api.call("wait_deleted", {"name": name, "timeout_s": timeout_s})
+        result = await api.call("wait_deleted", {"name": name, "timeout_s": timeout_s, **_scope(ctx)})
         if not result["gone"]:
             raise WaitTimedOut(f"{result['left']} replica(s) of {name} are still stopping "
                                "(their node may be unreachable; they stop when it returns)")
@@ -138,7 +139,8 @@ async def delete(ctx: Context, name: str, wait: bool, timeout_s: float | None) -
 
 async def logs(ctx: Context, cluster: str, follow: bool, tail: int, prefix: bool) -> None:
     async with open_api(ctx.server, ctx.token) as api:
-        async for kind, value in api.stream("logs", {"cluster": cluster, "tail": tail, "follow": follow}):
+        async for kind, value in api.stream("logs", {"cluster": cluster, "tail": tail, "follow": follow,
+                                                     **_scope(ctx)}):
             if kind == "result":
                 if value["replicas"] == 0:
                     output.stderr.print(f"cluster {cluster} has no replicas placed on a node yet")
@@ -180,7 +182,7 @@ async def key(ctx: Context, action: str, cluster: str, arg: str | None, as_json:
     """create (prints the key once), list, revoke."""
     async with open_api(ctx.server, ctx.token) as api:
         if action == "create":
-            result = await api.call("key_create", {"cluster": cluster, "name": arg})
+            result = await api.call("key_create", {"cluster": cluster, "name": arg, **_scope(ctx)})
             if as_json:
                 output.print_json(result)
                 return
@@ -190,7 +192,7 @@ async def key(ctx: Context, action: str, cluster: str, arg: str | None, as_json:
             output.stderr.print(f"key {result['id']} for cluster/{cluster}: shown once, store it now{note}",
                                 markup=False)
         elif action == "list":
-            keys = await api.call("key_list", {"cluster": cluster})
+            keys = await api.call("key_list", {"cluster": cluster, **_scope(ctx)})
             if as_json:
                 output.print_json(keys)
             elif keys:
@@ -198,23 +200,72 @@ async def key(ctx: Context, action: str, cluster: str, arg: str | None, as_json:
             else:
                 output.stderr.print(f"no API keys for cluster {cluster}")
         else:
-            result = await api.call("key_revoke", {"cluster": cluster, "id": arg})
+            result = await api.call("key_revoke", {"cluster": cluster, "id": arg, **_scope(ctx)})
             output.print_json(result) if as_json else output.stdout.print(f"key {result['id']} revoked")
 
 
 async def describe(ctx: Context, name: str, as_json: bool) -> None:
     async with open_api(ctx.server, ctx.token) as api:
-        info = await api.call("describe_cluster", {"name": name})
+        info = await api.call("describe_cluster", {"name": name, **_scope(ctx)})
     if as_json:
         output.print_json(info)
     else:
         output.print_description(info)
 
 
-async def token_create(ctx: Context, role: str, ttl: str | None, uses: int | None, description: str) -> None:
+def _scope(ctx: Context) -> dict[str, Any]:
+    return {"project": ctx.project} if ctx.project else {}
+
+
+async def token_create(ctx: Context, role: str, ttl: str | None, uses: int | None, description: str,
+                       project: str | None = None) -> None:
     async with open_api(ctx.server, ctx.token) as api:
-        result = await api.call("token_create", {"role": role, "ttl": ttl, "uses": uses, "description": description})
+        result = await api.call("token_create", {"role": role, "ttl": ttl, "uses": uses, "description": description,
+                                                 "project": project})
     sys.stdout.write(result["token"] + "\n")
+
+
+async def token_list(ctx: Context, as_json: bool) -> None:
+    async with open_api(ctx.server, ctx.token) as api:
+        tokens = await api.call("token_list")
+    if as_json:
+        output.print_json(tokens)
+    else:
+        sys.stdout.write(output.token_table(tokens))
+
+
+async def token_revoke(ctx: Context, token_id: str) -> None:
+    async with open_api(ctx.server, ctx.token) as api:
+        await api.call("token_revoke", {"id": token_id})
+    output.stdout.print(f"token {token_id} revoked; connections using it are closed")
+
+
+async def secret(ctx: Context, action: str, project: str, name: str | None, value: str | None, as_json: bool) -> None:
+    async with open_api(ctx.server, ctx.token) as api:
+        if action == "set":
+            result = await api.call("secret_set", {"project": project, "name": name, "value": value})
+            verb = "updated" if result["updated"] else "created"
+            output.stdout.print(f"secret {project}/{name} {verb}")
+        elif action == "delete":
+            await api.call("secret_delete", {"project": project, "name": name})
+            output.stdout.print(f"secret {project}/{name} deleted")
+        else:
+            secrets = await api.call("secret_list", {"project": project})
+            if as_json:
+                output.print_json(secrets)
+            else:
+                sys.stdout.write(output.columns(("PROJECT", "NAME", "UPDATED"),
+                                                [(s["project"], s["name"], output.age(s["updated_at"]))
+                                                 for s in secrets]))
+
+
+async def audit(ctx: Context, limit: int, as_json: bool) -> None:
+    async with open_api(ctx.server, ctx.token) as api:
+        records = await api.call("audit", {"limit": limit, **_scope(ctx)})
+    if as_json:
+        output.print_json(records)
+    else:
+        sys.stdout.write(output.audit_table(records))
 
 
 async def check_server(ctx: Context) -> dict[str, Any]:

@@ -21,6 +21,7 @@ class Context:
     server: str
     token: str
     proxy: str | None = None
+    project: str | None = None  # which project commands are about (else the token's own, or default)
 
 
 def config_path() -> Path:
@@ -61,7 +62,7 @@ def current_context() -> tuple[str, Context] | None:
     if not isinstance(name, str) or not isinstance(raw, dict):
         return None
     try:
-        return name, Context(**raw)
+        return name, Context(**{k: v for k, v in raw.items() if k in Context.__dataclass_fields__})
     except TypeError:
         raise UserError(f"context {name!r} in {config_path()} is malformed; fix or remove it") from None
 
@@ -79,10 +80,12 @@ def use_context(name: str) -> None:
     write_private(config_path(), json.dumps(data, indent=2) + "\n")
 
 
-def resolve(server: str | None, token: str | None) -> Context:
-    """Server and token from flags, else VECTORLAY_SERVER/VECTORLAY_TOKEN, else the current context."""
+def resolve(server: str | None, token: str | None, project: str | None = None) -> Context:
+    """Server and token from flags, else VECTORLAY_SERVER/VECTORLAY_TOKEN, else the current context.
+    The project likewise: --project, else VECTORLAY_PROJECT, else none (the server decides)."""
     server = server or os.environ.get("VECTORLAY_SERVER") or None
     token = token or os.environ.get("VECTORLAY_TOKEN") or None
+    project = project or os.environ.get("VECTORLAY_PROJECT") or None
     proxy = None
     if server is None or token is None:
         found = current_context()
@@ -98,4 +101,4 @@ def resolve(server: str | None, token: str | None) -> Context:
     if token is None:
         raise UserError("no token: pass --token or set VECTORLAY_TOKEN (the admin token is in the "
                         "server's state dir, admin.token)")
-    return Context(server, token, proxy)
+    return Context(server, token, proxy, project)

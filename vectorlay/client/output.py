@@ -27,7 +27,7 @@ def print_json(value: Any) -> None:
     sys.stdout.flush()
 
 
-def _age(timestamp: float | None) -> str:
+def age(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
     seconds = max(0, int(time.time() - timestamp))
@@ -51,9 +51,12 @@ def columns(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def cluster_table(clusters: list[dict[str, Any]]) -> str:
-    return columns(("NAME", "READY", "UP-TO-DATE", "ENDPOINT", "AGE", "STATUS"), [
-        (c["name"], f"{c['ready']}/{c['replicas']}", str(c["up_to_date"]), c["endpoint"] or "-",
-         _age(c.get("created_at")), cluster_status(c)) for c in clusters])
+    rows = [(c["name"], f"{c['ready']}/{c['replicas']}", str(c["up_to_date"]), c["endpoint"] or "-",
+             age(c.get("created_at")), cluster_status(c)) for c in clusters]
+    if all(c.get("project", "default") == "default" for c in clusters):
+        return columns(("NAME", "READY", "UP-TO-DATE", "ENDPOINT", "AGE", "STATUS"), rows)
+    return columns(("PROJECT", "NAME", "READY", "UP-TO-DATE", "ENDPOINT", "AGE", "STATUS"),
+                   [(c["project"], *row) for c, row in zip(clusters, rows, strict=True)])
 
 
 def cluster_status(c: dict[str, Any]) -> str:
@@ -74,18 +77,38 @@ def node_table(nodes: list[dict[str, Any]]) -> str:
     return columns(("NAME", "STATE", "ADDRESS", "REPLICAS", "LAST SEEN", "AGE", "GPUS"), [
         (n["name"], n["state"] + ("" if n.get("schedulable", True) else ",cordoned"), n["address"],
          str(n["replicas"]), f"{n['last_seen_s']:g}s ago" if n.get("last_seen_s") is not None else "-",
-         _age(n.get("joined_at")), _gpus(n["gpus"])) for n in nodes])
+         age(n.get("joined_at")), _gpus(n["gpus"])) for n in nodes])
 
 
 def replica_table(replicas: list[dict[str, Any]]) -> str:
     return columns(("ID", "CLUSTER", "NODE", "STATE", "ADDRESS", "AGE", "REASON"), [
-        (r["id"], r["cluster"], r["node"] or "-", r["state"], r["address"] or "-", _age(r.get("created_at")),
+        (r["id"], r["cluster"], r["node"] or "-", r["state"], r["address"] or "-", age(r.get("created_at")),
          r["reason"] or "") for r in replicas])
 
 
 def key_table(keys: list[dict[str, Any]]) -> str:
     return columns(("ID", "NAME", "STATE", "AGE"),
-                   [(k["id"], k["name"], k["state"], _age(k["created_at"])) for k in keys])
+                   [(k["id"], k["name"], k["state"], age(k["created_at"])) for k in keys])
+
+
+def token_table(tokens: list[dict[str, Any]]) -> str:
+    def expiry(t: dict[str, Any]) -> str:
+        if t["revoked"]:
+            return "revoked"
+        if t["expires_at"] is None:
+            return "never"
+        left = t["expires_at"] - time.time()
+        return "expired" if left <= 0 else f"in {age(time.time() - left)}"
+
+    return columns(("ID", "ROLE", "PROJECT", "EXPIRES", "USES LEFT", "AGE", "DESCRIPTION"), [
+        (t["id"], t["role"], t["project"] or "-", expiry(t), "-" if t["uses_left"] is None else str(t["uses_left"]),
+         age(t["created_at"]), t["description"]) for t in tokens])
+
+
+def audit_table(records: list[dict[str, Any]]) -> str:
+    return columns(("TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"), [
+        (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"])), r["actor"], r["action"], r["target"] or "-",
+         r["detail"]) for r in records])
 
 
 def summary_line(kind: str, summary: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -19,6 +19,7 @@ import yaml
 
 from vectorlay.core.durations import parse_duration
 from vectorlay.core.model import (
+    DEFAULT_PROJECT,
     ClusterSpec,
     EndpointConfig,
     GpuRequest,
@@ -51,8 +52,11 @@ def is_dns_label(name: str) -> bool:
     return bool(_DNS_LABEL.fullmatch(name))
 
 
-def parse_manifest(text: str) -> list[ClusterSpec]:
-    """Every cluster in `text`, validated; raise ManifestError on the first problem."""
+def parse_manifest(text: str, default_project: str = DEFAULT_PROJECT) -> list[ClusterSpec]:
+    """Every cluster in `text`, validated; raise ManifestError on the first problem.
+
+    A cluster whose metadata names no project goes into `default_project` (the server passes
+    the project of the token applying it)."""
     if len(text.encode("utf-8", "replace")) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest is larger than {MAX_MANIFEST_BYTES // 1024} KiB")
     documents = _compose(text)
@@ -60,10 +64,10 @@ def parse_manifest(text: str) -> list[ClusterSpec]:
     seen: dict[str, int] = {}
     for node in documents:
         value = _Value(node, "")
-        spec = _parse_cluster(value)
-        if spec.name in seen:
+        spec = _parse_cluster(value, default_project)
+        if spec.key in seen:
             raise ManifestError(f"cluster {spec.name!r} is defined twice in this file", "metadata.name", value.line)
-        seen[spec.name] = len(specs)
+        seen[spec.key] = len(specs)
         specs.append(spec)
     if not specs:
         raise ManifestError("the manifest holds no cluster")
@@ -238,7 +242,7 @@ def _describe_value(value: Any) -> str:
     return f"{type(value).__name__} ({value!r})"
 
 
-def _parse_cluster(doc: _Value) -> ClusterSpec:
+def _parse_cluster(doc: _Value, default_project: str) -> ClusterSpec:
     top = doc.mapping({"apiVersion", "kind", "metadata", "spec"})
     for key in ("apiVersion", "kind", "metadata", "spec"):
         if key not in top:
@@ -247,7 +251,7 @@ def _parse_cluster(doc: _Value) -> ClusterSpec:
         raise top["apiVersion"].fail(f"unsupported apiVersion {version!r} (expected {API_VERSION!r})")
     if (kind := top["kind"].string()) != "Cluster":
         raise top["kind"].fail(f"unsupported kind {kind!r} (expected 'Cluster')")
-    metadata = top["metadata"].mapping({"name"})
+    metadata = top["metadata"].mapping({"name", "project"})
     if "name" not in metadata:
         raise top["metadata"].fail("missing required key 'name'")
     name = metadata["name"].string()
@@ -256,11 +260,16 @@ def _parse_cluster(doc: _Value) -> ClusterSpec:
             f"{name!r} is not a valid name: use lowercase letters, digits and '-', at most 63 characters, "
             "starting and ending with a letter or digit"
         )
-    return _parse_spec(name, top["spec"])
+    project = default_project
+    if "project" in metadata:
+        project = metadata["project"].string()
+        if not is_dns_label(project):
+            raise metadata["project"].fail(f"{project!r} is not a valid project name (a DNS label)")
+    return replace(_parse_spec(name, top["spec"]), project=project)
 
 
 _SPEC_KEYS = {"replicas", "gpu", "runtime", "image", "command", "env", "port", "health", "workdir",
-              "reschedule_after", "isolation", "image_pull", "resources", "endpoint"}
+              "reschedule_after", "isolation", "image_pull", "resources", "endpoint", "env_from_secret"}
 
 
 def _parse_spec(name: str, value: _Value) -> ClusterSpec:
@@ -275,6 +284,7 @@ def _parse_spec(name: str, value: _Value) -> ClusterSpec:
         raise value.fail("the container runtime (the default) needs an 'image'; or set 'runtime: process'")
     if image is not None and not _IMAGE.fullmatch(image):
         raise spec["image"].fail(f"{image!r} is not a valid image reference")
+    env = _parse_env(spec["env"]) if "env" in spec else {}
     return ClusterSpec(
         name=name,
         replicas=replicas,
@@ -282,7 +292,7 @@ def _parse_spec(name: str, value: _Value) -> ClusterSpec:
         runtime=runtime,
         image=image,
         command=command,
-        env=_parse_env(spec["env"]) if "env" in spec else {},
+        env=env,
         port=spec["port"].integer(minimum=1, maximum=65535) if "port" in spec else 8000,
         health=_parse_health(spec["health"]) if "health" in spec else HealthCheck(),
         workdir=spec["workdir"].string() if "workdir" in spec else None,
@@ -291,7 +301,25 @@ def _parse_spec(name: str, value: _Value) -> ClusterSpec:
         image_pull=spec["image_pull"].choice(PullPolicy) if "image_pull" in spec else PullPolicy.IF_NOT_PRESENT,
         resources=_parse_resources(spec["resources"]) if "resources" in spec else Resources(),
         endpoint=_parse_endpoint(spec["endpoint"]) if "endpoint" in spec else EndpointConfig(),
+        env_from_secret=_parse_secret_env(spec["env_from_secret"], env) if "env_from_secret" in spec else {},
     )
+
+
+def _parse_secret_env(value: _Value, env: dict[str, str]) -> dict[str, str]:
+    """`{API_TOKEN: hf-token}`: the env var gets the value of the project's secret `hf-token`."""
+    if not isinstance(value.node, yaml.MappingNode):
+        raise value.fail(f"expected a mapping of environment names to secret names, got {_describe(value.node)}")
+    keys = {str(k.value) for k, _ in value.node.value}
+    result: dict[str, str] = {}
+    for key, item in value.mapping(keys).items():
+        _check_env_name(key, item)
+        if key in env:
+            raise item.fail(f"{key!r} is also set in 'env'")
+        secret = item.string()
+        if not is_dns_label(secret):
+            raise item.fail(f"{secret!r} is not a valid secret name (a DNS label)")
+        result[key] = secret
+    return result
 
 
 def _parse_resources(value: _Value) -> Resources:
@@ -370,15 +398,19 @@ def _parse_env(value: _Value) -> dict[str, str]:
     keys = {str(k.value) for k, _ in value.node.value}
     env: dict[str, str] = {}
     for key, item in value.mapping(keys).items():
-        if not _ENV_NAME.fullmatch(key):
-            raise item.fail(f"{key!r} is not a valid environment variable name")
-        if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIX):
-            raise item.fail(f"{key!r} is set by vectorlay and cannot be overridden")
+        _check_env_name(key, item)
         raw = item.scalar()
         if isinstance(raw, bool) or raw is None or not isinstance(raw, str | int | float):
             raise item.fail(f"expected a string or number, got {_describe_value(raw)} (quote it)")
         env[key] = str(raw)
     return env
+
+
+def _check_env_name(key: str, item: _Value) -> None:
+    if not _ENV_NAME.fullmatch(key):
+        raise item.fail(f"{key!r} is not a valid environment variable name")
+    if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIX):
+        raise item.fail(f"{key!r} is set by vectorlay and cannot be overridden")
 
 
 def _parse_health(value: _Value) -> HealthCheck | None:

@@ -10,6 +10,20 @@ import json
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
+DEFAULT_PROJECT = "default"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """The inverse of `cluster_key`: (name, project)."""
+    name, _, project = key.partition(".")
+    return name, project or DEFAULT_PROJECT
+
+
+def cluster_key(name: str, project: str) -> str:
+    """`echo` in the default project, `echo.acme` in project `acme`: also its endpoint's host,
+    `<key>.<domain>`."""
+    return name if project in (DEFAULT_PROJECT, "") else f"{name}.{project}"
+
 
 class NodeState(StrEnum):
     READY = "ready"
@@ -34,6 +48,7 @@ ACTIVE_REPLICA_STATES = frozenset(
 
 class Role(StrEnum):
     ADMIN = "admin"
+    DEPLOYER = "deployer"  # manages the clusters, keys and secrets of one project
     NODE = "node"  # a join token: may register one node per use
     PROXY = "proxy"
 
@@ -142,6 +157,13 @@ class ClusterSpec:
     image_pull: PullPolicy = PullPolicy.IF_NOT_PRESENT
     resources: Resources = Resources()
     endpoint: EndpointConfig = EndpointConfig()
+    project: str = DEFAULT_PROJECT  # the tenant it belongs to
+    env_from_secret: dict[str, str] = field(default_factory=dict)  # env var -> secret name in the project
+
+    @property
+    def key(self) -> str:
+        """Unique across projects, and the host label(s) before the domain in its endpoint."""
+        return cluster_key(self.name, self.project)
 
 
 @dataclass(frozen=True)
@@ -191,11 +213,12 @@ class Assignment:
     generation: int
     spec: ClusterSpec
     gpus: tuple[str, ...] = ()
+    secret_env: dict[str, str] = field(default_factory=dict)  # filled in on the way to its node only
 
 
 # Fields of a spec that say how many replicas exist, how patiently they are replaced or how the
 # proxy guards them; changing any other field changes what a replica runs: a new revision.
-_SCALING_FIELDS = frozenset({"replicas", "reschedule_after_s", "endpoint"})
+_SCALING_FIELDS = frozenset({"replicas", "reschedule_after_s", "endpoint", "project"})
 
 
 def template_revision(spec: ClusterSpec) -> str:

@@ -223,6 +223,18 @@ class RouteUpdate(Message):
     removed: bool = False
 
 
+# --- CA discovery ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaBundle(Message):
+    """The server's CA certificate (PEM), sent to anyone on `/v1/ca`; clients check it against the
+    pin in their token before trusting it."""
+
+    TYPE: ClassVar[str] = "ca_bundle"
+    pem: str
+
+
 # --- CLI <-> server ---------------------------------------------------------------------------
 
 
@@ -289,6 +301,7 @@ SERVER_TO_PROXY: tuple[type[Message], ...] = (Ready, RouteSnapshot, RouteUpdate)
 CLIENT_FIRST: tuple[type[Message], ...] = (ClientHello,)
 CLIENT_TO_SERVER: tuple[type[Message], ...] = (Call, Cancel)
 SERVER_TO_CLIENT: tuple[type[Message], ...] = (Ready, Result, Event, Failure)
+SERVER_TO_DISCOVERY: tuple[type[Message], ...] = (CaBundle,)
 
 
 def encode(message: Message) -> str:

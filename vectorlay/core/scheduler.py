@@ -102,12 +102,12 @@ def place(
     for spec, count in demand:
         if count <= 0:
             continue
-        spread = per_cluster.setdefault(spec.name, Counter())
+        spread = per_cluster.setdefault(spec.key, Counter())
         placed = _place_one_cluster(spec, count, by_id, free, spread)
         placements.extend(placed)
         if len(placed) < count:
             reason = _why_unplaced(spec, nodes, bool(placed))
-            unplaced.append(Unplaced(spec.name, count - len(placed), reason))
+            unplaced.append(Unplaced(spec.key, count - len(placed), reason))
     return Plan(tuple(placements), tuple(unplaced))
 
 
@@ -134,7 +134,7 @@ def _place_one_cluster(
         taken_ids = {g.uuid for g in taken}
         free[node_id] = [g for g in free[node_id] if g.uuid not in taken_ids]
         spread[node_id] += 1
-        placements.append(Placement(spec.name, node_id, tuple(g.uuid for g in taken)))
+        placements.append(Placement(spec.key, node_id, tuple(g.uuid for g in taken)))
         left = fitting - request.count
         # A CPU-only request (count 0) always fits again; a GPU request only while GPUs remain.
         if left >= request.count:

@@ -1,7 +1,9 @@
 """The CLI's API: request/response calls (and streamed results) over one WebSocket.
 
 Each `Call` runs in its own task, so a streaming call (logs -f, wait) does not block others on
-the same link; a `Cancel` or the link closing stops it.
+the same link; a `Cancel` or the link closing stops it. Every call runs as a `Principal`: admin
+tokens may do anything, a deployer token only what concerns its own project (anything else is
+"not found", so it learns nothing of other tenants), node and proxy tokens nothing here.
 """
 
 from __future__ import annotations
@@ -16,20 +18,27 @@ import trio
 
 from vectorlay.core import codec
 from vectorlay.core.durations import parse_duration
-from vectorlay.core.manifest import parse_manifest
-from vectorlay.core.model import Role
+from vectorlay.core.manifest import is_dns_label, parse_manifest
+from vectorlay.core.model import DEFAULT_PROJECT, Role, cluster_key, split_key
 from vectorlay.core.protocol import CLIENT_TO_SERVER, Call, Cancel, Event, Failure, LogsData, LogsEnd, Result
+from vectorlay.core.token_bucket import TokenBucket
 from vectorlay.errors import AuthError, ConflictError, NotFoundError, ProtocolError, UserError, VectorlayError
 from vectorlay.server import views
-from vectorlay.server.auth import Authenticator
+from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.controller import Controller
 from vectorlay.server.node_session import NodeConnection
 from vectorlay.server.route_feed import RouteFeed
-from vectorlay.wire import Link, LinkClosed
+from vectorlay.server.views import audit_view, token_view
+from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed
 
 log = logging.getLogger("vectorlay.server")
 
 Emit = Callable[[Any], Awaitable[None]]
+Method = Callable[[Principal, dict[str, Any], Emit], Awaitable[Any]]
+MAX_CALLS_IN_FLIGHT = 64  # per link: a client cannot make the server juggle unbounded work
+MAX_SECRET_BYTES = 64 * 1024
+CLIENT_MESSAGES_PER_S = 50.0
+CLIENT_MESSAGE_BURST = 200
 
 
 class Api:
@@ -38,30 +47,38 @@ class Api:
         self.fleet = controller.fleet
         self.auth = auth
         self.feed = feed
-        self.methods: dict[str, Callable[[dict[str, Any], Emit], Awaitable[Any]]] = {
-            "whoami": self.whoami,
-            "apply": self.apply,
-            "delete": self.delete,
-            "get_clusters": self.get_clusters,
-            "get_nodes": self.get_nodes,
-            "get_replicas": self.get_replicas,
-            "fleet_summary": self.fleet_summary,
-            "wait_ready": self.wait_ready,
-            "wait_deleted": self.wait_deleted,
-            "logs": self.logs,
-            "token_create": self.token_create,
-            "node_cordon": self.node_cordon,
-            "node_uncordon": self.node_uncordon,
-            "node_drain": self.node_drain,
-            "node_rm": self.node_rm,
-            "key_create": self.key_create,
-            "key_list": self.key_list,
-            "key_revoke": self.key_revoke,
-            "describe_cluster": self.describe_cluster,
+        # method -> (handler, admin only)
+        self.methods: dict[str, tuple[Method, bool]] = {
+            "whoami": (self.whoami, False),
+            "apply": (self.apply, False),
+            "delete": (self.delete, False),
+            "get_clusters": (self.get_clusters, False),
+            "get_replicas": (self.get_replicas, False),
+            "describe_cluster": (self.describe_cluster, False),
+            "wait_ready": (self.wait_ready, False),
+            "wait_deleted": (self.wait_deleted, False),
+            "logs": (self.logs, False),
+            "key_create": (self.key_create, False),
+            "key_list": (self.key_list, False),
+            "key_revoke": (self.key_revoke, False),
+            "secret_set": (self.secret_set, False),
+            "secret_list": (self.secret_list, False),
+            "secret_delete": (self.secret_delete, False),
+            "audit": (self.audit, False),
+            "get_nodes": (self.get_nodes, True),
+            "fleet_summary": (self.fleet_summary, True),
+            "node_cordon": (self.node_cordon, True),
+            "node_uncordon": (self.node_uncordon, True),
+            "node_drain": (self.node_drain, True),
+            "node_rm": (self.node_rm, True),
+            "token_create": (self.token_create, True),
+            "token_list": (self.token_list, True),
+            "token_revoke": (self.token_revoke, True),
         }
 
-    async def serve(self, link: Link, role: Role) -> None:
+    async def serve(self, link: Link, principal: Principal) -> None:
         calls: dict[int, trio.CancelScope] = {}
+        budget = TokenBucket.full(CLIENT_MESSAGES_PER_S, CLIENT_MESSAGE_BURST, trio.current_time())
         async with trio.open_nursery() as nursery:
             while True:
                 try:
@@ -71,27 +88,37 @@ class Api:
                     break
                 except LinkClosed:
                     break
+                allowed, budget = budget.take(trio.current_time())
+                if not allowed:
+                    await link.close(CLOSE_POLICY, "message rate limit exceeded")
+                    break
                 if isinstance(message, Cancel):
                     scope = calls.get(message.id)
                     if scope is not None:
                         scope.cancel()
                 elif isinstance(message, Call):
+                    if message.id in calls or len(calls) >= MAX_CALLS_IN_FLIGHT:
+                        await link.reject(ProtocolError("duplicate call id or too many calls in flight"))
+                        break
                     scope = trio.CancelScope()
                     calls[message.id] = scope
-                    nursery.start_soon(self._run_call, link, message, scope, calls)
+                    nursery.start_soon(self._run_call, link, principal, message, scope, calls)
             nursery.cancel_scope.cancel()
 
-    async def _run_call(self, link: Link, call: Call, scope: trio.CancelScope,
+    async def _run_call(self, link: Link, principal: Principal, call: Call, scope: trio.CancelScope,
                         calls: dict[int, trio.CancelScope]) -> None:
         async def emit(value: Any) -> None:
             await link.send(Event(call.id, value))
 
         try:
             with scope:
-                method = self.methods.get(call.method)
-                if method is None:
+                entry = self.methods.get(call.method)
+                if entry is None:
                     raise UserError(f"unknown method {call.method!r}")
-                value = await method(call.params, emit)
+                method, admin_only = entry
+                if admin_only and not principal.is_admin:
+                    raise AuthError(f"a {principal.role.value} token cannot do this (needs an admin token)")
+                value = await method(principal, call.params, emit)
                 await link.send(Result(call.id, value))
         except LinkClosed:
             pass
@@ -103,91 +130,118 @@ class Api:
         finally:
             calls.pop(call.id, None)
 
-    # --- methods ----------------------------------------------------------------------------
+    # --- scoping ----------------------------------------------------------------------------
 
-    async def whoami(self, params: dict[str, Any], emit: Emit) -> Any:
-        return {"role": "admin"}
+    def _project(self, principal: Principal, params: dict[str, Any]) -> str:
+        """The project a call is about: the one named, else the caller's own (admin: default)."""
+        project = params.get("project") or principal.project or DEFAULT_PROJECT
+        if not isinstance(project, str) or not is_dns_label(project):
+            raise UserError(f"invalid project {project!r}")
+        return project
 
-    async def apply(self, params: dict[str, Any], emit: Emit) -> Any:
-        specs = parse_manifest(_param(params, "manifest", str))
+    def _cluster(self, principal: Principal, params: dict[str, Any], field: str = "name",
+                 must_exist: bool = True) -> str:
+        """The key of the named cluster, if the caller may see it; NotFoundError otherwise."""
+        name = _param(params, field, str)
+        project = self._project(principal, params)
+        key = cluster_key(name, project)
+        visible = principal.may_touch(project)
+        if not visible or (must_exist and key not in self.fleet.clusters and not self.fleet.by_cluster.get(key)):
+            raise NotFoundError(f"cluster {name!r} not found" + (f" in project {project!r}"
+                                                                 if project != DEFAULT_PROJECT else ""))
+        return key
+
+    def _visible(self, principal: Principal, key: str) -> bool:
+        return principal.may_touch(split_key(key)[1])
+
+    # --- clusters ---------------------------------------------------------------------------
+
+    async def whoami(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        return {"role": principal.role.value, "token": principal.token_id, "project": principal.project or None}
+
+    async def apply(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        specs = parse_manifest(_param(params, "manifest", str), principal.project or DEFAULT_PROJECT)
+        for spec in specs:
+            if not principal.may_touch(spec.project):
+                raise AuthError(f"a deployer token for project {principal.project!r} cannot change project "
+                                f"{spec.project!r}")
         dry_run = bool(params.get("dry_run", False))
-        changes = await self.controller.apply(specs, dry_run)
+        changes = await self.controller.apply(specs, dry_run, principal.actor)
         return {"dry_run": dry_run, "changes": [
             {"cluster": c.cluster, "action": c.action, "detail": c.detail} for c in changes
         ]}
 
-    async def delete(self, params: dict[str, Any], emit: Emit) -> Any:
-        name = _param(params, "name", str)
-        if not await self.controller.delete(name):
-            raise NotFoundError(f"cluster {name!r} not found")
-        return {"deleted": name}
+    async def delete(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        key = self._cluster(principal, params)
+        if not await self.controller.delete(key, principal.actor):
+            raise NotFoundError(f"cluster {params.get('name')!r} not found")
+        return {"deleted": key}
 
-    async def get_clusters(self, params: dict[str, Any], emit: Emit) -> Any:
-        names = sorted(self.fleet.clusters)
-        wanted = params.get("name")
-        if wanted is not None:
-            if wanted not in self.fleet.clusters:
-                raise NotFoundError(f"cluster {wanted!r} not found")
-            names = [wanted]
-        return [views.cluster_view(self.fleet, n, self.feed.endpoint_url(n)) for n in names]
-
-    async def get_nodes(self, params: dict[str, Any], emit: Emit) -> Any:
-        now = trio.current_time()
-        name = params.get("name")
-        if name is not None:
-            node_id = self.fleet.node_ids_by_name.get(str(name))
-            if node_id is None:
-                raise NotFoundError(f"node {name!r} not found")
-            return [views.node_view(self.fleet, node_id, now)]
-        ids = sorted(self.fleet.nodes, key=lambda i: self.fleet.nodes[i].name)
-        return await _paged(params, emit, ids, lambda i: views.node_view(self.fleet, i, now))
-
-    async def fleet_summary(self, params: dict[str, Any], emit: Emit) -> Any:
-        """Counts only: cheap at any fleet size (for `get` headers and monitoring)."""
-        return views.fleet_summary(self.fleet)
-
-    async def get_replicas(self, params: dict[str, Any], emit: Emit) -> Any:
-        cluster = params.get("cluster")
-        if cluster is not None:
-            ids = sorted(self.fleet.by_cluster.get(cluster, ()))
-            if not ids and cluster not in self.fleet.clusters:
-                raise NotFoundError(f"cluster {cluster!r} not found")
+    async def get_clusters(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        if params.get("name") is not None:
+            keys = [self._cluster(principal, params)]
         else:
-            ids = sorted(self.fleet.replicas, key=lambda i: (self.fleet.replicas[i].cluster, i))
+            keys = sorted(k for k in self.fleet.clusters if self._visible(principal, k))
+        return [views.cluster_view(self.fleet, k, self.feed.endpoint_url(k)) for k in keys]
+
+    async def get_replicas(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        if params.get("cluster") is not None:
+            ids = sorted(self.fleet.by_cluster.get(self._cluster(principal, params, "cluster"), ()))
+        else:
+            ids = sorted((i for i, r in self.fleet.replicas.items() if self._visible(principal, r.cluster)),
+                         key=lambda i: (self.fleet.replicas[i].cluster, i))
         return await _paged(params, emit, ids, lambda i: views.replica_view(self.fleet, i))
 
-    async def wait_ready(self, params: dict[str, Any], emit: Emit) -> Any:
+    async def describe_cluster(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        key = self._cluster(principal, params)
+        record = self.fleet.clusters.get(key)
+        events = await self.controller.store.events(key, 200)
+        replicas = []
+        for replica in self.fleet.replicas_of_cluster(key):
+            mine = [views.event_view(e) for e in events if e.replica_id == replica.id][-5:]
+            replicas.append({**views.replica_view(self.fleet, replica.id), "events": mine})
+        return {
+            "cluster": views.cluster_view(self.fleet, key, self.feed.endpoint_url(key)),
+            "spec": codec.dump(record.spec) if record else None,
+            "replicas": replicas,
+            "events": [views.event_view(e) for e in events[-20:]],
+        }
+
+    async def wait_ready(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         """Stream the clusters' status on every change until all are ready or the timeout passes."""
-        names = _param(params, "clusters", list)
+        keys = [k for k in _param(params, "clusters", list) if isinstance(k, str) and self._visible(principal, k)]
         timeout = _timeout(params)
+
+        def statuses() -> list[dict[str, Any]]:
+            return [views.cluster_view(self.fleet, k, self.feed.endpoint_url(k)) for k in keys]
+
         with trio.move_on_after(timeout):
             while True:
-                statuses = [views.cluster_view(self.fleet, n, self.feed.endpoint_url(n)) for n in names]
-                await emit(statuses)
-                if all(views.is_cluster_ready(s) for s in statuses):
-                    return {"ready": True, "clusters": statuses}
+                current = statuses()
+                await emit(current)
+                if all(views.is_cluster_ready(s) for s in current):
+                    return {"ready": True, "clusters": current}
                 with trio.move_on_after(1.0):
                     await self.controller.wait_changed()
-        statuses = [views.cluster_view(self.fleet, n, self.feed.endpoint_url(n)) for n in names]
-        return {"ready": False, "clusters": statuses}
+        return {"ready": False, "clusters": statuses()}
 
-    async def wait_deleted(self, params: dict[str, Any], emit: Emit) -> Any:
-        name = _param(params, "name", str)
+    async def wait_deleted(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        key = self._cluster(principal, params, must_exist=False)
         with trio.move_on_after(_timeout(params)):
-            while self.fleet.by_cluster.get(name):
-                await emit({"stopping": len(self.fleet.by_cluster.get(name, ()))})
+            while self.fleet.by_cluster.get(key):
+                await emit({"stopping": len(self.fleet.by_cluster.get(key, ()))})
                 with trio.move_on_after(1.0):
                     await self.controller.wait_changed()
             return {"gone": True}
-        return {"gone": False, "left": len(self.fleet.by_cluster.get(name, ()))}
+        return {"gone": False, "left": len(self.fleet.by_cluster.get(key, ()))}
 
-    async def logs(self, params: dict[str, Any], emit: Emit) -> Any:
-        cluster = _param(params, "cluster", str)
-        tail = int(params.get("tail", 100))
+    async def logs(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        key = self._cluster(principal, params, "cluster")
+        tail = params.get("tail", 100)
+        if not isinstance(tail, int) or tail < 0:
+            raise UserError("tail must be a non-negative integer")
         follow = bool(params.get("follow", False))
-        replicas = [r for r in self.fleet.replicas_of_cluster(cluster) if r.node_id is not None]
-        if not replicas and cluster not in self.fleet.clusters:
-            raise NotFoundError(f"cluster {cluster!r} not found")
+        replicas = [r for r in self.fleet.replicas_of_cluster(key) if r.node_id is not None]
         async with trio.open_nursery() as nursery:
             for replica in replicas:
                 nursery.start_soon(self._replica_logs, replica.id, replica.node_id, tail, follow, emit)
@@ -210,18 +264,91 @@ class Api:
                         await emit({**header, "error": message.error})
                     return
 
-    async def node_cordon(self, params: dict[str, Any], emit: Emit) -> Any:
-        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=False, draining=False)
+    # --- endpoint keys and secrets ----------------------------------------------------------
+
+    async def key_create(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        key = self._cluster(principal, params, "cluster")
+        record, secret = await self.controller.create_api_key(key, str(params.get("name") or ""), principal.actor)
+        auth = self.fleet.clusters[record.cluster].spec.endpoint.auth
+        return {**views.key_view(record), "key": secret, "enforced": auth == "api-key"}
+
+    async def key_list(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        key = self._cluster(principal, params, "cluster")
+        keys = sorted((k for k in self.fleet.api_keys.values() if k.cluster == key), key=lambda k: k.created_at)
+        return [views.key_view(k) for k in keys]
+
+    async def key_revoke(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        key = self._cluster(principal, params, "cluster")
+        record = await self.controller.revoke_api_key(key, _param(params, "id", str), principal.actor)
+        return views.key_view(record)
+
+    async def secret_set(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        project = self._scoped_project(principal, params)
+        name = _param(params, "name", str)
+        value = _param(params, "value", str)
+        if not is_dns_label(name):
+            raise UserError(f"invalid secret name {name!r}: use lowercase letters, digits and '-'")
+        if len(value.encode()) > MAX_SECRET_BYTES:
+            raise UserError(f"secret is larger than {MAX_SECRET_BYTES // 1024} KiB")
+        existed = await self.controller.set_secret(project, name, value, principal.actor)
+        return {"project": project, "name": name, "updated": existed}
+
+    async def secret_list(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        project = self._scoped_project(principal, params)
+        return [{"project": p, "name": n, "updated_at": r.updated_at}
+                for (p, n), r in sorted(self.fleet.secrets.items()) if p == project]
+
+    async def secret_delete(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        project = self._scoped_project(principal, params)
+        name = _param(params, "name", str)
+        await self.controller.delete_secret(project, name, principal.actor)
+        return {"project": project, "name": name, "deleted": True}
+
+    def _scoped_project(self, principal: Principal, params: dict[str, Any]) -> str:
+        project = self._project(principal, params)
+        if not principal.may_touch(project):
+            raise NotFoundError(f"project {project!r} not found")
+        return project
+
+    async def audit(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        limit = params.get("limit", 100)
+        if not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise UserError("limit must be between 1 and 10000")
+        project = None if principal.is_admin and not params.get("project") else self._scoped_project(principal, params)
+        return [audit_view(r) for r in await self.controller.store.audit(limit, project)]
+
+    # --- fleet (admin) ----------------------------------------------------------------------
+
+    async def get_nodes(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        now = trio.current_time()
+        name = params.get("name")
+        if name is not None:
+            node_id = self.fleet.node_ids_by_name.get(str(name))
+            if node_id is None:
+                raise NotFoundError(f"node {name!r} not found")
+            return [views.node_view(self.fleet, node_id, now)]
+        ids = sorted(self.fleet.nodes, key=lambda i: self.fleet.nodes[i].name)
+        return await _paged(params, emit, ids, lambda i: views.node_view(self.fleet, i, now))
+
+    async def fleet_summary(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        """Counts only: cheap at any fleet size (for `get` headers and monitoring)."""
+        return views.fleet_summary(self.fleet)
+
+    async def node_cordon(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=False, draining=False,
+                                                      actor=principal.actor)
         return {"node": record.name, "schedulable": False}
 
-    async def node_uncordon(self, params: dict[str, Any], emit: Emit) -> Any:
-        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=True, draining=False)
+    async def node_uncordon(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=True, draining=False,
+                                                      actor=principal.actor)
         return {"node": record.name, "schedulable": True}
 
-    async def node_drain(self, params: dict[str, Any], emit: Emit) -> Any:
+    async def node_drain(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         """Cordon the node and move its replicas (new copies ready elsewhere first); stream the
         count left until none is, or the timeout passes."""
-        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=False, draining=True)
+        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=False, draining=True,
+                                                      actor=principal.actor)
         with trio.move_on_after(_timeout(params)):
             while True:
                 left = [r.id for r in self.fleet.replicas_on_node(record.id)]
@@ -233,69 +360,44 @@ class Api:
         left = [r.id for r in self.fleet.replicas_on_node(record.id)]
         return {"node": record.name, "drained": not left, "replicas_left": len(left)}
 
-    async def node_rm(self, params: dict[str, Any], emit: Emit) -> Any:
+    async def node_rm(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         name = _param(params, "name", str)
-        lost = await self.controller.remove_node(name)
+        lost = await self.controller.remove_node(name, principal.actor)
         return {"node": name, "replicas_replaced": lost}
 
-    async def key_create(self, params: dict[str, Any], emit: Emit) -> Any:
-        record, key = await self.controller.create_api_key(_param(params, "cluster", str),
-                                                           str(params.get("name") or ""))
-        auth = self.fleet.clusters[record.cluster].spec.endpoint.auth
-        return {**views.key_view(record), "key": key, "enforced": auth == "api-key"}
-
-    async def key_list(self, params: dict[str, Any], emit: Emit) -> Any:
-        cluster = _param(params, "cluster", str)
-        if cluster not in self.fleet.clusters:
-            raise NotFoundError(f"cluster {cluster!r} not found")
-        keys = sorted((k for k in self.fleet.api_keys.values() if k.cluster == cluster), key=lambda k: k.created_at)
-        return [views.key_view(k) for k in keys]
-
-    async def key_revoke(self, params: dict[str, Any], emit: Emit) -> Any:
-        record = await self.controller.revoke_api_key(_param(params, "cluster", str), _param(params, "id", str))
-        return views.key_view(record)
-
-    async def describe_cluster(self, params: dict[str, Any], emit: Emit) -> Any:
-        name = _param(params, "name", str)
-        record = self.fleet.clusters.get(name)
-        if record is None and not self.fleet.by_cluster.get(name):
-            raise NotFoundError(f"cluster {name!r} not found")
-        events = await self.controller.store.events(name, 200)
-        replicas = []
-        for replica in self.fleet.replicas_of_cluster(name):
-            mine = [views.event_view(e) for e in events if e.replica_id == replica.id][-5:]
-            replicas.append({**views.replica_view(self.fleet, replica.id), "events": mine})
-        return {
-            "cluster": views.cluster_view(self.fleet, name, self.feed.endpoint_url(name)),
-            "spec": codec.dump(record.spec) if record else None,
-            "replicas": replicas,
-            "events": [views.event_view(e) for e in events[-20:]],
-        }
-
-    async def token_create(self, params: dict[str, Any], emit: Emit) -> Any:
+    async def token_create(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         try:
             role = Role(_param(params, "role", str))
         except ValueError:
-            raise UserError("role must be one of: node, proxy, admin") from None
+            raise UserError("role must be one of: node, proxy, deployer, admin") from None
         ttl = params.get("ttl")
-        ttl_s = parse_duration(ttl) if isinstance(ttl, str | int | float) else None
-        if ttl_s == 0:
-            ttl_s = None
+        try:
+            ttl_s = parse_duration(ttl) if isinstance(ttl, str | int | float) else None
+        except ValueError as error:
+            raise UserError(f"invalid ttl: {error}") from None
         uses = params.get("uses")
         if uses is not None and (not isinstance(uses, int) or uses < 1):
             raise UserError("uses must be a positive integer")
-        token = await self.auth.create_token(role, ttl_s, uses, str(params.get("description", "")))
-        return {"token": token, "role": role.value, "ttl_s": ttl_s, "uses": uses}
+        project = str(params.get("project") or "")
+        if role is Role.DEPLOYER:
+            if not is_dns_label(project):
+                raise UserError("a deployer token needs --project NAME (a DNS label)")
+        elif project:
+            raise UserError("--project applies only to deployer tokens")
+        description = str(params.get("description", ""))[:200]
+        audit = self.controller.audit(principal.actor, "token.create", "", project, f"{role.value} {description}")
+        record, token = await self.auth.create_token(role, ttl_s or None, uses, description, project, [audit])
+        return {**token_view(record), "token": token}
 
+    async def token_list(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        return [token_view(r) for r in sorted(await self.auth.store.list_tokens(), key=lambda r: r.created_at)]
 
-@asynccontextmanager
-async def _log_stream(session: NodeConnection, replica_id: str, tail: int,
-                      follow: bool) -> AsyncIterator[trio.MemoryReceiveChannel[LogsData | LogsEnd]]:
-    stream_id, channel = session.open_logs(replica_id, tail, follow)
-    try:
-        yield channel
-    finally:
-        session.close_logs(stream_id)
+    async def token_revoke(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        token_id = _param(params, "id", str)
+        if token_id == principal.token_id:
+            raise ConflictError("refusing to revoke the token this command runs with")
+        audit = self.controller.audit(principal.actor, "token.revoke", token_id)
+        return token_view(await self.auth.revoke_token(token_id, [audit]))
 
 
 async def _paged(params: dict[str, Any], emit: Emit, ids: list[str], view: Callable[[str], Any]) -> Any:
@@ -309,6 +411,16 @@ async def _paged(params: dict[str, Any], emit: Emit, ids: list[str], view: Calla
     for start in range(0, len(ids), size):
         await emit([view(i) for i in ids[start:start + size]])
     return {"total": len(ids)}
+
+
+@asynccontextmanager
+async def _log_stream(session: NodeConnection, replica_id: str, tail: int,
+                      follow: bool) -> AsyncIterator[trio.MemoryReceiveChannel[LogsData | LogsEnd]]:
+    stream_id, channel = session.open_logs(replica_id, tail, follow)
+    try:
+        yield channel
+    finally:
+        session.close_logs(stream_id)
 
 
 def _param(params: dict[str, Any], name: str, kind: type) -> Any:

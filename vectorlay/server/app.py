@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -16,28 +18,33 @@ from vectorlay.core.protocol import (
     CLIENT_FIRST,
     NODE_FIRST,
     PROXY_FIRST,
+    CaBundle,
     ClientHello,
     Join,
     NodeHello,
     ProxyHello,
     Ready,
 )
+from vectorlay.core.tokens import parse_token
 from vectorlay.errors import AuthError, ProtocolError
 from vectorlay.files import write_private
 from vectorlay.server.api import Api
-from vectorlay.server.auth import Authenticator
+from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.controller import Controller
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.node_session import handle_hello, handle_join
+from vectorlay.server.records import TokenRecord
 from vectorlay.server.route_feed import RouteFeed
+from vectorlay.server.secrets_box import SecretBox
 from vectorlay.server.store import Store, open_store, ops
 from vectorlay.server.store.engine import describe_url, sqlite_url
+from vectorlay.tls import ServerTls
 from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, serve
 
 log = logging.getLogger("vectorlay.server")
 
 HELLO_DEADLINE_S = 10.0  # a socket that does not introduce itself in time is dropped
-PATHS = frozenset({"/v1/node", "/v1/proxy", "/v1/api"})
+PATHS = frozenset({"/v1/node", "/v1/proxy", "/v1/api", "/v1/ca"})
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class ServerConfig:
     heartbeat_interval_s: float = 1.0
     failover_grace_s: float | None = None  # after a restart; default: the down threshold
     crash_points: frozenset[str] = frozenset()  # fault-injection tests only
+    tls: ServerTls | None = None  # None: plain ws:// (loopback development)
 
     @property
     def database_url(self) -> str:
@@ -87,22 +95,25 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
     for node in snapshot.nodes:
         fleet.put_node(node)
     for record in snapshot.clusters:
-        fleet.clusters[record.spec.name] = record
+        fleet.clusters[record.spec.key] = record
     for replica, created_at in snapshot.replicas:
         fleet.put_replica(replica, created_at)
     for command in snapshot.commands:
         fleet.outbox[command.node_id].append(command)
     for key in snapshot.api_keys:
         fleet.api_keys[key.id] = key
+    for secret in snapshot.secrets:
+        fleet.secrets[(secret.project, secret.name)] = secret
     fleet.generation = int(snapshot.meta.get("generation", "0"))
 
     policy = config.policy
-    controller = Controller(fleet, store, policy, wall_clock, config.crash_points)
+    secret_box = await trio.to_thread.run_sync(SecretBox.in_state_dir, config.state_dir)
+    controller = Controller(fleet, store, policy, wall_clock, config.crash_points, secret_box)
     # Nodes get this long to reconnect after a server restart before silence counts against them;
     # a fleet of thousands reconnecting with jittered backoff needs most of a minute.
     grace = config.failover_grace_s if config.failover_grace_s is not None else max(60.0, 2 * policy.down_after_s)
     await controller.restore_liveness(grace)
-    auth = Authenticator(store, fleet, wall_clock)
+    auth = Authenticator(store, fleet, wall_clock, config.tls.pin if config.tls else None)
     feed = RouteFeed(controller)
     api = Api(controller, auth, feed)
     admin_token, created = await _bootstrap_admin_token(config, store, auth, snapshot.meta)
@@ -110,6 +121,13 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
              len(fleet.nodes), len(fleet.clusters), len(fleet.replicas))
 
     async def handle(path: str, link: Link) -> None:
+        if path == "/v1/ca":
+            if config.tls is None:
+                await link.close(CLOSE_POLICY, "this server does not use TLS")
+            else:
+                await link.send(CaBundle(config.tls.ca_pem.decode()))
+                await link.close()
+            return
         try:
             with trio.fail_after(HELLO_DEADLINE_S):
                 first = await link.receive(_FIRST[path])
@@ -127,13 +145,14 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
             elif isinstance(first, NodeHello):
                 await handle_hello(link, first, auth, controller, config.heartbeat_interval_s)
             elif isinstance(first, ProxyHello):
-                await auth.check_token(first.token, frozenset({Role.PROXY, Role.ADMIN}))
+                record = await auth.check_token(first.token, frozenset({Role.PROXY, Role.ADMIN}))
                 await link.send(Ready("proxy"))
-                await feed.serve(link, first.url_template)
+                await _until_revoked(auth, record, link, partial(feed.serve, link, first.url_template))
             elif isinstance(first, ClientHello):
-                record = await auth.check_token(first.token, frozenset({Role.ADMIN}))
+                record = await auth.check_token(first.token, frozenset({Role.ADMIN, Role.DEPLOYER}))
                 await link.send(Ready(record.role.value))
-                await api.serve(link, record.role)
+                principal = Principal(record.role, record.id, record.project)
+                await _until_revoked(auth, record, link, partial(api.serve, link, principal))
         except AuthError as error:
             log.warning("refused %s on %s: %s", link.remote, path, error)
             await link.close(CLOSE_POLICY, str(error))
@@ -141,15 +160,47 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
             pass
 
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(auth.sessions.close_expired, wall_clock)
         await nursery.start(controller.run)
         await nursery.start(feed.run)
-        server = await nursery.start(serve, handle, config.host, config.port, PATHS)
+        ssl_context = config.tls.context() if config.tls else None
+        server = await nursery.start(serve, handle, config.host, config.port, PATHS, ssl_context)
         port = server.port
-        log.info("listening on ws://%s:%d", config.host, port)
+        scheme = "wss" if config.tls else "ws"
+        log.info("listening on %s://%s:%d", scheme, config.host, port)
+        if config.tls is None and not _is_loopback(config.host):
+            log.warning("TLS IS OFF on %s: tokens and node credentials cross the network in clear text. "
+                        "Use --tls auto (or --tls-cert/--tls-key) anywhere but a development machine.", config.host)
         task_status.started(ServerStarted(port, admin_token, created))
 
 
 _FIRST = {"/v1/node": NODE_FIRST, "/v1/proxy": PROXY_FIRST, "/v1/api": CLIENT_FIRST}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _until_revoked(auth: Authenticator, record: TokenRecord, link: Link,
+                         serve: Callable[[], Awaitable[None]]) -> None:
+    """Serve a link opened with `record`'s token until it ends or the token is revoked or
+    expires; then the link is closed with that reason."""
+    scope = trio.CancelScope()
+    reasons: list[str] = []
+
+    def close(reason: str) -> None:
+        reasons.append(reason)
+        scope.cancel()
+
+    with auth.sessions.track(record, close), scope:
+        await serve()
+    if reasons:
+        await link.close(CLOSE_POLICY, reasons[0])
 
 
 async def _bootstrap_admin_token(config: ServerConfig, store: Store, auth: Authenticator,
@@ -157,8 +208,16 @@ async def _bootstrap_admin_token(config: ServerConfig, store: Store, auth: Authe
     """On the first start, create the admin token and write it to DIR/admin.token."""
     path = config.state_dir / "admin.token"
     if "admin_token_id" in meta:
-        return (path.read_text().strip() if path.exists() else None), False
-    token = await auth.create_token(Role.ADMIN, None, None, "created on first start")
-    await store.apply([ops.SetMeta("admin_token_id", token.split(".")[0])])
+        if not path.exists():
+            return None, False
+        token = path.read_text().strip()
+        parsed = parse_token(token)
+        if parsed is not None and parsed.pin != auth.ca_pin:
+            # TLS was turned on (or its CA changed) since the token was written: same token, new pin.
+            token = auth.token_text(parsed.id, parsed.secret)
+            write_private(path, token + "\n")
+        return token, False
+    record, token = await auth.create_token(Role.ADMIN, None, None, "created on first start")
+    await store.apply([ops.SetMeta("admin_token_id", record.id)])
     write_private(path, token + "\n")
     return token, True

@@ -2,45 +2,133 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import trio
 
 from vectorlay.core.model import Role
 from vectorlay.core.tokens import format_token, hash_secret, parse_token, secret_matches
-from vectorlay.errors import AuthError
+from vectorlay.errors import AuthError, NotFoundError
 from vectorlay.server.fleet import Fleet
+from vectorlay.server.ids import random_id
 from vectorlay.server.records import NodeRecord, TokenRecord
 from vectorlay.server.store import Store, ops
 
+log = logging.getLogger("vectorlay.server")
+
 TOKEN_ID_LENGTH = 6
+EXPIRY_CHECK_S = 2.0
 
 
 def new_secret() -> str:
     return secrets.token_urlsafe(24)
 
 
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling the API: the token's role, its id (for the audit log), a deployer's project."""
+
+    role: Role
+    token_id: str
+    project: str = ""
+
+    @property
+    def actor(self) -> str:
+        return f"{self.role.value}:{self.token_id}"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is Role.ADMIN
+
+    def may_touch(self, project: str) -> bool:
+        return self.is_admin or project == self.project
+
+
+class OpenSessions:
+    """Links opened with each token, so revoking (or expiry) closes them within seconds."""
+
+    def __init__(self) -> None:
+        self._by_token: dict[str, dict[int, Callable[[str], None]]] = {}
+        self._expiry: dict[str, float | None] = {}
+        self._ids = itertools.count()
+
+    @contextmanager
+    def track(self, record: TokenRecord, close: Callable[[str], None]) -> Iterator[None]:
+        key = next(self._ids)
+        self._by_token.setdefault(record.id, {})[key] = close
+        self._expiry[record.id] = record.expires_at
+        try:
+            yield
+        finally:
+            sessions = self._by_token.get(record.id, {})
+            sessions.pop(key, None)
+            if not sessions:
+                self._by_token.pop(record.id, None)
+                self._expiry.pop(record.id, None)
+
+    def close_all(self, token_id: str, reason: str) -> int:
+        closers = list(self._by_token.get(token_id, {}).values())
+        for close in closers:
+            close(reason)
+        return len(closers)
+
+    async def close_expired(self, wall_clock: Callable[[], float]) -> None:
+        while True:
+            await trio.sleep(EXPIRY_CHECK_S)
+            now = wall_clock()
+            for token_id, expires_at in list(self._expiry.items()):
+                if expires_at is not None and now >= expires_at:
+                    self.close_all(token_id, "token has expired")
+
+
 class Authenticator:
-    def __init__(self, store: Store, fleet: Fleet, wall_clock: Callable[[], float]) -> None:
+    def __init__(self, store: Store, fleet: Fleet, wall_clock: Callable[[], float], ca_pin: str | None = None) -> None:
         self.store = store
         self.fleet = fleet
         self.wall_clock = wall_clock
+        self.ca_pin = ca_pin  # SHA-256 of the CA's public key, carried in every token when TLS is on
+        self.sessions = OpenSessions()
 
     async def create_token(self, role: Role, ttl_s: float | None, uses: int | None = None,
-                           description: str = "") -> str:
-        from vectorlay.server.controller import random_id
-
+                           description: str = "", project: str = "",
+                           extra: Sequence[ops.Op] = ()) -> tuple[TokenRecord, str]:
+        """A new token; only the hash of its secret is stored. `extra` ops (the audit record)
+        are written in the same transaction."""
         secret = new_secret()
         now = self.wall_clock()
         record = TokenRecord(random_id(TOKEN_ID_LENGTH), hash_secret(secret), role, now,
-                             now + ttl_s if ttl_s else None, uses, False, description)
-        await self.store.apply([ops.PutToken(record)])
-        return format_token(record.id, secret)
+                             now + ttl_s if ttl_s else None, uses, False, description, project)
+        await self.store.apply([ops.PutToken(record), *extra])
+        return record, self.token_text(record.id, secret)
+
+    def token_text(self, token_id: str, secret: str) -> str:
+        """What users copy: `<id>.<secret>`, prefixed with the CA pin when TLS is on."""
+        return format_token(token_id, secret, self.ca_pin)
+
+    async def revoke_token(self, token_id: str, extra: Sequence[ops.Op] = ()) -> TokenRecord:
+        record = await self.store.get_token(token_id)
+        if record is None:
+            raise NotFoundError(f"token {token_id!r} not found")
+        if not record.revoked:
+            record = replace(record, revoked=True)
+            await self.store.apply([ops.PutToken(record), *extra])
+        closed = self.sessions.close_all(token_id, "token has been revoked")
+        if closed:
+            log.info("token %s revoked: closed %d open connection(s)", token_id, closed)
+        return record
 
     async def check_token(self, text: str, roles: frozenset[Role], spend_use: bool = False) -> TokenRecord:
         """The token's record if it is valid for one of `roles`; AuthError with the reason if not."""
         parsed = parse_token(text)
         if parsed is None:
             raise AuthError("malformed token: expected <id>.<secret>")
+        if parsed.pin is not None and self.ca_pin is not None and parsed.pin != self.ca_pin:
+            raise AuthError("this token was issued by another server (its CA pin does not match)")
         record = await self.store.get_token(parsed.id)
         if record is None or not secret_matches(parsed.secret, record.secret_hash):
             raise AuthError("invalid token")

@@ -14,7 +14,6 @@ import logging
 import os
 import secrets
 import signal
-import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -31,14 +30,25 @@ from vectorlay.core.model import (
     NodeState,
     Replica,
     ReplicaState,
+    split_key,
     template_revision,
 )
 from vectorlay.core.protocol import Command, Message, ReplicaReport, Sync
 from vectorlay.core.reconciler import ClusterPlan, plan_cluster
 from vectorlay.core.token_bucket import TokenBucket
-from vectorlay.errors import NotFoundError
+from vectorlay.errors import ConflictError, NotFoundError, UserError
 from vectorlay.server.fleet import Fleet
-from vectorlay.server.records import ApiKeyRecord, ClusterRecord, CommandRecord, EventRecord, NodeRecord
+from vectorlay.server.ids import new_replica_id, random_id
+from vectorlay.server.records import (
+    ApiKeyRecord,
+    AuditRecord,
+    ClusterRecord,
+    CommandRecord,
+    EventRecord,
+    NodeRecord,
+    SecretRecord,
+)
+from vectorlay.server.secrets_box import SecretBox
 from vectorlay.server.store import Store, ops
 from vectorlay.wire import CLOSE_POLICY
 
@@ -79,8 +89,10 @@ class Controller:
         policy: LivenessPolicy,
         wall_clock: Callable[[], float],
         crash_points: frozenset[str] = frozenset(),
+        secret_box: SecretBox | None = None,
     ) -> None:
         self.fleet = fleet
+        self.secret_box = secret_box or SecretBox(SecretBox.new_key())
         self.store = store
         self.policy = policy
         self.wall_clock = wall_clock
@@ -127,7 +139,7 @@ class Controller:
         for command in commands:
             session = self.sessions.get(command.node_id)
             if session is not None:
-                session.send_nowait(to_message(command))
+                session.send_nowait(self.outgoing(command))
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -198,6 +210,12 @@ class Controller:
             await self._refresh_unplaced_reason(cluster, plan)
             return
         await self._commit_plan(cluster, spec, plan)
+
+    def _new_replica_id(self, name: str) -> str:
+        """`<cluster name>-<5 random>`: short, readable, and checked unique across projects."""
+        while (candidate := new_replica_id(name)) in self.fleet.replicas:
+            pass
+        return candidate
 
     def _rolling(self, cluster: str) -> bool:
         """Whether some live replica of the cluster runs an older template revision."""
@@ -282,14 +300,15 @@ class Controller:
                           Assignment(new.id, cluster, new.generation, spec, new.gpus))
         for placement in plan.create:
             assert spec is not None
-            new = Replica(new_replica_id(cluster), cluster, placement.node_id, placement.gpus,
+            new = Replica(self._new_replica_id(spec.name), cluster, placement.node_id, placement.gpus,
                           ReplicaState.PENDING, f"starting on {fleet.nodes[placement.node_id].name}",
                           None, batch.next_generation(), False, revision)
             batch.put_replica(new)
             batch.command(placement.node_id, "start", new.id,
                           Assignment(new.id, cluster, new.generation, spec, new.gpus))
         for _ in range(plan.create_unplaced):
-            batch.put_replica(Replica(new_replica_id(cluster), cluster, None, (), ReplicaState.PENDING,
+            assert spec is not None
+            batch.put_replica(Replica(self._new_replica_id(spec.name), cluster, None, (), ReplicaState.PENDING,
                                       plan.unplaced_reason, None, 0, False, revision))
         await self._commit(batch)
         if plan.forget:
@@ -325,17 +344,23 @@ class Controller:
     def diff(self, specs: Sequence[ClusterSpec]) -> list[ClusterChange]:
         changes = []
         for spec in specs:
-            old = self.fleet.clusters.get(spec.name)
+            old = self.fleet.clusters.get(spec.key)
             if old is None:
-                changes.append(ClusterChange(spec.name, "created", f"{spec.replicas} replica(s)"))
+                changes.append(ClusterChange(spec.key, "created", f"{spec.replicas} replica(s)"))
             elif old.spec == spec:
-                changes.append(ClusterChange(spec.name, "unchanged"))
+                changes.append(ClusterChange(spec.key, "unchanged"))
             else:
-                changes.append(ClusterChange(spec.name, "updated", describe_update(old.spec, spec)))
+                changes.append(ClusterChange(spec.key, "updated", describe_update(old.spec, spec)))
         return changes
 
-    async def apply(self, specs: Sequence[ClusterSpec], dry_run: bool) -> list[ClusterChange]:
+    async def apply(self, specs: Sequence[ClusterSpec], dry_run: bool, actor: str = "") -> list[ClusterChange]:
         async with self.lock:
+            for spec in specs:
+                for env, secret in spec.env_from_secret.items():
+                    if (spec.project, secret) not in self.fleet.secrets:
+                        raise UserError(
+                            f"cluster {spec.name!r}: {env} needs secret {secret!r}, which project {spec.project!r} "
+                            f"does not have (create it: vectorlay secret set {spec.project} {secret})")
             changes = self.diff(specs)
             if dry_run:
                 return changes
@@ -345,23 +370,26 @@ class Controller:
             for spec, change in zip(specs, changes, strict=True):
                 if change.action == "unchanged":
                     continue
-                old = self.fleet.clusters.get(spec.name)
+                old = self.fleet.clusters.get(spec.key)
                 record = ClusterRecord(spec, old.created_at if old else wall, wall)
                 writes.append(ops.PutCluster(record))
+                writes.append(self.audit(actor, f"cluster.{change.action}", spec.key, spec.project, change.detail))
                 records.append(record)
             await self.store.apply(writes)
             for record in records:
-                self.fleet.clusters[record.spec.name] = record
-                self._replace_backoff.pop(record.spec.name, None)
-                self.mark_dirty(record.spec.name)
+                self.fleet.clusters[record.spec.key] = record
+                self._replace_backoff.pop(record.spec.key, None)
+                self.mark_dirty(record.spec.key)
             self._announce()
             return changes
 
-    async def delete(self, name: str) -> bool:
+    async def delete(self, name: str, actor: str = "") -> bool:
         async with self.lock:
-            if name not in self.fleet.clusters:
+            record = self.fleet.clusters.get(name)
+            if record is None:
                 return False
-            await self.store.apply([ops.DeleteCluster(name)])
+            await self.store.apply([ops.DeleteCluster(name),
+                                    self.audit(actor, "cluster.delete", name, record.spec.project)])
             del self.fleet.clusters[name]
             self._replace_backoff.pop(name, None)
             self.mark_dirty(name)
@@ -371,32 +399,82 @@ class Controller:
 
     # --- endpoint API keys ------------------------------------------------------------------
 
-    async def create_api_key(self, cluster: str, name: str) -> tuple[ApiKeyRecord, str]:
+    async def create_api_key(self, cluster: str, name: str, actor: str = "") -> tuple[ApiKeyRecord, str]:
         """A new key for the cluster's endpoint; the key itself is returned once, never stored."""
-        if cluster not in self.fleet.clusters:
+        owner = self.fleet.clusters.get(cluster)
+        if owner is None:
             raise NotFoundError(f"cluster {cluster!r} not found")
         key_id = f"vk-{random_id(8)}"
         key = f"{key_id}.{secrets.token_urlsafe(32)}"
         record = ApiKeyRecord(key_id, cluster, name or key_id, hash_api_key(key), self.wall_clock())
         async with self.lock:
             await self.store.apply([ops.PutApiKey(record), ops.AddEvent(EventRecord(
-                cluster, None, record.created_at, f"API key {record.id} ({record.name}) created"))])
+                cluster, None, record.created_at, f"API key {record.id} ({record.name}) created")),
+                self.audit(actor, "key.create", f"{cluster}/{record.id}", owner.spec.project, record.name)])
             self.fleet.api_keys[record.id] = record
             self.mark_route(cluster)
         return record, key
 
-    async def revoke_api_key(self, cluster: str, key_id: str) -> ApiKeyRecord:
+    async def revoke_api_key(self, cluster: str, key_id: str, actor: str = "") -> ApiKeyRecord:
         async with self.lock:
             record = self.fleet.api_keys.get(key_id)
             if record is None or record.cluster != cluster:
                 raise NotFoundError(f"no API key {key_id!r} for cluster {cluster!r}")
             if record.revoked_at is None:
                 record = replace(record, revoked_at=self.wall_clock())
+                project = split_key(cluster)[1]
                 await self.store.apply([ops.PutApiKey(record), ops.AddEvent(EventRecord(
-                    cluster, None, record.revoked_at or 0.0, f"API key {record.id} ({record.name}) revoked"))])
+                    cluster, None, record.revoked_at or 0.0, f"API key {record.id} ({record.name}) revoked")),
+                    self.audit(actor, "key.revoke", f"{cluster}/{record.id}", project)])
                 self.fleet.api_keys[record.id] = record
                 self.mark_route(cluster)  # proxies drop the key within one push
             return record
+
+    # --- secrets ----------------------------------------------------------------------------
+
+    async def set_secret(self, project: str, name: str, value: str, actor: str = "") -> bool:
+        """Store (encrypted) or replace a project's secret; True if it existed before. Replicas
+        using it get the new value when they next start."""
+        record = SecretRecord(project, name, self.secret_box.encrypt(value), self.wall_clock())
+        async with self.lock:
+            existed = (project, name) in self.fleet.secrets
+            await self.store.apply([ops.PutSecret(record), self.audit(
+                actor, "secret.update" if existed else "secret.create", f"{project}/{name}", project)])
+            self.fleet.secrets[(project, name)] = record
+            return existed
+
+    async def delete_secret(self, project: str, name: str, actor: str = "") -> None:
+        async with self.lock:
+            if (project, name) not in self.fleet.secrets:
+                raise NotFoundError(f"secret {name!r} not found in project {project!r}")
+            users = sorted(r.spec.name for r in self.fleet.clusters.values()
+                           if r.spec.project == project and name in r.spec.env_from_secret.values())
+            if users:
+                raise ConflictError(f"secret {name!r} is used by cluster(s) {', '.join(users)}")
+            await self.store.apply([ops.DeleteSecret(project, name),
+                                    self.audit(actor, "secret.delete", f"{project}/{name}", project)])
+            del self.fleet.secrets[(project, name)]
+
+    def _secret_env(self, assignment: Assignment) -> Assignment:
+        """The assignment with its secrets decrypted: only ever on the way to its own node."""
+        spec = assignment.spec
+        if not spec.env_from_secret:
+            return assignment
+        values = {}
+        for env, secret in spec.env_from_secret.items():
+            record = self.fleet.secrets.get((spec.project, secret))
+            if record is not None:
+                values[env] = self.secret_box.decrypt(record.ciphertext)
+        return replace(assignment, secret_env=values)
+
+    def outgoing(self, command: CommandRecord) -> Command:
+        message = to_message(command)
+        if message.assignment is not None:
+            message = replace(message, assignment=self._secret_env(message.assignment))
+        return message
+
+    def audit(self, actor: str, action: str, target: str, project: str = "", detail: str = "") -> ops.AddAudit:
+        return ops.AddAudit(AuditRecord(self.wall_clock(), actor or "server", action, target, project, detail))
 
     # --- nodes (from the API) ---------------------------------------------------------------
 
@@ -406,11 +484,12 @@ class Controller:
             raise NotFoundError(f"node {name!r} not found")
         return self.fleet.nodes[node_id]
 
-    async def set_node_flags(self, name: str, schedulable: bool, draining: bool) -> NodeRecord:
+    async def set_node_flags(self, name: str, schedulable: bool, draining: bool, actor: str = "") -> NodeRecord:
         """Cordon (no new replicas), drain (also move the ones it has) or undo both."""
         async with self.lock:
             record = replace(self.node_by_name(name), schedulable=schedulable, draining=draining)
-            await self.store.apply([ops.PutNode(record)])
+            action = "node.drain" if draining else ("node.uncordon" if schedulable else "node.cordon")
+            await self.store.apply([ops.PutNode(record), self.audit(actor, action, name)])
             self.fleet.put_node(record)
             for cluster in self.fleet.clusters_on_node(record.id):
                 self.mark_dirty(cluster)
@@ -419,12 +498,13 @@ class Controller:
             self._announce()
             return record
 
-    async def remove_node(self, name: str) -> int:
+    async def remove_node(self, name: str, actor: str = "") -> int:
         """Forget a node: its replicas count as lost at once and are replaced elsewhere."""
         async with self.lock:
             record = self.node_by_name(name)
             replicas = self.fleet.replicas_on_node(record.id)
-            await self.store.apply([*(ops.DeleteReplica(r.id) for r in replicas), ops.DeleteNode(record.id)])
+            await self.store.apply([*(ops.DeleteReplica(r.id) for r in replicas), ops.DeleteNode(record.id),
+                                    self.audit(actor, "node.rm", name, detail=f"{len(replicas)} replica(s) lost")])
             for replica in replicas:
                 self.fleet.remove_replica(replica.id)
                 self.mark_dirty(replica.cluster)
@@ -439,9 +519,10 @@ class Controller:
 
     # --- nodes (from their sessions) --------------------------------------------------------
 
-    async def add_node(self, record: NodeRecord) -> None:
+    async def add_node(self, record: NodeRecord, actor: str = "") -> None:
         async with self.lock:
-            await self.store.apply([ops.PutNode(record)])
+            gpus = ", ".join(g.name for g in record.gpus) or "no GPU"
+            await self.store.apply([ops.PutNode(record), self.audit(actor, "node.join", record.name, detail=gpus)])
             self.fleet.put_node(record)
             self._announce()
 
@@ -474,9 +555,9 @@ class Controller:
             node = fleet.nodes[record.id]
             session.send_nowait(welcome)
             for command in fleet.outbox.get(record.id, []):
-                session.send_nowait(to_message(command))
+                session.send_nowait(self.outgoing(command))
             session.send_nowait(Sync(max(node.generation, generation_seen), node.next_seq - 1,
-                                     tuple(fleet.desired_on_node(record.id))))
+                                     tuple(self._secret_env(a) for a in fleet.desired_on_node(record.id))))
 
     def _adopt_reports(self, batch: _Batch, node_id: str, reports: Sequence[ReplicaReport]) -> None:
         """What a (re)connecting node really runs, against what we think it runs."""
@@ -604,8 +685,16 @@ class Controller:
         if report.replica_id in batch.forgotten:
             return False
         replica = batch.replicas.get(report.replica_id) or self.fleet.replicas.get(report.replica_id)
-        if replica is None or replica.node_id != node_id or report.generation != replica.generation:
-            return False  # stale or foreign: fencing drops it
+        if replica is not None and replica.node_id != node_id:
+            # Replica ids are never moved between nodes: this node reports on one it was never
+            # given. A bug or a hostile agent either way; drop the link, change nothing.
+            session = self.sessions.get(node_id)
+            if session is not None:
+                log.warning("node %s reported on replica %s of another node; disconnecting it", node_id, replica.id)
+                session.close_soon(f"reported on replica {replica.id}, which is not this node's", CLOSE_POLICY)
+            return False
+        if replica is None or report.generation != replica.generation:
+            return False  # stale: fencing drops it
         if replica.stopping:
             if report.state is ReplicaState.STOPPED:
                 batch.forget(replica.id)
@@ -740,20 +829,9 @@ def to_message(command: CommandRecord) -> Command:
     return Command(command.seq, command.op, command.generation, command.replica_id, command.assignment)
 
 
-_ID_ALPHABET = string.ascii_lowercase + string.digits
-
-
-def random_id(length: int) -> str:
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
-
-
 def hash_api_key(key: str) -> str:
     """What proxies compare: the SHA-256 of the whole key (keys are long random secrets)."""
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def new_replica_id(cluster: str) -> str:
-    return f"{cluster}-{random_id(5)}"
 
 
 def describe_update(old: ClusterSpec, new: ClusterSpec) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from vectorlay.core.health import Liveness
 from vectorlay.core.model import Assignment, GpuStatus, Node, NodeState, Replica
-from vectorlay.server.records import ApiKeyRecord, ClusterRecord, CommandRecord, NodeRecord
+from vectorlay.server.records import ApiKeyRecord, ClusterRecord, CommandRecord, NodeRecord, SecretRecord
 
 
 class Fleet:
@@ -29,6 +29,7 @@ class Fleet:
         self.api_keys: dict[str, ApiKeyRecord] = {}
         self.rolling: set[str] = set()  # clusters with replicas of an old revision or on draining nodes
         self.unplaced: set[str] = set()  # ids of replicas waiting for a node
+        self.secrets: dict[tuple[str, str], SecretRecord] = {}  # (project, name) -> encrypted value
         self.generation = 0  # the fencing counter: only grows, persisted in meta
 
     # --- nodes ---

@@ -31,16 +31,22 @@ from vectorlay.core.protocol import (
     ReplicaStatus,
     Welcome,
 )
+from vectorlay.core.token_bucket import TokenBucket
 from vectorlay.core.tokens import hash_secret
 from vectorlay.errors import AuthError, ConflictError, ProtocolError, UserError, unwrap_group
 from vectorlay.server.auth import Authenticator, new_secret
-from vectorlay.server.controller import Controller, random_id
+from vectorlay.server.controller import Controller
+from vectorlay.server.ids import random_id
 from vectorlay.server.records import NodeRecord
 from vectorlay.wire import CLOSE_GOING_AWAY, CLOSE_POLICY, Link, LinkClosed
 
 log = logging.getLogger("vectorlay.server")
 
 OUTBOUND_QUEUE = 1024
+# A node sends a heartbeat a second and a report per replica change; a burst covers a node with
+# many replicas restarting at once. Anything beyond is a broken or hostile agent.
+NODE_MESSAGES_PER_S = 200.0
+NODE_MESSAGE_BURST = 2000
 LOG_STREAM_QUEUE = 64
 
 
@@ -96,6 +102,7 @@ class NodeConnection:
             self._scope.cancel()  # the reader notices too; stop both
 
     async def _reader(self) -> None:
+        budget = TokenBucket.full(NODE_MESSAGES_PER_S, NODE_MESSAGE_BURST, trio.current_time())
         while True:
             try:
                 message = await self.link.receive(NODE_TO_SERVER)
@@ -104,6 +111,11 @@ class NodeConnection:
                 await self.link.reject(error)
                 return
             except LinkClosed:
+                return
+            allowed, budget = budget.take(trio.current_time())
+            if not allowed:
+                log.warning("node %s exceeded %g messages/s, closing", self.name, NODE_MESSAGES_PER_S)
+                await self.link.close(CLOSE_POLICY, "message rate limit exceeded")
                 return
             self.controller.heartbeat(self.node_id)  # any message is a sign of life
             if isinstance(message, Heartbeat):
@@ -152,7 +164,7 @@ async def handle_join(link: Link, join: Join, auth: Authenticator, controller: C
         if join.name in controller.fleet.node_ids_by_name:
             raise ConflictError(f"a node named {join.name!r} already exists; pick another --name "
                                 "or remove the old one with `vectorlay node rm`")
-        await auth.check_token(join.token, frozenset({Role.NODE}), spend_use=True)
+        token = await auth.check_token(join.token, frozenset({Role.NODE}), spend_use=True)
     except (AuthError, UserError) as error:
         log.warning("join refused from %s: %s", link.remote, error)
         await link.close(CLOSE_POLICY, str(error))
@@ -161,7 +173,7 @@ async def handle_join(link: Link, join: Join, auth: Authenticator, controller: C
     node_id = f"n-{random_id(10)}"
     record = NodeRecord(node_id, join.name, hash_secret(secret), join.gpus, join.address, join.runtimes,
                         joined_at=auth.wall_clock(), isolation=join.isolation)
-    await controller.add_node(record)
+    await controller.add_node(record, actor=f"node:{token.id}")
     log.info("node %s joined as %s from %s with %d GPU(s)", join.name, node_id, link.remote, len(join.gpus))
     await link.send(Joined(node_id, join.name, f"{node_id}.{secret}"))
     await link.close()

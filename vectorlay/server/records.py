@@ -18,6 +18,7 @@ class TokenRecord:
     uses_left: int | None  # None: unlimited
     revoked: bool = False
     description: str = ""
+    project: str = ""  # the one project a deployer token may touch
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,28 @@ class EventRecord:
     replica_id: str | None
     at: float
     message: str
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """Who changed what, when: every change through the API or a node joining."""
+
+    at: float
+    actor: str  # "admin:<token id>", "deployer:<token id>", "node:<node id>"
+    action: str  # "apply", "delete", "token.create", ...
+    target: str
+    project: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class SecretRecord:
+    """A project's secret, encrypted with the server's key (never stored in clear)."""
+
+    project: str
+    name: str
+    ciphertext: str
+    updated_at: float
 
 
 @dataclass(frozen=True)

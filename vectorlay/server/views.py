@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from vectorlay.core.codec import dump
-from vectorlay.core.model import ReplicaState, template_revision
+from vectorlay.core.model import ReplicaState, split_key
 from vectorlay.server.fleet import Fleet
-from vectorlay.server.records import ApiKeyRecord, EventRecord
+from vectorlay.server.records import ApiKeyRecord, AuditRecord, EventRecord, TokenRecord
 
 
 def cluster_view(fleet: Fleet, name: str, endpoint: str | None) -> dict[str, Any]:
     record = fleet.clusters.get(name)
     replicas = [r for r in fleet.replicas_of_cluster(name) if not r.stopping]
-    revision = template_revision(record.spec) if record else ""
+    revision = record.revision if record else ""
     current = [r for r in replicas if r.revision == revision]
     ready = sum(1 for r in current if r.state is ReplicaState.READY)
     desired = record.spec.replicas if record else 0
@@ -21,8 +21,11 @@ def cluster_view(fleet: Fleet, name: str, endpoint: str | None) -> dict[str, Any
     for replica in replicas:
         states[replica.state.value] = states.get(replica.state.value, 0) + 1
     reasons = sorted({r.reason for r in replicas if r.reason and r.state is not ReplicaState.READY})
+    short, project = split_key(name)
     return {
-        "name": name,
+        "name": short,
+        "project": project,
+        "key": name,
         "replicas": desired,
         "ready": ready,
         "up_to_date": len(current),
@@ -68,9 +71,11 @@ def replica_view(fleet: Fleet, replica_id: str) -> dict[str, Any]:
     reason = replica.reason
     if replica.stopping:
         reason = f"stopping: {reason}" if reason else "stopping"
+    cluster, project = split_key(replica.cluster)
     return {
         "id": replica.id,
-        "cluster": replica.cluster,
+        "cluster": cluster,
+        "project": project,
         "node": node.name if node else None,
         "node_id": replica.node_id,
         "state": replica.state.value,
@@ -106,3 +111,15 @@ def fleet_summary(fleet: Fleet) -> dict[str, Any]:
     connected = sum(1 for live in fleet.liveness.values() if live.connected)
     return {"nodes": nodes, "nodes_total": len(fleet.nodes), "connected": connected, "replicas": replicas,
             "replicas_total": len(fleet.replicas), "clusters": len(fleet.clusters)}
+
+
+def token_view(record: TokenRecord) -> dict[str, Any]:
+    """Everything about a token but its secret (which is not stored anyway)."""
+    return {"id": record.id, "role": record.role.value, "project": record.project or None,
+            "created_at": record.created_at, "expires_at": record.expires_at, "uses_left": record.uses_left,
+            "revoked": record.revoked, "description": record.description}
+
+
+def audit_view(record: AuditRecord) -> dict[str, Any]:
+    return {"at": record.at, "actor": record.actor, "action": record.action, "target": record.target,
+            "project": record.project or None, "detail": record.detail}

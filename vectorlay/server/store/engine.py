@@ -23,10 +23,12 @@ from vectorlay.core.model import Assignment, ClusterSpec, Gpu, NodeState, Replic
 from vectorlay.errors import StoreError
 from vectorlay.server.records import (
     ApiKeyRecord,
+    AuditRecord,
     ClusterRecord,
     CommandRecord,
     EventRecord,
     NodeRecord,
+    SecretRecord,
     TokenRecord,
 )
 from vectorlay.server.store import ops, schema
@@ -44,6 +46,7 @@ class Snapshot:
     commands: list[CommandRecord]
     meta: dict[str, str]
     api_keys: list[ApiKeyRecord]
+    secrets: list[SecretRecord]
 
 
 def sqlite_url(state_dir: Path) -> str:
@@ -103,6 +106,17 @@ class Store:
                 if cutoff is not None:
                     conn.execute(delete(table).where(table.c.cluster == cluster, table.c.id <= cutoff))
         await self.run(work)
+
+    async def audit(self, limit: int, project: str | None = None) -> list[AuditRecord]:
+        """The newest `limit` audit records (of one project, if given), oldest first."""
+        def work(conn: Connection) -> list[AuditRecord]:
+            table = schema.audit
+            query = select(table).order_by(table.c.id.desc()).limit(limit)
+            if project is not None:
+                query = query.where(table.c.project == project)
+            return [AuditRecord(r.at, r.actor, r.action, r.target, r.project, r.detail)
+                    for r in reversed(conn.execute(query).all())]
+        return await self.run(work)
 
     async def get_token(self, token_id: str) -> TokenRecord | None:
         return await self.run(lambda conn: _get_token(conn, token_id))
@@ -174,6 +188,8 @@ def _load(conn: Connection) -> Snapshot:
         meta={row.key: row.value for row in conn.execute(select(schema.meta))},
         api_keys=[ApiKeyRecord(row.id, row.cluster, row.name, row.secret_hash, row.created_at, row.revoked_at)
                   for row in conn.execute(select(schema.api_keys))],
+        secrets=[SecretRecord(row.project, row.name, row.ciphertext, row.updated_at)
+                 for row in conn.execute(select(schema.secrets))],
     )
 
 
@@ -197,7 +213,7 @@ def _consume_use(conn: Connection, token_id: str) -> bool:
 
 def _token(row: Any) -> TokenRecord:
     return TokenRecord(row.id, row.secret_hash, Role(row.role), row.created_at, row.expires_at, row.uses_left,
-                       bool(row.revoked), row.description)
+                       bool(row.revoked), row.description, row.project)
 
 
 def _node(row: Any) -> NodeRecord:
@@ -251,6 +267,7 @@ def _put_token(conn: Connection, op: ops.PutToken) -> None:
     _upsert(conn, schema.tokens, {"id": t.id}, {
         "secret_hash": t.secret_hash, "role": t.role.value, "created_at": t.created_at,
         "expires_at": t.expires_at, "uses_left": t.uses_left, "revoked": t.revoked, "description": t.description,
+        "project": t.project,
     })
 
 
@@ -271,7 +288,7 @@ def _delete_node(conn: Connection, op: ops.DeleteNode) -> None:
 
 def _put_cluster(conn: Connection, op: ops.PutCluster) -> None:
     c = op.cluster
-    _upsert(conn, schema.clusters, {"name": c.spec.name}, {
+    _upsert(conn, schema.clusters, {"name": c.spec.key}, {
         "spec": _dumps(c.spec), "created_at": c.created_at, "updated_at": c.updated_at,
     })
 
@@ -319,6 +336,23 @@ def _add_event(conn: Connection, op: ops.AddEvent) -> None:
     conn.execute(schema.events.insert().values(cluster=e.cluster, replica_id=e.replica_id, at=e.at, message=e.message))
 
 
+def _add_audit(conn: Connection, op: ops.AddAudit) -> None:
+    a = op.record
+    conn.execute(schema.audit.insert().values(at=a.at, actor=a.actor, action=a.action, target=a.target,
+                                              project=a.project, detail=a.detail))
+
+
+def _put_secret(conn: Connection, op: ops.PutSecret) -> None:
+    s = op.secret
+    _upsert(conn, schema.secrets, {"project": s.project, "name": s.name},
+            {"ciphertext": s.ciphertext, "updated_at": s.updated_at})
+
+
+def _delete_secret(conn: Connection, op: ops.DeleteSecret) -> None:
+    table = schema.secrets
+    conn.execute(delete(table).where(table.c.project == op.project, table.c.name == op.name))
+
+
 def _set_meta(conn: Connection, op: ops.SetMeta) -> None:
     _upsert(conn, schema.meta, {"key": op.key}, {"value": op.value})
 
@@ -327,5 +361,6 @@ _APPLY: dict[type, Callable[[Connection, Any], None]] = {
     ops.PutToken: _put_token, ops.PutNode: _put_node, ops.DeleteNode: _delete_node,
     ops.PutCluster: _put_cluster, ops.DeleteCluster: _delete_cluster, ops.PutReplica: _put_replica,
     ops.DeleteReplica: _delete_replica, ops.PutCommand: _put_command, ops.AckCommands: _ack_commands,
-    ops.SetMeta: _set_meta, ops.PutApiKey: _put_api_key, ops.AddEvent: _add_event,
+    ops.SetMeta: _set_meta, ops.PutApiKey: _put_api_key, ops.AddEvent: _add_event, ops.AddAudit: _add_audit,
+    ops.PutSecret: _put_secret, ops.DeleteSecret: _delete_secret,
 }

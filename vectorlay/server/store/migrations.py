@@ -78,4 +78,24 @@ def _migration_3(conn: Connection) -> None:
     v3.create_all(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]
+def _migration_4(conn: Connection) -> None:
+    """Tenants and a record of changes: deployer tokens scoped to a project, an audit log,
+    encrypted secrets; cluster keys (`name.project`) need longer columns."""
+    conn.execute(text("ALTER TABLE vl_tokens ADD COLUMN project VARCHAR(63) NOT NULL DEFAULT ''"))
+    if conn.dialect.name == "postgresql":  # SQLite does not enforce VARCHAR lengths
+        for table, column in (("vl_clusters", "name"), ("vl_replicas", "cluster"), ("vl_api_keys", "cluster"),
+                              ("vl_events", "cluster")):
+            conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE VARCHAR(128)"))
+    v4 = MetaData()
+    Table("vl_audit", v4,
+          Column("id", Integer, primary_key=True, autoincrement=True), Column("at", Float, nullable=False),
+          Column("actor", String(128), nullable=False), Column("action", String(64), nullable=False),
+          Column("target", String(255), nullable=False), Column("project", String(63), nullable=False, index=True),
+          Column("detail", Text, nullable=False))
+    Table("vl_secrets", v4,
+          Column("project", String(63), primary_key=True), Column("name", String(63), primary_key=True),
+          Column("ciphertext", Text, nullable=False), Column("updated_at", Float, nullable=False))
+    v4.create_all(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]

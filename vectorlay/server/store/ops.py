@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from vectorlay.core.model import Replica
 from vectorlay.server.records import (
     ApiKeyRecord,
+    AuditRecord,
     ClusterRecord,
     CommandRecord,
     EventRecord,
     NodeRecord,
+    SecretRecord,
     TokenRecord,
 )
 
@@ -76,6 +78,22 @@ class AddEvent:
 
 
 @dataclass(frozen=True)
+class AddAudit:
+    record: AuditRecord
+
+
+@dataclass(frozen=True)
+class PutSecret:
+    secret: SecretRecord
+
+
+@dataclass(frozen=True)
+class DeleteSecret:
+    project: str
+    name: str
+
+
+@dataclass(frozen=True)
 class SetMeta:
     key: str
     value: str
@@ -83,5 +101,5 @@ class SetMeta:
 
 Op = (
     PutToken | PutNode | DeleteNode | PutCluster | DeleteCluster | PutReplica | DeleteReplica
-    | PutCommand | AckCommands | SetMeta | PutApiKey | AddEvent
+    | PutCommand | AckCommands | SetMeta | PutApiKey | AddEvent | AddAudit | PutSecret | DeleteSecret
 )

@@ -41,6 +41,7 @@ tokens = Table(
     Column("uses_left", Integer, nullable=True),
     Column("revoked", Boolean, nullable=False, default=False),
     Column("description", Text, nullable=False, default=""),
+    Column("project", String(63), nullable=False, default=""),  # migration 4
 )
 
 nodes = Table(
@@ -63,7 +64,7 @@ nodes = Table(
 
 clusters = Table(
     "vl_clusters", metadata,
-    Column("name", String(63), primary_key=True),
+    Column("name", String(128), primary_key=True),  # the cluster key, name.project
     Column("spec", Text, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
@@ -115,6 +116,25 @@ events = Table(
     Column("replica_id", String(96), nullable=True),
     Column("at", Float, nullable=False),
     Column("message", Text, nullable=False),
+)
+
+audit = Table(
+    "vl_audit", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(255), nullable=False),
+    Column("project", String(63), nullable=False, index=True),
+    Column("detail", Text, nullable=False),
+)
+
+secrets = Table(
+    "vl_secrets", metadata,
+    Column("project", String(63), primary_key=True),
+    Column("name", String(63), primary_key=True),
+    Column("ciphertext", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
