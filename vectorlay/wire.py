@@ -27,7 +27,7 @@ from trio_websocket import (
 from vectorlay import tls
 from vectorlay.core.protocol import MAX_MESSAGE_BYTES, CaBundle, Message, decode, encode
 from vectorlay.core.tokens import token_pin
-from vectorlay.errors import ConnectError, PeerError, ProtocolError
+from vectorlay.errors import AuthError, ConnectError, PeerError, ProtocolError
 
 M = TypeVar("M", bound=Message)
 log = logging.getLogger("vectorlay.wire")
@@ -163,21 +163,29 @@ async def secure_context(url: str, token: str | None, ca_pem: bytes | None = Non
     server whose CA does not match gets no credential, because we never connect to it for real.
     Without either, the system's trusted CAs verify the server."""
     if urlsplit(url).scheme != "wss":
+        if token and token_pin(token):
+            raise AuthError(f"this token belongs to a server that uses TLS: use wss:// instead of {url}")
         return None
-    if ca_pem is not None:
-        return tls.client_context(ca_pem)
+    if ca_pem is None:
+        ca_pem = await verified_ca(url, token)
+    return tls.client_context(ca_pem)
+
+
+async def verified_ca(url: str, token: str | None) -> bytes | None:
+    """The server's CA if `token` pins one and the server's matches it; ConnectError if it does
+    not match; None for ws:// or a token without a pin."""
     pin = token_pin(token) if token else None
-    if pin is None:
-        return tls.client_context(None)
+    if urlsplit(url).scheme != "wss" or pin is None:
+        return None
     fetched = await fetch_ca(url)
     try:
         found = tls.public_key_pin(fetched)
     except ValueError:
         raise ConnectError(f"the server at {url} sent an invalid CA certificate") from None
     if found != pin:
-        raise ConnectError(f"the server at {url} is not the one that issued this token (its CA's key hash is "
+        raise AuthError(f"the server at {url} is not the one that issued this token (its CA's key hash is "
                            f"{found[:16]}..., the token expects {pin[:16]}...): refusing to send credentials")
-    return tls.client_context(fetched)
+    return fetched
 
 
 def _handshake_reason(error: HandshakeError) -> str:

@@ -24,18 +24,38 @@ def server(
              "PostgreSQL: postgresql+psycopg://USER@HOST:PORT/DB")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="Where the SQLite file and admin.token live.")] = None,
     heartbeat_interval: Annotated[str, typer.Option(help="How often nodes heartbeat (e.g. 1s).")] = "1s",
+    tls: Annotated[str, typer.Option(
+        help="auto: a CA and certificate made in the state dir on first start (tokens pin the CA); "
+             "off: plain ws:// (loopback development only). Ignored with --tls-cert.")] = "off",
+    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM, with its chain).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(
+        help="The CA that issued --tls-cert; tokens pin it (default: the certificate's own key).")] = None,
+    tls_san: Annotated[list[str] | None, typer.Option(
+        help="Extra names or addresses the --tls auto certificate covers (repeat).")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the control plane. The first start creates an admin token, prints it and saves it."""
     from vectorlay.server.app import ServerConfig, run_server
+    from vectorlay.tls import auto_tls, given_tls
 
     setup_logging(verbose)
     host, port = parse_listen(listen, 7070)
-    directory = state_dir or data_dir("server")
+    directory = (state_dir or data_dir("server")).resolve()
     interval = duration(heartbeat_interval, "--heartbeat-interval") or 1.0
+    if tls not in ("auto", "off"):
+        raise UserError(f"invalid --tls {tls!r}: use auto or off (or give --tls-cert and --tls-key)")
+    if (tls_cert is None) != (tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together")
+    server_tls = None
+    if tls_cert is not None and tls_key is not None:
+        server_tls = given_tls(tls_cert, tls_key, tls_ca)
+    elif tls == "auto":
+        server_tls = auto_tls(directory / "tls", [host, *(tls_san or [])])
     # VECTORLAY_FAULTS names crash points for fault-injection tests; never set it in production.
     faults = frozenset(f for f in os.environ.get("VECTORLAY_FAULTS", "").split(",") if f)
-    config = ServerConfig(directory.resolve(), host, port, db, interval, crash_points=faults)
+    config = ServerConfig(directory, host, port, db, interval, crash_points=faults, tls=server_tls)
+    scheme = "wss" if server_tls else "ws"
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -45,8 +65,8 @@ def server(
                 print(started.admin_token, flush=True)
             if started.admin_token:
                 client_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-                save_context(f"{client_host}:{started.port}", Context(f"ws://{client_host}:{started.port}",
-                                                                     started.admin_token))
+                save_context(f"{client_host}:{started.port}",
+                             Context(f"{scheme}://{client_host}:{started.port}", started.admin_token))
 
     run(partial(until_signalled, main))
 

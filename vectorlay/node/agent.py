@@ -44,7 +44,7 @@ from vectorlay.node import logs
 from vectorlay.node.gpu_health import NvmlMonitor, watch_gpus
 from vectorlay.node.runtime import ReplicaRuntime
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
-from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect
+from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect, secure_context, verified_ca
 
 log = logging.getLogger("vectorlay.node")
 
@@ -59,7 +59,7 @@ class Credentials:
     name: str
     credential: str
     address: str
-
+    ca_pem: str | None = None  # the server's CA, checked against the join token's pin at join
 
 def credentials_path(state_dir: Path) -> Path:
     return state_dir / CREDENTIAL_FILE
@@ -69,7 +69,8 @@ def load_credentials(state_dir: Path) -> Credentials:
     path = credentials_path(state_dir)
     try:
         data = json.loads(path.read_text())
-        return Credentials(data["server"], data["node_id"], data["name"], data["credential"], data["address"])
+        return Credentials(data["server"], data["node_id"], data["name"], data["credential"], data["address"],
+                           data.get("ca_pem"))
     except FileNotFoundError:
         raise UserError(f"no node credentials in {state_dir}: run `vectorlay node join --server URL --token TOKEN` "
                         "first") from None
@@ -83,14 +84,20 @@ def save_credentials(state_dir: Path, creds: Credentials) -> None:
 
 async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str, runtimes: tuple[str, ...],
                state_dir: Path, isolation: tuple[str, ...] = ()) -> Credentials:
-    """Trade a join token for this node's own credential and save it in `state_dir`."""
-    async with connect(server.rstrip("/") + "/v1/node") as link:
+    """Trade a join token for this node's own credential and save it in `state_dir`.
+
+    Over TLS, the server's CA is checked against the pin in the token before the token is sent,
+    and kept: from then on the agent trusts that CA and nothing else for this server."""
+    url = server.rstrip("/") + "/v1/node"
+    ca = await verified_ca(url, token)
+    async with connect(url, await secure_context(url, token, ca)) as link:
         await link.send(Join(PROTOCOL_VERSION, token, name, tuple(gpus), address, runtimes, isolation))
         try:
             joined = await link.receive_one(Joined)
         except LinkClosed as closed:
             raise AuthError(f"the server refused to let this node join: {closed.reason or 'no reason given'}") from None
-    creds = Credentials(server, joined.node_id, joined.name, joined.credential, address)
+    creds = Credentials(server, joined.node_id, joined.name, joined.credential, address,
+                        ca.decode() if ca else None)
     save_credentials(state_dir, creds)
     return creds
 
@@ -125,11 +132,12 @@ class Agent:
         """Stay connected to the server until cancelled; raise AuthError if it refuses us."""
         backoff = Backoff()
         url = self.creds.server.rstrip("/") + "/v1/node"
+        ca = self.creds.ca_pem.encode() if self.creds.ca_pem else None
         task_status.started()
         while True:
             try:
                 with unwrap_group():
-                    async with connect(url) as link:
+                    async with connect(url, await secure_context(url, None, ca)) as link:
                         await self._session(link, backoff)
                 problem = "the server closed the link"
             except (ConnectError, LinkClosed, ProtocolError) as error:

@@ -64,6 +64,7 @@ def pick_free_port(host: str = "0.0.0.0") -> int:
 def replica_env(assignment: Assignment, identity: NodeIdentity, port: int, cuda_devices: str | None) -> dict[str, str]:
     env = {
         **assignment.spec.env,
+        **assignment.secret_env,  # decrypted by the server for this replica only
         "PORT": str(port),
         "VECTORLAY_CLUSTER": assignment.cluster,
         "VECTORLAY_REPLICA": assignment.replica_id,

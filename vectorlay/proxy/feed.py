@@ -21,7 +21,7 @@ from vectorlay.core.protocol import (
 )
 from vectorlay.errors import AuthError, ConnectError, ProtocolError, unwrap_group
 from vectorlay.proxy.routing import RouteTable
-from vectorlay.wire import CLOSE_POLICY, LinkClosed, connect
+from vectorlay.wire import CLOSE_POLICY, LinkClosed, connect, secure_context
 
 log = logging.getLogger("vectorlay.proxy")
 
@@ -38,7 +38,7 @@ async def follow_routes(server: str, token: str, url_template: str, table: Route
     while True:
         try:
             with unwrap_group():
-                async with connect(url) as link:
+                async with connect(url, await secure_context(url, token)) as link:
                     await link.send(ProxyHello(PROTOCOL_VERSION, token, url_template))
                     with trio.fail_after(KEEPALIVE_TIMEOUT_S * 2):
                         first = await link.receive(SERVER_TO_PROXY)

@@ -58,7 +58,8 @@ class ClusterRoute:
 
 
 def cluster_from_host(host: str, domain: str) -> str | None:
-    """`echo.localhost:8080` -> `echo` for domain `localhost`; None if the host is not ours."""
+    """`echo.localhost:8080` -> `echo`, `echo.acme.localhost` -> `echo.acme` (cluster `echo` of
+    project `acme`) for domain `localhost`; None if the host is not ours."""
     name = host.strip().lower()
     if name.startswith("["):
         return None  # an IPv6 literal is never a cluster name
@@ -67,8 +68,8 @@ def cluster_from_host(host: str, domain: str) -> str | None:
     suffix = "." + domain.lower().strip(".")
     if not name.endswith(suffix):
         return None
-    label = name[: -len(suffix)]
-    return label if label and "." not in label else None
+    key = name[: -len(suffix)]
+    return key if key and key.count(".") <= 1 and "" not in key.split(".") else None
 
 
 class RouteTable:

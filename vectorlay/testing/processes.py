@@ -113,10 +113,15 @@ class Stack:
     server_port: int = 0
     admin_token: str = ""
     server: Proc | None = None
+    tls: bool = False  # the server makes its own CA (--tls auto); every link is wss://, tokens pinned
 
     @property
     def server_url(self) -> str:
-        return f"ws://127.0.0.1:{self.server_port}"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.server_port}"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.root / "server" / "tls" / "ca.pem"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -146,16 +151,21 @@ class Stack:
                 "--heartbeat-interval", self.heartbeat, *self.extra_server_args]
         if self.db_url:
             args += ["--db", self.db_url]
+        if self.tls:
+            args += ["--tls", "auto"]
         offset = len(self.server.log()) if self.server is not None else 0
         proc = self._spawn("server", args, env={**self.server_env, **(env or {})})
         self.procs.append(proc)
-        regex = re.compile(r"listening on ws://127\.0\.0\.1:(\d+)")
+        regex = re.compile(r"listening on wss?://127\.0\.0\.1:(\d+)")
         match = wait_for(lambda: regex.search(proc.log()[offset:]) if proc.alive else _exited(proc),
                          START_TIMEOUT_S, message="the server to listen")
         self.server_port = int(match.group(1))
         self.admin_token = (self.root / "server" / "admin.token").read_text().strip()
         self.server = proc
         return proc
+
+    def cli_argv(self) -> list[str]:
+        return [sys.executable, "-m", "vectorlay"]
 
     def cli(self, *args: str, check: bool = True, input_text: str | None = None,
             timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,258 @@
+"""Locking the control plane, over real TLS with a CA the server makes at test time.
+
+Tokens pin the server's CA; a node or client holding a token for another CA refuses to talk;
+revoking a token closes its open connections; a deployer sees only its own project; a node can
+report only on its own replicas; a flooding peer does not delay anyone else; secrets are stored
+encrypted and reach only their replica; every change is audited.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from vectorlay.testing.processes import Stack, http_request, tinylm_manifest, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tls_stack(tmp_path: Path) -> Iterator[Stack]:
+    stack = Stack(tmp_path / "a", tls=True)
+    (tmp_path / "a").mkdir()
+    try:
+        stack.start_server()
+        yield stack
+    finally:
+        stack.close()
+
+
+def _ssl(stack: Stack) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(stack.ca_path))
+    return context
+
+
+async def _raw(url: str, context: ssl.SSLContext, frames: list[str], wait_s: float = 10) -> tuple[int | None, str]:
+    """Send frames on a fresh link and report how the server closed it."""
+    async with open_websocket_url(url, ssl_context=context) as ws:
+        try:
+            for frame in frames:
+                await ws.send_message(frame)
+            with trio.fail_after(wait_s):
+                while True:
+                    await ws.get_message()
+        except ConnectionClosed as closed:
+            return closed.reason.code, closed.reason.reason or ""
+    return None, ""
+
+
+def test_a_whole_stack_over_tls_with_pinned_tokens(tls_stack: Stack) -> None:
+    stack = tls_stack
+    assert stack.server_url.startswith("wss://")
+    assert stack.admin_token.startswith("vl1.")  # carries the CA pin
+    node = stack.join_node("n1", gpus=["RTX 4090:24"])
+    assert json.loads((node.state_dir / "node.json").read_text())["ca_pem"].startswith("-----BEGIN CERTIFICATE")
+    _, proxy_port = stack.start_proxy()
+    stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1), timeout_s=90)
+    assert http_request(proxy_port, "echo.localhost", "/v1/completions", "POST",
+                        b'{"prompt": "x", "max_tokens": 4}').status == 200
+    # The node keeps its link over a restart, trusting the CA it saved at join.
+    stack.restart_node(node)
+    assert [n["state"] for n in stack.cli_json("get", "nodes")] == ["ready"]
+
+
+def test_a_token_for_another_ca_is_never_sent(tls_stack: Stack, tmp_path: Path) -> None:
+    stack = tls_stack
+    other = Stack(tmp_path / "b", tls=True)
+    (tmp_path / "b").mkdir()
+    try:
+        other.start_server()
+        foreign_join = other.token("node")
+        foreign_admin = other.admin_token
+    finally:
+        other.close()
+    # A node given the impostor's token (or pointed at the wrong server) refuses before joining.
+    refused = stack.cli("node", "join", "--server", stack.server_url, "--token", foreign_join, "--name", "x",
+                        "--state-dir", str(stack.root / "x"), check=False)
+    assert refused.returncode == 1
+    assert "is not the one that issued this token" in refused.stderr and "refusing to send credentials" in refused.stderr
+    assert not (stack.root / "x" / "node.json").exists()
+    assert stack.server is not None and "join refused" not in stack.server.log()  # the token never arrived
+    cli = stack.cli("get", "clusters", "--token", foreign_admin, check=False)
+    assert cli.returncode == 1 and "refusing to send credentials" in cli.stderr
+    # A pinned token over plain ws:// is refused too: it would travel in clear.
+    plain = stack.cli("get", "clusters", "--server", stack.server_url.replace("wss://", "ws://"), check=False)
+    assert plain.returncode == 1 and "use wss://" in plain.stderr
+
+
+def test_revoking_a_token_closes_its_open_connections(tls_stack: Stack) -> None:
+    stack = tls_stack
+    stack.join_node("n1", gpus=["RTX 4090:24"])
+    stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1), timeout_s=90)
+    deployer = stack.token("deployer", "--project", "default")
+    follower = subprocess.Popen(
+        [*stack.cli_argv(), "logs", "echo", "-f", "--token", deployer], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=stack.env())
+    proxy, _ = stack.start_proxy()
+    time.sleep(1.5)
+    assert follower.poll() is None and proxy.alive
+    tokens = stack.cli_json("token", "list")
+    deployer_id = deployer.split(".")[2]
+    proxy_id = next(t["id"] for t in tokens if t["role"] == "proxy")
+    revoked_at = time.monotonic()
+    stack.cli("token", "revoke", deployer_id)
+    stack.cli("token", "revoke", proxy_id)
+    _, err = follower.communicate(timeout=10)
+    assert time.monotonic() - revoked_at < 5
+    assert follower.returncode == 1 and "token has been revoked" in err
+    wait_for(lambda: not proxy.alive, 10, message="the proxy to lose its link")
+    assert "token has been revoked" in proxy.log()
+    again = stack.cli("get", "clusters", "--token", deployer, check=False)
+    assert again.returncode == 1 and "token has been revoked" in again.stderr
+
+
+def test_a_deployer_sees_and_changes_only_its_project(tls_stack: Stack) -> None:
+    stack = tls_stack
+    stack.join_node("n1", gpus=["RTX 4090:24", "RTX 4090:24"])
+    _, proxy_port = stack.start_proxy()
+    alice = stack.token("deployer", "--project", "alice")
+    bob_manifest = tinylm_manifest("echo", replicas=1).replace("  name: echo", "  name: echo\n  project: bob")
+    stack.cli("apply", "-", input_text=bob_manifest, timeout_s=90)  # admin applies for bob
+
+    # Alice's apply lands in her project, with her own endpoint.
+    applied = stack.cli("apply", "-", "--token", alice, input_text=tinylm_manifest("echo", replicas=1), timeout_s=90)
+    assert "cluster/echo.alice" in applied.stdout
+    mine = json.loads(stack.cli("get", "clusters", "-o", "json", "--token", alice).stdout)
+    assert [(c["name"], c["project"]) for c in mine] == [("echo", "alice")]
+    assert http_request(proxy_port, "echo.alice.localhost", "/healthz").headers["x-vectorlay-replica"].startswith("echo-")
+    assert http_request(proxy_port, "echo.bob.localhost", "/healthz").status == 200
+
+    # Bob's cluster does not exist as far as Alice can tell.
+    for args in (["logs", "echo", "-p", "bob"], ["delete", "echo", "-p", "bob"], ["describe", "cluster", "echo", "-p", "bob"],
+                 ["get", "replicas", "echo", "-p", "bob"], ["key", "create", "echo", "-p", "bob"]):
+        result = stack.cli(*args, "--token", alice, check=False)
+        assert result.returncode == 1 and "not found" in result.stderr, (args, result.stderr)
+    theirs = stack.cli("apply", "-", "--token", alice, input_text=bob_manifest, check=False)
+    assert theirs.returncode == 1 and "cannot change project 'bob'" in theirs.stderr
+    for admin_only in (["get", "nodes"], ["token", "create"], ["node", "drain", "n1"]):
+        result = stack.cli(*admin_only, "--token", alice, check=False)
+        assert result.returncode == 1 and "needs an admin token" in result.stderr
+    replicas = json.loads(stack.cli("get", "replicas", "-o", "json", "--token", alice).stdout)
+    assert {r["project"] for r in replicas} == {"alice"}
+    # The admin sees both, and the audit log says who did what.
+    assert sorted((c["name"], c["project"]) for c in stack.cli_json("get", "clusters")) == [
+        ("echo", "alice"), ("echo", "bob")]
+    audit = stack.cli_json("audit")
+    actions = [(a["actor"].split(":")[0], a["action"], a["target"]) for a in audit]
+    assert ("deployer", "cluster.created", "echo.alice") in actions
+    assert ("admin", "cluster.created", "echo.bob") in actions
+    assert any(a == "node.join" for _, a, _ in actions)
+    own = json.loads(stack.cli("audit", "-o", "json", "--token", alice).stdout)
+    assert {a["project"] for a in own} == {"alice"}  # her project's records only
+    assert {a["action"] for a in own} == {"token.create", "cluster.created"}
+
+
+def test_secrets_are_stored_encrypted_and_reach_only_their_replica(tls_stack: Stack) -> None:
+    stack = tls_stack
+    stack.join_node("n1", gpus=["RTX 4090:24"])
+    value = "hf_s3cr3t_value_42"
+    stack.cli("secret", "set", "default", "hf-token", input_text=value + "\n")
+    manifest = tinylm_manifest("echo", replicas=1).replace(
+        '  command: ["python3", "examples/tinylm/serve.py"',
+        '  env_from_secret: {HF_TOKEN: hf-token}\n  command: ["sh", "-c", "echo token=$HF_TOKEN; exec python3 examples/tinylm/serve.py --port $PORT", "x"')
+    manifest = manifest.replace(', "--port", "${PORT}"]', "]")
+    stack.cli("apply", "-", input_text=manifest, timeout_s=90)
+    assert f"token={value}" in stack.cli("logs", "echo").stdout
+    database = (stack.root / "server" / "vectorlay.db").read_bytes()
+    wal = stack.root / "server" / "vectorlay.db-wal"
+    assert value.encode() not in database + (wal.read_bytes() if wal.exists() else b"")
+    assert [s["name"] for s in stack.cli_json("secret", "list", "default")] == ["hf-token"]
+    in_use = stack.cli("secret", "delete", "default", "hf-token", check=False)
+    assert in_use.returncode == 1 and "used by cluster(s) echo" in in_use.stderr
+    missing = stack.cli("apply", "-", check=False, input_text=manifest.replace("hf-token", "nope"))
+    assert missing.returncode == 1 and "needs secret 'nope'" in missing.stderr
+    assert any(a["action"] == "secret.create" for a in stack.cli_json("audit"))
+
+
+def test_a_node_reporting_on_another_nodes_replica_is_cut_off(tls_stack: Stack) -> None:
+    stack = tls_stack
+    stack.join_node("n1", gpus=["RTX 4090:24"])
+    n2 = stack.join_node("n2", gpus=["RTX 4090:24"])
+    stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1), timeout_s=90)
+    [replica] = stack.cli_json("get", "replicas")
+    victim = replica if replica["node"] == "n1" else None
+    impostor = n2 if victim else next(p for p in stack.procs if getattr(p, "name", "") == "n1")
+    credential = json.loads((impostor.state_dir / "node.json").read_text())["credential"]  # type: ignore[union-attr]
+    impostor.signal(__import__("signal").SIGSTOP)
+    try:
+        hello = json.dumps({"type": "node_hello", "protocol": 1, "credential": credential})
+        lie = json.dumps({"type": "replica_status", "report": {"replica_id": replica["id"], "generation":
+                                                              replica["generation"], "state": "failed",
+                                                              "reason": "forged"}})
+        code, reason = trio.run(_raw, stack.server_url + "/v1/node", _ssl(stack), [hello, lie])
+    finally:
+        impostor.signal(__import__("signal").SIGCONT)
+    assert code == 1008 and "which is not this node's" in reason
+    time.sleep(1)
+    [after] = stack.cli_json("get", "replicas")
+    assert (after["id"], after["state"], after["reason"]) == (replica["id"], "ready", "")
+
+
+def test_one_peer_flooding_junk_does_not_delay_other_nodes(tls_stack: Stack) -> None:
+    stack = tls_stack
+    for name in ("n1", "n2"):
+        stack.join_node(name, gpus=["RTX 4090:24"])
+    url = stack.server_url + "/v1/node"
+    context = _ssl(stack)
+
+    async def flood() -> list[int | None]:
+        codes: list[int | None] = []
+        junk = ["x" * (5 * 1024 * 1024), "{not json", '{"type": "heartbeat"}', '{"type": "nope"}']
+        deadline = trio.current_time() + 6
+        while trio.current_time() < deadline:
+            for frame in junk:
+                code, _ = await _raw(url, context, [frame], wait_s=5)
+                codes.append(code)
+        return codes
+
+    worst = 0.0
+    done = False
+
+    def watch() -> None:
+        nonlocal worst
+        while not done:
+            for node in stack.cli_json("get", "nodes"):
+                assert node["state"] == "ready", node
+                worst = max(worst, node["last_seen_s"])
+            time.sleep(0.3)
+
+    import threading
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        codes = trio.run(flood)
+    finally:
+        done = True
+        watcher.join()
+    assert set(codes) <= {1009, 1002} and 1009 in codes and 1002 in codes
+    assert worst < 2.0  # heartbeats every second kept arriving on time
+    assert stack.server is not None and stack.server.alive
+
+
+def test_plain_ws_on_a_public_address_warns_loudly(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, extra_server_args=())
+    try:
+        proc = stack._spawn("server", ["server", "--listen", "0.0.0.0:0", "--state-dir", str(tmp_path / "s")])
+        stack.procs.append(proc)
+        proc.wait_log(r"TLS IS OFF on 0\.0\.0\.0")
+    finally:
+        stack.close()
