@@ -256,3 +256,34 @@ def test_plain_ws_on_a_public_address_warns_loudly(tmp_path: Path) -> None:
         proc.wait_log(r"TLS IS OFF on 0\.0\.0\.0")
     finally:
         stack.close()
+
+
+def test_silent_and_chatty_peers_are_dropped(tls_stack: Stack) -> None:
+    stack = tls_stack
+    node = stack.join_node("n1", gpus=["RTX 4090:24"])
+    credential = json.loads((node.state_dir / "node.json").read_text())["credential"]
+
+    async def silent() -> float:
+        """A socket that completes the WebSocket handshake and then says nothing."""
+        started = trio.current_time()
+        async with open_websocket_url(stack.server_url + "/v1/node", ssl_context=_ssl(stack)) as ws:
+            try:
+                with trio.fail_after(30):
+                    await ws.get_message()
+            except ConnectionClosed as closed:
+                assert closed.reason.code == 1008 and "no hello" in (closed.reason.reason or "")
+        return trio.current_time() - started
+
+    assert 9 < trio.run(silent) < 20  # dropped at the hello deadline (10 s)
+
+    import signal
+
+    node.signal(signal.SIGSTOP)  # so its reconnects do not race the chatty session
+    try:
+        hello = json.dumps({"type": "node_hello", "protocol": 1, "credential": credential})
+        beats = [json.dumps({"type": "heartbeat"})] * 5000
+        code, reason = trio.run(_raw, stack.server_url + "/v1/node", _ssl(stack), [hello, *beats])
+    finally:
+        node.signal(signal.SIGCONT)
+    assert code == 1008 and "message rate limit exceeded" in reason
+    wait_for(lambda: stack.cli_json("get", "nodes")[0]["connected"], 30, message="the real agent to reconnect")

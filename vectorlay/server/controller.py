@@ -298,11 +298,17 @@ class Controller:
             batch.put_replica(new)
             batch.command(new.node_id or "", "start", new.id,
                           Assignment(new.id, cluster, new.generation, spec, new.gpus))
-        for placement in plan.create:
+        # A replacement for a failed replica says why it exists, so `get replicas` and `get
+        # clusters` keep showing the failure (a bad image, say) after the failed copy is gone.
+        failed = [fleet.replicas[s.replica_id] for s in plan.stop
+                  if fleet.replicas[s.replica_id].state is ReplicaState.FAILED]
+        for index, placement in enumerate(plan.create):
             assert spec is not None
+            reason = f"starting on {fleet.nodes[placement.node_id].name}"
+            if index < len(failed):
+                reason += f" (replacing {failed[index].id}, which failed: {failed[index].reason or 'no reason given'})"
             new = Replica(self._new_replica_id(spec.name), cluster, placement.node_id, placement.gpus,
-                          ReplicaState.PENDING, f"starting on {fleet.nodes[placement.node_id].name}",
-                          None, batch.next_generation(), False, revision)
+                          ReplicaState.PENDING, reason, None, batch.next_generation(), False, revision)
             batch.put_replica(new)
             batch.command(placement.node_id, "start", new.id,
                           Assignment(new.id, cluster, new.generation, spec, new.gpus))

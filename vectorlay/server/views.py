@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vectorlay.core.codec import dump
-from vectorlay.core.model import ReplicaState, split_key
+from vectorlay.core.model import GpuStatus, ReplicaState, split_key
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.records import ApiKeyRecord, AuditRecord, EventRecord, TokenRecord
 
@@ -50,19 +50,29 @@ def node_view(fleet: Fleet, node_id: str, now: float) -> dict[str, Any]:
     live = fleet.liveness.get(node_id)
     replicas = [r for r in fleet.replicas_on_node(node_id) if not r.stopping]
     used = {uuid for r in fleet.replicas_on_node(node_id) if r.holds_resources for uuid in r.gpus}
+    statuses = {s.uuid: s for s in fleet.gpu_status.get(node_id, ())}
     return {
         "id": record.id,
         "name": record.name,
         "state": fleet.node_state(node_id).value,
         "connected": bool(live and live.connected),
         "address": record.address,
-        "gpus": [{**dump(g), "in_use": g.uuid in used} for g in record.gpus],
+        "gpus": [{**dump(g), "in_use": g.uuid in used, **_gpu_status(statuses.get(g.uuid))} for g in record.gpus],
+        "gpus_healthy": fleet.gpus_healthy(node_id),
         "runtimes": list(record.runtimes),
+        "isolation": list(record.isolation),
         "replicas": len(replicas),
         "last_seen_s": round(now - live.last_seen, 1) if live and live.last_seen <= now else None,
         "joined_at": record.joined_at,
         "schedulable": record.schedulable,
     }
+
+
+def _gpu_status(status: GpuStatus | None) -> dict[str, Any]:
+    if status is None:
+        return {"healthy": None, "utilization_pct": None, "temperature_c": None}
+    return {"healthy": status.healthy, "health_reason": status.reason, "utilization_pct": status.utilization_pct,
+            "temperature_c": status.temperature_c, "memory_used_gb": status.memory_used_gb}
 
 
 def replica_view(fleet: Fleet, replica_id: str) -> dict[str, Any]:
