@@ -4,12 +4,15 @@ Both proxies run one worker; nginx (Debian's package) is configured as the equiv
 reverse proxy (HTTP/1.1 upstream keep-alive, no buffering so streams pass through, X-Forwarded-For,
 X-Forwarded-Proto and X-Request-Id set, failover to the next upstream on errors and 502/503/504).
 vectorlay's proxy gets its routes from a scripted control plane pointing at the same upstreams.
-Every figure compares the two within one run; repeated runs give medians:
+It runs with its default HTTP parser (httptools) and, for figures 1, 2 and 5, also with h11, the
+alternative; `--baseline DIR` adds the proxy of another checkout (say the previous commit, from
+`git worktree add`) to those figures, for a before/after in the same run. Every figure compares
+them within one run; repeated runs give medians:
 
-1. throughput: small responses from an nginx upstream (`return 200`), wrk -c50; vectorlay's
-   requests/s as a ratio of nginx's.
-2. added latency: p50/p99 over calling the upstream directly, at half of vectorlay's saturation
-   (wrk paced by a per-connection delay so that all three get the same rate).
+1. throughput: small responses from an nginx upstream (`return 200`), wrk -c50; each vectorlay
+   variant's requests/s as a ratio of nginx's.
+2. added latency: p50/p99 over calling the upstream directly, at half the saturation of the slowest
+   vectorlay variant (wrk paced by a per-connection delay, so that all get the same rate).
 3. heterogeneous replicas: three upstreams, one five times slower (10 ms and 50 ms); client p99
    with vectorlay's balancer against nginx's round robin.
 4. one of three replicas killed (kill -9) under load: client-visible errors.
@@ -40,13 +43,29 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vectorlay.core.protocol import Endpoint, Route  # noqa: E402
-from vectorlay.testing.route_server import StaticRouteServer, spawn_proxy  # noqa: E402
+from vectorlay.lifecycle import setup_logging  # noqa: E402
+from vectorlay.proxy.app import ProxyConfig, serve_until_signalled  # noqa: E402
+from vectorlay.proxy.codec import DEFAULT_PARSER, HttpParser  # noqa: E402
+from vectorlay.testing.processes import Proc  # noqa: E402
+from vectorlay.testing.route_server import StaticRouteServer  # noqa: E402
 
 HOST = "bench.localhost"
 PACE_MS = 10  # each wrk connection waits this long between requests when a fixed rate is wanted
+VECTORLAY = "vectorlay"  # the default parser's variant; others are named vectorlay_<parser>, baseline
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A vectorlay proxy to measure: this checkout with `parser`, or the `vectorlay proxy` of `tree`."""
+
+    name: str
+    parser: HttpParser | None = None
+    tree: Path | None = None
 
 
 @dataclass
@@ -194,65 +213,92 @@ def parse_wrk(out: str) -> Wrk:
     return Wrk(rps, ms("50"), ms("99"), errors, requests)
 
 
-@contextmanager
-def vectorlay_proxy(root: Path, upstreams: Sequence[int], name: str) -> Iterator[tuple[int, int]]:
-    """(port, pid) of a vectorlay proxy routing HOST to `upstreams`."""
-    route = Route("bench", tuple(Endpoint(f"r{p}", f"127.0.0.1:{p}", f"n{p}") for p in upstreams))
-    with StaticRouteServer([route]) as routes:
-        proc, port = spawn_proxy(root, routes.url, name=name)
-        try:
-            yield port, proc.popen.pid
-        finally:
-            proc.stop()
+def spawn_vectorlay(root: Path, server_url: str, variant: Variant) -> tuple[Proc, int]:
+    """Start a vectorlay proxy process; (process, its HTTP port, from its log)."""
+    log_path = root / f"{variant.name}-{free_port()}.log"
+    if variant.tree is None:
+        # `vectorlay proxy` as the CLI runs it, with the parser chosen (this script's --serve-proxy).
+        argv = [sys.executable, __file__, "--serve-proxy", server_url, "--http-parser", str(variant.parser)]
+        cwd, env = Path(__file__).resolve().parents[1], dict(os.environ)
+    else:
+        argv = [sys.executable, "-m", "vectorlay", "proxy", "--server", server_url, "--token", "scripted",
+                "--listen", "127.0.0.1:0"]
+        cwd, env = variant.tree, {**os.environ, "PYTHONPATH": str(variant.tree)}
+    with log_path.open("ab") as handle:
+        popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd,
+                                 env={**env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    proc = Proc(variant.name, argv, log_path, popen)
+    return proc, int(proc.wait_log(r"proxy listening on https?://127\.0\.0\.1:(\d+)").group(1))
+
+
+def serve_proxy(server_url: str, parser: HttpParser) -> None:
+    """What `vectorlay proxy --server URL --listen 127.0.0.1:0` does, with `parser`."""
+    setup_logging()
+    try:
+        trio.run(serve_until_signalled, ProxyConfig(server_url, "scripted", port=0, http_parser=parser))
+    except KeyboardInterrupt:
+        pass
 
 
 @contextmanager
-def both(root: Path, upstreams: Sequence[int], tag: str) -> Iterator[dict[str, tuple[int, int]]]:
-    """Both proxies in front of `upstreams`: {"nginx": (port, worker pid), "vectorlay": (port, pid)}."""
+def proxies(root: Path, upstreams: Sequence[int], variants: Sequence[Variant]) -> Iterator[dict[str, tuple[int, int]]]:
+    """nginx and the vectorlay `variants` in front of `upstreams`: {name: (port, pid of the worker)}."""
     port = free_port()
     ngx = nginx_proxy(root, port, upstreams)
+    route = Route("bench", tuple(Endpoint(f"r{p}", f"127.0.0.1:{p}", f"n{p}") for p in upstreams))
+    started: list[Proc] = []
     try:
         wait_listening(port)
-        with vectorlay_proxy(root, upstreams, f"vl-{tag}") as vl:
-            yield {"nginx": (port, ngx.worker()), "vectorlay": vl}
+        out = {"nginx": (port, ngx.worker())}
+        with StaticRouteServer([route]) as routes:
+            try:
+                for variant in variants:
+                    proc, vl_port = spawn_vectorlay(root, routes.url, variant)
+                    started.append(proc)
+                    out[variant.name] = (vl_port, proc.popen.pid)
+                yield out
+            finally:
+                for proc in started:
+                    proc.stop()
     finally:
         ngx.stop()
 
 
-def throughput_and_latency(root: Path, seconds: float) -> dict[str, float]:
+def throughput_and_latency(root: Path, seconds: float, variants: Sequence[Variant]) -> dict[str, float]:
     up_port = free_port()
     upstream = nginx_static(root, up_port)
+    names = [v.name for v in variants]
     try:
         wait_listening(up_port)
-        with both(root, [up_port], "tp") as proxies:
-            for port, _ in proxies.values():
+        with proxies(root, [up_port], variants) as running:
+            for port, _ in running.values():
                 wrk(port, 10, 1)  # warm up: pools filled, code paths hot
-            sat = {name: wrk(port, 50, seconds) for name, (port, _) in proxies.items()}
-            rate = sat["vectorlay"].rps / 2
+            sat = {name: wrk(port, 50, seconds) for name, (port, _) in running.items()}
+            rate = min(sat[name].rps for name in names) / 2
             connections = max(1, round(rate * PACE_MS / 1000))
             paced = {"direct": wrk(up_port, connections, seconds, paced=True)}
-            paced.update({name: wrk(port, connections, seconds, paced=True) for name, (port, _) in proxies.items()})
+            paced.update({name: wrk(port, connections, seconds, paced=True) for name, (port, _) in running.items()})
     finally:
         upstream.stop()
-    return {
-        "nginx_rps": sat["nginx"].rps, "vectorlay_rps": sat["vectorlay"].rps,
-        "ratio": sat["vectorlay"].rps / sat["nginx"].rps,
-        "paced_rps": paced["vectorlay"].rps,
-        "vl_added_p50_ms": paced["vectorlay"].p50_ms - paced["direct"].p50_ms,
-        "vl_added_p99_ms": paced["vectorlay"].p99_ms - paced["direct"].p99_ms,
-        "nginx_added_p50_ms": paced["nginx"].p50_ms - paced["direct"].p50_ms,
-        "nginx_added_p99_ms": paced["nginx"].p99_ms - paced["direct"].p99_ms,
-    }
+    out = {"nginx_rps": sat["nginx"].rps}
+    for name in names:
+        out[f"{name}_rps"] = sat[name].rps
+        out[f"{name}_ratio"] = sat[name].rps / sat["nginx"].rps
+    out["paced_rps"] = paced[VECTORLAY].rps
+    for name in ["nginx", *names]:
+        out[f"{name}_added_p50_ms"] = paced[name].p50_ms - paced["direct"].p50_ms
+        out[f"{name}_added_p99_ms"] = paced[name].p99_ms - paced["direct"].p99_ms
+    return out
 
 
 def heterogeneous(root: Path, seconds: float) -> dict[str, float]:
     ports = [free_port() for _ in range(3)]
     procs = [upstream_process(p, d, f"u{i}") for i, (p, d) in enumerate(zip(ports, (10, 10, 50), strict=True))]
     try:
-        with both(root, ports, "het") as proxies:
-            for port, _ in proxies.values():
+        with proxies(root, ports, [Variant(VECTORLAY, DEFAULT_PARSER)]) as running:
+            for port, _ in running.values():
                 wrk(port, 4, 2, paced=True)  # warm up: vectorlay measures each replica's latency
-            result = {name: wrk(port, 4, seconds, paced=True) for name, (port, _) in proxies.items()}
+            result = {name: wrk(port, 4, seconds, paced=True) for name, (port, _) in running.items()}
     finally:
         for proc in procs:
             proc.kill()
@@ -270,8 +316,8 @@ def kill_one(root: Path, seconds: float) -> dict[str, float]:
         ports = [free_port() for _ in range(3)]
         procs = [upstream_process(p, 10, f"u{i}") for i, p in enumerate(ports)]
         try:
-            with both(root, ports, f"kill-{name}") as proxies:
-                port, _ = proxies[name]
+            with proxies(root, ports, [Variant(VECTORLAY, DEFAULT_PARSER)]) as running:
+                port, _ = running[name]
                 wrk(port, 8, 1)
                 victim = procs[0]
                 timer = threading.Timer(seconds / 3, victim.kill)
@@ -287,13 +333,13 @@ def kill_one(root: Path, seconds: float) -> dict[str, float]:
     return out
 
 
-def streams(root: Path, count: int, hold_s: float) -> dict[str, float]:
+def streams(root: Path, count: int, hold_s: float, variants: Sequence[Variant]) -> dict[str, float]:
     port = free_port()
     upstream = upstream_process(port, 0, "streams")
     out: dict[str, float] = {}
     try:
-        with both(root, [port], "streams") as proxies:
-            for name, (proxy_port, pid) in proxies.items():
+        with proxies(root, [port], variants) as running:
+            for name, (proxy_port, pid) in running.items():
                 before = rss_kib(pid)
                 opened = open_streams(proxy_port, count)
                 try:
@@ -345,7 +391,17 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each wrk measurement")
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--baseline", type=Path, help="also measure the vectorlay proxy of this checkout")
+    parser.add_argument("--serve-proxy", metavar="SERVER_URL", help=argparse.SUPPRESS)  # see spawn_vectorlay
+    parser.add_argument("--http-parser", type=HttpParser, default=DEFAULT_PARSER, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_proxy:
+        serve_proxy(args.serve_proxy, args.http_parser)
+        return
+    variants = [Variant(VECTORLAY, DEFAULT_PARSER)]
+    variants += [Variant(f"{VECTORLAY}_{p}", p) for p in HttpParser if p is not DEFAULT_PARSER]
+    if args.baseline:
+        variants.append(Variant("baseline", tree=args.baseline.resolve()))
     for tool in ("nginx", "wrk"):
         if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
             sys.exit(f"error: {tool} is not installed (apt-get install -y nginx wrk)")
@@ -357,10 +413,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="vl-bench-proxy-") as tmp:
             root = Path(tmp)
             for name in results:
-                result = (throughput_and_latency(root, args.seconds) if name == "throughput"
+                result = (throughput_and_latency(root, args.seconds, variants) if name == "throughput"
                           else heterogeneous(root, args.seconds) if name == "heterogeneous"
                           else kill_one(root, args.seconds) if name == "kill"
-                          else streams(root, args.streams, 5.0))
+                          else streams(root, args.streams, 5.0, variants))
                 results[name].append(result)
                 print(f"run {run + 1} {name}: " + " ".join(f"{k}={v:.2f}" for k, v in result.items()), flush=True)
     for name, runs in results.items():

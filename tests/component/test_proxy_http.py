@@ -18,6 +18,7 @@ import trio.testing
 
 from vectorlay.core.model import RateLimit
 from vectorlay.core.protocol import Endpoint, Route, RouteSnapshot
+from vectorlay.proxy.codec import HttpParser
 from vectorlay.proxy.http import Proxy
 from vectorlay.proxy.limits import ProxyLimits
 from vectorlay.proxy.routing import RouteTable
@@ -26,32 +27,45 @@ from vectorlay.proxy.upstream import UpstreamPool
 
 @dataclass
 class FakeReplica:
-    """Answers each request with `status` after `delay_s`; counts what it saw."""
+    """Answers each request with `status` after `delay_s` (its name as the body, the target in
+    X-Target); counts what it saw and keeps each request's method, target and body."""
 
     name: str
     status: int = 200
     delay_s: float = 0.0
     refuse: bool = False  # connections fail as if refused
     requests: int = 0
+    seen: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
 
     async def serve(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER)
+        head: h11.Request | None = None
+        received = b""
         try:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
                     data = await stream.receive_some(65536)
-                    conn.receive_data(data)
+                    conn.receive_data(bytes(data))
                     if not data and conn.their_state is h11.IDLE:
                         return
                     continue
-                if isinstance(event, h11.EndOfMessage):
+                if isinstance(event, h11.Request):
+                    head, received = event, b""
+                elif isinstance(event, h11.Data):
+                    received += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    assert head is not None
                     self.requests += 1
+                    self.seen.append((head.method, head.target, received))
                     await trio.sleep(self.delay_s)
                     body = self.name.encode()
                     out = conn.send(h11.Response(status_code=self.status,
-                                                 headers=[(b"content-length", str(len(body)).encode())]))
-                    out = (out or b"") + (conn.send(h11.Data(data=body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+                                                 headers=[(b"content-length", str(len(body)).encode()),
+                                                          (b"x-target", head.target)]))
+                    if head.method != b"HEAD":
+                        out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
+                    out = (out or b"") + (conn.send(h11.EndOfMessage()) or b"")
                     await stream.send_all(out)
                     conn.start_next_cycle()
                 elif isinstance(event, h11.ConnectionClosed):
@@ -86,7 +100,7 @@ async def request(stream: trio.abc.Stream, target: bytes = b"/", headers: list[t
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))
+            conn.receive_data(bytes(await stream.receive_some(65536)))
         elif isinstance(event, h11.Response):
             response = event
         elif isinstance(event, h11.Data):
@@ -98,8 +112,42 @@ async def request(stream: trio.abc.Stream, target: bytes = b"/", headers: list[t
             raise AssertionError(f"unexpected {event!r}")
 
 
+async def read_responses(stream: trio.abc.Stream, methods: list[bytes]) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """The responses to requests sent raw with these methods, in order; (status, headers, body) each."""
+    conn = h11.Connection(h11.CLIENT)
+    out = []
+    for method in methods:
+        conn.send(h11.Request(method=method, target=b"/", headers=[(b"host", b"x")]))  # so h11 expects a response
+        conn.send(h11.EndOfMessage())
+        response: h11.Response | None = None
+        body = b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(65536)))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert response is not None
+                out.append((response.status_code, dict(response.headers), body))
+                break
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+    return out
+
+
+@pytest.fixture(params=list(HttpParser), ids=[p.value for p in HttpParser])
+def parser(request: pytest.FixtureRequest) -> HttpParser:
+    """Every test here runs with both codecs."""
+    return HttpParser(request.param)
+
+
 @asynccontextmanager
-async def harness(*replicas: FakeReplica, limits: ProxyLimits | None = None,
+async def harness(*replicas: FakeReplica, parser: HttpParser, limits: ProxyLimits | None = None,
                   route_extra: Callable[[Route], Route] | None = None) -> AsyncIterator[Harness]:
     by_address = {f"10.0.0.{i}:80": r for i, r in enumerate(replicas, 1)}
     limits = limits or ProxyLimits()
@@ -116,14 +164,14 @@ async def harness(*replicas: FakeReplica, limits: ProxyLimits | None = None,
         table = RouteTable(random.Random(7), limits=limits)  # seeded: the same choices every run
         route = Route("echo", tuple(Endpoint(r.name, address, "n") for address, r in by_address.items()))
         table.load_snapshot(RouteSnapshot(1, (route_extra(route) if route_extra else route,)))
-        proxy = Proxy(table, "localhost", limits, pool=UpstreamPool(connect=connect))
+        proxy = Proxy(table, "localhost", limits, pool=UpstreamPool(connect=connect, parser=parser), parser=parser)
         yield Harness(proxy, {r.name: r for r in replicas}, nursery)
         nursery.cancel_scope.cancel()
 
 
 async def test_a_slowloris_gets_408_after_the_header_timeout_however_often_it_sends(
-        autojump_clock: trio.testing.MockClock) -> None:
-    async with harness(FakeReplica("a"), limits=ProxyLimits(header_timeout_s=10, idle_timeout_s=60)) as h:
+        autojump_clock: trio.testing.MockClock, parser: HttpParser) -> None:
+    async with harness(FakeReplica("a"), limits=ProxyLimits(header_timeout_s=10, idle_timeout_s=60), parser=parser) as h:
         client = h.connect_client()
         start = trio.current_time()
         await client.send_all(b"GET / HTTP/1.1\r\n")
@@ -131,7 +179,7 @@ async def test_a_slowloris_gets_408_after_the_header_timeout_however_often_it_se
         with trio.fail_after(30):
             while not answer:
                 with trio.move_on_after(1):
-                    answer = await client.receive_some(65536)
+                    answer = bytes(await client.receive_some(65536))
                 if not answer:
                     await client.send_all(b"X-Drip: 1\r\n")  # a byte every second keeps no deadline alive
         assert answer.startswith(b"HTTP/1.1 408 ")
@@ -139,8 +187,8 @@ async def test_a_slowloris_gets_408_after_the_header_timeout_however_often_it_se
 
 
 async def test_an_idle_connection_is_closed_quietly_after_the_idle_timeout(
-        autojump_clock: trio.testing.MockClock) -> None:
-    async with harness(FakeReplica("a"), limits=ProxyLimits(idle_timeout_s=60)) as h:
+        autojump_clock: trio.testing.MockClock, parser: HttpParser) -> None:
+    async with harness(FakeReplica("a"), limits=ProxyLimits(idle_timeout_s=60), parser=parser) as h:
         client = h.connect_client()
         assert (await request(client))[0] == 200
         start = trio.current_time()
@@ -150,9 +198,9 @@ async def test_an_idle_connection_is_closed_quietly_after_the_idle_timeout(
 
 
 async def test_ejection_backs_off_while_a_replica_keeps_failing_and_resets_when_it_recovers(
-        autojump_clock: trio.testing.MockClock) -> None:
+        autojump_clock: trio.testing.MockClock, parser: HttpParser) -> None:
     bad, good = FakeReplica("bad", status=503), FakeReplica("good")
-    async with harness(bad, good, limits=ProxyLimits(eject_s=5, max_eject_s=60)) as h:
+    async with harness(bad, good, limits=ProxyLimits(eject_s=5, max_eject_s=60), parser=parser) as h:
         client = h.connect_client()
 
         async def traffic_until(end: float) -> set[bytes]:
@@ -180,9 +228,10 @@ async def test_ejection_backs_off_while_a_replica_keeps_failing_and_resets_when_
         assert h.proxy.routes.clusters["echo"].endpoints["bad"].failures == 0  # a success resets the backoff
 
 
-async def test_a_response_head_that_never_comes_is_a_504_not_retried(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_response_head_that_never_comes_is_a_504_not_retried(
+        autojump_clock: trio.testing.MockClock, parser: HttpParser) -> None:
     slow, other = FakeReplica("slow", delay_s=1000), FakeReplica("other", delay_s=1000)
-    async with harness(slow, other, limits=ProxyLimits(upstream_response_timeout_s=30)) as h:
+    async with harness(slow, other, limits=ProxyLimits(upstream_response_timeout_s=30), parser=parser) as h:
         client = h.connect_client()
         start = trio.current_time()
         status, _, body = await request(client)
@@ -191,11 +240,12 @@ async def test_a_response_head_that_never_comes_is_a_504_not_retried(autojump_cl
         assert slow.requests + other.requests == 1  # a timeout is not retried: it would double the wait
 
 
-async def test_rate_limited_requests_get_429_with_the_wait(autojump_clock: trio.testing.MockClock) -> None:
+async def test_rate_limited_requests_get_429_with_the_wait(
+        autojump_clock: trio.testing.MockClock, parser: HttpParser) -> None:
     def limited(route: Route) -> Route:
         return Route(route.cluster, route.endpoints, rate_limit=RateLimit(0.5, 2))
 
-    async with harness(FakeReplica("a"), route_extra=limited) as h:
+    async with harness(FakeReplica("a"), route_extra=limited, parser=parser) as h:
         client = h.connect_client()
         assert [(await request(client))[0] for _ in range(2)] == [200, 200]
         status, headers, _ = await request(client)
@@ -205,8 +255,8 @@ async def test_rate_limited_requests_get_429_with_the_wait(autojump_clock: trio.
 
 
 async def test_drain_lets_the_request_in_flight_finish_and_closes_idle_connections(
-        autojump_clock: trio.testing.MockClock) -> None:
-    async with harness(FakeReplica("a", delay_s=20)) as h:
+        autojump_clock: trio.testing.MockClock, parser: HttpParser) -> None:
+    async with harness(FakeReplica("a", delay_s=20), parser=parser) as h:
         idle = h.connect_client()
         busy = h.connect_client()
         async with trio.open_nursery() as nursery:
@@ -224,10 +274,83 @@ async def test_drain_lets_the_request_in_flight_finish_and_closes_idle_connectio
         assert status == 200 and headers[b"connection"] == b"close"
 
 
-async def test_all_replicas_refusing_is_a_502_after_trying_each(autojump_clock: trio.testing.MockClock) -> None:
+async def test_all_replicas_refusing_is_a_502_after_trying_each(
+        autojump_clock: trio.testing.MockClock, parser: HttpParser) -> None:
     replicas = [FakeReplica(name, refuse=True) for name in "xyz"]
-    async with harness(*replicas) as h:
+    async with harness(*replicas, parser=parser) as h:
         status, _, body = await request(h.connect_client())
         assert status == 502 and b"connect to" in body
         metrics = h.proxy.metrics.clusters["echo"]
         assert metrics.connect_errors == 3 and metrics.retries == 2 and metrics.requests[502] == 1
+
+
+# ---- HTTP/1.1 details through the whole proxy, with either codec ----
+
+async def test_pipelined_requests_are_answered_in_order_on_one_connection(parser: HttpParser) -> None:
+    async with harness(FakeReplica("a"), parser=parser) as h:
+        client = h.connect_client()
+        await client.send_all(b"GET /1 HTTP/1.1\r\nHost: echo.localhost\r\n\r\n"
+                              b"POST /2 HTTP/1.1\r\nHost: echo.localhost\r\nContent-Length: 3\r\n\r\nabc"
+                              b"GET /3 HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
+        with trio.fail_after(5):
+            responses = await read_responses(client, [b"GET", b"POST", b"GET"])
+        assert [r[1][b"x-target"] for r in responses] == [b"/1", b"/2", b"/3"]
+        assert h.replicas["a"].seen[1] == (b"POST", b"/2", b"abc")
+
+
+async def test_head_gets_the_head_only_and_the_connection_goes_on(parser: HttpParser) -> None:
+    async with harness(FakeReplica("a"), parser=parser) as h:
+        client = h.connect_client()
+        await client.send_all(b"HEAD / HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
+        with trio.fail_after(5):
+            [(status, headers, body)] = await read_responses(client, [b"HEAD"])
+        assert status == 200 and headers[b"content-length"] == b"1" and body == b""
+        assert (await request(client))[2] == b"a"
+
+
+async def test_an_http_1_0_client_gets_its_answer_and_the_connection_closes(parser: HttpParser) -> None:
+    async with harness(FakeReplica("a"), parser=parser) as h:
+        client = h.connect_client()
+        await client.send_all(b"GET / HTTP/1.0\r\nHost: echo.localhost\r\n\r\n")
+        received = b""
+        with trio.fail_after(5):
+            while chunk := await client.receive_some(65536):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 200 ") and b"connection: close\r\n" in received.lower()
+        assert received.endswith(b"\r\n\r\na")
+
+
+async def test_expect_100_continue_gets_a_go_ahead_before_the_body(parser: HttpParser) -> None:
+    async with harness(FakeReplica("a"), parser=parser) as h:
+        client = h.connect_client()
+        await client.send_all(b"POST /up HTTP/1.1\r\nHost: echo.localhost\r\nContent-Length: 5\r\n"
+                              b"Expect: 100-continue\r\n\r\n")
+        with trio.fail_after(5):
+            assert (await client.receive_some(65536)).startswith(b"HTTP/1.1 100 ")
+            await client.send_all(b"hello")
+            [(status, _, _)] = await read_responses(client, [b"POST"])
+        assert status == 200 and h.replicas["a"].seen == [(b"POST", b"/up", b"hello")]
+
+
+async def test_a_chunked_upload_with_trailers_reaches_the_replica_whole(parser: HttpParser) -> None:
+    async with harness(FakeReplica("a"), parser=parser) as h:
+        client = h.connect_client()
+        await client.send_all(b"POST /up HTTP/1.1\r\nHost: echo.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Sum: 5\r\n\r\n")
+        with trio.fail_after(5):
+            [(status, _, _)] = await read_responses(client, [b"POST"])
+        assert status == 200 and h.replicas["a"].seen == [(b"POST", b"/up", b"abcde")]
+
+
+async def test_broken_requests_and_connect_get_their_status(parser: HttpParser) -> None:
+    async with harness(FakeReplica("a"), parser=parser) as h:
+        for data, status in ((b"GARBAGE\r\n\r\n", 400),
+                             (b"GET / HTTP/1.1\r\n\r\n", 400),
+                             (b"POST / HTTP/1.1\r\nHost: echo.localhost\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+                             (b"CONNECT echo.localhost:443 HTTP/1.1\r\nHost: echo.localhost\r\n\r\n", 405)):
+            client = h.connect_client()
+            await client.send_all(data)
+            with trio.fail_after(5):
+                answer = await client.receive_some(65536)
+            assert answer.startswith(b"HTTP/1.1 %d " % status), (data, answer[:80])
+        assert h.replicas["a"].requests == 0

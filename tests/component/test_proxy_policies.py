@@ -114,17 +114,32 @@ def test_upstream_headers() -> None:
                    b"x-request-id": b"rid"}
     kept = dict(hdr.upstream_request_headers(given_headers, "9.9.9.9", "http", b"r", strip_authorization=False))
     assert kept[b"authorization"] == b"k"
+    framing = [(b"host", b"h"), (b"content-length", b"5"), (b"transfer-encoding", b"chunked")]
+    assert dict(hdr.upstream_request_headers(framing, "9.9.9.9", "http", b"r", False)).keys() == {
+        b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"}  # framing is set anew
+
+
+def test_response_headers_lose_hop_by_hop_ones_and_carry_our_request_id() -> None:
+    given = [(b"content-type", b"text/plain"), (b"connection", b"keep-alive, x-hop"), (b"x-hop", b"1"),
+             (b"keep-alive", b"timeout=5"), (b"transfer-encoding", b"chunked"), (b"x-request-id", b"theirs")]
+    assert hdr.client_response_headers(given, b"ours") == [(b"content-type", b"text/plain"), (b"x-request-id", b"ours")]
 
 
 def test_body_framing() -> None:
-    buffered = [(b"content-length", b"5")]
-    hdr.set_body_framing(buffered, 5, had_body=True)
+    buffered: list[tuple[bytes, bytes]] = []
+    hdr.add_body_framing(buffered, 5, b"5", had_body=True)
     assert buffered == [(b"content-length", b"5")]
     none: list[tuple[bytes, bytes]] = []
-    hdr.set_body_framing(none, 0, had_body=False)
+    hdr.add_body_framing(none, 0, b"", had_body=False)
     assert none == []
+    empty: list[tuple[bytes, bytes]] = []
+    hdr.add_body_framing(empty, 0, b"", had_body=True)  # an empty chunked body: said explicitly
+    assert empty == [(b"content-length", b"0")]
+    declared: list[tuple[bytes, bytes]] = []
+    hdr.add_body_framing(declared, None, b"5000000", had_body=True)
+    assert declared == [(b"content-length", b"5000000")]
     streamed: list[tuple[bytes, bytes]] = []
-    hdr.set_body_framing(streamed, None, had_body=True)
+    hdr.add_body_framing(streamed, None, b"", had_body=True)
     assert streamed == [(b"transfer-encoding", b"chunked")]
 
 

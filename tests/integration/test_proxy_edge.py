@@ -14,7 +14,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +50,24 @@ def b() -> Iterator[ScriptedUpstream]:
 def routes() -> Iterator[StaticRouteServer]:
     with StaticRouteServer() as server:
         yield server
+
+
+ProxyStarter = Callable[..., tuple[Proc, int]]
+
+
+@pytest.fixture
+def start_proxy() -> Iterator[ProxyStarter]:
+    """spawn_proxy, with every proxy started stopped when the test ends (else it outlives the test)."""
+    started: list[Proc] = []
+
+    def start(root: Path, server_url: str, *extra: str, name: str = "proxy") -> tuple[Proc, int]:
+        proc, port = spawn_proxy(root, server_url, *extra, name=name)
+        started.append(proc)
+        return proc, port
+
+    yield start
+    for proc in started:
+        proc.stop()
 
 
 def metrics(proc: Proc) -> dict[str, float]:
@@ -88,10 +106,10 @@ def status_of(response: bytes) -> int:
     return int(match.group(1))
 
 
-def test_forwarding_headers_are_set_and_hop_by_hop_headers_stripped(tmp_path: Path, a: ScriptedUpstream,
-                                                                     routes: StaticRouteServer) -> None:
+def test_forwarding_headers_are_set_and_hop_by_hop_headers_stripped(
+        tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer, start_proxy: ProxyStarter) -> None:
     routes.set_route(route(a))
-    proc, port = spawn_proxy(tmp_path, routes.url)
+    proc, port = start_proxy(tmp_path, routes.url)
     result = http_request(port, HOST, "/v1/x", headers={
         "X-Forwarded-For": "203.0.113.9", "Connection": "keep-alive, X-Secret", "X-Secret": "for this hop only",
         "Keep-Alive": "timeout=5", "TE": "trailers", "Proxy-Authorization": "Basic Zm9v", "X-Request-Id": "abc-123",
@@ -115,9 +133,9 @@ def test_forwarding_headers_are_set_and_hop_by_hop_headers_stripped(tmp_path: Pa
 
 
 def test_hostile_and_malformed_clients_get_their_status_and_the_proxy_keeps_serving(
-        tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer) -> None:
+        tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer, start_proxy: ProxyStarter) -> None:
     routes.set_route(route(a))
-    proc, port = spawn_proxy(tmp_path, routes.url, "--header-timeout", "1s", "--max-body", "64KiB",
+    proc, port = start_proxy(tmp_path, routes.url, "--header-timeout", "1s", "--max-body", "64KiB",
                              "--max-connections", "6", "--metrics-listen", "127.0.0.1:0")
     # 400: not HTTP at all, and a broken chunked body.
     assert status_of(raw_exchange(port, b"GARBAGE\r\n\r\n")) == 400
@@ -176,10 +194,11 @@ def test_hostile_and_malformed_clients_get_their_status_and_the_proxy_keeps_serv
 
 
 def test_a_failing_replica_is_ejected_its_requests_retried_and_it_is_readmitted_after_backoff(
-        tmp_path: Path, a: ScriptedUpstream, b: ScriptedUpstream, routes: StaticRouteServer) -> None:
+        tmp_path: Path, a: ScriptedUpstream, b: ScriptedUpstream, routes: StaticRouteServer,
+        start_proxy: ProxyStarter) -> None:
     a.status = 503
     routes.set_route(route(a, b))
-    proc, port = spawn_proxy(tmp_path, routes.url, "--eject-time", "1s", "--metrics-listen", "127.0.0.1:0")
+    proc, port = start_proxy(tmp_path, routes.url, "--eject-time", "1s", "--metrics-listen", "127.0.0.1:0")
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     served_by = [http_request(port, HOST, connection=conn).headers["x-upstream"] for _ in range(30)]
     assert served_by == ["b"] * 30  # every 503 from a was retried on b before the client saw it
@@ -196,24 +215,25 @@ def test_a_failing_replica_is_ejected_its_requests_retried_and_it_is_readmitted_
     conn.close()
 
 
-def test_connect_failures_eject_and_fail_over_without_client_errors(tmp_path: Path, a: ScriptedUpstream,
-                                                                    routes: StaticRouteServer) -> None:
+def test_connect_failures_eject_and_fail_over_without_client_errors(
+        tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer, start_proxy: ProxyStarter) -> None:
     with socket.socket() as closed:  # a port nothing listens on: connection refused
         closed.bind(("127.0.0.1", 0))
         dead = Endpoint("r-dead", f"127.0.0.1:{closed.getsockname()[1]}", "n-dead")
         routes.set_route(Route("echo", (dead, *route(a).endpoints)))
-        proc, port = spawn_proxy(tmp_path, routes.url, "--metrics-listen", "127.0.0.1:0")
+        proc, port = start_proxy(tmp_path, routes.url, "--metrics-listen", "127.0.0.1:0")
         assert [http_request(port, HOST).status for _ in range(20)] == [200] * 20
     numbers = metrics(proc)
     assert numbers['vectorlay_proxy_upstream_connect_errors_total{cluster="echo"}'] >= 1
     assert numbers['vectorlay_proxy_ejections_total{cluster="echo"}'] >= 1
 
 
-def test_the_retry_budget_keeps_a_dead_cluster_from_multiplying_load(tmp_path: Path, routes: StaticRouteServer) -> None:
+def test_the_retry_budget_keeps_a_dead_cluster_from_multiplying_load(
+        tmp_path: Path, routes: StaticRouteServer, start_proxy: ProxyStarter) -> None:
     with ScriptedUpstream("x", status=503) as x, ScriptedUpstream("y", status=503) as y, \
             ScriptedUpstream("z", status=503) as z:
         routes.set_route(route(x, y, z))
-        _, port = spawn_proxy(tmp_path, routes.url)
+        _, port = start_proxy(tmp_path, routes.url)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         sent = 200
         started = time.monotonic()
@@ -229,9 +249,9 @@ def test_the_retry_budget_keeps_a_dead_cluster_from_multiplying_load(tmp_path: P
 
 
 def test_streams_pass_through_chunk_by_chunk_and_a_client_that_leaves_cancels_upstream(
-        tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer) -> None:
+        tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer, start_proxy: ProxyStarter) -> None:
     routes.set_route(route(a))
-    _, port = spawn_proxy(tmp_path, routes.url)
+    _, port = start_proxy(tmp_path, routes.url)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/gated-stream", headers={"Host": HOST})
     response = conn.getresponse()
@@ -257,10 +277,10 @@ def test_streams_pass_through_chunk_by_chunk_and_a_client_that_leaves_cancels_up
     wait_for(lambda: a.aborted == 2, 10, message="the replica to see its client leave")
 
 
-def test_large_bodies_stream_through_up_to_the_limit(tmp_path: Path, a: ScriptedUpstream,
-                                                     routes: StaticRouteServer) -> None:
+def test_large_bodies_stream_through_up_to_the_limit(
+        tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer, start_proxy: ProxyStarter) -> None:
     routes.set_route(route(a))
-    _, port = spawn_proxy(tmp_path, routes.url, "--max-body", "8MiB")
+    _, port = start_proxy(tmp_path, routes.url, "--max-body", "8MiB")
     body = b"x" * (5 * 1024 * 1024)  # over the retry buffer: streamed, not held whole
     result = http_request(port, HOST, "/upload", "POST", body)
     assert result.status == 200 and result.json()["body_bytes"] == len(body)
@@ -279,10 +299,11 @@ def test_large_bodies_stream_through_up_to_the_limit(tmp_path: Path, a: Scripted
     assert status_of(raw_exchange(port, head)) == 413
 
 
-def test_route_updates_do_not_drop_requests_in_flight(tmp_path: Path, a: ScriptedUpstream, b: ScriptedUpstream,
-                                                      routes: StaticRouteServer) -> None:
+def test_route_updates_do_not_drop_requests_in_flight(
+        tmp_path: Path, a: ScriptedUpstream, b: ScriptedUpstream, routes: StaticRouteServer,
+        start_proxy: ProxyStarter) -> None:
     routes.set_route(route(a))
-    _, port = spawn_proxy(tmp_path, routes.url)
+    _, port = start_proxy(tmp_path, routes.url)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/gated-stream", headers={"Host": HOST})
     response = conn.getresponse()
@@ -295,10 +316,10 @@ def test_route_updates_do_not_drop_requests_in_flight(tmp_path: Path, a: Scripte
     conn.close()
 
 
-def test_graceful_shutdown_finishes_requests_in_flight(tmp_path: Path, a: ScriptedUpstream,
-                                                       routes: StaticRouteServer) -> None:
+def test_graceful_shutdown_finishes_requests_in_flight(
+        tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer, start_proxy: ProxyStarter) -> None:
     routes.set_route(route(a))
-    proc, port = spawn_proxy(tmp_path, routes.url)
+    proc, port = start_proxy(tmp_path, routes.url)
     idle = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     assert http_request(port, HOST, connection=idle).status == 200
     busy = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
@@ -334,15 +355,15 @@ def peer_certificate(port: int, context: ssl.SSLContext) -> bytes:
             return cert
 
 
-def test_tls_termination_and_certificate_reload_on_sighup(tmp_path: Path, a: ScriptedUpstream,
-                                                          routes: StaticRouteServer) -> None:
+def test_tls_termination_and_certificate_reload_on_sighup(
+        tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer, start_proxy: ProxyStarter) -> None:
     routes.set_route(route(a))
     ca = trustme.CA()
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     first = ca.issue_cert(HOST, "127.0.0.1")
     first.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
     first.private_key_pem.write_to_path(str(key_path))
-    proc, port = spawn_proxy(tmp_path, routes.url, "--tls-cert", str(cert_path), "--tls-key", str(key_path))
+    proc, port = start_proxy(tmp_path, routes.url, "--tls-cert", str(cert_path), "--tls-key", str(key_path))
     context = tls_client_context(ca)
     conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
     conn.request("GET", "/", headers={"Host": HOST})
@@ -373,11 +394,12 @@ def test_tls_termination_and_certificate_reload_on_sighup(tmp_path: Path, a: Scr
     assert proc.alive
 
 
-def test_bad_tls_files_are_one_clear_line_and_a_non_zero_exit(tmp_path: Path, routes: StaticRouteServer) -> None:
+def test_bad_tls_files_are_one_clear_line_and_a_non_zero_exit(
+        tmp_path: Path, routes: StaticRouteServer, start_proxy: ProxyStarter) -> None:
     (tmp_path / "cert.pem").write_text("garbage")
     (tmp_path / "key.pem").write_text("garbage")
     with pytest.raises(AssertionError):
-        spawn_proxy(tmp_path, routes.url, "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key",
+        start_proxy(tmp_path, routes.url, "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key",
                     str(tmp_path / "key.pem"), name="bad")
     text = (tmp_path / "bad.log").read_text()
     assert "error: TLS: cannot load certificate" in text and "Traceback" not in text

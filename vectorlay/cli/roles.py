@@ -91,10 +91,13 @@ def proxy(
         help="How long a failing replica is first left out; doubles while it keeps failing.")] = "5s",
     shutdown_grace: Annotated[str, typer.Option(
         help="On SIGTERM, how long requests in flight get to finish.")] = "30s",
+    http_parser: Annotated[str, typer.Option(
+        help="HTTP/1.1 parser: httptools (llhttp, in C, the fast default) or h11 (pure Python).")] = "httptools",
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the edge proxy: routes http://<cluster>.<domain>/ to ready replicas."""
     from vectorlay.proxy.app import ProxyConfig, serve_until_signalled
+    from vectorlay.proxy.codec import HttpParser
     from vectorlay.proxy.limits import ProxyLimits, parse_size
 
     setup_logging(verbose)
@@ -102,6 +105,10 @@ def proxy(
     host, port = parse_listen(listen, 8080)
     if (tls_cert is None) != (tls_key is None):
         raise UserError("--tls-cert and --tls-key go together")
+    try:
+        parser = HttpParser(http_parser)
+    except ValueError:
+        raise UserError(f"invalid --http-parser {http_parser!r}: expected httptools or h11") from None
 
     def _seconds(text: str, option: str) -> float:
         value = duration(text, option)
@@ -125,7 +132,8 @@ def proxy(
         shutdown_grace_s=_seconds(shutdown_grace, "--shutdown-grace"),
     )
     config = ProxyConfig(ctx.server, ctx.token, host, port, domain, limits, tls_cert=tls_cert, tls_key=tls_key,
-                         metrics_listen=parse_listen(metrics_listen, 9090) if metrics_listen else None)
+                         metrics_listen=parse_listen(metrics_listen, 9090) if metrics_listen else None,
+                         http_parser=parser)
     run(serve_until_signalled, config)
 
 

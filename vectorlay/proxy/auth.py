@@ -21,6 +21,9 @@ class AuthResult:
     problem: str = ""
 
 
+_OPEN = AuthResult(True)  # made once: most endpoints are open, and this is per request
+
+
 def bearer_token(authorization: bytes) -> bytes | None:
     scheme, _, token = authorization.strip().partition(b" ")
     token = token.strip()
@@ -32,7 +35,7 @@ def bearer_token(authorization: bytes) -> bytes | None:
 def authorize(mode: str, key_hashes: frozenset[str], authorization: bytes) -> AuthResult:
     """Check one request's Authorization header against a cluster's endpoint settings."""
     if mode == NONE:
-        return AuthResult(True)
+        return _OPEN
     if mode != API_KEY:
         # A mode this proxy does not know (a newer server): refuse rather than serve unguarded.
         return AuthResult(False, problem=f"this proxy does not support the endpoint's auth mode {mode!r}")

@@ -7,9 +7,7 @@ import os
 import re
 from collections.abc import Sequence
 
-import h11
-
-Headers = list[tuple[bytes, bytes]]
+from vectorlay.proxy.codec import Headers
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
@@ -17,6 +15,9 @@ HOP_BY_HOP = frozenset({
 })
 # Set by the proxy: a client's own values are replaced (X-Forwarded-For is extended instead).
 _SET_BY_US = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"})
+_NOT_FORWARDED = HOP_BY_HOP | _SET_BY_US | {b"content-length"}
+_NOT_FORWARDED_WITH_AUTH = _NOT_FORWARDED | {b"authorization"}  # a key for the proxy, not the replica
+_NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 # Fresh ids are a random per-process prefix and a counter: unique, 32 hex digits like a UUID, and
 # far cheaper than a uuid4 per request.
@@ -32,21 +33,13 @@ def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes:
     return b""
 
 
-def head_size(request: h11.Request) -> int:
-    """About the size of the request line and headers as they came on the wire."""
-    size = len(request.method) + len(request.target) + 12
-    for key, value in request.headers:
-        size += len(key) + len(value) + 4
-    return size
-
-
-def _dropped(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Hop-by-hop headers, including any the Connection header names."""
+def _dropped(headers: Sequence[tuple[bytes, bytes]], base: frozenset[bytes]) -> frozenset[bytes]:
+    """`base` (hop-by-hop headers and more), plus any header the Connection header names."""
     named = [v for k, v in headers if k == b"connection"]
     if not named:
-        return HOP_BY_HOP
+        return base
     extra = {token.strip().lower() for value in named for token in value.split(b",")}
-    return HOP_BY_HOP | extra
+    return base if extra <= base else base | extra  # usually `keep-alive` or `close`: nothing new
 
 
 def request_id(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
@@ -59,10 +52,10 @@ def request_id(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
 
 def upstream_request_headers(headers: Sequence[tuple[bytes, bytes]], peer: str, scheme: str, rid: bytes,
                              strip_authorization: bool) -> Headers:
-    dropped = _dropped(headers)
-    out = [(k, v) for k, v in headers
-           if k not in dropped and k not in _SET_BY_US and not (strip_authorization and k == b"authorization")]
-    forwarded_for = b", ".join(v for k, v in headers if k == b"x-forwarded-for")
+    """The client's headers as sent to the replica, less the body's framing (add_body_framing sets it)."""
+    dropped = _dropped(headers, _NOT_FORWARDED_WITH_AUTH if strip_authorization else _NOT_FORWARDED)
+    out = [(k, v) for k, v in headers if k not in dropped]
+    forwarded_for = b", ".join([v for k, v in headers if k == b"x-forwarded-for"])
     address = peer.encode()
     out.append((b"x-forwarded-for", forwarded_for + b", " + address if forwarded_for else address))
     out.append((b"x-forwarded-proto", scheme.encode()))
@@ -74,21 +67,21 @@ def is_chunked(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return any(k == b"transfer-encoding" for k, _ in headers)
 
 
-def set_body_framing(headers: Headers, length: int | None, had_body: bool) -> None:
-    """Frame the body we send upstream: its exact length when it is all buffered, else the
-    client's Content-Length if it gave one, else chunked (h11 would otherwise send no body)."""
+def add_body_framing(headers: Headers, length: int | None, declared: bytes, had_body: bool) -> None:
+    """Frame the body we send upstream: its exact `length` when it is all buffered (none for no
+    body), else the client's Content-Length (`declared`) if it gave one, else chunked."""
     if length is not None:
-        headers[:] = [(k, v) for k, v in headers if k != b"content-length"]
         if had_body:
-            headers.append((b"content-length", str(length).encode()))
-    elif not any(k == b"content-length" for k, _ in headers):
+            headers.append((b"content-length", b"%d" % length))
+    elif declared:
+        headers.append((b"content-length", declared))
+    else:
         headers.append((b"transfer-encoding", b"chunked"))
 
 
-def client_response_headers(headers: Sequence[tuple[bytes, bytes]], rid: bytes, close: bool) -> Headers:
-    dropped = _dropped(headers)
-    out = [(k, v) for k, v in headers if k not in dropped and k != b"x-request-id"]
+def client_response_headers(headers: Sequence[tuple[bytes, bytes]], rid: bytes) -> Headers:
+    """The replica's headers less hop-by-hop ones (the codec frames the body and says close)."""
+    dropped = _dropped(headers, _NOT_RETURNED)
+    out = [(k, v) for k, v in headers if k not in dropped]
     out.append((b"x-request-id", rid))
-    if close:
-        out.append((b"connection", b"close"))
     return out

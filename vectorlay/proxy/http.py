@@ -1,4 +1,4 @@
-"""The proxy's HTTP side: h11 over trio streams, one task per client connection.
+"""The proxy's HTTP side: HTTP/1.1 codecs over trio streams, one task per client connection.
 
 Each request is admitted (known cluster, body size, API key, rate limits), then forwarded to a
 replica chosen by the balancer on a pooled keep-alive connection, and the response is streamed
@@ -17,13 +17,24 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TypeVar
 
-import h11
 import trio
 
 from vectorlay.errors import unwrap_group
 from vectorlay.proxy import headers as hdr
 from vectorlay.proxy.auth import API_KEY, authorize
 from vectorlay.proxy.client import ClientConnection, ClientGone, HeaderTimeout
+from vectorlay.proxy.codec import (
+    DEFAULT_PARSER,
+    END,
+    NEED_DATA,
+    Data,
+    Headers,
+    HttpParser,
+    LocalProtocolError,
+    RemoteProtocolError,
+    Request,
+    Response,
+)
 from vectorlay.proxy.limits import ProxyLimits
 from vectorlay.proxy.metrics import UNKNOWN, ClusterMetrics, Metrics
 from vectorlay.proxy.routing import ClusterRoute, EndpointStats, RouteTable, cluster_from_host
@@ -43,6 +54,7 @@ CLIENT_GONE_STATUS = 499
 CLOSE_TIMEOUT_S = 1.0
 LINGER_S = 0.5
 LINGER_BYTES = 1024 * 1024  # nginx's code, for the metrics of requests whose client left
+MAX_KNOWN_HOSTS = 1024
 
 
 @dataclass
@@ -64,15 +76,18 @@ class _Retry(Exception):
 
 class Proxy:
     def __init__(self, routes: RouteTable, domain: str, limits: ProxyLimits | None = None,
-                 metrics: Metrics | None = None, pool: UpstreamPool | None = None) -> None:
+                 metrics: Metrics | None = None, pool: UpstreamPool | None = None,
+                 parser: HttpParser = DEFAULT_PARSER) -> None:
         self.routes = routes
         self.domain = domain
         self.limits = limits or ProxyLimits()
         self.metrics = metrics or Metrics()
-        self.pool = pool or UpstreamPool(self.limits.upstream_connect_timeout_s)
+        self.parser = parser
+        self.pool = pool or UpstreamPool(self.limits.upstream_connect_timeout_s, parser=parser)
         self.in_flight = 0
         self.draining = False
         self._clients: set[ClientConnection] = set()
+        self._hosts: dict[bytes, str | None] = {}  # Host header -> cluster name
         routes.on_endpoint_removed.append(lambda endpoint: self.pool.forget(endpoint.address))
 
     # ---- connections ----
@@ -85,7 +100,7 @@ class Proxy:
                 client.idle_scope.cancel()
 
     async def handle_connection(self, stream: trio.abc.Stream, peer: str, scheme: str = "http") -> None:
-        client = ClientConnection(stream, self.limits, peer, scheme)
+        client = ClientConnection(stream, self.limits, peer, scheme, self.parser)
         self.metrics.connections += 1
         self._clients.add(client)
         try:
@@ -106,27 +121,22 @@ class Proxy:
                     pass
 
     async def _serve(self, client: ClientConnection) -> None:
+        codec = client.codec
         while not self.draining:
             try:
-                event = await client.next_request()
+                request = await client.next_request()
             except HeaderTimeout:
                 await self._reply_error(client, 408, "request headers took too long")
                 return
-            except h11.RemoteProtocolError as error:
-                await self._reply_error(client, error.error_status_hint, _protocol_problem(error))
+            except RemoteProtocolError as error:
+                await self._reply_error(client, error.status, _protocol_problem(error))
                 return
-            if event is None or not isinstance(event, h11.Request):
+            if request is None:
                 return  # closed, idle too long, or drained
-            if hdr.head_size(event) > self.limits.max_header_bytes:
-                # h11 only bounds a head still arriving; one that came in a single read is measured here.
-                await self._reply_error(client, 431, "request line and headers too large")
-                return
-            await self._serve_request(client, event)
-            conn = client.conn
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                conn.start_next_cycle()
-            else:
+            await self._serve_request(client, request)
+            if not codec.reusable():
                 return  # closing, or we answered without reading the whole body
+            codec.start_next_cycle()
 
     async def _reply_error(self, client: ClientConnection, status: int, message: str) -> int:
         """Answer a broken request if nothing was sent yet; the connection closes after it."""
@@ -135,17 +145,16 @@ class Proxy:
         client.unread_input = True
         try:
             await self._error(client, status, message, close=True)
-        except (ClientGone, h11.LocalProtocolError):
+        except (ClientGone, LocalProtocolError):
             return CLIENT_GONE_STATUS
         return status
 
     # ---- one request ----
 
-    async def _serve_request(self, client: ClientConnection, request: h11.Request) -> None:
+    async def _serve_request(self, client: ClientConnection, request: Request) -> None:
         started = trio.current_time()
         client.request_length = hdr.header(request.headers, b"content-length")
-        host = hdr.header(request.headers, b"host")
-        name = cluster_from_host(host.decode("latin-1"), self.domain) if host else None
+        name = self._cluster_name(hdr.header(request.headers, b"host"))
         cluster = self.routes.clusters.get(name) if name else None
         metrics = self.metrics.clusters[cluster.name if cluster else UNKNOWN]
         metrics.in_flight += 1
@@ -156,8 +165,10 @@ class Proxy:
                 status = await self._refuse(client, 404, f"unknown host; use http://<cluster>.{self.domain}/")
             elif cluster is None:
                 status = await self._refuse(client, 404, "unknown cluster", cluster=name)
+            elif request.method == b"CONNECT":
+                status = await self._refuse(client, 405, "CONNECT is not supported", cluster=name)
             else:
-                status = await self._admit_and_forward(client, request, cluster, metrics)
+                status = await self._admit_and_forward(client, request, cluster, metrics, started)
         except ClientGone as gone:
             status = gone.status if isinstance(gone, _Truncated) else CLIENT_GONE_STATUS
             raise
@@ -165,15 +176,23 @@ class Proxy:
             status = await self._reply_error(client, 408, "request body took too long")
         except _BodyTooLarge:
             status = await self._reply_error(client, 413, f"request body over {self.limits.max_body_bytes} bytes")
-        except h11.RemoteProtocolError as error:
-            status = await self._reply_error(client, error.error_status_hint, _protocol_problem(error))
+        except RemoteProtocolError as error:
+            status = await self._reply_error(client, error.status, _protocol_problem(error))
         finally:
             metrics.in_flight -= 1
             self.in_flight -= 1
             metrics.observe(status, trio.current_time() - started)
 
-    async def _admit_and_forward(self, client: ClientConnection, request: h11.Request, cluster: ClusterRoute,
-                                 metrics: ClusterMetrics) -> int:
+    def _cluster_name(self, host: bytes) -> str | None:
+        """The cluster a Host header names, worked out once per distinct Host."""
+        if host not in self._hosts:
+            if len(self._hosts) >= MAX_KNOWN_HOSTS:
+                self._hosts.clear()  # clients can send any Host: the cache must not grow with them
+            self._hosts[host] = cluster_from_host(host.decode("latin-1"), self.domain) if host else None
+        return self._hosts[host]
+
+    async def _admit_and_forward(self, client: ClientConnection, request: Request, cluster: ClusterRoute,
+                                 metrics: ClusterMetrics, now: float) -> int:
         length = client.request_length
         if length.isdigit() and int(length) > self.limits.max_body_bytes:
             return await self._refuse(client, 413, f"request body over {self.limits.max_body_bytes} bytes",
@@ -183,24 +202,23 @@ class Proxy:
         if not auth.allowed:
             return await self._refuse(client, 401, auth.problem, cluster=cluster.name,
                                       extra=[(b"www-authenticate", b'Bearer realm="vectorlay"')])
-        wait = cluster.limiter.admit(auth.key_hash or client.peer, trio.current_time())
+        wait = cluster.limiter.admit(auth.key_hash or client.peer, now)
         if wait is not None:
             retry_after = str(max(1, math.ceil(wait))).encode()
             return await self._refuse(client, 429, "rate limit exceeded", cluster=cluster.name,
                                       extra=[(b"retry-after", retry_after)])
         if not cluster.endpoints:
             return await self._refuse(client, 503, "no ready replica", cluster=cluster.name)
-        if client.conn.they_are_waiting_for_100_continue:
-            client.queue(h11.InformationalResponse(status_code=100, headers=[]))
+        if client.codec.waiting_for_100_continue:
+            client.inform(100, b"Continue")
             await client.flush()
         body, complete = await self._read_body(client)
         rid = hdr.request_id(request.headers)
         headers = hdr.upstream_request_headers(request.headers, client.peer, client.scheme, rid,
                                                strip_authorization=route.auth == API_KEY)
-        hdr.set_body_framing(headers, sum(map(len, body)) if complete else None,
+        hdr.add_body_framing(headers, sum(map(len, body)) if complete else None, client.request_length,
                              had_body=bool(body or client.request_length) or hdr.is_chunked(request.headers))
-        upstream_request = h11.Request(method=request.method, target=request.target, headers=headers)
-        return await self._forward(client, cluster, metrics, upstream_request, body, complete, rid)
+        return await self._forward(client, cluster, metrics, request, headers, body, complete, rid)
 
     async def _read_body(self, client: ClientConnection) -> tuple[list[bytes], bool]:
         """Buffer the request body up to the retry limit; (chunks, whether it is complete)."""
@@ -208,19 +226,19 @@ class Proxy:
         size = 0
         while size <= self.limits.retry_buffer_bytes:
             event = await client.next_body_event()
-            if isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
+            if isinstance(event, Data):
+                chunks.append(event.data)
                 size += len(event.data)
                 if size > self.limits.max_body_bytes:
                     raise _BodyTooLarge()
-            elif isinstance(event, h11.EndOfMessage):
+            elif event is END:
                 return chunks, True
             else:
                 raise ClientGone()
         return chunks, False
 
     async def _forward(self, client: ClientConnection, cluster: ClusterRoute, metrics: ClusterMetrics,
-                       request: h11.Request, body: list[bytes], complete: bool, rid: bytes) -> int:
+                       request: Request, headers: Headers, body: list[bytes], complete: bool, rid: bytes) -> int:
         cluster.budget.on_request()
         tried: set[str] = set()
         stale_retried = False
@@ -236,7 +254,7 @@ class Proxy:
                         and self.routes.choose(cluster, trio.current_time(), others) is not None)
 
             try:
-                return await self._exchange(client, stats, metrics, request, body, complete, rid, can_retry)
+                return await self._exchange(client, stats, metrics, request, headers, body, complete, rid, can_retry)
             except _Retry as retry:
                 failure = retry.attempt
             log.warning("%s: replica %s failed: %s", cluster.name, stats.endpoint.replica_id, failure.error)
@@ -261,8 +279,9 @@ class Proxy:
         return await self._refuse(client, failure.status, f"bad gateway: {failure.error}", cluster=cluster.name)
 
     async def _exchange(self, client: ClientConnection, stats: EndpointStats, metrics: ClusterMetrics,
-                        request: h11.Request, body: list[bytes], complete: bool, rid: bytes,
+                        request: Request, headers: Headers, body: list[bytes], complete: bool, rid: bytes,
                         can_retry: Callable[[], bool]) -> int:
+        """One attempt on one replica: send the request (`headers` are the ones to send), relay the answer."""
         try:
             upstream = await self.pool.acquire(stats.endpoint.address)
         except UpstreamConnectError as error:
@@ -273,11 +292,11 @@ class Proxy:
         clean = False
         try:
             try:
-                upstream.queue(request)
+                upstream.request(request.method, request.target, headers)
                 for chunk in body:
-                    upstream.queue(h11.Data(data=chunk))
+                    upstream.write(chunk)
                 if complete:
-                    upstream.queue(h11.EndOfMessage())
+                    upstream.end()
                     await upstream.flush()
                 else:
                     await upstream.flush()
@@ -295,9 +314,9 @@ class Proxy:
                 metrics.ejections += 1
             else:
                 stats.record_success()
-            close = self.draining or client.conn.their_state is not h11.DONE
-            client.queue(h11.Response(status_code=response.status_code, reason=response.reason,
-                                      headers=hdr.client_response_headers(response.headers, rid, close)))
+            close = self.draining or not client.codec.request_done
+            client.respond(response.status_code, response.reason, hdr.client_response_headers(response.headers, rid),
+                           close)
             try:
                 if _is_streaming(response):
                     await self._watching_client(client, lambda: self._relay_body(client, upstream))
@@ -316,9 +335,12 @@ class Proxy:
                 await upstream.aclose()
 
     async def _await_head(self, client: ClientConnection, upstream: UpstreamConnection,
-                          stats: EndpointStats) -> h11.Response:
+                          stats: EndpointStats) -> Response:
         """The replica's response head. A slow one is awaited while watching the client, so a
         client that gives up cancels the request upstream (a GPU stops working for nobody)."""
+        head = _head_nowait(upstream)
+        if head is not None:
+            return head  # already here: no timer needed
         with trio.move_on_after(QUICK_HEAD_S):
             return await _next_head(upstream)
         timeout = self.limits.upstream_response_timeout_s
@@ -356,13 +378,15 @@ class Proxy:
                                    size: int) -> None:
         while True:
             event = await client.next_body_event()
-            if isinstance(event, h11.Data):
+            if isinstance(event, Data):
                 size += len(event.data)
                 if size > self.limits.max_body_bytes:
                     raise _BodyTooLarge()
-                await upstream.send(h11.Data(data=event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                await upstream.send(h11.EndOfMessage())
+                upstream.write(event.data)
+                await upstream.flush()
+            elif event is END:
+                upstream.end()
+                await upstream.flush()
                 return
             else:
                 raise ClientGone()
@@ -372,21 +396,21 @@ class Proxy:
         write, and the client's write completes before more is read from the replica."""
         timeout = self.limits.upstream_response_timeout_s
         while True:
-            event = upstream.buffered_event()
-            if event is h11.NEED_DATA or client.pending_bytes > MAX_FLUSH_BYTES:
+            event = upstream.event_nowait()
+            if event is NEED_DATA or client.pending_bytes > MAX_FLUSH_BYTES:
                 await client.flush()
-                if event is h11.NEED_DATA:
+                if event is NEED_DATA:
                     with trio.move_on_after(timeout) as scope:
                         event = await upstream.next_event()
                     if scope.cancelled_caught:
                         raise ClientGone()  # the replica stalled mid-response: end the client's too
-            if isinstance(event, h11.Data):
-                client.queue(h11.Data(data=event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                client.queue(h11.EndOfMessage())
+            if isinstance(event, Data):
+                client.write(event.data)
+            elif event is END:
+                client.end()
                 await client.flush()
                 return
-            elif event is not h11.NEED_DATA:
+            elif event is not NEED_DATA:
                 raise ClientGone()  # the replica vanished mid-response: the client must not reuse this
 
     # ---- refusals ----
@@ -395,14 +419,14 @@ class Proxy:
                       extra: list[tuple[bytes, bytes]] | None = None) -> int:
         """Answer with an error, reading a small unread body first so the connection stays usable."""
         close = self.draining
-        if client.conn.their_state is h11.SEND_BODY and not await self._discard_body(client, client.request_length):
+        if not client.codec.request_done and not await self._discard_body(client, client.request_length):
             close = client.unread_input = True
         await self._error(client, status, message, close=close, cluster=cluster, extra=extra)
         return status
 
     async def _discard_body(self, client: ClientConnection, request_length: bytes) -> bool:
         """Read and drop a small unread request body; False if it is too big or too slow for that."""
-        if client.conn.they_are_waiting_for_100_continue:
+        if client.codec.waiting_for_100_continue:
             return False  # the client has not sent it and need not
         if request_length.isdigit() and int(request_length) > DRAIN_BODY_BYTES:
             return False
@@ -410,9 +434,9 @@ class Proxy:
         with trio.move_on_after(self.limits.header_timeout_s):
             while read <= DRAIN_BODY_BYTES:
                 event = await client.next_body_event()
-                if isinstance(event, h11.EndOfMessage):
+                if event is END:
                     return True
-                if not isinstance(event, h11.Data):
+                if not isinstance(event, Data):
                     return False
                 read += len(event.data)
         return False
@@ -425,11 +449,9 @@ class Proxy:
         body = json.dumps(payload).encode() + b"\n"
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    *(extra or [])]
-        if close:
-            headers.append((b"connection", b"close"))
-        client.queue(h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase))
-        client.queue(h11.Data(data=body))
-        client.queue(h11.EndOfMessage())
+        client.respond(status, HTTPStatus(status).phrase.encode(), headers, close)
+        client.write(body)
+        client.end()
         await client.flush()
 
 
@@ -468,21 +490,33 @@ async def _linger(stream: trio.abc.Stream) -> None:
             drained += len(data)
 
 
-async def _next_head(upstream: UpstreamConnection) -> h11.Response:
+def _head_nowait(upstream: UpstreamConnection) -> Response | None:
+    """The response head if it already arrived (informational responses skipped), else None."""
+    event = upstream.event_nowait()
+    while isinstance(event, Response):
+        if event.status_code >= 200:
+            return event
+        event = upstream.event_nowait()  # an informational response (100 Continue): not passed on
+    if event is NEED_DATA:
+        return None
+    raise UpstreamError(f"{upstream.address} closed the connection without a response")
+
+
+async def _next_head(upstream: UpstreamConnection) -> Response:
     event = await upstream.next_event()
-    while isinstance(event, h11.InformationalResponse):
-        event = await upstream.next_event()
-    if isinstance(event, h11.Response):
+    while isinstance(event, Response) and event.status_code < 200:
+        event = await upstream.next_event()  # an informational response (100 Continue): not passed on
+    if isinstance(event, Response):
         return event
     raise UpstreamError(f"{upstream.address} closed the connection without a response")
 
 
-def _is_streaming(response: h11.Response) -> bool:
+def _is_streaming(response: Response) -> bool:
     """Chunked or close-delimited: possibly long and paced (SSE), worth watching the client."""
     return not hdr.header(response.headers, b"content-length")
 
 
-def _protocol_problem(error: h11.RemoteProtocolError) -> str:
-    if error.error_status_hint == 431:
+def _protocol_problem(error: RemoteProtocolError) -> str:
+    if error.status == 431:
         return "request line and headers too large"
     return f"bad request: {str(error)[:200]}"

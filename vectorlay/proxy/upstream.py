@@ -1,4 +1,4 @@
-"""Keep-alive connections to replicas: h11 client connections pooled per address."""
+"""Keep-alive connections to replicas: HTTP/1.1 client codecs over trio streams, pooled per address."""
 
 from __future__ import annotations
 
@@ -6,11 +6,24 @@ import select
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
-import h11
 import trio
+
+from vectorlay.proxy.codec import (
+    DEFAULT_PARSER,
+    NEED_DATA,
+    Data,
+    Headers,
+    HttpParser,
+    RemoteProtocolError,
+    Response,
+    Signal,
+    client_codec,
+)
+from vectorlay.proxy.sockio import channel
 
 READ_SIZE = 64 * 1024
 MAX_IDLE_PER_ADDRESS = 64
+MAX_HEAD_BYTES = 64 * 1024  # a replica's response head; more is a failed request (502)
 
 Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
@@ -24,55 +37,71 @@ class UpstreamConnectError(UpstreamError):
 
 
 class UpstreamConnection:
-    def __init__(self, stream: trio.abc.Stream, address: str, reused: bool = False) -> None:
+    def __init__(self, stream: trio.abc.Stream, address: str, parser: HttpParser, reused: bool = False) -> None:
         self.stream = stream
+        self.channel = channel(stream)
         self.address = address
-        self.conn = h11.Connection(h11.CLIENT)
+        self.codec = client_codec(parser, MAX_HEAD_BYTES)
         self.reused = reused
         self.received = False  # any byte of the current response arrived
-        self._pending = bytearray()
+        self._pending: list[bytes] = []
 
-    def queue(self, event: h11.Event) -> None:
-        """Serialise `event` now and send it with the next flush (one write for head and body)."""
-        data = self.conn.send(event)
-        if data:
-            self._pending += data
+    # ---- writing: queued, then sent in one write (head and buffered body together) ----
+
+    def request(self, method: bytes, target: bytes, headers: Headers) -> None:
+        self._pending.append(self.codec.send_request(method, target, headers))
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(self.codec.send_data(data))
+
+    def end(self) -> None:
+        self._pending.append(self.codec.send_end())
 
     async def flush(self) -> None:
         if not self._pending:
             return
-        data, self._pending = bytes(self._pending), bytearray()
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending = []
         try:
-            await self.stream.send_all(data)
+            await self.channel.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
             raise UpstreamError(f"send to {self.address} failed: {error}") from None
 
-    async def send(self, event: h11.Event) -> None:
-        self.queue(event)
-        await self.flush()
+    # ---- reading ----
 
-    def buffered_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-        """The next event if it is already in the buffer (NEED_DATA if not): no I/O."""
+    def event_nowait(self) -> Response | Data | Signal:
+        """The next event if its bytes already arrived (NEED_DATA if not), without waiting."""
         try:
-            return self.conn.next_event()
-        except h11.RemoteProtocolError as error:
+            event = self.codec.next_event()
+            if event is NEED_DATA:
+                data = self.channel.receive_nowait(READ_SIZE)
+                if data is not None:
+                    self._received(data)
+                    event = self.codec.next_event()
+            return event
+        except RemoteProtocolError as error:
             raise UpstreamError(f"invalid HTTP from {self.address}: {error}") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            raise UpstreamError(f"read from {self.address} failed: {error}") from None
 
-    async def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+    async def next_event(self) -> Response | Data | Signal:
         while True:
-            event = self.buffered_event()
-            if event is not h11.NEED_DATA:
+            event = self.event_nowait()
+            if event is not NEED_DATA:
                 return event
             try:
-                data = await self.stream.receive_some(READ_SIZE)
+                data = await self.channel.receive(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
                 raise UpstreamError(f"read from {self.address} failed: {error}") from None
-            if data:
-                self.received = True
-            self.conn.receive_data(bytes(data))
+            self._received(data)
+
+    def _received(self, data: bytes) -> None:
+        if data:
+            self.received = True
+        self.codec.receive_data(data)
 
     def reusable(self) -> bool:
-        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+        return self.codec.reusable()
 
     def close_now(self) -> None:
         """Close without waiting (for idle connections to a replica that left routing)."""
@@ -101,9 +130,11 @@ async def open_tcp(host: str, port: int) -> trio.abc.Stream:
 
 
 class UpstreamPool:
-    def __init__(self, connect_timeout_s: float = 2.0, connect: Connector = open_tcp) -> None:
+    def __init__(self, connect_timeout_s: float = 2.0, connect: Connector = open_tcp,
+                 parser: HttpParser = DEFAULT_PARSER) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.connect = connect
+        self.parser = parser
         self._idle: defaultdict[str, list[UpstreamConnection]] = defaultdict(list)
 
     async def acquire(self, address: str) -> UpstreamConnection:
@@ -124,12 +155,12 @@ class UpstreamPool:
                 raise UpstreamConnectError(f"connect to {address} failed: {reason}") from None
         if scope.cancelled_caught:
             raise UpstreamConnectError(f"connect to {address} timed out after {self.connect_timeout_s:g}s")
-        return UpstreamConnection(stream, address)
+        return UpstreamConnection(stream, address, self.parser)
 
     async def release(self, connection: UpstreamConnection) -> None:
         """Keep the connection for the next request if HTTP allows it, else close it."""
         if connection.reusable():
-            connection.conn.start_next_cycle()
+            connection.codec.start_next_cycle()
             idle = self._idle[connection.address]
             if len(idle) < MAX_IDLE_PER_ADDRESS:
                 idle.append(connection)
