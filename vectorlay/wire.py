@@ -39,6 +39,9 @@ CLOSE_POLICY = 1008  # authentication or authorisation failed
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CONNECT_TIMEOUT_S = 10.0
+# How long one message may take to leave once its send has begun. Sends are not cancellable
+# (see Link.send), so this bounds how long a peer that stopped reading can hold us up.
+SEND_STALL_S = 10.0
 
 
 class LinkClosed(PeerError):
@@ -62,10 +65,20 @@ class Link:
             self.remote = "unknown peer"  # the socket is already gone
 
     async def send(self, message: Message) -> None:
-        try:
-            await self.ws.send_message(encode(message))
-        except ConnectionClosed as closed:
-            raise _closed(closed) from None
+        """Send one message whole.
+
+        Shielded: a send cancelled halfway leaves a TLS stream broken, so the close frame that
+        tells the peer why it is being dropped could never follow it. A send that stalls for
+        SEND_STALL_S (the peer stopped reading) gives up and the link counts as closed."""
+        data = encode(message)
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + SEND_STALL_S
+            try:
+                await self.ws.send_message(data)
+            except ConnectionClosed as closed:
+                raise _closed(closed) from None
+        if scope.cancelled_caught:
+            raise LinkClosed(None, f"peer did not read a message for {SEND_STALL_S:g}s")
 
     async def receive(self, allowed: tuple[type[Message], ...]) -> Message:
         """The next message; ProtocolError if it is malformed or not allowed here."""
