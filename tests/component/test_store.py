@@ -88,6 +88,26 @@ async def test_every_op_round_trips_through_load(store: Store) -> None:
     assert (snapshot.nodes, snapshot.clusters, snapshot.replicas, snapshot.commands) == ([], [], [], [])
 
 
+async def test_a_large_batch_is_written_in_bulk_with_the_same_result_as_one_by_one(store: Store) -> None:
+    replicas = [Replica(f"echo-{i:05d}", "echo", "n-1", (), ReplicaState.PENDING, "", None, 1, False, "rev1")
+                for i in range(300)]
+    commands = [CommandRecord("n-1", i + 1, "start", r.id, 1, None, 1.0) for i, r in enumerate(replicas)]
+    ready = [Replica(r.id, "echo", "n-1", (), ReplicaState.READY, "", "10.0.0.1:9000", 1, False, "rev1")
+             for r in replicas]
+    await store.apply([ops.PutNode(NODE), *[ops.PutReplica(r, 1.0) for r in replicas],
+                       *[ops.PutCommand(c) for c in commands]])
+    # Two writes of one replica in a batch: the later wins. A delete between puts keeps its place:
+    # the puts before it are written first, the one after it afterwards.
+    gone, back = replicas[0].id, replicas[1].id
+    await store.apply([*[ops.PutReplica(r, 1.0) for r in replicas], *[ops.PutReplica(r, 2.0) for r in ready],
+                       ops.DeleteReplica(gone), ops.DeleteReplica(back), ops.PutReplica(ready[1], 3.0),
+                       ops.AckCommands("n-1", 100)])
+    snapshot = await store.load()
+    expected = [(r, 3.0 if r.id == back else 2.0) for r in ready if r.id != gone]
+    assert sorted(snapshot.replicas, key=lambda item: item[0].id) == expected
+    assert [c.seq for c in snapshot.commands] == list(range(101, 301))
+
+
 async def test_a_failed_batch_leaves_nothing_behind(store: Store) -> None:
     command = CommandRecord("n-1", 1, "stop", "r", 1, None, 1.0)
     await store.apply([ops.PutCommand(command)])

@@ -107,6 +107,7 @@ class Controller:
         self._replace_backoff: dict[str, tuple[int, float]] = {}  # cluster -> (failures, not before)
         self._mass_bucket: TokenBucket | None = None
         self._reports_in, self._reports_out = trio.open_memory_channel[tuple[str, ReplicaReport]](REPORT_QUEUE)
+        self._acks_in, self._acks_out = trio.open_memory_channel[tuple[str, int]](REPORT_QUEUE)
         self._states_to_persist: set[str] = set()
         self.routes_dirty: set[str] = set()
         self.routes_changed = trio.Event()
@@ -151,6 +152,7 @@ class Controller:
             nursery.start_soon(self._liveness_loop)
             nursery.start_soon(self._trim_events)
             nursery.start_soon(self._apply_reports)
+            nursery.start_soon(self._apply_acks)
             task_status.started()
             while True:
                 now = trio.current_time()
@@ -720,13 +722,28 @@ class Controller:
         return False
 
     async def ack(self, node_id: str, seq: int) -> None:
-        queue = self.fleet.outbox.get(node_id)
-        if not queue or queue[0].seq > seq:
-            return
-        async with self.lock:
-            self._crash_point("before-ack-stored")
-            await self.store.apply([ops.AckCommands(node_id, seq)])
-            self.fleet.outbox[node_id] = [c for c in self.fleet.outbox.get(node_id, []) if c.seq > seq]
+        """Queue a node's ack; `_apply_acks` stores them in batches like reports. An ack stored
+        late only means a command may be delivered again, which nodes already expect."""
+        await self._acks_in.send((node_id, seq))
+
+    async def _apply_acks(self) -> None:
+        async for first in self._acks_out:
+            through = {first[0]: first[1]}
+            while len(through) < REPORT_BATCH:
+                try:
+                    node_id, seq = self._acks_out.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                through[node_id] = max(seq, through.get(node_id, seq))
+            async with self.lock:
+                acked = {node_id: seq for node_id, seq in through.items()
+                         if (queue := self.fleet.outbox.get(node_id)) and queue[0].seq <= seq}
+                if not acked:
+                    continue
+                self._crash_point("before-ack-stored")
+                await self.store.apply([ops.AckCommands(node_id, seq) for node_id, seq in acked.items()])
+                for node_id, seq in acked.items():
+                    self.fleet.outbox[node_id] = [c for c in self.fleet.outbox.get(node_id, []) if c.seq > seq]
 
     async def restore_liveness(self, grace_s: float) -> None:
         """After a server restart, give every known node `grace_s` to reconnect before judging it."""

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import sqlalchemy
 import trio
 from sqlalchemy import Connection, Engine, delete, event, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from vectorlay.core import codec
@@ -247,8 +248,28 @@ def _command(row: Any) -> CommandRecord:
 
 
 def _apply(conn: Connection, changes: Sequence[ops.Op]) -> None:
+    """Apply `changes` in order, except that runs of the row-writing kinds in `_APPLY_MANY` are
+    gathered and written with one executemany per kind: a thousand replicas turning ready is one
+    statement sent in bulk, not a thousand round trips. Those kinds each write their own table
+    and nothing else, so gathering them between two other changes reorders nothing that matters."""
+    gathered: dict[type, list[Any]] = {}
     for change in changes:
-        _APPLY[type(change)](conn, change)
+        kind = type(change)
+        if kind in _APPLY_MANY:
+            gathered.setdefault(kind, []).append(change)
+            continue
+        _flush_gathered(conn, gathered)
+        _APPLY[kind](conn, change)
+    _flush_gathered(conn, gathered)
+
+
+def _flush_gathered(conn: Connection, gathered: dict[type, list[Any]]) -> None:
+    for kind, changes in gathered.items():
+        if len(changes) == 1:
+            _APPLY[kind](conn, changes[0])
+        else:
+            _APPLY_MANY[kind](conn, changes)
+    gathered.clear()
 
 
 def _upsert(conn: Connection, table: sqlalchemy.Table, key: dict[str, Any], values: dict[str, Any]) -> None:
@@ -256,6 +277,17 @@ def _upsert(conn: Connection, table: sqlalchemy.Table, key: dict[str, Any], valu
     where = [table.c[name] == value for name, value in key.items()]
     if conn.execute(update(table).where(*where).values(**values)).rowcount == 0:
         conn.execute(table.insert().values(**key, **values))
+
+
+def _upsert_many(conn: Connection, table: sqlalchemy.Table, key: str, rows: list[dict[str, Any]]) -> None:
+    """Upsert many rows in one executemany, with INSERT .. ON CONFLICT DO UPDATE (SQLite and
+    PostgreSQL both speak it). The last row for a key wins, as it would row by row."""
+    latest = list({row[key]: row for row in rows}.values())  # a statement may touch a row only once
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = insert(table)
+    statement = statement.on_conflict_do_update(
+        index_elements=[table.c[key]], set_={name: statement.excluded[name] for name in latest[0] if name != key})
+    conn.execute(statement, latest)
 
 
 def _dumps(value: Any) -> str:
@@ -271,14 +303,24 @@ def _put_token(conn: Connection, op: ops.PutToken) -> None:
     })
 
 
-def _put_node(conn: Connection, op: ops.PutNode) -> None:
+def _node_row(op: ops.PutNode) -> dict[str, Any]:
     n = op.node
-    _upsert(conn, schema.nodes, {"id": n.id}, {
-        "name": n.name, "credential_hash": n.credential_hash, "gpus": _dumps(n.gpus), "address": n.address,
-        "runtimes": json.dumps(list(n.runtimes)), "joined_at": n.joined_at, "last_seen_at": n.last_seen_at,
-        "state": n.state.value, "schedulable": n.schedulable, "next_seq": n.next_seq, "generation": n.generation,
-        "draining": n.draining, "isolation": json.dumps(list(n.isolation)),
-    })
+    return {
+        "id": n.id, "name": n.name, "credential_hash": n.credential_hash, "gpus": _dumps(n.gpus),
+        "address": n.address, "runtimes": json.dumps(list(n.runtimes)), "joined_at": n.joined_at,
+        "last_seen_at": n.last_seen_at, "state": n.state.value, "schedulable": n.schedulable,
+        "next_seq": n.next_seq, "generation": n.generation, "draining": n.draining,
+        "isolation": json.dumps(list(n.isolation)),
+    }
+
+
+def _put_node(conn: Connection, op: ops.PutNode) -> None:
+    row = _node_row(op)
+    _upsert(conn, schema.nodes, {"id": row.pop("id")}, row)
+
+
+def _put_nodes(conn: Connection, changes: list[ops.PutNode]) -> None:
+    _upsert_many(conn, schema.nodes, "id", [_node_row(op) for op in changes])
 
 
 def _delete_node(conn: Connection, op: ops.DeleteNode) -> None:
@@ -297,25 +339,40 @@ def _delete_cluster(conn: Connection, op: ops.DeleteCluster) -> None:
     conn.execute(delete(schema.clusters).where(schema.clusters.c.name == op.name))
 
 
-def _put_replica(conn: Connection, op: ops.PutReplica) -> None:
+def _replica_row(op: ops.PutReplica) -> dict[str, Any]:
     r = op.replica
-    _upsert(conn, schema.replicas, {"id": r.id}, {
-        "cluster": r.cluster, "node_id": r.node_id, "gpus": json.dumps(list(r.gpus)), "state": r.state.value,
-        "reason": r.reason, "address": r.address, "generation": r.generation, "stopping": r.stopping,
-        "revision": r.revision, "created_at": op.created_at, "image_digest": r.image_digest,
-    })
+    return {
+        "id": r.id, "cluster": r.cluster, "node_id": r.node_id, "gpus": json.dumps(list(r.gpus)),
+        "state": r.state.value, "reason": r.reason, "address": r.address, "generation": r.generation,
+        "stopping": r.stopping, "revision": r.revision, "created_at": op.created_at, "image_digest": r.image_digest,
+    }
+
+
+def _put_replica(conn: Connection, op: ops.PutReplica) -> None:
+    row = _replica_row(op)
+    _upsert(conn, schema.replicas, {"id": row.pop("id")}, row)
+
+
+def _put_replicas(conn: Connection, changes: list[ops.PutReplica]) -> None:
+    _upsert_many(conn, schema.replicas, "id", [_replica_row(op) for op in changes])
 
 
 def _delete_replica(conn: Connection, op: ops.DeleteReplica) -> None:
     conn.execute(delete(schema.replicas).where(schema.replicas.c.id == op.replica_id))
 
 
-def _put_command(conn: Connection, op: ops.PutCommand) -> None:
+def _command_row(op: ops.PutCommand) -> dict[str, Any]:
     c = op.command
-    conn.execute(schema.commands.insert().values(
-        node_id=c.node_id, seq=c.seq, op=c.op, replica_id=c.replica_id, generation=c.generation,
-        assignment=_dumps(c.assignment) if c.assignment else None, created_at=c.created_at,
-    ))
+    return {"node_id": c.node_id, "seq": c.seq, "op": c.op, "replica_id": c.replica_id, "generation": c.generation,
+            "assignment": _dumps(c.assignment) if c.assignment else None, "created_at": c.created_at}
+
+
+def _put_command(conn: Connection, op: ops.PutCommand) -> None:
+    conn.execute(schema.commands.insert().values(**_command_row(op)))
+
+
+def _put_commands(conn: Connection, changes: list[ops.PutCommand]) -> None:
+    conn.execute(schema.commands.insert(), [_command_row(op) for op in changes])
 
 
 def _ack_commands(conn: Connection, op: ops.AckCommands) -> None:
@@ -331,9 +388,17 @@ def _put_api_key(conn: Connection, op: ops.PutApiKey) -> None:
     })
 
 
-def _add_event(conn: Connection, op: ops.AddEvent) -> None:
+def _event_row(op: ops.AddEvent) -> dict[str, Any]:
     e = op.event
-    conn.execute(schema.events.insert().values(cluster=e.cluster, replica_id=e.replica_id, at=e.at, message=e.message))
+    return {"cluster": e.cluster, "replica_id": e.replica_id, "at": e.at, "message": e.message}
+
+
+def _add_event(conn: Connection, op: ops.AddEvent) -> None:
+    conn.execute(schema.events.insert().values(**_event_row(op)))
+
+
+def _add_events(conn: Connection, changes: list[ops.AddEvent]) -> None:
+    conn.execute(schema.events.insert(), [_event_row(op) for op in changes])
 
 
 def _add_audit(conn: Connection, op: ops.AddAudit) -> None:
@@ -363,4 +428,8 @@ _APPLY: dict[type, Callable[[Connection, Any], None]] = {
     ops.DeleteReplica: _delete_replica, ops.PutCommand: _put_command, ops.AckCommands: _ack_commands,
     ops.SetMeta: _set_meta, ops.PutApiKey: _put_api_key, ops.AddEvent: _add_event, ops.AddAudit: _add_audit,
     ops.PutSecret: _put_secret, ops.DeleteSecret: _delete_secret,
+}
+# Kinds written in bulk by `_apply`: each writes only its own table.
+_APPLY_MANY: dict[type, Callable[[Connection, list[Any]], None]] = {
+    ops.PutReplica: _put_replicas, ops.PutNode: _put_nodes, ops.PutCommand: _put_commands, ops.AddEvent: _add_events,
 }
