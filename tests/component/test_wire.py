@@ -51,6 +51,7 @@ async def test_a_cancelled_send_on_tls_still_delivers_the_message_and_the_close_
                 while True:
                     received.append(await ws.get_message())
             except ConnectionClosed as closed:
+                assert closed.reason is not None
                 code, reason = closed.reason.code, closed.reason.reason
         nursery.cancel_scope.cancel()
     assert outcome["cancelled"] is True  # the cancellation did arrive mid-send...
