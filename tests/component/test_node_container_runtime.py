@@ -239,9 +239,9 @@ def docker_daemon() -> bool:
 
 
 async def test_docker_runs_a_replica_with_the_same_flags(tmp_path: Path, node_id: str) -> None:
-    # docker is optional (podman is what nodes use by default): this runs where a daemon answers.
+    # podman is what nodes use by default; scripts/system-deps installs and starts docker for this.
     if container_prerequisites("runc") or not await trio.to_thread.run_sync(docker_daemon):
-        pytest.skip("no docker daemon here (optional: `--container-cli docker` where docker is installed)")
+        missing_service("a docker daemon (`docker info` fails)")
     await trio.to_thread.run_sync(build_image, IMAGE, "docker")
     rt = ContainerRuntime(ContainerCli.named("docker"), ("runc",))
     req = request(tmp_path, node_id)
