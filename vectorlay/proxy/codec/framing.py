@@ -24,6 +24,7 @@ class BodyWriter:
     done = False
 
     def data(self, data: bytes) -> bytes:
+        """`data` framed for the wire; each kind of body (length, chunked, close) frames its own."""
         raise NotImplementedError
 
     def end(self) -> bytes:

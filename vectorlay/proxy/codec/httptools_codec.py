@@ -103,6 +103,8 @@ class _Parsing(Generic[EventT]):
                 self.fail(RemoteProtocolError("a header, trailer or chunk line too long", status))
 
     def upgraded(self, rest: bytes) -> None:
+        """llhttp stopped at a protocol switch; `rest` is what followed. Requests and responses
+        each say what that means for them."""
         raise NotImplementedError
 
     def begin(self) -> None:
