@@ -11,8 +11,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import trio
-
 from vectorlay.core.protocol import (
     PROTOCOL_VERSION,
     SERVER_TO_PROXY,
@@ -22,6 +20,7 @@ from vectorlay.core.protocol import (
     RouteSnapshot,
     RouteUpdate,
 )
+from vectorlay.testing.background import BackgroundLoop
 from vectorlay.wire import connect
 
 
@@ -101,49 +100,31 @@ class RouteChange:
     nodes: tuple[str, ...]
 
 
-class RouteWatcher:
+class RouteWatcher(BackgroundLoop):
     """Subscribes to the server's route feed like a proxy does and records every change."""
 
     def __init__(self, server_url: str, token: str) -> None:
+        super().__init__("route watcher", start_timeout_s=20)
         self.server_url = server_url
         self.token = token
         self.changes: list[RouteChange] = []
-        self._ready = threading.Event()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._scope: trio.CancelScope | None = None
-        self._thread = threading.Thread(target=lambda: trio.run(self._main), name="route-watcher", daemon=True)
-
-    def start(self) -> RouteWatcher:
-        self._thread.start()
-        if not self._ready.wait(20):
-            raise AssertionError("route watcher could not subscribe to the server")
-        return self
 
     def stop(self) -> None:
-        if self._token is not None and self._scope is not None:
-            scope = self._scope
-            try:
-                trio.from_thread.run_sync(scope.cancel, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(10)
+        self.close()
 
-    async def _main(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        with trio.CancelScope() as scope:
-            self._scope = scope
-            async with connect(self.server_url.rstrip("/") + "/v1/proxy") as link:
-                await link.send(ProxyHello(PROTOCOL_VERSION, self.token, ""))
-                await link.receive_one(Ready)
-                while True:
-                    message = await link.receive(SERVER_TO_PROXY)
-                    now = time.monotonic()
-                    if isinstance(message, RouteSnapshot):
-                        for route in message.routes:
-                            self._record(now, route.cluster, route.endpoints)
-                        self._ready.set()
-                    elif isinstance(message, RouteUpdate):
-                        self._record(now, message.route.cluster, () if message.removed else message.route.endpoints)
+    async def _serve(self) -> None:
+        async with connect(self.server_url.rstrip("/") + "/v1/proxy") as link:
+            await link.send(ProxyHello(PROTOCOL_VERSION, self.token, ""))
+            await link.receive_one(Ready)
+            while True:
+                message = await link.receive(SERVER_TO_PROXY)
+                now = time.monotonic()
+                if isinstance(message, RouteSnapshot):
+                    for route in message.routes:
+                        self._record(now, route.cluster, route.endpoints)
+                    self._started()
+                elif isinstance(message, RouteUpdate):
+                    self._record(now, message.route.cluster, () if message.removed else message.route.endpoints)
 
     def _record(self, now: float, cluster: str, endpoints: tuple[Endpoint, ...]) -> None:
         ids = tuple(e.replica_id for e in endpoints)

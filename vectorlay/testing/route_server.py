@@ -17,35 +17,25 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import TypeVar
 
 import trio
 
 from vectorlay.core.protocol import PROXY_FIRST, Message, ProxyHello, Ready, Route, RouteSnapshot, RouteUpdate
 from vectorlay.errors import PeerError, ProtocolError
+from vectorlay.testing.background import BackgroundLoop
 from vectorlay.testing.processes import REPO_ROOT, Proc
 from vectorlay.wire import Link, serve
 
-T = TypeVar("T")
 
-_START_TIMEOUT_S = 10.0
-
-
-class StaticRouteServer:
+class StaticRouteServer(BackgroundLoop):
     def __init__(self, routes: Sequence[Route] = ()) -> None:
+        super().__init__("route server")
         self._routes: dict[str, Route] = {r.cluster: r for r in routes}
         self._version = 0
         self._subscribers: list[trio.MemorySendChannel[Message]] = []
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: trio.run(self._main), name="route-server", daemon=True)
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._scope: trio.CancelScope | None = None
         self._port: int | None = None
-        self._error: BaseException | None = None
         self.connections = 0  # proxies that have said hello, ever
 
     @property
@@ -53,28 +43,6 @@ class StaticRouteServer:
         if self._port is None:
             raise RuntimeError("route server is not started")
         return f"ws://127.0.0.1:{self._port}"
-
-    def start(self) -> StaticRouteServer:
-        self._thread.start()
-        if not self._ready.wait(_START_TIMEOUT_S) or self._port is None:
-            raise RuntimeError(f"route server did not start: {self._error!r}")
-        return self
-
-    def close(self) -> None:
-        if self._token is not None and self._scope is not None:
-            scope = self._scope
-            try:
-                trio.from_thread.run_sync(scope.cancel, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(10)
-
-    def __enter__(self) -> StaticRouteServer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def set_route(self, route: Route) -> None:
         """Replace (or add) a cluster's route and push it to every connected proxy."""
@@ -84,11 +52,6 @@ class StaticRouteServer:
         self._call(lambda: self._push(Route(cluster), removed=True))
 
     # ---- inside the route server's loop ----
-
-    def _call(self, fn: Callable[[], T]) -> T:
-        if self._token is None:
-            raise RuntimeError("route server is not started")
-        return trio.from_thread.run_sync(fn, trio_token=self._token)
 
     def _push(self, route: Route, removed: bool) -> None:
         if removed:
@@ -103,18 +66,11 @@ class StaticRouteServer:
             except (trio.WouldBlock, trio.BrokenResourceError):
                 self._subscribers.remove(channel)
 
-    async def _main(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        try:
-            with trio.CancelScope() as scope:
-                self._scope = scope
-                async with trio.open_nursery() as nursery:
-                    server = await nursery.start(serve, self._handle, "127.0.0.1", 0, frozenset({"/v1/proxy"}))
-                    self._port = server.port
-                    self._ready.set()
-        except Exception as error:  # noqa: BLE001 - reported to the starting thread
-            self._error = error
-            self._ready.set()
+    async def _serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve, self._handle, "127.0.0.1", 0, frozenset({"/v1/proxy"}))
+            self._port = server.port
+            self._started()
 
     async def _handle(self, path: str, link: Link) -> None:
         try:

@@ -21,17 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import threading
-from types import TracebackType
 from urllib.parse import parse_qs, urlsplit
 
 import h11
 import trio
 
+from vectorlay.testing.background import BackgroundLoop
+
 READ_SIZE = 64 * 1024
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(BackgroundLoop):
     def __init__(self, name: str = "upstream", status: int = 200, delay_s: float = 0.0, port: int = 0) -> None:
+        super().__init__(f"upstream {name}")
         self.name = name
         self.status = status
         self.delay_s = delay_s
@@ -43,10 +45,6 @@ class ScriptedUpstream:
         self.seen: list[dict[str, object]] = []  # the echo of every plain request
         self._wanted_port = port
         self._port: int | None = None
-        self._ready = threading.Event()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._scope: trio.CancelScope | None = None
-        self._thread = threading.Thread(target=lambda: trio.run(self._main), name=f"upstream-{name}", daemon=True)
 
     @property
     def port(self) -> int:
@@ -58,37 +56,15 @@ class ScriptedUpstream:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> ScriptedUpstream:
-        self._thread.start()
-        if not self._ready.wait(10) or self._port is None:
-            raise RuntimeError(f"upstream {self.name} did not start")
-        return self
-
     def close(self) -> None:
-        self.release.set()
-        if self._token is not None and self._scope is not None:
-            scope = self._scope
-            try:
-                trio.from_thread.run_sync(scope.cancel, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(10)
+        self.release.set()  # nothing held keeps the loop from ending
+        super().close()
 
-    def __enter__(self) -> ScriptedUpstream:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    async def _main(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        with trio.CancelScope() as scope:
-            self._scope = scope
-            listeners = await trio.open_tcp_listeners(self._wanted_port, host="127.0.0.1")
-            self._port = listeners[0].socket.getsockname()[1]
-            self._ready.set()
-            await trio.serve_listeners(self._connection, listeners)
+    async def _serve(self) -> None:
+        listeners = await trio.open_tcp_listeners(self._wanted_port, host="127.0.0.1")
+        self._port = listeners[0].socket.getsockname()[1]
+        self._started()
+        await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         self.connections += 1
