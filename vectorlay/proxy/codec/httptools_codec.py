@@ -60,10 +60,14 @@ class _Stop(Exception):
 
 
 class _Parsing(Generic[EventT]):
-    """What the two sides share: the event queue, the held error, and the bounds on input."""
+    """What the two sides share: the event queue, the held error, the bounds on input, and
+    the framing of the body they send."""
+
+    _SENDS = "message"  # what this side sends, for errors: "response" or "request"
 
     def __init__(self, max_head_bytes: int) -> None:
         self.max_head_bytes = max_head_bytes
+        self._writer: BodyWriter | None = None  # frames the body of the message being sent
         self.events: deque[EventT] = deque()
         self.error: RemoteProtocolError | None = None
         self.ignore_input = False  # after an error, after EOF, or tunnel bytes after CONNECT
@@ -119,6 +123,16 @@ class _Parsing(Generic[EventT]):
         if self.trailer_bytes > self.max_head_bytes:
             raise self.stop("trailers too large", 431)
 
+    def send_data(self, data: bytes) -> bytes:
+        if self._writer is None:
+            raise LocalProtocolError(f"body data before the {self._SENDS} head")
+        return self._writer.data(data)
+
+    def send_end(self) -> bytes:
+        if self._writer is None:
+            raise LocalProtocolError(f"end of a {self._SENDS} that was not started")
+        return self._writer.end()
+
     def next_event(self) -> EventT:
         if self.events:
             return self.events.popleft()
@@ -136,6 +150,8 @@ def _tolerant(parser: httptools.HttpResponseParser) -> httptools.HttpResponsePar
 
 
 class HttptoolsServerCodec(_Parsing[Request | Data | Signal]):
+    _SENDS = "response"
+
     def __init__(self, max_head_bytes: int) -> None:
         super().__init__(max_head_bytes)
         self._parser = httptools.HttpRequestParser(self)
@@ -149,7 +165,6 @@ class HttptoolsServerCodec(_Parsing[Request | Data | Signal]):
         self._request: Request | None = None
         self._request_done = False
         self._waiting_100 = False
-        self._writer: BodyWriter | None = None
         self._keep_alive = False
 
     # ---- parsing (llhttp's callbacks) ----
@@ -316,23 +331,14 @@ class HttptoolsServerCodec(_Parsing[Request | Data | Signal]):
         self._writer = writer
         return head(b"HTTP/1.1 %d %s" % (status, reason), headers)
 
-    def send_data(self, data: bytes) -> bytes:
-        if self._writer is None:
-            raise LocalProtocolError("body data before the response head")
-        return self._writer.data(data)
-
-    def send_end(self) -> bytes:
-        if self._writer is None:
-            raise LocalProtocolError("end of a response that was not started")
-        return self._writer.end()
-
 
 class HttptoolsClientCodec(_Parsing[Response | Data | Signal]):
+    _SENDS = "request"
+
     def __init__(self, max_head_bytes: int) -> None:
         super().__init__(max_head_bytes)
         self._parser = _tolerant(httptools.HttpResponseParser(self))
         self._method = b""
-        self._writer: BodyWriter | None = None
         self._reason = b""
         self._framed = False  # the response being parsed has Content-Length or Transfer-Encoding
         self._informational = False
@@ -350,16 +356,6 @@ class HttptoolsClientCodec(_Parsing[Response | Data | Signal]):
         chunked, length = body_framing(headers)
         self._writer = ChunkedWriter() if chunked else LengthWriter(length or 0)
         return head(b"%s %s HTTP/1.1" % (method, target), headers)
-
-    def send_data(self, data: bytes) -> bytes:
-        if self._writer is None:
-            raise LocalProtocolError("body data before the request head")
-        return self._writer.data(data)
-
-    def send_end(self) -> bytes:
-        if self._writer is None:
-            raise LocalProtocolError("end of a request that was not started")
-        return self._writer.end()
 
     # ---- parsing (llhttp's callbacks) ----
 
