@@ -109,13 +109,13 @@ def test_api_keys() -> None:
 def test_upstream_headers() -> None:
     given_headers = [(b"host", b"h"), (b"connection", b"x-a, keep-alive"), (b"x-a", b"1"), (b"authorization", b"k"),
                      (b"x-forwarded-for", b"1.1.1.1"), (b"x-forwarded-for", b"2.2.2.2"), (b"upgrade", b"ws")]
-    out = dict(hdr.upstream_request_headers(given_headers, "9.9.9.9", "https", b"rid", strip_authorization=True))
+    out = dict(hdr.upstream_request_headers(given_headers, b"9.9.9.9", b"https", b"rid", strip_authorization=True))
     assert out == {b"host": b"h", b"x-forwarded-for": b"1.1.1.1, 2.2.2.2, 9.9.9.9", b"x-forwarded-proto": b"https",
                    b"x-request-id": b"rid"}
-    kept = dict(hdr.upstream_request_headers(given_headers, "9.9.9.9", "http", b"r", strip_authorization=False))
+    kept = dict(hdr.upstream_request_headers(given_headers, b"9.9.9.9", b"http", b"r", strip_authorization=False))
     assert kept[b"authorization"] == b"k"
     framing = [(b"host", b"h"), (b"content-length", b"5"), (b"transfer-encoding", b"chunked")]
-    assert dict(hdr.upstream_request_headers(framing, "9.9.9.9", "http", b"r", False)).keys() == {
+    assert dict(hdr.upstream_request_headers(framing, b"9.9.9.9", b"http", b"r", False)).keys() == {
         b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"}  # framing is set anew
 
 
@@ -123,6 +123,14 @@ def test_response_headers_lose_hop_by_hop_ones_and_carry_our_request_id() -> Non
     given = [(b"content-type", b"text/plain"), (b"connection", b"keep-alive, x-hop"), (b"x-hop", b"1"),
              (b"keep-alive", b"timeout=5"), (b"transfer-encoding", b"chunked"), (b"x-request-id", b"theirs")]
     assert hdr.client_response_headers(given, b"ours") == [(b"content-type", b"text/plain"), (b"x-request-id", b"ours")]
+    # One Connection header (no name repeated): plain keep-alive, and one that names another header.
+    plain = [(b"content-length", b"2"), (b"connection", b"Keep-Alive")]
+    assert hdr.client_response_headers(plain, b"r") == [(b"content-length", b"2"), (b"x-request-id", b"r")]
+    naming = [(b"x-hop", b"1"), (b"connection", b"X-Hop"), (b"x-kept", b"2")]
+    assert hdr.client_response_headers(naming, b"r") == [(b"x-kept", b"2"), (b"x-request-id", b"r")]
+    # Two Connection headers: both are read.
+    two = [(b"connection", b"x-a"), (b"x-a", b"1"), (b"connection", b"x-b"), (b"x-b", b"2"), (b"x-c", b"3")]
+    assert hdr.client_response_headers(two, b"r") == [(b"x-c", b"3"), (b"x-request-id", b"r")]
 
 
 def test_body_framing() -> None:
@@ -144,9 +152,11 @@ def test_body_framing() -> None:
 
 
 def test_request_ids() -> None:
-    assert hdr.request_id([(b"x-request-id", b"abc-1.2:3")]) == b"abc-1.2:3"
+    given = [(b"x-request-id", b"abc-1.2:3"), (b"x-request-id", b"second")]
+    assert hdr.request_id(hdr.first_values(given)) == b"abc-1.2:3"  # the first one counts
     for bad in (b"", b"a b", b"x" * 200, b"<script>"):
-        assert re.fullmatch(rb"[0-9a-f]{32}", hdr.request_id([(b"x-request-id", bad)]))
+        assert re.fullmatch(rb"[0-9a-f]{32}", hdr.request_id(hdr.first_values([(b"x-request-id", bad)])))
+    assert re.fullmatch(rb"[0-9a-f]{32}", hdr.request_id({}))
 
 
 def test_sizes() -> None:

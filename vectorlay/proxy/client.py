@@ -35,6 +35,8 @@ class ClientConnection:
         self.codec = server_codec(parser, limits.max_header_bytes)
         self.peer = peer
         self.scheme = scheme
+        self.peer_bytes = peer.encode()  # for X-Forwarded-For, once per connection
+        self.scheme_bytes = scheme.encode()
         self.idle_scope: trio.CancelScope | None = None  # set while waiting for a next request
         self.request_length = b""  # the current request's Content-Length header, if any
         self.unread_input = False  # answered an error without reading all the client sent

@@ -18,6 +18,7 @@ _SET_BY_US = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id
 _NOT_FORWARDED = HOP_BY_HOP | _SET_BY_US | {b"content-length"}
 _NOT_FORWARDED_WITH_AUTH = _NOT_FORWARDED | {b"authorization"}  # a key for the proxy, not the replica
 _NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # name no extra hop-by-hop header
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 # Fresh ids are a random per-process prefix and a counter: unique, 32 hex digits like a UUID, and
 # far cheaper than a uuid4 per request.
@@ -33,32 +34,52 @@ def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes:
     return b""
 
 
-def _dropped(headers: Sequence[tuple[bytes, bytes]], base: frozenset[bytes]) -> frozenset[bytes]:
-    """`base` (hop-by-hop headers and more), plus any header the Connection header names."""
-    named = [v for k, v in headers if k == b"connection"]
-    if not named:
+def first_values(headers: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """Each header's first value by name (lower case), built in one pass in C: the proxy looks up
+    several headers of every request, and a Python loop over the list per lookup costs more."""
+    return dict(reversed(headers))
+
+
+def _dropped(headers: Sequence[tuple[bytes, bytes]], base: frozenset[bytes],
+             named: dict[bytes, bytes]) -> frozenset[bytes]:
+    """`base` (hop-by-hop headers and more), plus any header the Connection header names.
+    `named` is first_values(headers): when no name repeats it holds every value."""
+    connection = named.get(b"connection")
+    if connection is None:
         return base
-    extra = {token.strip().lower() for value in named for token in value.split(b",")}
-    return base if extra <= base else base | extra  # usually `keep-alive` or `close`: nothing new
+    if len(named) == len(headers):  # a single Connection header, usually `keep-alive` or `close`
+        if connection.lower() in _PLAIN_CONNECTION:
+            return base
+        values = [connection]
+    else:
+        values = [v for k, v in headers if k == b"connection"]
+    extra = {token.strip().lower() for value in values for token in value.split(b",")}
+    return base if extra <= base else base | extra
 
 
-def request_id(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
-    """The client's X-Request-Id if it is a sane token, else a fresh one (never echo junk)."""
-    given = header(headers, b"x-request-id")
+def request_id(named: dict[bytes, bytes]) -> bytes:
+    """The client's X-Request-Id if it is a sane token, else a fresh one (never echo junk).
+    `named` is first_values() of the request's headers."""
+    given = named.get(b"x-request-id")
     if given and _REQUEST_ID.match(given):
         return given
     return b"%s%016x" % (_ID_PREFIX, next(_ID_COUNTER))
 
 
-def upstream_request_headers(headers: Sequence[tuple[bytes, bytes]], peer: str, scheme: str, rid: bytes,
-                             strip_authorization: bool) -> Headers:
-    """The client's headers as sent to the replica, less the body's framing (add_body_framing sets it)."""
-    dropped = _dropped(headers, _NOT_FORWARDED_WITH_AUTH if strip_authorization else _NOT_FORWARDED)
+def upstream_request_headers(headers: Sequence[tuple[bytes, bytes]], peer: bytes, scheme: bytes, rid: bytes,
+                             strip_authorization: bool, named: dict[bytes, bytes] | None = None) -> Headers:
+    """The client's headers as sent to the replica, less the body's framing (add_body_framing sets it).
+    `named` is first_values(headers), if the caller has it."""
+    if named is None:
+        named = first_values(headers)
+    dropped = _dropped(headers, _NOT_FORWARDED_WITH_AUTH if strip_authorization else _NOT_FORWARDED, named)
     out = [(k, v) for k, v in headers if k not in dropped]
-    forwarded_for = b", ".join([v for k, v in headers if k == b"x-forwarded-for"])
-    address = peer.encode()
-    out.append((b"x-forwarded-for", forwarded_for + b", " + address if forwarded_for else address))
-    out.append((b"x-forwarded-proto", scheme.encode()))
+    if b"x-forwarded-for" in named:
+        forwarded_for = b", ".join([v for k, v in headers if k == b"x-forwarded-for"])
+        out.append((b"x-forwarded-for", forwarded_for + b", " + peer))
+    else:
+        out.append((b"x-forwarded-for", peer))
+    out.append((b"x-forwarded-proto", scheme))
     out.append((b"x-request-id", rid))
     return out
 
@@ -81,7 +102,7 @@ def add_body_framing(headers: Headers, length: int | None, declared: bytes, had_
 
 def client_response_headers(headers: Sequence[tuple[bytes, bytes]], rid: bytes) -> Headers:
     """The replica's headers less hop-by-hop ones (the codec frames the body and says close)."""
-    dropped = _dropped(headers, _NOT_RETURNED)
+    dropped = _dropped(headers, _NOT_RETURNED, first_values(headers))
     out = [(k, v) for k, v in headers if k not in dropped]
     out.append((b"x-request-id", rid))
     return out

@@ -153,8 +153,9 @@ class Proxy:
 
     async def _serve_request(self, client: ClientConnection, request: Request) -> None:
         started = trio.current_time()
-        client.request_length = hdr.header(request.headers, b"content-length")
-        name = self._cluster_name(hdr.header(request.headers, b"host"))
+        named = hdr.first_values(request.headers)
+        client.request_length = named.get(b"content-length", b"")
+        name = self._cluster_name(named.get(b"host", b""))
         cluster = self.routes.clusters.get(name) if name else None
         metrics = self.metrics.clusters[cluster.name if cluster else UNKNOWN]
         metrics.in_flight += 1
@@ -168,7 +169,7 @@ class Proxy:
             elif request.method == b"CONNECT":
                 status = await self._refuse(client, 405, "CONNECT is not supported", cluster=name)
             else:
-                status = await self._admit_and_forward(client, request, cluster, metrics, started)
+                status = await self._admit_and_forward(client, request, named, cluster, metrics, started)
         except ClientGone as gone:
             status = gone.status if isinstance(gone, _Truncated) else CLIENT_GONE_STATUS
             raise
@@ -191,14 +192,15 @@ class Proxy:
             self._hosts[host] = cluster_from_host(host.decode("latin-1"), self.domain) if host else None
         return self._hosts[host]
 
-    async def _admit_and_forward(self, client: ClientConnection, request: Request, cluster: ClusterRoute,
-                                 metrics: ClusterMetrics, now: float) -> int:
+    async def _admit_and_forward(self, client: ClientConnection, request: Request, named: dict[bytes, bytes],
+                                 cluster: ClusterRoute, metrics: ClusterMetrics, now: float) -> int:
+        """`named` is the first value of each of the request's headers."""
         length = client.request_length
         if length.isdigit() and int(length) > self.limits.max_body_bytes:
             return await self._refuse(client, 413, f"request body over {self.limits.max_body_bytes} bytes",
                                       cluster=cluster.name)
         route = cluster.route
-        auth = authorize(route.auth, cluster.key_hashes, hdr.header(request.headers, b"authorization"))
+        auth = authorize(route.auth, cluster.key_hashes, named.get(b"authorization", b""))
         if not auth.allowed:
             return await self._refuse(client, 401, auth.problem, cluster=cluster.name,
                                       extra=[(b"www-authenticate", b'Bearer realm="vectorlay"')])
@@ -213,12 +215,14 @@ class Proxy:
             client.inform(100, b"Continue")
             await client.flush()
         body, complete = await self._read_body(client)
-        rid = hdr.request_id(request.headers)
-        headers = hdr.upstream_request_headers(request.headers, client.peer, client.scheme, rid,
-                                               strip_authorization=route.auth == API_KEY)
+        if body:
+            now = trio.current_time()  # reading it may have taken a while; the attempt starts now
+        rid = hdr.request_id(named)
+        headers = hdr.upstream_request_headers(request.headers, client.peer_bytes, client.scheme_bytes, rid,
+                                               strip_authorization=route.auth == API_KEY, named=named)
         hdr.add_body_framing(headers, sum(map(len, body)) if complete else None, client.request_length,
-                             had_body=bool(body or client.request_length) or hdr.is_chunked(request.headers))
-        return await self._forward(client, cluster, metrics, request, headers, body, complete, rid)
+                             had_body=bool(body or client.request_length) or b"transfer-encoding" in named)
+        return await self._forward(client, cluster, metrics, request, headers, body, complete, rid, now)
 
     async def _read_body(self, client: ClientConnection) -> tuple[list[bytes], bool]:
         """Buffer the request body up to the retry limit; (chunks, whether it is complete)."""
@@ -238,23 +242,19 @@ class Proxy:
         return chunks, False
 
     async def _forward(self, client: ClientConnection, cluster: ClusterRoute, metrics: ClusterMetrics,
-                       request: Request, headers: Headers, body: list[bytes], complete: bool, rid: bytes) -> int:
+                       request: Request, headers: Headers, body: list[bytes], complete: bool, rid: bytes,
+                       now: float) -> int:
         cluster.budget.on_request()
         tried: set[str] = set()
         stale_retried = False
-        failure = _Attempt("no replica answered")
+        failure = None
         while True:
-            stats = self.routes.choose(cluster, trio.current_time(), tried)
+            stats = self.routes.choose(cluster, now, tried)
             if stats is None:
                 break
-            others = tried | {stats.endpoint.replica_id}
-
-            def can_retry(others: set[str] = others) -> bool:
-                return (complete and len(others) < self.limits.max_attempts
-                        and self.routes.choose(cluster, trio.current_time(), others) is not None)
-
             try:
-                return await self._exchange(client, stats, metrics, request, headers, body, complete, rid, can_retry)
+                return await self._exchange(client, cluster, stats, metrics, request, headers, body, complete, rid,
+                                            tried, now)
             except _Retry as retry:
                 failure = retry.attempt
             log.warning("%s: replica %s failed: %s", cluster.name, stats.endpoint.replica_id, failure.error)
@@ -276,19 +276,25 @@ class Proxy:
             metrics.retries += 1
         if client.response_started:
             raise ClientGone()
+        failure = failure or _Attempt("no replica answered")
         return await self._refuse(client, failure.status, f"bad gateway: {failure.error}", cluster=cluster.name)
 
-    async def _exchange(self, client: ClientConnection, stats: EndpointStats, metrics: ClusterMetrics,
-                        request: Request, headers: Headers, body: list[bytes], complete: bool, rid: bytes,
-                        can_retry: Callable[[], bool]) -> int:
-        """One attempt on one replica: send the request (`headers` are the ones to send), relay the answer."""
+    def _can_retry(self, cluster: ClusterRoute, complete: bool, others: set[str]) -> bool:
+        """Whether a failed attempt could go to another replica (not one of `others`)."""
+        return (complete and len(others) < self.limits.max_attempts
+                and self.routes.choose(cluster, trio.current_time(), others) is not None)
+
+    async def _exchange(self, client: ClientConnection, cluster: ClusterRoute, stats: EndpointStats,
+                        metrics: ClusterMetrics, request: Request, headers: Headers, body: list[bytes],
+                        complete: bool, rid: bytes, tried: set[str], started: float) -> int:
+        """One attempt on one replica, begun at `started`: send the request (`headers` are the
+        ones to send), relay the answer."""
         try:
             upstream = await self.pool.acquire(stats.endpoint.address)
         except UpstreamConnectError as error:
             metrics.connect_errors += 1
             raise _Retry(_Attempt(str(error))) from None
         stats.outstanding += 1
-        started = trio.current_time()
         clean = False
         try:
             try:
@@ -308,7 +314,7 @@ class Proxy:
             now = trio.current_time()
             stats.record_latency(now - started, now)
             if response.status_code in GATEWAY_ERRORS:
-                if can_retry():
+                if self._can_retry(cluster, complete, tried | {stats.endpoint.replica_id}):
                     raise _Retry(_Attempt(f"answered {response.status_code}", status=response.status_code))
                 stats.eject(now, self.limits)
                 metrics.ejections += 1

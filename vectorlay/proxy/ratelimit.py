@@ -32,6 +32,8 @@ class ClusterLimiter:
         A request takes a token from both buckets or from neither, so one refused by the
         cluster's limit does not also use up its client's share.
         """
+        if self.limit is None and self.per_client is None:
+            return None  # no limits set: the common case, decided without touching a bucket
         cluster = mine = None
         wait = 0.0
         if self.limit is not None:

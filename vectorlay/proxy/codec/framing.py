@@ -12,10 +12,8 @@ NO_BODY_STATUSES = frozenset({204, 304})
 
 
 def head(start_line: bytes, headers: Headers) -> bytes:
-    lines = [start_line]
-    lines.extend([name + b": " + value for name, value in headers])
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+    # Joined in C (map over bytes.join): this runs twice a request.
+    return b"\r\n".join([start_line, *map(b": ".join, headers), b"", b""])
 
 
 class BodyWriter:
@@ -69,14 +67,12 @@ class UntilCloseWriter(BodyWriter):
 def body_framing(headers: Headers) -> tuple[bool, int | None]:
     """(chunked, Content-Length) as the headers the proxy sends declare them, in one pass.
     A Content-Length here was validated by a parser or written by the proxy: digits."""
-    chunked = False
+    named = dict(headers)  # in C; the last Content-Length counts, as in a loop over them
+    value = named.get(b"content-length")
     length = None
-    for name, value in headers:
-        if name == b"content-length":
-            try:
-                length = int(value)
-            except ValueError:
-                raise LocalProtocolError(f"invalid Content-Length {value[:40]!r}") from None
-        elif name == b"transfer-encoding":
-            chunked = True
-    return chunked, length
+    if value is not None:
+        try:
+            length = int(value)
+        except ValueError:
+            raise LocalProtocolError(f"invalid Content-Length {value[:40]!r}") from None
+    return b"transfer-encoding" in named, length

@@ -133,9 +133,9 @@ class _Parsing(Generic[EventT]):
             raise LocalProtocolError(f"end of a {self._SENDS} that was not started")
         return self._writer.end()
 
-    def next_event(self) -> EventT:
-        if self.events:
-            return self.events.popleft()
+    def no_event(self) -> Signal:
+        """What next_event says once the queued events are consumed (each side pops its own,
+        inline, because this runs several times a request)."""
         if self.error is not None:
             raise self.error
         return CLOSED if self.eof else NEED_DATA
@@ -257,12 +257,14 @@ class HttptoolsServerCodec(_Parsing[Request | Data | Signal]):
     # ---- the cycle ----
 
     def next_event(self) -> Request | Data | Signal:
-        event = super().next_event()
+        if not self.events:
+            return self.no_event()
+        event = self.events.popleft()
         if event is END:
             self._request_done = True
-        elif isinstance(event, Data):
+        elif type(event) is Data:
             self._waiting_100 = False  # it sent the body without waiting
-        elif isinstance(event, Request):
+        elif type(event) is Request:
             self._request = event
             self._waiting_100 = event.expects_continue
         return event
@@ -436,7 +438,9 @@ class HttptoolsClientCodec(_Parsing[Response | Data | Signal]):
     # ---- the cycle ----
 
     def next_event(self) -> Response | Data | Signal:
-        event = super().next_event()
+        if not self.events:
+            return self.no_event()
+        event = self.events.popleft()
         if event is END:
             self._response_done = True
         return event
