@@ -26,14 +26,6 @@ _ID_PREFIX = os.urandom(8).hex().encode()
 _ID_COUNTER = itertools.count(1)
 
 
-def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes:
-    """The first value of `name` (lower case), or b""."""
-    for key, value in headers:
-        if key == name:
-            return bytes(value)
-    return b""
-
-
 def first_values(headers: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
     """Each header's first value by name (lower case), built in one pass in C: the proxy looks up
     several headers of every request, and a Python loop over the list per lookup costs more."""
@@ -82,10 +74,6 @@ def upstream_request_headers(headers: Sequence[tuple[bytes, bytes]], peer: bytes
     out.append((b"x-forwarded-proto", scheme))
     out.append((b"x-request-id", rid))
     return out
-
-
-def is_chunked(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    return any(k == b"transfer-encoding" for k, _ in headers)
 
 
 def add_body_framing(headers: Headers, length: int | None, declared: bytes, had_body: bool) -> None:

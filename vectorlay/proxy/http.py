@@ -519,7 +519,7 @@ async def _next_head(upstream: UpstreamConnection) -> Response:
 
 def _is_streaming(response: Response) -> bool:
     """Chunked or close-delimited: possibly long and paced (SSE), worth watching the client."""
-    return not hdr.header(response.headers, b"content-length")
+    return b"content-length" not in dict(response.headers)  # built in C: cheaper than a loop here
 
 
 def _protocol_problem(error: RemoteProtocolError) -> str:

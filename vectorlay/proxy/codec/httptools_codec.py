@@ -50,6 +50,7 @@ from vectorlay.proxy.codec.framing import (
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 _WATCHED = frozenset({b"host", b"transfer-encoding", b"content-length", b"expect"})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _LINE_BYTES = 14  # what a request or status line adds to its parts: spaces, "HTTP/1.1", CRLF
 
 EventT = TypeVar("EventT", Request | Data | Signal, Response | Data | Signal)
@@ -204,9 +205,10 @@ class HttptoolsServerCodec(_Parsing[Request | Data | Signal]):
         if not self.in_head:
             self.trailer(name, value)
             return
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > self.max_head_bytes:
+        size = self.head_bytes + len(name) + len(value) + 4
+        if size > self.max_head_bytes:
             raise self.stop("request line and headers too large", 431)
+        self.head_bytes = size
         name = name.lower()
         value = value.strip(b" \t")  # llhttp strips the leading whitespace, not the trailing
         self.headers.append((name, value))
@@ -395,12 +397,13 @@ class HttptoolsClientCodec(_Parsing[Response | Data | Signal]):
         if not self.in_head:
             self.trailer(name, value)
             return
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > self.max_head_bytes:
+        size = self.head_bytes + len(name) + len(value) + 4
+        if size > self.max_head_bytes:
             raise self.stop("response headers too large", 502)
+        self.head_bytes = size
         name = name.lower()
         self.headers.append((name, value.strip(b" \t")))
-        if name == b"content-length" or name == b"transfer-encoding":
+        if name in _FRAMING:
             self._framed = True
 
     def on_headers_complete(self) -> None:
