@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -20,9 +21,12 @@ from vectorlay.node.agent import Agent, Credentials, join, load_credentials, run
 from vectorlay.node.gpu_health import NvmlMonitor
 from vectorlay.node.setup import NodeOptions, NodeSetup, prepare_node
 from vectorlay.proxy.app import ProxyConfig, run_proxy
+from vectorlay.proxy.routing import RouteTable
 from vectorlay.server.app import ServerConfig, run_server
 
 log = logging.getLogger("vectorlay.dev")
+
+ROUTED_WAIT_S = 10.0  # for the proxy to receive the replicas the server reports ready
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ async def run_dev(config: DevConfig, *, task_status: trio.TaskStatus[Context] = 
         output.stderr.print(f"vectorlay dev: server {url}, proxy http://127.0.0.1:{proxy.port}, "
                             f"{config.nodes} node(s); state in {config.state_dir}; context 'dev' in {path}")
         if config.apply_file:
-            await _apply_example(context, config, proxy.port)
+            await _apply_example(context, config, proxy.port, proxy.proxy.routes)
         task_status.started(context)
         try:
             await trio.sleep_forever()
@@ -93,16 +97,30 @@ def _monitor_for_node(setup: NodeSetup) -> NvmlMonitor | None:
     return NvmlMonitor(setup.gpu_monitor.uuids) if setup.gpu_monitor is not None else None
 
 
-async def _apply_example(context: Context, config: DevConfig, proxy_port: int) -> None:
+async def _apply_example(context: Context, config: DevConfig, proxy_port: int, routes: RouteTable) -> None:
     assert config.apply_file is not None
     text = commands.read_manifest(config.apply_file)
     await commands.apply(context, text, dry_run=False, wait=True, timeout_s=config.apply_timeout_s, as_json=False)
     async with open_api(context.server, context.token) as api:
         clusters = await api.call("get_clusters")
+    # The server calls replicas ready a moment before its route update reaches the proxy: wait
+    # for the proxy too, so that the curl printed below works the moment it appears.
+    with trio.move_on_after(ROUTED_WAIT_S) as scope:
+        while not all(_routed(routes, cluster) for cluster in clusters):
+            await routes.next_change()
+    if scope.cancelled_caught:
+        log.warning("the proxy has not received every ready replica after %gs; requests may get 503 for now",
+                    ROUTED_WAIT_S)
     for cluster in clusters:
         output.stdout.print(f"\n[bold]{cluster['name']}[/bold] is served at {cluster['endpoint']}")
         output.stdout.print(_sample_curl(cluster["name"], config.domain, proxy_port), markup=False)
     output.stdout.print("\nPress Ctrl-C to stop the stack (replicas are stopped too).")
+
+
+def _routed(routes: RouteTable, cluster: dict[str, Any]) -> bool:
+    """The proxy routes to as many replicas of `cluster` (a get_clusters view) as are ready."""
+    route = routes.clusters.get(cluster["key"])
+    return route is not None and len(route.endpoints) >= cluster["ready"]
 
 
 def _sample_curl(cluster: str, domain: str, port: int) -> str:

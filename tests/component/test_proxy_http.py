@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from vectorlay.core.model import RateLimit
-from vectorlay.core.protocol import Endpoint, Route, RouteSnapshot
+from vectorlay.core.protocol import Endpoint, Route, RouteSnapshot, RouteUpdate
 from vectorlay.proxy.codec import HttpParser
 from vectorlay.proxy.http import Proxy
 from vectorlay.proxy.limits import ProxyLimits
@@ -354,3 +354,21 @@ async def test_broken_requests_and_connect_get_their_status(parser: HttpParser) 
                 answer = await client.receive_some(65536)
             assert answer.startswith(b"HTTP/1.1 %d " % status), (data, answer[:80])
         assert h.replicas["a"].requests == 0
+
+
+async def test_route_table_wakes_waiters_on_each_snapshot_and_update() -> None:
+    table = RouteTable()
+    woke: list[int] = []
+
+    async def wait_twice() -> None:
+        for _ in range(2):
+            await table.next_change()
+            woke.append(table.version)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_twice)
+        await trio.testing.wait_all_tasks_blocked()
+        table.load_snapshot(RouteSnapshot(3, (Route("echo", (Endpoint("a", "127.0.0.1:1", "n1"),)),)))
+        await trio.testing.wait_all_tasks_blocked()
+        table.apply(RouteUpdate(4, Route("echo"), removed=True))
+    assert woke == [3, 4] and "echo" not in table.clusters

@@ -81,6 +81,15 @@ class RouteTable:
         self.limits = limits or ProxyLimits()
         self.clock = clock
         self.on_endpoint_removed: list[Callable[[Endpoint], None]] = []
+        self._changed = trio.Event()  # set, and replaced, whenever routes change
+
+    async def next_change(self) -> None:
+        """Return after the next snapshot or update is applied."""
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     def load_snapshot(self, snapshot: RouteSnapshot) -> None:
         names = {route.cluster for route in snapshot.routes}
@@ -90,6 +99,7 @@ class RouteTable:
         for route in snapshot.routes:
             self._set(route)
         self.version = snapshot.version
+        self._notify()
 
     def apply(self, update: RouteUpdate) -> None:
         if update.removed:
@@ -97,6 +107,7 @@ class RouteTable:
         else:
             self._set(update.route)
         self.version = update.version
+        self._notify()
 
     def _drop(self, name: str) -> None:
         gone = self.clusters.pop(name, None)
