@@ -95,6 +95,11 @@ async def request(stream: trio.abc.Stream, target: bytes = b"/", headers: list[t
     await stream.send_all(conn.send(h11.Request(method=b"GET", target=target,
                                                 headers=[(b"host", host), *(headers or [])])) or b"")
     await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+    return await read_response(conn, stream)
+
+
+async def read_response(conn: h11.Connection, stream: trio.abc.Stream) -> tuple[int, dict[bytes, bytes], bytes]:
+    """The next response on `stream`, read through `conn`; (status, headers, body)."""
     response: h11.Response | None = None
     body = b""
     while True:
@@ -119,22 +124,7 @@ async def read_responses(stream: trio.abc.Stream, methods: list[bytes]) -> list[
     for method in methods:
         conn.send(h11.Request(method=method, target=b"/", headers=[(b"host", b"x")]))  # so h11 expects a response
         conn.send(h11.EndOfMessage())
-        response: h11.Response | None = None
-        body = b""
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(bytes(await stream.receive_some(65536)))
-            elif isinstance(event, h11.Response):
-                response = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                assert response is not None
-                out.append((response.status_code, dict(response.headers), body))
-                break
-            else:
-                raise AssertionError(f"unexpected {event!r}")
+        out.append(await read_response(conn, stream))
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
     return out

@@ -8,6 +8,7 @@ thread, and the object is a context manager doing both.
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self, TypeVar
@@ -17,7 +18,7 @@ import trio
 T = TypeVar("T")
 
 
-class BackgroundLoop:
+class BackgroundLoop(ABC):
     def __init__(self, name: str, start_timeout_s: float = 10.0) -> None:
         self._label = name  # for errors; subclasses keep `name` for themselves
         self._start_timeout_s = start_timeout_s
@@ -27,9 +28,9 @@ class BackgroundLoop:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=lambda: trio.run(self._main), name=name, daemon=True)
 
+    @abstractmethod
     async def _serve(self) -> None:
         """The helper's work, in the background loop; calls `_started()` when ready."""
-        raise NotImplementedError
 
     def _started(self) -> None:
         self._ready.set()

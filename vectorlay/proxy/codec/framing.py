@@ -6,6 +6,8 @@ CR, LF and NUL, or from the proxy itself, so they are written as they are.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from vectorlay.proxy.codec.events import Headers, LocalProtocolError
 
 NO_BODY_STATUSES = frozenset({204, 304})
@@ -16,14 +18,14 @@ def head(start_line: bytes, headers: Headers) -> bytes:
     return b"\r\n".join([start_line, *map(b": ".join, headers), b"", b""])
 
 
-class BodyWriter:
+class BodyWriter(ABC):
     """Frames the body of one message; `done` once its end was written."""
 
     done = False
 
+    @abstractmethod
     def data(self, data: bytes) -> bytes:
         """`data` framed for the wire; each kind of body (length, chunked, close) frames its own."""
-        raise NotImplementedError
 
     def end(self) -> bytes:
         self.done = True

@@ -37,23 +37,14 @@ class H11ServerCodec:
         self.conn.receive_data(data)
 
     def next_event(self) -> Request | Data | Signal:
-        try:
-            event = self.conn.next_event()
-        except h11.RemoteProtocolError as error:
-            raise RemoteProtocolError(str(error), error.error_status_hint) from None
-        if isinstance(event, h11.Data):
-            return Data(bytes(event.data))
-        if isinstance(event, h11.EndOfMessage):
-            return END
+        event = _next_event(self.conn)
         if isinstance(event, h11.Request):
             # h11 only bounds a head still arriving; one that came in a single read is measured here.
             if head_size(event) > self.max_head_bytes:
                 raise RemoteProtocolError("request line and headers too large", 431)
             return Request(event.method, event.target, list(event.headers), event.http_version, _keep_alive(event),
                            self.conn.they_are_waiting_for_100_continue)
-        if event is h11.NEED_DATA:
-            return NEED_DATA
-        return CLOSED  # ConnectionClosed, or PAUSED: nothing more to read on this connection
+        return event if isinstance(event, (Data, Signal)) else CLOSED
 
     @property
     def request_started(self) -> bool:
@@ -111,19 +102,10 @@ class H11ClientCodec:
         self.conn.receive_data(data)
 
     def next_event(self) -> Response | Data | Signal:
-        try:
-            event = self.conn.next_event()
-        except h11.RemoteProtocolError as error:
-            raise RemoteProtocolError(str(error), error.error_status_hint) from None
-        if isinstance(event, h11.Data):
-            return Data(bytes(event.data))
-        if isinstance(event, h11.EndOfMessage):
-            return END
+        event = _next_event(self.conn)
         if isinstance(event, (h11.Response, h11.InformationalResponse)):
             return Response(event.status_code, event.reason, list(event.headers), event.http_version)
-        if event is h11.NEED_DATA:
-            return NEED_DATA
-        return CLOSED
+        return event if isinstance(event, (Data, Signal)) else CLOSED
 
     def reusable(self) -> bool:
         return not self.closed and self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
@@ -138,6 +120,23 @@ def _keep_alive(request: h11.Request) -> bool:
         return False
     return not any(name == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]
                    for name, value in request.headers)
+
+
+def _next_event(conn: h11.Connection) -> h11.Event | Data | Signal:
+    """h11's next event, with what both sides read alike translated: body data, the end of a
+    message, NEED_DATA, PAUSED (CLOSED: nothing more to read here) and broken input
+    (RemoteProtocolError). Heads, and ConnectionClosed, are left to each side."""
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError as error:
+        raise RemoteProtocolError(str(error), error.error_status_hint) from None
+    if isinstance(event, h11.Data):
+        return Data(bytes(event.data))
+    if isinstance(event, h11.EndOfMessage):
+        return END
+    if isinstance(event, h11.Event):
+        return event
+    return NEED_DATA if event is h11.NEED_DATA else CLOSED
 
 
 def _send(conn: h11.Connection, event: h11.Event) -> bytes:

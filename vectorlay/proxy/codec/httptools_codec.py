@@ -21,6 +21,7 @@ not HTTP and are ignored; the connection closes after the answer.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -60,7 +61,7 @@ class _Stop(Exception):
     """Raised in a callback to stop llhttp; the error to report is already recorded."""
 
 
-class _Parsing(Generic[EventT]):
+class _Parsing(ABC, Generic[EventT]):
     """What the two sides share: the event queue, the held error, the bounds on input, and
     the framing of the body they send."""
 
@@ -107,10 +108,10 @@ class _Parsing(Generic[EventT]):
                 status = 431 if self.in_head else 400
                 self.fail(RemoteProtocolError("a header, trailer or chunk line too long", status))
 
+    @abstractmethod
     def upgraded(self, rest: bytes) -> None:
         """llhttp stopped at a protocol switch; `rest` is what followed. Requests and responses
         each say what that means for them."""
-        raise NotImplementedError
 
     def begin(self) -> None:
         self.parsing = self.in_head = self.progress = True
