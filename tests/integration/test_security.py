@@ -213,14 +213,16 @@ def test_one_peer_flooding_junk_does_not_delay_other_nodes(tls_stack: Stack) -> 
     url = stack.server_url + "/v1/node"
     context = _ssl(stack)
 
-    async def flood() -> list[int | None]:
-        codes: list[int | None] = []
-        junk = ["x" * (5 * 1024 * 1024), "{not json", '{"type": "heartbeat"}', '{"type": "nope"}']
+    oversized = "x" * (5 * 1024 * 1024)
+
+    async def flood() -> list[tuple[bool, int | None]]:
+        codes: list[tuple[bool, int | None]] = []  # (the frame was the oversized one, close code)
+        junk = [oversized, "{not json", '{"type": "heartbeat"}', '{"type": "nope"}']
         deadline = trio.current_time() + 6
         while trio.current_time() < deadline:
             for frame in junk:
                 code, _ = await _raw(url, context, [frame], wait_s=5)
-                codes.append(code)
+                codes.append((frame is oversized, code))
         return codes
 
     worst = 0.0
@@ -243,7 +245,13 @@ def test_one_peer_flooding_junk_does_not_delay_other_nodes(tls_stack: Stack) -> 
     finally:
         done = True
         watcher.join()
-    assert set(codes) <= {1009, 1002} and 1009 in codes and 1002 in codes
+    small = {code for big, code in codes if not big}
+    big = {code for big, code in codes if big}
+    assert small == {1002}  # malformed or unexpected messages: closed as a protocol error, every time
+    # An oversized message is refused with 1009 as soon as it passes the limit. The server then waits
+    # at most 2 s for the sender's close reply; a sender still pushing 5 MiB on a busy machine may
+    # not finish by then and gets the link aborted (1006), which is the server protecting itself.
+    assert 1009 in big and big <= {1009, 1006}
     assert worst < 2.0  # heartbeats every second kept arriving on time
     assert stack.server is not None and stack.server.alive
 
