@@ -88,9 +88,13 @@ def add_body_framing(headers: Headers, length: int | None, declared: bytes, had_
         headers.append((b"transfer-encoding", b"chunked"))
 
 
-def client_response_headers(headers: Sequence[tuple[bytes, bytes]], rid: bytes) -> Headers:
-    """The replica's headers less hop-by-hop ones (the codec frames the body and says close)."""
-    dropped = _dropped(headers, _NOT_RETURNED, first_values(headers))
+def client_response_headers(headers: Sequence[tuple[bytes, bytes]], rid: bytes,
+                            named: dict[bytes, bytes] | None = None) -> Headers:
+    """The replica's headers less hop-by-hop ones (the codec frames the body and says close).
+    `named` is first_values(headers), if the caller has it."""
+    if named is None:
+        named = first_values(headers)
+    dropped = _dropped(headers, _NOT_RETURNED, named)
     out = [(k, v) for k, v in headers if k not in dropped]
     out.append((b"x-request-id", rid))
     return out

@@ -321,10 +321,11 @@ class Proxy:
             else:
                 stats.record_success()
             close = self.draining or not client.codec.request_done
-            client.respond(response.status_code, response.reason, hdr.client_response_headers(response.headers, rid),
-                           close)
+            named = hdr.first_values(response.headers)
+            client.respond(response.status_code, response.reason,
+                           hdr.client_response_headers(response.headers, rid, named), close)
             try:
-                if _is_streaming(response):
+                if b"content-length" not in named:  # chunked or close-delimited: maybe long and paced (SSE)
                     await self._watching_client(client, lambda: self._relay_body(client, upstream))
                 else:
                     await self._relay_body(client, upstream)
@@ -515,11 +516,6 @@ async def _next_head(upstream: UpstreamConnection) -> Response:
     if isinstance(event, Response):
         return event
     raise UpstreamError(f"{upstream.address} closed the connection without a response")
-
-
-def _is_streaming(response: Response) -> bool:
-    """Chunked or close-delimited: possibly long and paced (SSE), worth watching the client."""
-    return b"content-length" not in dict(response.headers)  # built in C: cheaper than a loop here
 
 
 def _protocol_problem(error: RemoteProtocolError) -> str:
