@@ -72,6 +72,7 @@ async def test_a_connection_idle_past_the_fresh_window_is_checked_and_a_closed_o
         await trio.sleep(FRESH_S * 2)  # the replica's close has arrived and the window has passed
         second = await pool.acquire(address)
         assert second is not first and not second.reused
+        assert isinstance(first.stream, trio.SocketStream)
         assert first.stream.socket.fileno() == -1  # the stale one was closed, not leaked
         await second.aclose()
         nursery.cancel_scope.cancel()
