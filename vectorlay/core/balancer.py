@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random as _random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 DEFAULT_LATENCY_S = 0.05  # assumed for a replica with no measurement yet
 EWMA_WEIGHT = 0.3  # weight of the newest latency sample
@@ -23,8 +23,10 @@ STALE_HALF_LIFE_S = 10.0  # an unsampled latency drifts halfway back to the fast
 _MAX_RATIO = 1e30 ** (1 / SHARPNESS)
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
+    """Immutable, and a NamedTuple rather than a frozen dataclass: the proxy makes one per replica
+    per request, and a frozen dataclass costs several times as much to build."""
+
     key: str
     outstanding: int
     latency_s: float | None  # moving average; None until measured
