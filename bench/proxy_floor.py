@@ -37,7 +37,18 @@ import proxy as bench  # noqa: E402  (bench/proxy.py)
 import proxy_cpu  # noqa: E402
 
 from vectorlay.proxy import headers as hdr  # noqa: E402
-from vectorlay.proxy.codec import DEFAULT_PARSER, END, NEED_DATA, Request, client_codec, server_codec  # noqa: E402
+from vectorlay.proxy.codec import (  # noqa: E402
+    DEFAULT_PARSER,
+    END,
+    NEED_DATA,
+    ClientCodec,
+    Data,
+    Request,
+    Response,
+    ServerCodec,
+    client_codec,
+    server_codec,
+)
 from vectorlay.proxy.sockio import SocketChannel  # noqa: E402
 
 READ = 64 * 1024
@@ -65,22 +76,36 @@ async def codec_relay(client: SocketChannel, upstream: SocketChannel) -> None:
             server.receive_data(data)
             event = server.next_event()
         assert isinstance(event, Request) and server.next_event() is END
-        named = hdr.first_values(event.headers)
-        rid = hdr.request_id(named)
-        headers = hdr.upstream_request_headers(event.headers, b"127.0.0.1", b"http", rid, False, named)
-        await upstream.send_all(replica.send_request(event.method, event.target, headers) + replica.send_end())
+        to_replica, rid = forward_request(event, replica)
+        await upstream.send_all(to_replica)
         response = replica.next_event()
         while response is NEED_DATA:
             replica.receive_data(await _read(upstream))
             response = replica.next_event()
-        out = [server.send_response(response.status_code, response.reason,  # type: ignore[union-attr]
-                                    hdr.client_response_headers(response.headers, rid))]  # type: ignore[union-attr]
-        while (part := replica.next_event()) is not END:
-            out.append(server.send_data(part.data))  # type: ignore[union-attr]
-        out.append(server.send_end())
-        await client.send_all(b"".join(out))
-        replica.start_next_cycle()
-        server.start_next_cycle()
+        assert isinstance(response, Response)
+        await client.send_all(forward_response(response, rid, server, replica))
+
+
+def forward_request(request: Request, replica: ClientCodec) -> tuple[bytes, bytes]:
+    """What the relay sends the replica for `request` (a GET), and the request id it gave it."""
+    named = hdr.first_values(request.headers)
+    rid = hdr.request_id(named)
+    headers = hdr.upstream_request_headers(request.headers, b"127.0.0.1", b"http", rid, False, named)
+    return replica.send_request(request.method, request.target, headers) + replica.send_end(), rid
+
+
+def forward_response(response: Response, rid: bytes, server: ServerCodec, replica: ClientCodec) -> bytes:
+    """What the relay sends the client: `response` and its body, already parsed by `replica`;
+    both codecs are then ready for the next exchange."""
+    out = [server.send_response(response.status_code, response.reason,
+                                hdr.client_response_headers(response.headers, rid))]
+    while (part := replica.next_event()) is not END:
+        assert isinstance(part, Data)
+        out.append(server.send_data(part.data))
+    out.append(server.send_end())
+    replica.start_next_cycle()
+    server.start_next_cycle()
+    return b"".join(out)
 
 
 def serve_relay(kind: str, upstream_port: int, port: int) -> None:

@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import proxy as bench  # noqa: E402  (bench/proxy.py)
+from proxy_floor import forward_request, forward_response  # noqa: E402
 
 from vectorlay.core.protocol import Endpoint, Route  # noqa: E402
-from vectorlay.proxy import headers as hdr  # noqa: E402
 from vectorlay.proxy.app import ProxyConfig, serve_until_signalled  # noqa: E402
-from vectorlay.proxy.codec import DEFAULT_PARSER, END, client_codec, server_codec  # noqa: E402
+from vectorlay.proxy.codec import DEFAULT_PARSER, END, Request, Response, client_codec, server_codec  # noqa: E402
 from vectorlay.testing.route_server import StaticRouteServer  # noqa: E402
 
 SAMPLE_CPU_S = 0.0005
@@ -93,22 +93,12 @@ def codec_exchange_us(rounds: int = 100_000) -> float:
     for _ in range(rounds):
         server.receive_data(REQUEST)
         request = server.next_event()
-        server.next_event()
-        named = hdr.first_values(request.headers)  # type: ignore[union-attr]
-        rid = hdr.request_id(named)
-        headers = hdr.upstream_request_headers(request.headers, b"127.0.0.1", b"http", rid, False,  # type: ignore[union-attr]
-                                               named)
-        replica.send_request(request.method, request.target, headers)  # type: ignore[union-attr]
-        replica.send_end()
+        assert isinstance(request, Request) and server.next_event() is END
+        _, rid = forward_request(request, replica)
         replica.receive_data(RESPONSE)
         response = replica.next_event()
-        out = [server.send_response(response.status_code, response.reason,  # type: ignore[union-attr]
-                                    hdr.client_response_headers(response.headers, rid))]  # type: ignore[union-attr]
-        while (part := replica.next_event()) is not END:
-            out.append(server.send_data(part.data))  # type: ignore[union-attr]
-        out.append(server.send_end())
-        replica.start_next_cycle()
-        server.start_next_cycle()
+        assert isinstance(response, Response)
+        forward_response(response, rid, server, replica)
     return (time.perf_counter() - started) / rounds * 1e6
 
 
