@@ -6,9 +6,12 @@ write; a streamed response is flushed whenever the proxy would otherwise wait fo
 
 from __future__ import annotations
 
+import math
+
 import trio
 
 from vectorlay.proxy.codec import NEED_DATA, Data, Headers, HttpParser, Request, Signal, server_codec
+from vectorlay.proxy.deadlines import DeadlineKeeper
 from vectorlay.proxy.limits import ProxyLimits
 from vectorlay.proxy.sockio import channel
 
@@ -19,16 +22,12 @@ class ClientGone(Exception):
     """The client closed its connection or stopped reading: stop work on its behalf."""
 
 
-class HeaderTimeout(Exception):
-    """The client started a request but did not finish its headers in time (slowloris)."""
-
-
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class ClientConnection:
     def __init__(self, stream: trio.abc.Stream, limits: ProxyLimits, peer: str, scheme: str,
-                 parser: HttpParser) -> None:
+                 parser: HttpParser, deadlines: DeadlineKeeper) -> None:
         self.stream = stream
         self.channel = channel(stream)
         self.limits = limits
@@ -37,19 +36,25 @@ class ClientConnection:
         self.scheme = scheme
         self.peer_bytes = peer.encode()  # for X-Forwarded-For, once per connection
         self.scheme_bytes = scheme.encode()
-        self.idle_scope: trio.CancelScope | None = None  # set while waiting for a next request
+        self.deadlines = deadlines
+        # Around the whole connection (entered by Proxy.handle_connection); cancelled when a wait
+        # for the client outlasts its deadline, or when draining finds the connection idle.
+        self.scope = trio.CancelScope()
+        self.deadline = math.inf  # of the current wait for the client; set by `deadlines` only
+        self.in_head = False  # that wait is for the rest of a started head (else for a first byte)
+        self.timed_out_in_head = False  # the header deadline passed: the client gets 408
         self.request_length = b""  # the current request's Content-Length header, if any
         self.unread_input = False  # answered an error without reading all the client sent
         self._pending: list[bytes] = []
         self._pending_bytes = 0
 
     async def next_request(self) -> Request | None:
-        """The next request's head; None when the connection should end quietly: the client
-        closed it, sent nothing for the idle timeout, or the proxy is draining.
+        """The next request's head; None when the client closed the connection between requests.
 
         The idle timeout runs until the request's first byte; from then on the whole head must
-        arrive within the header timeout, however slowly it trickles in. Raises
-        RemoteProtocolError for a broken request.
+        arrive within the header timeout, however slowly it trickles in. Either deadline (or the
+        proxy draining) cancels `scope`, which Proxy.handle_connection holds around the whole
+        connection: see `expire`. Raises RemoteProtocolError for a broken request.
         """
         codec = self.codec
         event = codec.next_event()
@@ -61,24 +66,36 @@ class ClientConnection:
                 event = codec.next_event()
         if event is not NEED_DATA:
             return event if isinstance(event, Request) else None
-        started = codec.request_started
-        deadline = trio.current_time() + (self.limits.header_timeout_s if started else self.limits.idle_timeout_s)
-        with trio.CancelScope(deadline=deadline) as scope:
-            self.idle_scope = None if started else scope
+        deadlines = self.deadlines
+        self.in_head = started = codec.request_started
+        deadlines.arm(self, trio.current_time() + (self.limits.header_timeout_s if started
+                                                   else self.limits.idle_timeout_s))
+        try:
             while event is NEED_DATA:
                 data = await self._receive()
                 if not started and data:
-                    started = True
-                    self.idle_scope = None
-                    scope.deadline = trio.current_time() + self.limits.header_timeout_s
+                    self.in_head = started = True
+                    deadlines.arm(self, trio.current_time() + self.limits.header_timeout_s)
                 codec.receive_data(data)
                 event = codec.next_event()
-            self.idle_scope = None
-            return event if isinstance(event, Request) else None
-        self.idle_scope = None
-        if started:
-            raise HeaderTimeout()
-        return None
+        finally:
+            deadlines.disarm(self)
+        if self.scope.cancel_called:
+            # The deadline passed as the last bytes came in: too late, as if they had not. The
+            # checkpoint raises Cancelled, so this ends the way every timeout does.
+            await trio.lowlevel.checkpoint()
+        return event if isinstance(event, Request) else None
+
+    @property
+    def waiting_idle(self) -> bool:
+        """Waiting for the first byte of a next request (what draining closes at once)."""
+        return self.deadline != math.inf and not self.in_head
+
+    def expire(self) -> None:
+        """The idle or header deadline passed (called by the DeadlineKeeper): end the connection.
+        Proxy.handle_connection answers 408 if `timed_out_in_head`, else closes it quietly."""
+        self.timed_out_in_head = self.in_head
+        self.scope.cancel()
 
     async def next_body_event(self) -> Request | Data | Signal:
         """The next event of the request body; the client may pause at most the body timeout."""

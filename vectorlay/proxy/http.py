@@ -22,7 +22,7 @@ import trio
 from vectorlay.errors import unwrap_group
 from vectorlay.proxy import headers as hdr
 from vectorlay.proxy.auth import API_KEY, authorize
-from vectorlay.proxy.client import ClientConnection, ClientGone, HeaderTimeout
+from vectorlay.proxy.client import ClientConnection, ClientGone
 from vectorlay.proxy.codec import (
     DEFAULT_PARSER,
     END,
@@ -35,6 +35,7 @@ from vectorlay.proxy.codec import (
     Request,
     Response,
 )
+from vectorlay.proxy.deadlines import DeadlineKeeper
 from vectorlay.proxy.limits import ProxyLimits
 from vectorlay.proxy.metrics import UNKNOWN, ClusterMetrics, Metrics
 from vectorlay.proxy.routing import ClusterRoute, EndpointStats, RouteTable, cluster_from_host
@@ -87,6 +88,7 @@ class Proxy:
         self.in_flight = 0
         self.draining = False
         self._clients: set[ClientConnection] = set()
+        self.deadlines = DeadlineKeeper(min(self.limits.header_timeout_s, self.limits.idle_timeout_s))
         self._hosts: dict[bytes, str | None] = {}  # Host header -> cluster name
         routes.on_endpoint_removed.append(lambda endpoint: self.pool.forget(endpoint.address))
 
@@ -96,15 +98,18 @@ class Proxy:
         """Graceful shutdown: idle connections close now; busy ones after their current response."""
         self.draining = True
         for client in list(self._clients):
-            if client.idle_scope is not None:
-                client.idle_scope.cancel()
+            if client.waiting_idle:
+                client.scope.cancel()
 
     async def handle_connection(self, stream: trio.abc.Stream, peer: str, scheme: str = "http") -> None:
-        client = ClientConnection(stream, self.limits, peer, scheme, self.parser)
+        client = ClientConnection(stream, self.limits, peer, scheme, self.parser, self.deadlines)
         self.metrics.connections += 1
         self._clients.add(client)
         try:
-            await self._serve(client)
+            with client.scope:  # cancelled at the idle or header deadline, or by drain()
+                await self._serve(client)
+            if client.timed_out_in_head:
+                await self._reply_error(client, 408, "request headers took too long")
         except ClientGone:
             pass
         finally:
@@ -125,14 +130,11 @@ class Proxy:
         while not self.draining:
             try:
                 request = await client.next_request()
-            except HeaderTimeout:
-                await self._reply_error(client, 408, "request headers took too long")
-                return
             except RemoteProtocolError as error:
                 await self._reply_error(client, error.status, _protocol_problem(error))
                 return
             if request is None:
-                return  # closed, idle too long, or drained
+                return  # the client closed the connection
             await self._serve_request(client, request)
             if not codec.reusable():
                 return  # closing, or we answered without reading the whole body

@@ -1,0 +1,89 @@
+"""DeadlineKeeper: one task expiring many connections' deadlines, on trio's autojump clock."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from vectorlay.proxy.deadlines import PRUNE_ABOVE, DeadlineKeeper
+
+
+class Waiter:
+    def __init__(self) -> None:
+        self.deadline = math.inf
+        self.expired_at: list[float] = []
+
+    def expire(self) -> None:
+        self.expired_at.append(trio.current_time())
+
+
+async def test_an_armed_waiter_expires_exactly_at_its_deadline_and_only_once(
+        autojump_clock: trio.testing.MockClock) -> None:
+    keeper = DeadlineKeeper(shortest_s=10)
+    waiter = Waiter()
+    start = trio.current_time()
+    keeper.arm(waiter, start + 60)
+    await trio.sleep(59.9)
+    assert waiter.expired_at == []
+    await trio.sleep(100)
+    assert waiter.expired_at == [pytest.approx(start + 60)]
+    assert waiter.deadline == math.inf and keeper.armed == 0
+
+
+async def test_disarming_cancels_and_rearming_replaces_the_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    keeper = DeadlineKeeper(shortest_s=10)
+    kept, moved = Waiter(), Waiter()
+    start = trio.current_time()
+    keeper.arm(kept, start + 10)
+    keeper.arm(moved, start + 10)
+    keeper.disarm(kept)
+    keeper.arm(moved, start + 30)  # e.g. a request's first byte: idle deadline replaced by the header one
+    await trio.sleep(100)
+    assert kept.expired_at == []
+    assert moved.expired_at == [pytest.approx(start + 30)]
+
+
+async def test_a_deadline_armed_while_the_keeper_sleeps_toward_a_later_one_is_not_late(
+        autojump_clock: trio.testing.MockClock) -> None:
+    keeper = DeadlineKeeper(shortest_s=10)  # nobody arms less than 10 s ahead
+    idle, heading = Waiter(), Waiter()
+    start = trio.current_time()
+    keeper.arm(idle, start + 60)
+    await trio.sleep(5)
+    keeper.arm(heading, start + 15)
+    await trio.sleep(100)
+    assert heading.expired_at == [pytest.approx(start + 15)]
+    assert idle.expired_at == [pytest.approx(start + 60)]
+
+
+async def test_stale_entries_are_pruned_so_the_heap_follows_the_armed_count(
+        autojump_clock: trio.testing.MockClock) -> None:
+    keeper = DeadlineKeeper(shortest_s=10)
+    waiters = [Waiter() for _ in range(10)]
+    now = trio.current_time()
+    for round_ in range(1000):  # every request re-arms and disarms: one stale entry each time
+        waiter = waiters[round_ % 10]
+        keeper.arm(waiter, now + 60 + round_ * 1e-3)
+        assert len(keeper._heap) <= 2 * keeper.armed + PRUNE_ABOVE
+        keeper.disarm(waiter)
+    keeper.arm(waiters[0], now + 60)
+    await trio.sleep(100)
+    assert [len(w.expired_at) for w in waiters] == [1] + [0] * 9
+
+
+async def test_the_keeper_task_runs_only_while_something_is_armed(autojump_clock: trio.testing.MockClock) -> None:
+    keeper = DeadlineKeeper(shortest_s=1)
+    waiter = Waiter()
+    keeper.arm(waiter, trio.current_time() + 1)
+    await trio.lowlevel.checkpoint()
+    assert keeper._running
+    keeper.disarm(waiter)
+    await trio.sleep(2)  # it wakes within shortest_s, finds nothing armed and ends
+    assert not keeper._running and keeper._heap == []
+    keeper.arm(waiter, trio.current_time() + 1)  # and starts again when needed
+    await trio.sleep(2)
+    assert len(waiter.expired_at) == 1
