@@ -9,7 +9,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from vectorlay.proxy.deadlines import PRUNE_ABOVE, DeadlineKeeper
+from vectorlay.proxy.deadlines import MIN_WAKE_INTERVAL_S, PRUNE_ABOVE, DeadlineKeeper
 
 
 class Waiter:
@@ -87,3 +87,22 @@ async def test_the_keeper_task_runs_only_while_something_is_armed(autojump_clock
     keeper.arm(waiter, trio.current_time() + 1)  # and starts again when needed
     await trio.sleep(2)
     assert len(waiter.expired_at) == 1
+
+
+async def test_tiny_timeouts_do_not_make_the_keeper_spin(autojump_clock: trio.testing.MockClock) -> None:
+    keeper = DeadlineKeeper(shortest_s=0.001)  # e.g. --header-timeout 1ms
+    waiter = Waiter()
+    start = trio.current_time()
+    keeper.arm(waiter, start + 60)
+    wakes = 0
+    real_expire_due = keeper.expire_due
+
+    def counting(now: float) -> None:
+        nonlocal wakes
+        wakes += 1
+        real_expire_due(now)
+
+    keeper.expire_due = counting  # type: ignore[method-assign]
+    await trio.sleep(61)
+    assert waiter.expired_at == [pytest.approx(start + 60)]
+    assert wakes <= 60 / MIN_WAKE_INTERVAL_S + 2

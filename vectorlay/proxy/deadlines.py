@@ -23,6 +23,9 @@ from typing import Protocol
 import trio
 
 PRUNE_ABOVE = 64  # stale entries tolerated before a rebuild is considered
+# The keeper wakes at least this far apart while waiting on a later deadline, so timeouts set in
+# milliseconds do not make it spin; such a short deadline armed meanwhile may fire this late.
+MIN_WAKE_INTERVAL_S = 0.05
 
 
 class Expirable(Protocol):
@@ -35,8 +38,9 @@ class Expirable(Protocol):
 class DeadlineKeeper:
     def __init__(self, shortest_s: float) -> None:
         """`shortest_s`: the shortest delay anyone will arm (the smallest timeout). The keeper
-        never sleeps longer than that, so a deadline armed while it sleeps is never late."""
-        self.shortest_s = shortest_s
+        never sleeps longer than that (or MIN_WAKE_INTERVAL_S), so a deadline armed while it
+        sleeps is not late."""
+        self.max_sleep_s = max(shortest_s, MIN_WAKE_INTERVAL_S)
         self._heap: list[tuple[float, int, Expirable]] = []
         self._order = itertools.count()  # ties broken by arming order; Expirables need no ordering
         self.armed = 0
@@ -79,7 +83,7 @@ class DeadlineKeeper:
                 self.expire_due(now)
                 if not self.armed:
                     break
-                await trio.sleep_until(min(self._heap[0][0], now + self.shortest_s))
+                await trio.sleep_until(min(self._heap[0][0], now + self.max_sleep_s))
         finally:
             self._running = False
             if not self.armed:
