@@ -6,6 +6,7 @@ waiting for real time; tests/integration/test_proxy_*.py check the same behaviou
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -262,6 +263,39 @@ async def test_drain_lets_the_request_in_flight_finish_and_closes_idle_connectio
                 assert await idle.receive_some(65536) == b""
         status, headers, _ = results[0]
         assert status == 200 and headers[b"connection"] == b"close"
+
+
+async def test_drain_closes_idle_connections_even_without_an_idle_timeout(
+        autojump_clock: trio.testing.MockClock, parser: HttpParser) -> None:
+    async with harness(FakeReplica("a"), limits=ProxyLimits(idle_timeout_s=math.inf), parser=parser) as h:
+        client = h.connect_client()
+        assert (await request(client))[0] == 200
+        await trio.sleep(1000)
+        assert h.proxy.deadlines.armed == 0  # an infinite deadline keeps nothing in the keeper
+        h.proxy.drain()
+        with trio.fail_after(1):
+            assert await client.receive_some(65536) == b""
+
+
+async def test_a_request_arriving_as_its_connection_is_closed_is_answered_whole_or_not_at_all(
+        autojump_clock: trio.testing.MockClock, parser: HttpParser) -> None:
+    """The race the connection-wide cancel scope opens: the client's bytes are in, the proxy task
+    has not run yet, and drain (or a deadline) cancels the connection. It must not forward a
+    request it will not answer."""
+    replica = FakeReplica("a")
+    async with harness(replica, parser=parser) as h:
+        client = h.connect_client()
+        assert (await request(client))[0] == 200
+        await trio.sleep(1)  # the proxy waits for the next request
+        await client.send_all(b"GET / HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
+        h.proxy.drain()  # before the proxy task runs again
+        answer = b""
+        with trio.fail_after(5):
+            while data := await client.receive_some(65536):
+                answer += data
+        assert answer == b""  # closed, as a keep-alive connection may be at any moment
+        assert replica.requests == 1  # and the late request never reached the replica
+        assert sum(h.proxy.metrics.clusters["echo"].requests.values()) == 1
 
 
 async def test_all_replicas_refusing_is_a_502_after_trying_each(

@@ -14,7 +14,7 @@ from vectorlay.proxy.deadlines import MIN_WAKE_INTERVAL_S, PRUNE_ABOVE, Deadline
 
 class Waiter:
     def __init__(self) -> None:
-        self.deadline = math.inf
+        self.armed_with: object | None = None
         self.expired_at: list[float] = []
 
     def expire(self) -> None:
@@ -31,7 +31,7 @@ async def test_an_armed_waiter_expires_exactly_at_its_deadline_and_only_once(
     assert waiter.expired_at == []
     await trio.sleep(100)
     assert waiter.expired_at == [pytest.approx(start + 60)]
-    assert waiter.deadline == math.inf and keeper.armed == 0
+    assert waiter.armed_with is None and keeper.armed == 0
 
 
 async def test_disarming_cancels_and_rearming_replaces_the_deadline(autojump_clock: trio.testing.MockClock) -> None:
@@ -106,3 +106,52 @@ async def test_tiny_timeouts_do_not_make_the_keeper_spin(autojump_clock: trio.te
     await trio.sleep(61)
     assert waiter.expired_at == [pytest.approx(start + 60)]
     assert wakes <= 60 / MIN_WAKE_INTERVAL_S + 2
+
+
+async def test_an_infinite_deadline_is_armed_but_costs_the_keeper_nothing(
+        autojump_clock: trio.testing.MockClock) -> None:
+    keeper = DeadlineKeeper(shortest_s=10)
+    forever = Waiter()
+    keeper.arm(forever, math.inf)  # e.g. ProxyLimits(idle_timeout_s=math.inf)
+    assert forever.armed_with is not None and keeper.armed == 0 and not keeper._running
+    keeper.disarm(forever)
+    assert forever.armed_with is None and keeper.armed == 0
+    for _ in range(100):  # waits that end: nothing accumulates
+        keeper.arm(forever, math.inf)
+        keeper.disarm(forever)
+    assert keeper.armed == 0 and keeper._heap == []
+    keeper.arm(forever, math.inf)
+    keeper.arm(forever, trio.current_time() + 10)  # re-armed with a finite deadline: kept again
+    await trio.sleep(20)
+    assert len(forever.expired_at) == 1 and keeper.armed == 0
+
+
+async def test_rearming_with_the_same_deadline_does_not_revive_stale_entries(
+        autojump_clock: trio.testing.MockClock) -> None:
+    keeper = DeadlineKeeper(shortest_s=10)
+    waiter = Waiter()
+    deadline = trio.current_time() + 60  # the clock does not move between these arms
+    for _ in range(1000):
+        keeper.arm(waiter, deadline)
+        keeper.disarm(waiter)
+    keeper.arm(waiter, deadline)
+    assert len(keeper._heap) <= 2 * keeper.armed + PRUNE_ABOVE
+    await trio.sleep(100)
+    assert len(waiter.expired_at) == 1
+
+
+class Broken(Waiter):
+    def expire(self) -> None:
+        raise RuntimeError("a bug in one connection")
+
+
+async def test_a_failing_expire_is_logged_and_the_others_still_expire(
+        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+    keeper = DeadlineKeeper(shortest_s=10)
+    broken, fine = Broken(), Waiter()
+    start = trio.current_time()
+    keeper.arm(broken, start + 10)
+    keeper.arm(fine, start + 10)
+    await trio.sleep(20)
+    assert fine.expired_at == [pytest.approx(start + 10)]
+    assert "expiring a deadline failed" in caplog.text

@@ -6,8 +6,6 @@ write; a streamed response is flushed whenever the proxy would otherwise wait fo
 
 from __future__ import annotations
 
-import math
-
 import trio
 
 from vectorlay.proxy.codec import NEED_DATA, Data, Headers, HttpParser, Request, Signal, server_codec
@@ -40,7 +38,7 @@ class ClientConnection:
         # Around the whole connection (entered by Proxy.handle_connection); cancelled when a wait
         # for the client outlasts its deadline, or when draining finds the connection idle.
         self.scope = trio.CancelScope()
-        self.deadline = math.inf  # of the current wait for the client; set by `deadlines` only
+        self.armed_with: object | None = None  # the current wait's deadline, if any (see `deadlines`)
         self.in_head = False  # that wait is for the rest of a started head (else for a first byte)
         self.timed_out_in_head = False  # the header deadline passed: the client gets 408
         self.request_length = b""  # the current request's Content-Length header, if any
@@ -89,7 +87,7 @@ class ClientConnection:
     @property
     def waiting_idle(self) -> bool:
         """Waiting for the first byte of a next request (what draining closes at once)."""
-        return self.deadline != math.inf and not self.in_head
+        return self.armed_with is not None and not self.in_head
 
     def expire(self) -> None:
         """The idle or header deadline passed (called by the DeadlineKeeper): end the connection.
