@@ -2,15 +2,16 @@
 
 Every request that does not arrive back to back waits for the client with a deadline (idle
 timeout, then the header timeout). A trio cancel scope with a deadline costs 6.5 µs to enter and
-leave on the benchmark machine; here, arming a deadline is a heap push and disarming it one
-assignment (0.55 µs together), and a single keeper task sleeps until the earliest deadline and
+leave on the benchmark machine; here, arming a deadline is a heap push and disarming it a few
+assignments (0.6 µs together), and a single keeper task sleeps until the earliest deadline and
 calls `expire()` on whoever is still armed with it. At moderate load, where nearly every request
 waits, that is a few per cent of the proxy's CPU per request (BENCHMARKS.md).
 
 Stale heap entries (disarmed or re-armed since) are skipped when they come up, and dropped all at
 once when they outnumber the live ones, so the heap stays proportional to the connections
 waiting, as trio does for its own deadlines. The keeper runs as a trio system task while anything
-is armed and ends when nothing is, so a Proxy needs no nursery of its own.
+is armed and ends when nothing is, so a Proxy needs no nursery of its own. An infinite deadline
+(no timeout configured) marks the connection as waiting but is not kept at all.
 """
 
 from __future__ import annotations
