@@ -61,6 +61,7 @@ class ReplicaReport:
     reason: str = ""
     address: str | None = None
     image_digest: str | None = None  # what the node resolved the image to (containers)
+    node_fault: bool = False  # it failed for a reason tied to this node (image missing here, say)
 
 
 @dataclass(frozen=True)

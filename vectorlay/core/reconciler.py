@@ -88,6 +88,9 @@ def plan_cluster(
     now: float,
     may_replace: bool = True,
     lost_budget: int | None = None,
+    *,
+    quarantined: bool = False,
+    avoid_nodes: frozenset[str] = frozenset(),
 ) -> ClusterPlan:
     """One cluster's next step. `all_replicas` is the fleet's, for GPU usage and spread.
 
@@ -96,6 +99,9 @@ def plan_cluster(
     controller holds back replacing failed or lost replicas (a crash-looping cluster); surplus is
     still stopped. `lost_budget` caps how many replicas on down nodes are given up on in this plan
     (None: no cap); the rest keep counting as live, which paces recovery from a mass failure.
+    A `quarantined` cluster is placed nowhere: its copies that never became ready are stopped (they
+    are the suspects), ready ones keep serving. `avoid_nodes` are placed on only when nothing
+    else fits (the cluster's replicas failed there for a reason tied to the node).
     """
     stop: list[Stop] = []
     forget: list[str] = []
@@ -123,6 +129,12 @@ def plan_cluster(
             continue
         if replica.id in lost_ids:
             stop.append(Stop(replica.id, "its node is down; replaced elsewhere"))
+            continue
+        if quarantined and replica.state is not ReplicaState.READY:
+            if replica.node_id is None:
+                forget.append(replica.id)
+            else:
+                stop.append(Stop(replica.id, "the cluster is quarantined"))
             continue
         live.append(replica)
     if spec is None:
@@ -169,11 +181,12 @@ def plan_cluster(
 
     unplaced = [r for r in current if r.node_id is None]
     missing = max(0, spec.replicas - len(current)) if may_replace else 0
-    if not unplaced and missing == 0:
+    if quarantined or (not unplaced and missing == 0):
         return ClusterPlan(stop=tuple(stop), forget=tuple(forget), lost_replaced=len(lost_ids))
     stopping_now = {s.replica_id for s in stop}
     fleet_view = [replace(r, stopping=True) if r.id in stopping_now else r for r in all_replicas]
-    plan = place(list(nodes.values()), fleet_view, [(spec, len(unplaced) + missing)])
+    plan = place(list(nodes.values()), fleet_view, [(spec, len(unplaced) + missing)],
+                 {spec.key: avoid_nodes} if avoid_nodes else None)
     placements = list(plan.placements)
     assign = tuple(zip((r.id for r in unplaced), placements, strict=False))
     create = tuple(placements[len(assign):])

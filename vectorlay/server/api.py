@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -24,10 +23,12 @@ from vectorlay.core.protocol import CLIENT_TO_SERVER, Call, Cancel, Event, Failu
 from vectorlay.core.token_bucket import TokenBucket
 from vectorlay.errors import AuthError, ConflictError, NotFoundError, ProtocolError, UserError, VectorlayError
 from vectorlay.server import views
+from vectorlay.server.admin import Admin
 from vectorlay.server.auth import Authenticator, Principal
-from vectorlay.server.controller import Controller
-from vectorlay.server.node_session import NodeConnection
+from vectorlay.server.fleet import Fleet
 from vectorlay.server.route_feed import RouteFeed
+from vectorlay.server.sessions import Sessions
+from vectorlay.server.signals import Signals
 from vectorlay.server.views import audit_view, token_view
 from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed
 
@@ -42,9 +43,12 @@ CLIENT_MESSAGE_BURST = 200
 
 
 class Api:
-    def __init__(self, controller: Controller, auth: Authenticator, feed: RouteFeed) -> None:
-        self.controller = controller
-        self.fleet = controller.fleet
+    def __init__(self, fleet: Fleet, admin: Admin, sessions: Sessions, signals: Signals, auth: Authenticator,
+                 feed: RouteFeed) -> None:
+        self.fleet = fleet
+        self.admin = admin
+        self.sessions = sessions
+        self.signals = signals
         self.auth = auth
         self.feed = feed
         # method -> (handler, admin only)
@@ -166,14 +170,14 @@ class Api:
                 raise AuthError(f"a deployer token for project {principal.project!r} cannot change project "
                                 f"{spec.project!r}")
         dry_run = bool(params.get("dry_run", False))
-        changes = await self.controller.apply(specs, dry_run, principal.actor)
+        changes = await self.admin.apply(specs, dry_run, principal.actor)
         return {"dry_run": dry_run, "changes": [
             {"cluster": c.cluster, "action": c.action, "detail": c.detail} for c in changes
         ]}
 
     async def delete(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         key = self._cluster(principal, params)
-        if not await self.controller.delete(key, principal.actor):
+        if not await self.admin.delete(key, principal.actor):
             raise NotFoundError(f"cluster {params.get('name')!r} not found")
         return {"deleted": key}
 
@@ -195,7 +199,7 @@ class Api:
     async def describe_cluster(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         key = self._cluster(principal, params)
         record = self.fleet.clusters.get(key)
-        events = await self.controller.store.events(key, 200)
+        events = await self.admin.events(key, 200)
         replicas = []
         for replica in self.fleet.replicas_of_cluster(key):
             mine = [views.event_view(e) for e in events if e.replica_id == replica.id][-5:]
@@ -222,7 +226,7 @@ class Api:
                 if all(views.is_cluster_ready(s) for s in current):
                     return {"ready": True, "clusters": current}
                 with trio.move_on_after(1.0):
-                    await self.controller.wait_changed()
+                    await self.signals.wait_changed()
         return {"ready": False, "clusters": statuses()}
 
     async def wait_deleted(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
@@ -231,7 +235,7 @@ class Api:
             while self.fleet.by_cluster.get(key):
                 await emit({"stopping": len(self.fleet.by_cluster.get(key, ()))})
                 with trio.move_on_after(1.0):
-                    await self.controller.wait_changed()
+                    await self.signals.wait_changed()
             return {"gone": True}
         return {"gone": False, "left": len(self.fleet.by_cluster.get(key, ()))}
 
@@ -250,12 +254,11 @@ class Api:
     async def _replica_logs(self, replica_id: str, node_id: str | None, tail: int, follow: bool,
                             emit: Emit) -> None:
         node = self.fleet.nodes.get(node_id or "")
-        session = self.controller.sessions.get(node_id or "")
         header = {"replica": replica_id, "node": node.name if node else None}
-        if not isinstance(session, NodeConnection):
-            await emit({**header, "error": "its node is not connected; logs are unavailable now"})
-            return
-        async with _log_stream(session, replica_id, tail, follow) as stream:
+        async with self.sessions.logs(node_id or "", replica_id, tail, follow) as stream:
+            if stream is None:
+                await emit({**header, "error": "its node is not connected; logs are unavailable now"})
+                return
             async for message in stream:
                 if isinstance(message, LogsData):
                     await emit({**header, "lines": list(message.lines)})
@@ -268,7 +271,7 @@ class Api:
 
     async def key_create(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         key = self._cluster(principal, params, "cluster")
-        record, secret = await self.controller.create_api_key(key, str(params.get("name") or ""), principal.actor)
+        record, secret = await self.admin.create_api_key(key, str(params.get("name") or ""), principal.actor)
         auth = self.fleet.clusters[record.cluster].spec.endpoint.auth
         return {**views.key_view(record), "key": secret, "enforced": auth == "api-key"}
 
@@ -279,7 +282,7 @@ class Api:
 
     async def key_revoke(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         key = self._cluster(principal, params, "cluster")
-        record = await self.controller.revoke_api_key(key, _param(params, "id", str), principal.actor)
+        record = await self.admin.revoke_api_key(key, _param(params, "id", str), principal.actor)
         return views.key_view(record)
 
     async def secret_set(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
@@ -290,7 +293,7 @@ class Api:
             raise UserError(f"invalid secret name {name!r}: use lowercase letters, digits and '-'")
         if len(value.encode()) > MAX_SECRET_BYTES:
             raise UserError(f"secret is larger than {MAX_SECRET_BYTES // 1024} KiB")
-        existed = await self.controller.set_secret(project, name, value, principal.actor)
+        existed = await self.admin.set_secret(project, name, value, principal.actor)
         return {"project": project, "name": name, "updated": existed}
 
     async def secret_list(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
@@ -301,7 +304,7 @@ class Api:
     async def secret_delete(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         project = self._scoped_project(principal, params)
         name = _param(params, "name", str)
-        await self.controller.delete_secret(project, name, principal.actor)
+        await self.admin.delete_secret(project, name, principal.actor)
         return {"project": project, "name": name, "deleted": True}
 
     def _scoped_project(self, principal: Principal, params: dict[str, Any]) -> str:
@@ -315,7 +318,7 @@ class Api:
         if not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise UserError("limit must be between 1 and 10000")
         project = None if principal.is_admin and not params.get("project") else self._scoped_project(principal, params)
-        return [audit_view(r) for r in await self.controller.store.audit(limit, project)]
+        return [audit_view(r) for r in await self.admin.audit_log(limit, project)]
 
     # --- fleet (admin) ----------------------------------------------------------------------
 
@@ -335,19 +338,19 @@ class Api:
         return views.fleet_summary(self.fleet)
 
     async def node_cordon(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=False, draining=False,
+        record = await self.admin.set_node_flags(_param(params, "name", str), schedulable=False, draining=False,
                                                       actor=principal.actor)
         return {"node": record.name, "schedulable": False}
 
     async def node_uncordon(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=True, draining=False,
+        record = await self.admin.set_node_flags(_param(params, "name", str), schedulable=True, draining=False,
                                                       actor=principal.actor)
         return {"node": record.name, "schedulable": True}
 
     async def node_drain(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         """Cordon the node and move its replicas (new copies ready elsewhere first); stream the
         count left until none is, or the timeout passes."""
-        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=False, draining=True,
+        record = await self.admin.set_node_flags(_param(params, "name", str), schedulable=False, draining=True,
                                                       actor=principal.actor)
         with trio.move_on_after(_timeout(params)):
             while True:
@@ -356,13 +359,13 @@ class Api:
                 if not left or not params.get("wait", True):
                     return {"node": record.name, "drained": not left, "replicas_left": len(left)}
                 with trio.move_on_after(1.0):
-                    await self.controller.wait_changed()
+                    await self.signals.wait_changed()
         left = [r.id for r in self.fleet.replicas_on_node(record.id)]
         return {"node": record.name, "drained": not left, "replicas_left": len(left)}
 
     async def node_rm(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         name = _param(params, "name", str)
-        lost = await self.controller.remove_node(name, principal.actor)
+        lost = await self.admin.remove_node(name, principal.actor)
         return {"node": name, "replicas_replaced": lost}
 
     async def token_create(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
@@ -385,7 +388,7 @@ class Api:
         elif project:
             raise UserError("--project applies only to deployer tokens")
         description = str(params.get("description", ""))[:200]
-        audit = self.controller.audit(principal.actor, "token.create", "", project, f"{role.value} {description}")
+        audit = self.admin.audit_op(principal.actor, "token.create", "", project, f"{role.value} {description}")
         record, token = await self.auth.create_token(role, ttl_s or None, uses, description, project, [audit])
         return {**token_view(record), "token": token}
 
@@ -396,7 +399,7 @@ class Api:
         token_id = _param(params, "id", str)
         if token_id == principal.token_id:
             raise ConflictError("refusing to revoke the token this command runs with")
-        audit = self.controller.audit(principal.actor, "token.revoke", token_id)
+        audit = self.admin.audit_op(principal.actor, "token.revoke", token_id)
         return token_view(await self.auth.revoke_token(token_id, [audit]))
 
 
@@ -411,16 +414,6 @@ async def _paged(params: dict[str, Any], emit: Emit, ids: list[str], view: Calla
     for start in range(0, len(ids), size):
         await emit([view(i) for i in ids[start:start + size]])
     return {"total": len(ids)}
-
-
-@asynccontextmanager
-async def _log_stream(session: NodeConnection, replica_id: str, tail: int,
-                      follow: bool) -> AsyncIterator[trio.MemoryReceiveChannel[LogsData | LogsEnd]]:
-    stream_id, channel = session.open_logs(replica_id, tail, follow)
-    try:
-        yield channel
-    finally:
-        session.close_logs(stream_id)
 
 
 def _param(params: dict[str, Any], name: str, kind: type) -> Any:

@@ -33,7 +33,7 @@ from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.controller import Controller
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.node_session import handle_hello, handle_join
-from vectorlay.server.records import TokenRecord
+from vectorlay.server.records import TokenRecord, health_from_record
 from vectorlay.server.route_feed import RouteFeed
 from vectorlay.server.secrets_box import SecretBox
 from vectorlay.server.store import Store, open_store, ops
@@ -105,6 +105,9 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
     for secret in snapshot.secrets:
         fleet.secrets[(secret.project, secret.name)] = secret
     fleet.generation = int(snapshot.meta.get("generation", "0"))
+    now, wall = trio.current_time(), wall_clock()
+    for health in snapshot.health:
+        fleet.health[health.cluster] = health_from_record(health, now, wall)
 
     policy = config.policy
     secret_box = await trio.to_thread.run_sync(SecretBox.in_state_dir, config.state_dir)
@@ -112,10 +115,10 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
     # Nodes get this long to reconnect after a server restart before silence counts against them;
     # a fleet of thousands reconnecting with jittered backoff needs most of a minute.
     grace = config.failover_grace_s if config.failover_grace_s is not None else max(60.0, 2 * policy.down_after_s)
-    await controller.restore_liveness(grace)
+    controller.intake.restore_liveness(grace)
     auth = Authenticator(store, fleet, wall_clock, config.tls.pin if config.tls else None)
-    feed = RouteFeed(controller)
-    api = Api(controller, auth, feed)
+    feed = RouteFeed(fleet, controller.signals)
+    api = Api(fleet, controller.admin, controller.sessions, controller.signals, auth, feed)
     admin_token, created = await _bootstrap_admin_token(config, store, auth, snapshot.meta)
     log.info("state: %s; %d node(s), %d cluster(s), %d replica(s)", describe_url(config.database_url),
              len(fleet.nodes), len(fleet.clusters), len(fleet.replicas))
@@ -141,9 +144,9 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
             return
         try:
             if isinstance(first, Join):
-                await handle_join(link, first, auth, controller)
+                await handle_join(link, first, auth, controller.admin)
             elif isinstance(first, NodeHello):
-                await handle_hello(link, first, auth, controller, config.heartbeat_interval_s)
+                await handle_hello(link, first, auth, controller.intake, config.heartbeat_interval_s)
             elif isinstance(first, ProxyHello):
                 record = await auth.check_token(first.token, frozenset({Role.PROXY, Role.ADMIN}))
                 await link.send(Ready("proxy"))

@@ -25,6 +25,7 @@ from vectorlay.errors import StoreError
 from vectorlay.server.records import (
     ApiKeyRecord,
     AuditRecord,
+    ClusterHealthRecord,
     ClusterRecord,
     CommandRecord,
     EventRecord,
@@ -48,6 +49,7 @@ class Snapshot:
     meta: dict[str, str]
     api_keys: list[ApiKeyRecord]
     secrets: list[SecretRecord]
+    health: list[ClusterHealthRecord]
 
 
 def sqlite_url(state_dir: Path) -> str:
@@ -191,6 +193,9 @@ def _load(conn: Connection) -> Snapshot:
                   for row in conn.execute(select(schema.api_keys))],
         secrets=[SecretRecord(row.project, row.name, row.ciphertext, row.updated_at)
                  for row in conn.execute(select(schema.secrets))],
+        health=[ClusterHealthRecord(row.cluster, row.failures, row.not_before, row.reason, row.node,
+                                    tuple(json.loads(row.strikes)), row.quarantined, row.degraded)
+                for row in conn.execute(select(schema.cluster_health))],
     )
 
 
@@ -418,6 +423,18 @@ def _delete_secret(conn: Connection, op: ops.DeleteSecret) -> None:
     conn.execute(delete(table).where(table.c.project == op.project, table.c.name == op.name))
 
 
+def _put_cluster_health(conn: Connection, op: ops.PutClusterHealth) -> None:
+    h = op.record
+    _upsert(conn, schema.cluster_health, {"cluster": h.cluster}, {
+        "failures": h.failures, "not_before": h.not_before_wall, "reason": h.reason, "node": h.node,
+        "strikes": json.dumps(list(h.strikes)), "quarantined": h.quarantined, "degraded": h.degraded,
+    })
+
+
+def _delete_cluster_health(conn: Connection, op: ops.DeleteClusterHealth) -> None:
+    conn.execute(delete(schema.cluster_health).where(schema.cluster_health.c.cluster == op.cluster))
+
+
 def _set_meta(conn: Connection, op: ops.SetMeta) -> None:
     _upsert(conn, schema.meta, {"key": op.key}, {"value": op.value})
 
@@ -427,7 +444,8 @@ _APPLY: dict[type, Callable[[Connection, Any], None]] = {
     ops.PutCluster: _put_cluster, ops.DeleteCluster: _delete_cluster, ops.PutReplica: _put_replica,
     ops.DeleteReplica: _delete_replica, ops.PutCommand: _put_command, ops.AckCommands: _ack_commands,
     ops.SetMeta: _set_meta, ops.PutApiKey: _put_api_key, ops.AddEvent: _add_event, ops.AddAudit: _add_audit,
-    ops.PutSecret: _put_secret, ops.DeleteSecret: _delete_secret,
+    ops.PutSecret: _put_secret, ops.DeleteSecret: _delete_secret, ops.PutClusterHealth: _put_cluster_health,
+    ops.DeleteClusterHealth: _delete_cluster_health,
 }
 # Kinds written in bulk by `_apply`: each writes only its own table.
 _APPLY_MANY: dict[type, Callable[[Connection, list[Any]], None]] = {

@@ -137,6 +137,18 @@ secrets = Table(
     Column("updated_at", Float, nullable=False),
 )
 
+cluster_health = Table(
+    "vl_cluster_health", metadata,
+    Column("cluster", String(128), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("not_before", Float, nullable=False),  # wall clock
+    Column("reason", Text, nullable=False),
+    Column("node", String(128), nullable=False),
+    Column("strikes", Text, nullable=False),  # JSON list of node names
+    Column("quarantined", Text, nullable=False),
+    Column("degraded", Text, nullable=False),
+)
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
