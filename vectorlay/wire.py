@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -218,9 +218,13 @@ async def serve(
     paths: frozenset[str],
     ssl_context: ssl.SSLContext | None = None,
     *,
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
     task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept WebSockets on `paths`; call `handler(path, link)` for each in its own task."""
+    """Accept WebSockets on `paths`; call `handler(path, link)` for each in its own task.
+
+    `listeners`, when given, are used instead of a TCP listener on host:port (tests pass
+    in-memory ones, as trio-websocket's own tests do)."""
 
     async def accept(request: WebSocketRequest) -> None:
         path = urlsplit(request.path).path
@@ -235,6 +239,11 @@ async def serve(
             log.exception("internal error while serving %s on %s", link.remote, path)
             await link.close(CLOSE_INTERNAL, "internal server error")
 
+    if listeners is not None:
+        server = WebSocketServer(accept, listeners, max_message_size=MAX_MESSAGE_BYTES,  # type: ignore[arg-type]
+                                 connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=2)
+        await server.run(task_status=task_status)
+        return
     await serve_websocket(
         accept, host, port, ssl_context, max_message_size=MAX_MESSAGE_BYTES,
         connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=2, task_status=task_status,

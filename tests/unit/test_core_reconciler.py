@@ -427,3 +427,25 @@ def test_the_control_loop_converges(loop: Loop) -> None:
             for g in r.gpus:
                 assert (r.node_id, g) not in held
                 held.add((r.node_id, g))
+
+
+# --- blast radius: quarantine and nodes to avoid -------------------------------------------------
+
+
+def test_a_quarantined_cluster_is_placed_nowhere_and_its_unready_copies_stop() -> None:
+    s = web(3)
+    replicas = [replica("a", "n0", s), replica("b", "n1", s, ReplicaState.STARTING), replica("c", None, s,
+                                                                                                  ReplicaState.PENDING)]
+    result = plan_cluster(s, "web", replicas, fleet(3), {}, replicas, NOW, quarantined=True)
+    check_well_formed(replicas, result)
+    assert stopped(result) == ["b"]  # the ready one keeps serving
+    assert result.forget == ("c",)
+    assert not result.create and not result.assign and result.create_unplaced == 0
+
+
+def test_nodes_to_avoid_are_used_only_when_nothing_else_fits() -> None:
+    s = web(1)
+    result = plan_cluster(s, "web", [], fleet(2), {}, [], NOW, avoid_nodes=frozenset({"n0"}))
+    assert [p.node_id for p in result.create] == ["n1"]
+    only = plan_cluster(s, "web", [], fleet(1), {}, [], NOW, avoid_nodes=frozenset({"n0"}))
+    assert [p.node_id for p in only.create] == ["n0"]  # preferred against, not forbidden

@@ -21,6 +21,7 @@ key_app = typer.Typer(help="API keys for a cluster's endpoint (with spec.endpoin
 secret_app = typer.Typer(help="Secrets of a project, stored encrypted, given to replicas as env vars.",
                          no_args_is_help=True)
 describe_app = typer.Typer(help="Show one object in detail, with its recent events.", no_args_is_help=True)
+cluster_app = typer.Typer(help="Act on one cluster (its manifest is changed with `apply`).", no_args_is_help=True)
 
 
 class Kind(StrEnum):
@@ -219,6 +220,19 @@ def describe_cluster(
 ) -> None:
     """A cluster, each replica (node, state, image digest) with its last events, and recent events."""
     run(commands.describe, resolve(server_url, token, project), name, output_format is Format.json)
+
+
+@cluster_app.command("unquarantine")
+def cluster_unquarantine(
+    name: Annotated[str, typer.Argument()],
+    project: ProjectOpt = None,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Place a quarantined cluster again (and forget its failures). A cluster is quarantined when
+    the agents of nodes die right after receiving its replicas; applying a changed manifest lifts
+    the quarantine too."""
+    run(commands.unquarantine, resolve(server_url, token, project), name)
 
 
 @context_app.command("list")

@@ -20,6 +20,10 @@ class WaitTimedOut(VectorlayError):
     """`apply` or `delete` gave up waiting; the change itself was made."""
 
 
+class ClusterFailing(VectorlayError):
+    """`apply` stopped waiting early: a cluster cannot get ready by itself (crash loop, quarantine)."""
+
+
 def read_manifest(path: str) -> str:
     if path == "-":
         return sys.stdin.read()
@@ -48,7 +52,10 @@ async def apply(ctx: Context, text: str, dry_run: bool, wait: bool, timeout_s: f
             return
         final = await _wait_ready(api, keys, timeout_s, quiet=as_json)
         if as_json:
-            output.print_json({**result, "ready": final["ready"], "clusters": final["clusters"]})
+            output.print_json({**result, "ready": final["ready"], "clusters": final["clusters"],
+                               "failed": final.get("failed", [])})
+        if final.get("failed"):
+            raise ClusterFailing("; ".join(f"cluster/{f['cluster']} {f['reason']}" for f in final["failed"]))
         if not final["ready"]:
             raise WaitTimedOut(f"timed out after {timeout_s:g}s waiting for replicas to be ready; "
                                "see `vectorlay get replicas`")
@@ -74,12 +81,18 @@ async def _wait_ready(api: ApiClient, names: list[str], timeout_s: float | None,
             if interactive:
                 live.update(Text(output.cluster_table(value)), refresh=True)
             elif not quiet:
-                line = "; ".join(f"{c['name']}: {c['ready']}/{c['replicas']} ready"
-                                 + (f" ({c['reasons'][0]})" if c["reasons"] else "") for c in value)
+                line = "; ".join(f"{c['name']}: {c['ready']}/{c['replicas']} ready" + _why(c) for c in value)
                 if line != last_line:
                     output.stderr.print(f"waiting: {line}")
                     last_line = line
     return result
+
+
+def _why(cluster: dict[str, Any]) -> str:
+    health = (cluster.get("health") or {}).get("message")
+    if health:
+        return f" ({health})"
+    return f" ({cluster['reasons'][0]})" if cluster["reasons"] else ""
 
 
 class _Null:
@@ -151,6 +164,15 @@ async def logs(ctx: Context, cluster: str, follow: bool, tail: int, prefix: bool
                 continue
             sys.stdout.write("".join(f"{label}{line}\n" for line in value["lines"]))
             sys.stdout.flush()
+
+
+async def unquarantine(ctx: Context, name: str) -> None:
+    async with open_api(ctx.server, ctx.token) as api:
+        result = await api.call("cluster_unquarantine", {"name": name, **_scope(ctx)})
+    if result["lifted"]:
+        output.stdout.print(f"cluster/{name} unquarantined: it is placed again")
+    else:
+        output.stdout.print(f"cluster/{name} was not quarantined; nothing changed")
 
 
 async def node_action(ctx: Context, action: str, name: str, wait: bool = True, timeout_s: float | None = None) -> None:

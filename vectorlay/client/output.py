@@ -64,6 +64,9 @@ def cluster_status(c: dict[str, Any]) -> str:
     if c.get("stopping"):
         parts.append(f"{c['stopping']} stopping")
     text = ", ".join(parts) if parts else ("ready" if c["replicas"] else "scaled to zero")
+    trouble = (c.get("health") or {}).get("message")
+    if trouble:
+        return f"{trouble}; {text}"
     if c["reasons"]:
         text += f" ({c['reasons'][0]})"
     return text
@@ -132,6 +135,7 @@ def print_description(info: dict[str, Any]) -> None:
         f"Endpoint:    {cluster['endpoint'] or '-'}",
         f"Replicas:    {cluster['ready']}/{cluster['replicas']} ready, {cluster['up_to_date']} up to date"
         + (f", {cluster['stopping']} stopping" if cluster["stopping"] else ""),
+        f"Health:      {(cluster.get('health') or {}).get('message') or 'ok'}",
     ]
     if spec:
         gpu = spec["gpu"]

@@ -76,7 +76,8 @@ def on_failure(state: ClusterHealth, now: float, reason: str, node: str) -> Clus
 def on_ready(state: ClusterHealth, now: float) -> ClusterHealth:
     """A replica of the current revision is ready: it proves the manifest can run, so poison-pill
     strikes end; the failure count ends once it stays ready for STABLE_S (see `settle`)."""
-    return replace(state, ready_since=state.ready_since if state.ready_since is not None else now, strikes=())
+    strikes = state.strikes if state.quarantined else ()  # a quarantine keeps what explains it
+    return replace(state, ready_since=state.ready_since if state.ready_since is not None else now, strikes=strikes)
 
 
 def on_none_ready(state: ClusterHealth) -> ClusterHealth:

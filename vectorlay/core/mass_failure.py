@@ -22,22 +22,20 @@ REPLACED_PER_MINUTE_FRACTION = 0.1
 
 @dataclass(frozen=True)
 class Budget:
-    """`bucket` is None outside a mass failure (no cap)."""
+    """The cap applies only while `active`. The bucket outlives an episode, so a fleet flapping
+    in and out of a mass failure does not get a fresh burst each time."""
 
     bucket: TokenBucket | None = None
+    active: bool = False
     down: int = 0
     total: int = 0
 
-    @property
-    def active(self) -> bool:
-        return self.bucket is not None
-
     def available(self, now: float) -> int | None:
         """How many lost replicas may be given up on now; None: no cap."""
-        return None if self.bucket is None else self.bucket.available(now)
+        return self.bucket.available(now) if self.active and self.bucket is not None else None
 
     def retry_after(self, now: float) -> float:
-        return 0.0 if self.bucket is None else self.bucket.retry_after(now)
+        return self.bucket.retry_after(now) if self.active and self.bucket is not None else 0.0
 
 
 def per_minute(total_nodes: int) -> float:
@@ -48,18 +46,18 @@ def assess(budget: Budget, nodes: Mapping[str, Node], now: float) -> Budget:
     """Start, keep or end the mass-failure budget for the fleet as it is now."""
     down = sum(1 for node in nodes.values() if node.state is NodeState.DOWN)
     total = len(nodes)
-    if total < MASS_FAILURE_MIN_NODES or down < MASS_FAILURE_FRACTION * total:
-        return Budget(None, down, total)
+    active = total >= MASS_FAILURE_MIN_NODES and down >= MASS_FAILURE_FRACTION * total
+    rate = per_minute(total)
     bucket = budget.bucket
-    if bucket is None:
-        rate = per_minute(total)
-        bucket = TokenBucket.full(rate / 60, rate, now)
-    return Budget(bucket, down, total)
+    if bucket is None or bucket.burst != rate:  # the first episode, or the fleet changed size
+        tokens = rate if bucket is None else min(rate, bucket.refill(now).tokens)
+        bucket = TokenBucket(rate / 60, rate, tokens, now)
+    return Budget(bucket, active, down, total)
 
 
 def spend(budget: Budget, now: float, replaced: int) -> Budget:
     """Take `replaced` tokens (never more than are there: the plan was capped by `available`)."""
-    if budget.bucket is None or replaced <= 0:
+    if not budget.active or budget.bucket is None or replaced <= 0:
         return budget
     _, bucket = budget.bucket.take(now, min(replaced, budget.bucket.available(now)))
-    return Budget(bucket, budget.down, budget.total)
+    return Budget(bucket, True, budget.down, budget.total)

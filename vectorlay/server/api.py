@@ -56,6 +56,7 @@ class Api:
             "whoami": (self.whoami, False),
             "apply": (self.apply, False),
             "delete": (self.delete, False),
+            "cluster_unquarantine": (self.cluster_unquarantine, False),
             "get_clusters": (self.get_clusters, False),
             "get_replicas": (self.get_replicas, False),
             "describe_cluster": (self.describe_cluster, False),
@@ -181,12 +182,17 @@ class Api:
             raise NotFoundError(f"cluster {params.get('name')!r} not found")
         return {"deleted": key}
 
+    async def cluster_unquarantine(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        key = self._cluster(principal, params)
+        return {"cluster": key, "lifted": await self.admin.unquarantine(key, principal.actor)}
+
     async def get_clusters(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         if params.get("name") is not None:
             keys = [self._cluster(principal, params)]
         else:
             keys = sorted(k for k in self.fleet.clusters if self._visible(principal, k))
-        return [views.cluster_view(self.fleet, k, self.feed.endpoint_url(k)) for k in keys]
+        now = trio.current_time()
+        return [views.cluster_view(self.fleet, k, self.feed.endpoint_url(k), now) for k in keys]
 
     async def get_replicas(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         if params.get("cluster") is not None:
@@ -205,7 +211,7 @@ class Api:
             mine = [views.event_view(e) for e in events if e.replica_id == replica.id][-5:]
             replicas.append({**views.replica_view(self.fleet, replica.id), "events": mine})
         return {
-            "cluster": views.cluster_view(self.fleet, key, self.feed.endpoint_url(key)),
+            "cluster": views.cluster_view(self.fleet, key, self.feed.endpoint_url(key), trio.current_time()),
             "spec": codec.dump(record.spec) if record else None,
             "replicas": replicas,
             "events": [views.event_view(e) for e in events[-20:]],
@@ -217,7 +223,8 @@ class Api:
         timeout = _timeout(params)
 
         def statuses() -> list[dict[str, Any]]:
-            return [views.cluster_view(self.fleet, k, self.feed.endpoint_url(k)) for k in keys]
+            now = trio.current_time()
+            return [views.cluster_view(self.fleet, k, self.feed.endpoint_url(k), now) for k in keys]
 
         with trio.move_on_after(timeout):
             while True:
@@ -225,6 +232,10 @@ class Api:
                 await emit(current)
                 if all(views.is_cluster_ready(s) for s in current):
                     return {"ready": True, "clusters": current}
+                blocked = [(s["key"], reason) for s in current if (reason := views.blocked_reason(s))]
+                if blocked:  # it will not get ready by waiting: say why now, not at the timeout
+                    return {"ready": False, "clusters": current,
+                            "failed": [{"cluster": key, "reason": reason} for key, reason in blocked]}
                 with trio.move_on_after(1.0):
                     await self.signals.wait_changed()
         return {"ready": False, "clusters": statuses()}

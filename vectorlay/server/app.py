@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -78,17 +78,25 @@ async def run_server(
     config: ServerConfig,
     wall_clock: Callable[[], float] = time.time,
     *,
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
+    store: Store | None = None,
     task_status: trio.TaskStatus[ServerStarted] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Serve until cancelled. Tests may pass in-memory `listeners` instead of host:port, and a
+    `store` of their own (which they then close)."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    store = await trio.to_thread.run_sync(open_store, config.database_url)
+    if store is not None:
+        await _serve(config, store, wall_clock, listeners, task_status)
+        return
+    opened = await trio.to_thread.run_sync(open_store, config.database_url)
     try:
-        await _serve(config, store, wall_clock, task_status)
+        await _serve(config, opened, wall_clock, listeners, task_status)
     finally:
-        store.close()
+        opened.close()
 
 
 async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], float],
+                 listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None,
                  task_status: trio.TaskStatus[ServerStarted]) -> None:
     snapshot = await store.load()
     fleet = Fleet()
@@ -167,8 +175,9 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
         await nursery.start(controller.run)
         await nursery.start(feed.run)
         ssl_context = config.tls.context() if config.tls else None
-        server = await nursery.start(serve, handle, config.host, config.port, PATHS, ssl_context)
-        port = server.port
+        server = await nursery.start(partial(serve, handle, config.host, config.port, PATHS, ssl_context,
+                                             listeners=listeners))
+        port = server.port if listeners is None else 0
         scheme = "wss" if config.tls else "ws"
         log.info("listening on %s://%s:%d", scheme, config.host, port)
         if config.tls is None and not _is_loopback(config.host):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from vectorlay.core import cluster_health
+from vectorlay.core.cluster_health import HEALTHY, ClusterHealth
 from vectorlay.core.codec import dump
 from vectorlay.core.model import GpuStatus, ReplicaState, split_key
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.records import ApiKeyRecord, AuditRecord, EventRecord, TokenRecord
 
 
-def cluster_view(fleet: Fleet, name: str, endpoint: str | None) -> dict[str, Any]:
+def cluster_view(fleet: Fleet, name: str, endpoint: str | None, now: float) -> dict[str, Any]:
+    """`now` is the server's monotonic clock (for "next try in 40s")."""
     record = fleet.clusters.get(name)
     replicas = [r for r in fleet.replicas_of_cluster(name) if not r.stopping]
     revision = record.revision if record else ""
@@ -36,7 +39,31 @@ def cluster_view(fleet: Fleet, name: str, endpoint: str | None) -> dict[str, Any
         "runtime": record.spec.runtime.value if record else None,
         "gpu": dump(record.spec.gpu) if record else None,
         "created_at": record.created_at if record else None,
+        "health": health_view(fleet.health.get(name, HEALTHY), now),
     }
+
+
+def health_view(health: ClusterHealth, now: float) -> dict[str, Any]:
+    """Whether the cluster is in trouble of its own: crash-looping, quarantined or degraded."""
+    if health.quarantined:
+        status = "quarantined"
+    elif health.degraded:
+        status = "degraded"
+    elif health.crash_looping:
+        status = "crash-looping"
+    else:
+        status = "ok"
+    return {"status": status, "message": cluster_health.describe(health, now), "failures": health.failures,
+            "next_try_in_s": round(max(0.0, health.not_before - now), 1) if health.failures else None}
+
+
+def blocked_reason(view: dict[str, Any]) -> str | None:
+    """Why waiting for the cluster to be ready is pointless now (it will not get there by
+    itself), or None: quarantined, or crash-looping."""
+    health = view.get("health") or {}
+    if health.get("status") in ("quarantined", "crash-looping"):
+        return str(health["message"])
+    return None
 
 
 def is_cluster_ready(view: dict[str, Any]) -> bool:
