@@ -11,7 +11,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from vectorlay.testing.processes import Stack, tinylm_manifest
+from vectorlay.client.api import open_api
+from vectorlay.errors import UserError
+from vectorlay.testing.processes import REPO_ROOT, Stack, tinylm_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +24,8 @@ BAD_MANIFESTS = {
     "bad name": (tinylm_manifest("Echo_1"), "metadata.name (line 4): 'Echo_1' is not a valid name"),
     "bad duration": (tinylm_manifest(reschedule_after="soon"), "spec.reschedule_after (line 12)"),
     "not yaml": ("apiVersion: [unclosed", "invalid YAML"),
+    "NUL in command": (tinylm_manifest(extra_args=["x\\0"]), "spec.command[4] (line 9): contains a NUL byte"),
+    "surrogate in command": (tinylm_manifest(extra_args=["\\ud800"]), "spec.command[4] (line 9): contains U+D800"),
 }
 
 
@@ -140,3 +144,39 @@ def test_garbage_after_hello_closes_only_that_node(stack: Stack) -> None:
     # The real agent reconnects (its session was replaced by the rogue one) and stays healthy.
     stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1), timeout_s=60)
     assert [(n["name"], n["state"]) for n in stack.cli_json("get", "nodes")] == [("n1", "ready")]
+
+
+def test_secret_values_no_process_can_take_are_refused_before_contacting_the_server(stack: Stack) -> None:
+    # No server listens there: `secret set` refuses these itself (a secret becomes an environment
+    # variable), before it tries to connect.
+    nowhere = ("--server", "ws://127.0.0.1:1", "--token", "abcdef.0123456789abcdef01")
+    nul = stack.cli("secret", "set", "default", "hf-token", *nowhere, check=False, input_text="hf_\x00abc")
+    assert "invalid secret 'hf-token': the value contains a NUL byte" in _one_line_error(nul)
+    not_utf8 = subprocess.run([*stack.cli_argv(), "secret", "set", "default", "hf-token", *nowhere],
+                              input=b"hf_\xff\xfe",
+                              capture_output=True, env=stack.env(), cwd=REPO_ROOT, timeout=60)
+    result = subprocess.CompletedProcess(not_utf8.args, not_utf8.returncode, not_utf8.stdout.decode(),
+                                         not_utf8.stderr.decode())
+    assert "the secret read from stdin is not valid UTF-8" in _one_line_error(result)
+
+
+async def _call_refused(url: str, token: str, method: str, params: dict[str, object]) -> str:
+    async with open_api(url, token) as api:
+        with pytest.raises(UserError) as refused:
+            await api.call(method, params)
+    return str(refused.value)
+
+
+def test_the_server_refuses_what_no_process_can_take_from_a_client_that_does_not_check(stack: Stack) -> None:
+    stack.start_server()
+    manifest = tinylm_manifest(extra_args=["x\\0"])
+    refused = trio.run(_call_refused, stack.server_url, stack.admin_token, "apply", {"manifest": manifest})
+    assert refused == "spec.command[4] (line 9): contains a NUL byte (\\0), which no argument, environment " \
+                      "variable or path can hold"
+    for value in ("hf_\x00abc", "hf_\ud800"):
+        refused = trio.run(_call_refused, stack.server_url, stack.admin_token, "secret_set",
+                           {"project": "default", "name": "hf-token", "value": value})
+        assert refused.startswith("invalid secret 'hf-token': the value contains")
+    # Nothing changed, and the server serves on.
+    assert stack.cli_json("get", "clusters") == []
+    assert stack.cli_json("secret", "list", "default") == []
