@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,9 @@ from vectorlay.core.protocol import (
 )
 from vectorlay.errors import AuthError, ConnectError, ProtocolError, UserError, unwrap_group
 from vectorlay.files import write_private
+from vectorlay.lifecycle import CleanStop
 from vectorlay.node import logs
+from vectorlay.node.faults import FaultPoints
 from vectorlay.node.gpu_health import NvmlMonitor, watch_gpus
 from vectorlay.node.runtime import ReplicaRuntime
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
@@ -104,8 +105,12 @@ async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str
 
 class Agent:
     def __init__(self, creds: Credentials, supervisor: Supervisor, gpus: list[Gpu], runtimes: tuple[str, ...],
-                 isolation: tuple[str, ...] = ()) -> None:
+                 isolation: tuple[str, ...] = (), clean_stop: CleanStop | None = None) -> None:
         self.creds = creds
+        # Set by whoever stops the agent on purpose (a signal, `vectorlay dev` exiting); only then
+        # does it say goodbye. Any other end (an exception anywhere in the node) closes the link
+        # without one, and the server takes the node out of routing at once.
+        self.clean_stop = clean_stop if clean_stop is not None else CleanStop()
         self.supervisor = supervisor
         self.gpus = gpus
         self.runtimes = runtimes
@@ -193,7 +198,7 @@ class Agent:
             for scope in self._log_scopes.values():
                 scope.cancel()
             self._log_scopes.clear()
-            if trio.current_effective_deadline() == -math.inf:
+            if self.clean_stop.requested:
                 await _say_goodbye(link)
 
     async def _writer(self, link: Link) -> None:
@@ -256,8 +261,8 @@ class Agent:
 
 
 async def _say_goodbye(link: Link) -> None:
-    """We are being cancelled (the agent is stopping): tell the server our replicas stay up, so it
-    keeps routing to them instead of treating the closed link as a lost node."""
+    """The agent is stopping on purpose: tell the server our replicas stay up, so it keeps routing
+    to them instead of treating the closed link as a lost node."""
     with trio.CancelScope(shield=True), trio.move_on_after(1):
         try:
             await link.send(Goodbye("agent stopping; replicas keep running"))
@@ -275,12 +280,15 @@ async def run_node(
     isolation: tuple[str, ...] = (),
     publish_ip: str = "127.0.0.1",
     gpu_monitor: NvmlMonitor | None = None,
+    clean_stop: CleanStop | None = None,
+    faults: FaultPoints = FaultPoints(),
     task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Re-attach to running replicas, then run the supervisor, the GPU monitor and the server link."""
+    """Re-attach to running replicas, then run the supervisor, the GPU monitor and the server link.
+    `clean_stop`: see `Agent`; `faults`: fault-injection tests only."""
     identity = NodeIdentity(creds.node_id, creds.name, creds.address, publish_ip=publish_ip)
-    supervisor = Supervisor(runtime, state_dir, identity, on_report=lambda report: None)
-    agent = Agent(creds, supervisor, gpus, runtimes, isolation)
+    supervisor = Supervisor(runtime, state_dir, identity, on_report=lambda report: None, faults=faults)
+    agent = Agent(creds, supervisor, gpus, runtimes, isolation, clean_stop)
     supervisor.on_report = agent.on_report
     await supervisor.reattach()
     async with trio.open_nursery() as nursery:
