@@ -16,6 +16,7 @@ from pathlib import Path
 import trio
 
 from vectorlay.backoff import Backoff
+from vectorlay.core.launch_inputs import replica_id_problem
 from vectorlay.core.model import Gpu, GpuStatus
 from vectorlay.core.protocol import (
     PROTOCOL_VERSION,
@@ -244,17 +245,26 @@ class Agent:
                 raise ProtocolError("a second welcome on one link")
 
     async def _stream_logs(self, request: LogsOpen, scope: trio.CancelScope) -> None:
-        path = logs.log_path(self.supervisor.log_dir, request.replica_id)
         with scope:
+            # The id becomes a file name: never one that leaves the log directory or holds a NUL.
+            problem = replica_id_problem(request.replica_id)
+            if problem is not None:
+                await self._send(LogsEnd(request.stream_id, problem))
+                return
+            path = logs.log_path(self.supervisor.log_dir, request.replica_id)
             if not path.exists():
                 await self._send(LogsEnd(request.stream_id, f"no log for replica {request.replica_id} on this node"))
                 return
-            lines, offset = await trio.to_thread.run_sync(logs.tail_lines, path, request.tail)
-            for start in range(0, len(lines), logs.MAX_LINES_PER_BATCH):
-                await self._send(LogsData(request.stream_id, tuple(lines[start:start + logs.MAX_LINES_PER_BATCH])))
-            if request.follow:
-                async for batch in logs.follow(path, offset):
-                    await self._send(LogsData(request.stream_id, tuple(batch)))
+            try:
+                lines, offset = await trio.to_thread.run_sync(logs.tail_lines, path, request.tail)
+                for start in range(0, len(lines), logs.MAX_LINES_PER_BATCH):
+                    await self._send(LogsData(request.stream_id, tuple(lines[start:start + logs.MAX_LINES_PER_BATCH])))
+                if request.follow:
+                    async for batch in logs.follow(path, offset):
+                        await self._send(LogsData(request.stream_id, tuple(batch)))
+            except OSError as error:  # one unreadable log ends its stream, not the node's link
+                await self._send(LogsEnd(request.stream_id, f"cannot read the log of {request.replica_id}: {error}"))
+                return
             await self._send(LogsEnd(request.stream_id))
         if self._log_scopes.get(request.stream_id) is scope:
             del self._log_scopes[request.stream_id]
