@@ -291,6 +291,7 @@ def test_a_name_with_a_trailing_newline_is_rejected() -> None:
 # --- what no process can take: refused at the door --------------------------------------------------
 
 NUL = "contains a NUL byte"
+LONG_NAME = "A" * 1025
 SURROGATE = "a lone surrogate"
 
 
@@ -325,6 +326,9 @@ SURROGATE = "a lone surrogate"
         (f'  command: ["{"x" * (MAX_ARG_BYTES + 1)}"]\n', "spec.command[0]", 6, "longer than 131071 bytes"),
         (f'  command: [run]\n  env: {{A: "{"é" * (MAX_ARG_BYTES // 2)}"}}\n', "spec.env.A", 7,
          "longer than 131071 bytes"),
+        # (YAML's own limit on a plain key is 1024 characters: a longer one needs the explicit `? ` form.)
+        (f'  command: [run]\n  env_from_secret:\n    ? {LONG_NAME}\n    : hf-token\n',
+         f"spec.env_from_secret.{'A' * 64}...", 9, "longer than 1024 characters"),
         (f'  command: [run]\n  workdir: "{"/abc" * 1100}"\n', "spec.workdir", 7, "PATH_MAX"),
         (f'  command: [run]\n  workdir: "/srv/{"a" * 256}"\n', "spec.workdir", 7, "NAME_MAX"),
         (f'  image: "{"a" * 256}"\n  runtime: container\n', "spec.image", 6, "longer than 255 characters"),
@@ -339,6 +343,13 @@ def test_what_no_process_can_take_is_refused_with_path_and_line(body: str, path:
     assert (error.path, error.line) == (path, line)
     assert words in error.message
     assert len(str(error)) < 300  # a hostile megabyte never becomes a megabyte of error
+
+
+def test_a_hostile_key_makes_a_short_error() -> None:
+    # An explicit key (`? `) may be as long as the whole manifest; the error quotes a little of it.
+    error = reject(doc(f"  command: [run]\n  ? {'z' * 500_000}\n  : 1\n"))
+    assert error.path == f"spec.{'z' * 64}..." and error.line == 7
+    assert "unknown key 'zzz" in error.message and len(str(error)) < 400
 
 
 def test_the_largest_values_a_process_can_take_are_accepted() -> None:

@@ -26,6 +26,9 @@ MAX_IMAGE_NAME = 255  # registries refuse a longer repository name (distribution
 MAX_IMAGE_REF = MAX_IMAGE_NAME + 1 + 128 + 72  # name, `:tag` (at most 128) and `@sha256:<64 hex>`
 # Well under the 8 KiB request line that common HTTP servers accept (nginx, h11 allow more).
 MAX_HEALTH_PATH = 2048
+# Far beyond any real variable name, and it leaves an entry almost all of MAX_ARG_BYTES for its
+# value (a secret's value is only known on the node, and may be 64 KiB).
+MAX_ENV_NAME = 1024
 MAX_REPLICA_ID = 128  # the server makes `<cluster name>-<5 characters>`: at most 69
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -67,6 +70,8 @@ def argument_problem(text: str) -> str | None:
 
 
 def env_name_problem(name: str) -> str | None:
+    if len(name) > MAX_ENV_NAME:
+        return f"environment variable name {shown(name, 20)} is longer than {MAX_ENV_NAME} characters"
     if not ENV_NAME.fullmatch(name):
         return f"{shown(name)} is not a valid environment variable name"
     return None

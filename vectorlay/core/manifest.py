@@ -28,6 +28,7 @@ from vectorlay.core.launch_inputs import (
     health_path_problem,
     image_problem,
     path_problem,
+    shown,
 )
 from vectorlay.core.model import (
     DEFAULT_PROJECT,
@@ -47,6 +48,7 @@ API_VERSION = "vectorlay.dev/v1"
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_DEPTH = 20
 MAX_NODES = 20_000
+MAX_PATH_KEY = 64  # characters of a key shown in an error's YAML path
 RESERVED_ENV_PREFIX = "VECTORLAY_"
 RESERVED_ENV = frozenset({"PORT"})
 
@@ -144,6 +146,8 @@ class _Value:
         return ManifestError(message, self.path, self.line)
 
     def child(self, key: str | int, node: yaml.Node) -> _Value:
+        if isinstance(key, str) and len(key) > MAX_PATH_KEY:
+            key = key[:MAX_PATH_KEY] + "..."  # a hostile key must not make a megabyte of error
         path = f"{self.path}[{key}]" if isinstance(key, int) else (f"{self.path}.{key}" if self.path else key)
         return _Value(node, path)
 
@@ -175,10 +179,11 @@ class _Value:
                 raise _Value(key_node, self.path).fail(f"keys must be strings, got {key!r}")
             child = self.child(key, value_node)
             if key in result:
-                raise ManifestError(f"duplicate key {key!r}", child.path, _Value(key_node, "").line)
+                raise ManifestError(f"duplicate key {shown(key)}", child.path, _Value(key_node, "").line)
             if key not in allowed:
                 hint = ", ".join(sorted(allowed))
-                raise ManifestError(f"unknown key {key!r} (allowed: {hint})", child.path, _Value(key_node, "").line)
+                raise ManifestError(f"unknown key {shown(key)} (allowed: {hint})", child.path,
+                                    _Value(key_node, "").line)
             result[key] = child
         return result
 
