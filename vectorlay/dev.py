@@ -17,6 +17,7 @@ import trio
 from vectorlay.client import commands, output
 from vectorlay.client.api import open_api
 from vectorlay.client.config import Context, save_context
+from vectorlay.lifecycle import CleanStop
 from vectorlay.node.agent import Agent, Credentials, join, load_credentials, run_node
 from vectorlay.node.gpu_health import NvmlMonitor
 from vectorlay.node.setup import NodeOptions, NodeSetup, prepare_node
@@ -42,7 +43,9 @@ class DevConfig:
     heartbeat_interval_s: float = 1.0
 
 
-async def run_dev(config: DevConfig, *, task_status: trio.TaskStatus[Context] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_dev(config: DevConfig, clean_stop: CleanStop | None = None, *,
+                  task_status: trio.TaskStatus[Context] = trio.TASK_STATUS_IGNORED) -> None:
+    """`clean_stop`, marked by the signal that stops dev, lets its nodes say goodbye as they go."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
     async with trio.open_nursery() as nursery:
         server = await nursery.start(run_server, ServerConfig(
@@ -54,7 +57,7 @@ async def run_dev(config: DevConfig, *, task_status: trio.TaskStatus[Context] = 
         log.info("dev nodes: %s", setup.preflight.gpu_note)
         supervisors = []
         for index in range(1, config.nodes + 1):
-            supervisors.append(await _start_node(nursery, config, url, admin, f"dev-{index}", setup))
+            supervisors.append(await _start_node(nursery, config, url, admin, f"dev-{index}", setup, clean_stop))
         async with open_api(url, admin) as api:
             proxy_token = (await api.call("token_create", {"role": "proxy", "description": "vectorlay dev"}))["token"]
         proxy = await nursery.start(run_proxy, ProxyConfig(url, proxy_token, port=config.proxy_port,
@@ -75,7 +78,7 @@ async def run_dev(config: DevConfig, *, task_status: trio.TaskStatus[Context] = 
 
 
 async def _start_node(nursery: trio.Nursery, config: DevConfig, url: str, admin: str, name: str,
-                      setup: NodeSetup) -> Agent:
+                      setup: NodeSetup, clean_stop: CleanStop | None) -> Agent:
     state_dir = config.state_dir / name
     creds: Credentials
     if (state_dir / "node.json").exists():
@@ -88,7 +91,7 @@ async def _start_node(nursery: trio.Nursery, config: DevConfig, url: str, admin:
         creds = Credentials(url, creds.node_id, creds.name, creds.credential, creds.address)
     agent: Agent = await nursery.start(partial(
         run_node, creds, state_dir, setup.runtime, setup.gpus, setup.runtimes, isolation=setup.isolation,
-        publish_ip=setup.publish_ip, gpu_monitor=_monitor_for_node(setup)))
+        publish_ip=setup.publish_ip, gpu_monitor=_monitor_for_node(setup), clean_stop=clean_stop))
     return agent
 
 

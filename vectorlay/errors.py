@@ -60,7 +60,15 @@ class StoreError(VectorlayError):
 
 
 class RuntimeFailure(VectorlayError):
-    """A replica runtime could not start, stop or inspect a workload."""
+    """A replica runtime could not start, stop or inspect a workload.
+
+    `node_fault` says the cause lies with this node rather than the cluster (an image it lacks
+    under `image_pull: never`, an isolation level, runtime or GPU it cannot give): the same
+    replica may well start on another node."""
+
+    def __init__(self, message: str, *, node_fault: bool = False) -> None:
+        super().__init__(message)
+        self.node_fault = node_fault
 
 
 @contextmanager

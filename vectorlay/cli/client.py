@@ -13,6 +13,7 @@ from vectorlay.cli.common import Format, OutputOpt, ProjectOpt, ServerOpt, Token
 from vectorlay.client import commands
 from vectorlay.client.config import config_path, list_contexts, resolve, use_context
 from vectorlay.client.output import stderr, stdout
+from vectorlay.errors import UserError
 
 token_app = typer.Typer(help="Create tokens for nodes, proxies and admins.", no_args_is_help=True)
 context_app = typer.Typer(help="Client contexts (server URL + token) in the config file.", no_args_is_help=True)
@@ -143,7 +144,11 @@ def secret_set(
 ) -> None:
     """Create or replace a secret; clusters use it with spec.env_from_secret. Stored encrypted."""
     if value is None:
-        value = sys.stdin.read().rstrip("\n")
+        try:
+            value = sys.stdin.buffer.read().decode("utf-8").rstrip("\n")
+        except UnicodeDecodeError as error:
+            raise UserError(f"the secret read from stdin is not valid UTF-8 ({error.reason} at byte "
+                            f"{error.start})") from None
     run(commands.secret, resolve(server_url, token), "set", project, name, value, False)
 
 

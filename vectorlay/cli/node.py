@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 from functools import partial
@@ -18,10 +19,11 @@ from vectorlay.client.config import resolve
 from vectorlay.client.output import stderr, stdout
 from vectorlay.errors import UserError
 from vectorlay.files import write_private
-from vectorlay.lifecycle import setup_logging, until_signalled
+from vectorlay.lifecycle import CleanStop, setup_logging, until_signalled
 
 if TYPE_CHECKING:
     from vectorlay.node.agent import Credentials
+    from vectorlay.node.faults import FaultPoints
     from vectorlay.node.setup import NodeOptions, NodeSetup
 
 node_app = typer.Typer(help="Run this machine as a node: [bold]join[/bold] once, then plain "
@@ -59,7 +61,8 @@ def node(
     creds = load_credentials(directory)
     options = _options(_load_node_settings(directory), allow_process_runtime, container_cli, oci_runtime, None)
     _save_node_settings(directory, options.settings())
-    run(partial(until_signalled, partial(_run_node, creds, directory, options)))
+    clean_stop = CleanStop()
+    run(partial(until_signalled, partial(_run_node, creds, directory, options, clean_stop, _faults()), clean_stop))
 
 
 @node_app.command("join")
@@ -88,6 +91,8 @@ def node_join(
                         "or pick another --state-dir")
     node_name = name or _hostname_label()
     options = _options({}, allow_process_runtime, container_cli, oci_runtime, gpu)
+    clean_stop = CleanStop()
+    faults = _faults()
 
     async def main() -> None:
         setup = await prepare_node(options, advertise)
@@ -96,9 +101,9 @@ def node_join(
                            setup.isolation)
         _save_node_settings(directory, options.settings())
         stderr.print(f"joined as {creds.name} ({creds.node_id}); credential saved in {directory}")
-        await _run_setup(creds, directory, setup)
+        await _run_setup(creds, directory, setup, clean_stop, faults)
 
-    run(partial(until_signalled, main))
+    run(partial(until_signalled, main, clean_stop))
 
 
 @node_app.command("check")
@@ -181,19 +186,28 @@ def _options(saved: dict[str, Any], allow_process: bool | None, container_cli: s
     )
 
 
-async def _run_node(creds: Credentials, directory: Path, options: NodeOptions) -> None:
+def _faults() -> FaultPoints:
+    """Fault points named in VECTORLAY_NODE_FAULTS, for fault-injection tests; never set it in production."""
+    from vectorlay.node.faults import ENV_VAR, FaultPoints
+
+    return FaultPoints.parse(os.environ.get(ENV_VAR, ""))
+
+
+async def _run_node(creds: Credentials, directory: Path, options: NodeOptions, clean_stop: CleanStop,
+                    faults: FaultPoints) -> None:
     from vectorlay.node.setup import prepare_node
 
-    await _run_setup(creds, directory, await prepare_node(options, creds.address))
+    await _run_setup(creds, directory, await prepare_node(options, creds.address), clean_stop, faults)
 
 
-async def _run_setup(creds: Credentials, directory: Path, setup: NodeSetup) -> None:
+async def _run_setup(creds: Credentials, directory: Path, setup: NodeSetup, clean_stop: CleanStop,
+                     faults: FaultPoints) -> None:
     from vectorlay.node.agent import run_node
 
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(run_node, creds, directory, setup.runtime, setup.gpus, setup.runtimes,
                                     isolation=setup.isolation, publish_ip=setup.publish_ip,
-                                    gpu_monitor=setup.gpu_monitor))
+                                    gpu_monitor=setup.gpu_monitor, clean_stop=clean_stop, faults=faults))
 
 
 def _load_node_settings(directory: Path) -> dict[str, Any]:

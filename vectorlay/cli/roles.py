@@ -14,7 +14,7 @@ from vectorlay.cli.common import ServerOpt, TokenOpt, VerboseOpt, data_dir, dura
 from vectorlay.client.config import Context, resolve, save_context
 from vectorlay.client.output import stderr
 from vectorlay.errors import UserError
-from vectorlay.lifecycle import setup_logging, until_signalled
+from vectorlay.lifecycle import CleanStop, setup_logging, until_signalled
 
 
 def server(
@@ -153,9 +153,10 @@ def dev(
 
     setup_logging(verbose)
     config = DevConfig(state_dir, nodes, server_port, proxy_port, domain, tuple(gpu or ()), apply_file)
+    clean_stop = CleanStop()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_dev, config)
+            await nursery.start(run_dev, config, clean_stop)
 
-    run(partial(until_signalled, main))
+    run(partial(until_signalled, main, clean_stop))

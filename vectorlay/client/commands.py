@@ -12,6 +12,7 @@ from rich.text import Text
 from vectorlay.client import output
 from vectorlay.client.api import ApiClient, open_api
 from vectorlay.client.config import Context
+from vectorlay.core.launch_inputs import secret_value_problem
 from vectorlay.core.manifest import parse_manifest
 from vectorlay.errors import UserError, VectorlayError
 
@@ -263,6 +264,8 @@ async def token_revoke(ctx: Context, token_id: str) -> None:
 
 
 async def secret(ctx: Context, action: str, project: str, name: str | None, value: str | None, as_json: bool) -> None:
+    if value is not None and (problem := secret_value_problem(value)) is not None:
+        raise UserError(f"invalid secret {name!r}: {problem}")  # before any connection is made
     async with open_api(ctx.server, ctx.token) as api:
         if action == "set":
             result = await api.call("secret_set", {"project": project, "name": name, "value": value})

@@ -61,7 +61,9 @@ class ReplicaReport:
     reason: str = ""
     address: str | None = None
     image_digest: str | None = None  # what the node resolved the image to (containers)
-    node_fault: bool = False  # it failed for a reason tied to this node (image missing here, say)
+    # With a failure: its cause is this node, not the cluster (an image missing under `image_pull:
+    # never`, an isolation level, runtime or GPU the node cannot give); another node may succeed.
+    node_fault: bool = False
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import trio
 
 from vectorlay.core import codec
 from vectorlay.core.durations import parse_duration
+from vectorlay.core.launch_inputs import secret_value_problem
 from vectorlay.core.manifest import is_dns_label, parse_manifest
 from vectorlay.core.model import DEFAULT_PROJECT, Role, cluster_key, split_key
 from vectorlay.core.protocol import CLIENT_TO_SERVER, Call, Cancel, Event, Failure, LogsData, LogsEnd, Result
@@ -302,6 +303,8 @@ class Api:
         value = _param(params, "value", str)
         if not is_dns_label(name):
             raise UserError(f"invalid secret name {name!r}: use lowercase letters, digits and '-'")
+        if (problem := secret_value_problem(value)) is not None:
+            raise UserError(f"invalid secret {name!r}: {problem}")
         if len(value.encode()) > MAX_SECRET_BYTES:
             raise UserError(f"secret is larger than {MAX_SECRET_BYTES // 1024} KiB")
         existed = await self.admin.set_secret(project, name, value, principal.actor)
