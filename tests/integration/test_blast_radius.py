@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from vectorlay.testing.processes import Stack, tinylm_manifest
+from vectorlay.testing.processes import Stack, tinylm_manifest, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -57,3 +57,45 @@ def test_a_cluster_that_cannot_start_backs_off_and_apply_says_why_early(stack: S
     [view] = stack.cli_json("get", "clusters", "nobin")
     assert view["ready"] == 2 and view["health"] == {"status": "ok", "message": "", "failures": 0,
                                                      "next_try_in_s": None}
+
+
+POISON = """\
+apiVersion: vectorlay.dev/v1
+kind: Cluster
+metadata: {name: poison}
+spec:
+  replicas: 1
+  runtime: process
+  command: ["python3", "examples/tinylm/serve.py", "--port", "${PORT}"]
+  env: {POISON_PILL_FOR_TESTS: "1"}
+  reschedule_after: 1s
+"""
+
+
+def test_a_cluster_that_kills_the_agents_it_reaches_is_quarantined(stack: Stack) -> None:
+    """Agents that die right after receiving one cluster's replicas (a fault point stands for the
+    NUL byte that did it before inputs were checked): two dead nodes, and the cluster is placed
+    nowhere; the third node and every other cluster carry on."""
+    stack.start_server()
+    faulty = {"VECTORLAY_NODE_FAULTS": "poison"}
+    nodes = [stack.join_node(name, env=faulty) for name in ("n1", "n2", "n3")]
+    stack.cli("apply", "-", "--no-wait", input_text=POISON)
+
+    def quarantined() -> dict[str, object] | None:
+        [view] = stack.cli_json("get", "clusters", "poison")
+        return view if view["health"]["status"] == "quarantined" else None
+
+    view = wait_for(quarantined, 60, interval_s=0.5, message="the poison cluster to be quarantined")
+    assert "quarantined: the agents of 2 node(s)" in str(view["health"])
+    dead = [n for n in nodes if not n.alive]
+    assert len(dead) == 2, [n.name for n in nodes if n.alive]
+    survivor = next(n for n in nodes if n.alive)
+    time.sleep(12)  # past the dead nodes' down time and the cluster's reschedule_after
+    assert survivor.alive  # it was never given the poison
+    stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1, gpu="{count: 0}"))
+    [echo] = stack.cli_json("get", "clusters", "echo")
+    assert echo["ready"] == 1
+    assert "poison" in stack.cli("get", "clusters").stdout and "quarantined" in stack.cli("get", "clusters").stdout
+    audit = stack.server.log() if stack.server else ""
+    assert "cluster default is quarantined" not in audit  # the name is the cluster's, not a project's
+    assert "cluster poison is quarantined" in audit

@@ -15,9 +15,12 @@ from vectorlay.errors import UserError
 log = logging.getLogger("vectorlay.node")
 
 ENV_VAR = "VECTORLAY_NODE_FAULTS"
+POISON_ENV = "POISON_PILL_FOR_TESTS"
 # Each point, and where it is.
 POINTS = {
     "converge": "the supervisor's loop, when it converges on a desired set that is not empty",
+    "poison": f"the supervisor's loop, when a desired replica's env has {POISON_ENV} (a workload that kills "
+              "whichever agent runs it, for the server's quarantine)",
 }
 
 

@@ -25,7 +25,7 @@ from vectorlay.core.model import Assignment, ReplicaState, Runtime
 from vectorlay.core.protocol import Command, ReplicaReport, Sync
 from vectorlay.errors import RuntimeFailure, VectorlayError
 from vectorlay.node import local_state, logs
-from vectorlay.node.faults import FaultPoints
+from vectorlay.node.faults import POISON_ENV, FaultPoints
 from vectorlay.node.local_state import AgentState, RunningRecord
 from vectorlay.node.probe import http_probe
 from vectorlay.node.runtime import Handle, LaunchRequest, ReplicaRuntime
@@ -248,6 +248,8 @@ class Supervisor:
             while True:
                 if self.desired:
                     self.faults.hit("converge")
+                if any(POISON_ENV in a.spec.env for a in self.desired.values()):
+                    self.faults.hit("poison")
                 self._converge(nursery)
                 await self._changed.wait()
                 self._changed = trio.Event()
