@@ -59,6 +59,24 @@ class StoreError(VectorlayError):
     """The database failed (unreachable, locked, schema too new)."""
 
 
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or cannot take writes now (refused, stalled, disk full):
+    weather, not death. Nothing was changed by the statement that failed."""
+
+
+class StoreInDoubt(StoreUnavailable):
+    """The database did not answer in time while a change was being committed: whether it was
+    stored is known only later (`outcome`)."""
+
+    def __init__(self, message: str, outcome: object) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class StoreFatal(StoreError):
+    """A database failure that waiting cannot heal (a schema newer than this vectorlay)."""
+
+
 class RuntimeFailure(VectorlayError):
     """A replica runtime could not start, stop or inspect a workload.
 

@@ -38,6 +38,7 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY = 1008  # authentication or authorisation failed
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013  # the server cannot serve this now (its database is away): come back later
 CONNECT_TIMEOUT_S = 10.0
 # How long one message may take to leave once its send has begun. Sends are not cancellable
 # (see Link.send), so this bounds how long a peer that stopped reading can hold us up.

@@ -10,7 +10,7 @@ each start is answered as the test scripts it (ready, failed, silence, or the ag
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ from vectorlay.core.protocol import (
     Heartbeat,
     Join,
     Joined,
+    Message,
     NodeHello,
     ProxyHello,
     Ready,
@@ -46,8 +47,9 @@ from vectorlay.core.protocol import (
     Sync,
     Welcome,
 )
-from vectorlay.errors import unwrap_group
+from vectorlay.errors import StoreInDoubt, StoreUnavailable, unwrap_group
 from vectorlay.server.app import ServerConfig, ServerStarted, run_server
+from vectorlay.server.store import engine, ops
 from vectorlay.server.store.engine import Store, open_store, sqlite_url
 from vectorlay.wire import Link, LinkClosed
 
@@ -66,6 +68,34 @@ class InlineStore(Store):
     async def run(self, work: Callable[[Any], T]) -> T:
         await trio.lowlevel.checkpoint()
         return self._run_sync(work)
+
+
+class FlakyStore(InlineStore):
+    """The real store, with switches: `down` makes every statement fail as a refused database;
+    `doubt_next_commands` stores the next write that carries commands but reports it unanswered
+    (a commit whose reply was lost), its outcome known only once `resolve_doubt()` is called."""
+
+    down = False
+    doubt_next_commands = False
+    _pending: engine.Outcome | None = None
+
+    async def run(self, work: Callable[[Any], T]) -> T:
+        await trio.lowlevel.checkpoint()
+        if self.down:
+            raise StoreUnavailable("database unavailable (connection refused)")
+        return self._run_sync(work)
+
+    async def apply(self, changes: Sequence[ops.Op]) -> None:
+        if self.doubt_next_commands and not self.down and any(isinstance(c, ops.PutCommand) for c in changes):
+            self.doubt_next_commands = False
+            await super().apply(changes)
+            self._pending = engine.Outcome(trio.lowlevel.current_trio_token())
+            raise StoreInDoubt(f"database unavailable (timed out after {self.timeout_s:g}s)", self._pending)
+        await super().apply(changes)
+
+    def resolve_doubt(self) -> None:
+        assert self._pending is not None
+        self._pending.resolve(True)
 
 
 class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
@@ -89,17 +119,18 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
 @asynccontextmanager
 async def open_link(listener: MemoryListener, path: str) -> AsyncIterator[tuple[Link, trio.abc.Stream]]:
     """A WebSocket to the server on `path`, and its raw stream (closing that is a crash)."""
-    async with trio.open_nursery() as nursery:
-        stream = await listener.connect()
-        ws = await wrap_client_stream(nursery, stream, "server", path,  # type: ignore[arg-type]
-                                      max_message_size=MAX_MESSAGE_BYTES)
-        try:
-            yield Link(ws), stream
-        finally:
-            with trio.move_on_after(1) as scope:
-                scope.shield = True
-                await ws.aclose()
-            nursery.cancel_scope.cancel()
+    with unwrap_group():
+        async with trio.open_nursery() as nursery:
+            stream = await listener.connect()
+            ws = await wrap_client_stream(nursery, stream, "server", path,  # type: ignore[arg-type]
+                                          max_message_size=MAX_MESSAGE_BYTES)
+            try:
+                yield Link(ws), stream
+            finally:
+                with trio.move_on_after(1) as scope:
+                    scope.shield = True
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
 
 
 class ControlPlane:
@@ -115,12 +146,12 @@ class ControlPlane:
         self.admin_token = ""
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
-        self._store: InlineStore | None = None
+        self._store: FlakyStore | None = None
 
     async def start(self, nursery: trio.Nursery) -> ServerStarted:
         self._nursery = nursery
         opened = open_store(sqlite_url(self.state_dir))
-        self._store = InlineStore(opened.engine, trio.CapacityLimiter(1))
+        self._store = FlakyStore(opened.engine, trio.CapacityLimiter(1))
         self.listener = MemoryListener()
         started: ServerStarted = await nursery.start(self._run)
         self.admin_token = started.admin_token or self.admin_token
@@ -141,6 +172,11 @@ class ControlPlane:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+    @property
+    def store(self) -> FlakyStore:
+        assert self._store is not None
+        return self._store
 
     async def restart(self) -> ServerStarted:
         await self.stop()
@@ -191,6 +227,13 @@ class RouteWatcher:
 
     async def run(self, plane: ControlPlane, token: str,
                   *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Follow the feed until the server goes away (a restart ends it)."""
+        try:
+            await self._follow(plane, token, task_status)
+        except LinkClosed:
+            self.routes = {}
+
+    async def _follow(self, plane: ControlPlane, token: str, task_status: trio.TaskStatus[None]) -> None:
         async with open_link(plane.listener, "/v1/proxy") as (link, _):
             await link.send(ProxyHello(PROTOCOL_VERSION, token))
             await link.receive_one(Ready)
@@ -248,6 +291,8 @@ class FakeNode:
     closed_with: tuple[int | None, str] | None = None  # (code, reason) when the server closed the link
     revive_after_s: float | None = 1.0  # after a death, reconnect this much later (None: stay dead)
     _task_status: trio.TaskStatus[None] | None = None
+    _link: Link | None = None
+    _outgoing: trio.MemorySendChannel[Message] = field(default_factory=lambda: trio.open_memory_channel[Message](0)[0])
     _crash: trio.Event = field(default_factory=trio.Event)
     _ports: itertools.count[int] = field(default_factory=lambda: itertools.count(20000))
 
@@ -284,6 +329,8 @@ class FakeNode:
             try:
                 with unwrap_group():
                     async with trio.open_nursery() as nursery:
+                        self._outgoing, outgoing = trio.open_memory_channel[Message](1000)
+                        nursery.start_soon(self._writer, link, outgoing)
                         nursery.start_soon(self._heartbeats, link, welcome.heartbeat_interval_s)
                         nursery.start_soon(self._watch_crash, nursery.cancel_scope)
                         await self._reader(link, nursery)
@@ -295,10 +342,19 @@ class FakeNode:
         await self._crash.wait()
         raise AgentDied()
 
+    async def _writer(self, link: Link, channel: trio.MemoryReceiveChannel[Message]) -> None:
+        """One writer per link, as the agent has."""
+        self._link = link
+        async for message in channel:
+            await link.send(message)
+
     async def _heartbeats(self, link: Link, interval_s: float) -> None:
         while True:
-            await link.send(Heartbeat())
+            await self._send(Heartbeat())
             await trio.sleep(interval_s)
+
+    async def _send(self, message: Message) -> None:
+        await self._outgoing.send(message)
 
     async def _reader(self, link: Link, nursery: trio.Nursery) -> None:
         while True:
@@ -311,7 +367,7 @@ class FakeNode:
                         await self._start(link, message.assignment)
                     elif message.op == "stop":
                         await self._stop(link, message.replica_id)
-                await link.send(Ack(message.seq))
+                await self._send(Ack(message.seq))
             elif isinstance(message, Sync):
                 self.generation = max(self.generation, message.generation)
                 self.applied_seq = max(self.applied_seq, message.through_seq)
@@ -322,7 +378,7 @@ class FakeNode:
                 for replica_id, assignment in wanted.items():
                     if replica_id not in self.running:
                         await self._start(link, assignment)
-                await link.send(Ack(message.through_seq))
+                await self._send(Ack(message.through_seq))
 
     async def _start(self, link: Link, assignment: Assignment) -> None:
         self.starts.append(assignment)
@@ -336,14 +392,22 @@ class FakeNode:
             report = ReplicaReport(assignment.replica_id, assignment.generation, state, outcome.reason if state is
                                    ReplicaState.FAILED else "", address, None, outcome.node_fault)
             self.reports[assignment.replica_id] = report
-            await link.send(ReplicaStatus(report))
+            await self._send(ReplicaStatus(report))
 
     async def _stop(self, link: Link, replica_id: str) -> None:
         assignment = self.running.pop(replica_id, None)
         self.reports.pop(replica_id, None)
         if assignment is not None:
-            await link.send(ReplicaStatus(ReplicaReport(replica_id, assignment.generation, ReplicaState.STOPPED,
+            await self._send(ReplicaStatus(ReplicaReport(replica_id, assignment.generation, ReplicaState.STOPPED,
                                                         "stopped")))
+
+    async def report(self, replica_id: str, state: ReplicaState, reason: str = "") -> None:
+        """Report on a replica it runs, as if its state changed (a process died, say)."""
+        assignment = self.running[replica_id]
+        report = ReplicaReport(replica_id, assignment.generation, state, reason,
+                               self.reports[replica_id].address if replica_id in self.reports else None)
+        self.reports[replica_id] = report
+        await self._send(ReplicaStatus(report))
 
     def crash(self, revive_after_s: float | None = None) -> None:
         """Kill the agent now (no goodbye); it comes back after `revive_after_s` (None: never)."""

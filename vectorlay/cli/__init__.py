@@ -36,6 +36,7 @@ app.add_typer(client.key_app, name="key")
 app.add_typer(client.secret_app, name="secret")
 app.command()(client.audit)
 app.add_typer(client.context_app, name="context")
+app.command()(client.status)
 app.command()(client.version)
 
 

@@ -100,6 +100,12 @@ def version() -> None:
     print(__version__)
 
 
+def status(output_format: OutputOpt = Format.table, server_url: ServerOpt = None, token: TokenOpt = None) -> None:
+    """How the server is: its database (available, or unavailable since when and why), nodes
+    and clusters. Exits 1 while the database is unavailable, so scripts can wait on it."""
+    run(commands.status, resolve(server_url, token), output_format is Format.json)
+
+
 @token_app.command("create")
 def token_create(
     role: Annotated[TokenRole, typer.Option(

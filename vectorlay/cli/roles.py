@@ -33,6 +33,9 @@ def server(
         help="The CA that issued --tls-cert; tokens pin it (default: the certificate's own key).")] = None,
     tls_san: Annotated[list[str] | None, typer.Option(
         help="Extra names or addresses the --tls auto certificate covers (repeat).")] = None,
+    metrics_listen: Annotated[str | None, typer.Option(
+        help="Serve Prometheus metrics (the database's health, nodes, clusters) at http://HOST:PORT/metrics.")]
+    = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the control plane. The first start creates an admin token, prints it and saves it."""
@@ -54,7 +57,8 @@ def server(
         server_tls = auto_tls(directory / "tls", [host, *(tls_san or [])])
     # VECTORLAY_FAULTS names crash points for fault-injection tests; never set it in production.
     faults = frozenset(f for f in os.environ.get("VECTORLAY_FAULTS", "").split(",") if f)
-    config = ServerConfig(directory, host, port, db, interval, crash_points=faults, tls=server_tls)
+    config = ServerConfig(directory, host, port, db, interval, crash_points=faults, tls=server_tls,
+                          metrics_listen=parse_listen(metrics_listen, 9091) if metrics_listen else None)
     scheme = "wss" if server_tls else "ws"
 
     async def main() -> None:

@@ -21,6 +21,10 @@ class WaitTimedOut(VectorlayError):
     """`apply` or `delete` gave up waiting; the change itself was made."""
 
 
+class DatabaseUnavailable(VectorlayError):
+    """`status`: the server runs, its database does not answer (exit 1 for scripts)."""
+
+
 class ClusterFailing(VectorlayError):
     """`apply` stopped waiting early: a cluster cannot get ready by itself (crash loop, quarantine)."""
 
@@ -291,6 +295,18 @@ async def audit(ctx: Context, limit: int, as_json: bool) -> None:
         output.print_json(records)
     else:
         sys.stdout.write(output.audit_table(records))
+
+
+async def status(ctx: Context, as_json: bool) -> None:
+    async with open_api(ctx.server, ctx.token) as api:
+        info = await api.call("status")
+    database = info["database"]
+    if as_json:
+        output.print_json(info)
+    else:
+        output.stdout.print(output.status_text(ctx.server, info), markup=False)
+    if not database["available"]:
+        raise DatabaseUnavailable(f"the server's database is unavailable: {database['reason'] or 'no answer'}")
 
 
 async def check_server(ctx: Context) -> dict[str, Any]:

@@ -114,6 +114,24 @@ def audit_table(records: list[dict[str, Any]]) -> str:
          r["detail"]) for r in records])
 
 
+def status_text(server: str, info: dict[str, Any]) -> str:
+    """`vectorlay status`: the server, its database (the line that matters in an outage), the fleet."""
+    database = info["database"]
+    if database["available"]:
+        db = "available"
+    else:
+        since = _clock(database["since"]) if database.get("since") else "?"
+        db = f"unavailable since {since} ({database['reason'] or 'no answer'})"
+    if database.get("pending_writes"):
+        db += f"; {database['pending_writes']} observation(s) waiting to be stored"
+    return "\n".join([
+        f"server:    {server} (vectorlay {info['version']})",
+        f"database:  {db}",
+        f"nodes:     {info['nodes_connected']} connected of {info['nodes']}",
+        f"clusters:  {info['clusters']}",
+    ])
+
+
 def summary_line(kind: str, summary: dict[str, Any]) -> str:
     """`5000 nodes: 4999 ready, 1 suspect` above a long listing."""
     counts = summary["nodes"] if kind == "nodes" else summary["replicas"]

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from vectorlay import __version__
 from vectorlay.core import codec
 from vectorlay.core.durations import parse_duration
 from vectorlay.core.launch_inputs import secret_value_problem
@@ -22,7 +23,16 @@ from vectorlay.core.manifest import is_dns_label, parse_manifest
 from vectorlay.core.model import DEFAULT_PROJECT, Role, cluster_key, split_key
 from vectorlay.core.protocol import CLIENT_TO_SERVER, Call, Cancel, Event, Failure, LogsData, LogsEnd, Result
 from vectorlay.core.token_bucket import TokenBucket
-from vectorlay.errors import AuthError, ConflictError, NotFoundError, ProtocolError, UserError, VectorlayError
+from vectorlay.errors import (
+    AuthError,
+    ConflictError,
+    NotFoundError,
+    ProtocolError,
+    StoreInDoubt,
+    StoreUnavailable,
+    UserError,
+    VectorlayError,
+)
 from vectorlay.server import views
 from vectorlay.server.admin import Admin
 from vectorlay.server.auth import Authenticator, Principal
@@ -31,6 +41,7 @@ from vectorlay.server.route_feed import RouteFeed
 from vectorlay.server.sessions import Sessions
 from vectorlay.server.signals import Signals
 from vectorlay.server.views import audit_view, token_view
+from vectorlay.server.write_behind import DatabaseStatus
 from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed
 
 log = logging.getLogger("vectorlay.server")
@@ -45,8 +56,10 @@ CLIENT_MESSAGE_BURST = 200
 
 class Api:
     def __init__(self, fleet: Fleet, admin: Admin, sessions: Sessions, signals: Signals, auth: Authenticator,
-                 feed: RouteFeed) -> None:
+                 feed: RouteFeed, database: DatabaseStatus, pending_writes: Callable[[], int]) -> None:
         self.fleet = fleet
+        self.database = database
+        self.pending_writes = pending_writes
         self.admin = admin
         self.sessions = sessions
         self.signals = signals
@@ -55,6 +68,7 @@ class Api:
         # method -> (handler, admin only)
         self.methods: dict[str, tuple[Method, bool]] = {
             "whoami": (self.whoami, False),
+            "status": (self.status, False),
             "apply": (self.apply, False),
             "delete": (self.delete, False),
             "cluster_unquarantine": (self.cluster_unquarantine, False),
@@ -130,7 +144,7 @@ class Api:
             pass
         except VectorlayError as error:
             try:
-                await link.send(Failure(call.id, _kind(error), str(error)))
+                await link.send(Failure(call.id, _kind(error), _explain(error, call.method)))
             except LinkClosed:
                 pass
         finally:
@@ -164,6 +178,12 @@ class Api:
 
     async def whoami(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         return {"role": principal.role.value, "token": principal.token_id, "project": principal.project or None}
+
+    async def status(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        """How this server is: its database above all (unavailable since when, and why)."""
+        connected = sum(1 for live in self.fleet.liveness.values() if live.connected)
+        return {"version": __version__, "database": views.database_view(self.database, self.pending_writes()),
+                "nodes": len(self.fleet.nodes), "nodes_connected": connected, "clusters": len(self.fleet.clusters)}
 
     async def apply(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         specs = parse_manifest(_param(params, "manifest", str), principal.project or DEFAULT_PROJECT)
@@ -446,6 +466,22 @@ def _timeout(params: dict[str, Any]) -> float:
     return float(value)
 
 
+# Calls that change nothing: a database error there needs no word on what was changed.
+READ_ONLY = frozenset({"whoami", "get_clusters", "get_replicas", "describe_cluster", "wait_ready", "wait_deleted",
+                       "logs", "key_list", "secret_list", "audit", "get_nodes", "fleet_summary", "token_list",
+                       "status"})
+
+
+def _explain(error: VectorlayError, method: str) -> str:
+    """The caller's one line: for a database away, whether their change was made."""
+    if isinstance(error, StoreInDoubt):
+        return (f"{error}: the change may or may not have been stored; look again in a moment "
+                "(`vectorlay get clusters`, `vectorlay status`)")
+    if isinstance(error, StoreUnavailable) and method not in READ_ONLY:
+        return f"{error}; nothing was changed"
+    return str(error)
+
+
 def _kind(error: VectorlayError) -> str:
     if isinstance(error, NotFoundError):
         return "not_found"
@@ -455,4 +491,6 @@ def _kind(error: VectorlayError) -> str:
         return "auth"
     if isinstance(error, UserError):
         return "user"
+    if isinstance(error, StoreUnavailable):
+        return "unavailable"
     return "internal"

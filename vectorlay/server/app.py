@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ from vectorlay.core.protocol import (
     Ready,
 )
 from vectorlay.core.tokens import parse_token
-from vectorlay.errors import AuthError, ProtocolError
+from vectorlay.errors import AuthError, ProtocolError, StoreUnavailable
 from vectorlay.files import write_private
+from vectorlay.metrics_http import serve_metrics
+from vectorlay.server import metrics
 from vectorlay.server.api import Api
 from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.controller import Controller
@@ -38,8 +41,9 @@ from vectorlay.server.route_feed import RouteFeed
 from vectorlay.server.secrets_box import SecretBox
 from vectorlay.server.store import Store, open_store, ops
 from vectorlay.server.store.engine import describe_url, sqlite_url
+from vectorlay.server.write_behind import retry_delay
 from vectorlay.tls import ServerTls
-from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, serve
+from vectorlay.wire import CLOSE_POLICY, CLOSE_TRY_AGAIN, Link, LinkClosed, serve
 
 log = logging.getLogger("vectorlay.server")
 
@@ -57,6 +61,7 @@ class ServerConfig:
     failover_grace_s: float | None = None  # after a restart; default: the down threshold
     crash_points: frozenset[str] = frozenset()  # fault-injection tests only
     tls: ServerTls | None = None  # None: plain ws:// (loopback development)
+    metrics_listen: tuple[str, int] | None = None  # Prometheus text format at http://HOST:PORT/metrics
 
     @property
     def database_url(self) -> str:
@@ -88,11 +93,26 @@ async def run_server(
     if store is not None:
         await _serve(config, store, wall_clock, listeners, task_status)
         return
-    opened = await trio.to_thread.run_sync(open_store, config.database_url)
+    opened = await _open_store_patiently(config.database_url)
     try:
         await _serve(config, opened, wall_clock, listeners, task_status)
     finally:
         opened.close()
+
+
+async def _open_store_patiently(url: str) -> Store:
+    """Open the database, waiting for it with capped backoff if it is not there yet (a server
+    started with its database, or before it, must not give up); a failure that waiting cannot
+    heal (a bad URL, a schema newer than this vectorlay) stops the start with its one line."""
+    attempt = 0
+    while True:
+        try:
+            return await trio.to_thread.run_sync(open_store, url)
+        except StoreUnavailable as error:
+            delay = retry_delay(attempt, random.random())
+            attempt += 1
+            log.warning("%s at %s; trying again in %.1fs", error, describe_url(url), delay)
+            await trio.sleep(delay)
 
 
 async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], float],
@@ -126,7 +146,8 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
     controller.intake.restore_liveness(grace)
     auth = Authenticator(store, fleet, wall_clock, config.tls.pin if config.tls else None)
     feed = RouteFeed(fleet, controller.signals)
-    api = Api(fleet, controller.admin, controller.sessions, controller.signals, auth, feed)
+    api = Api(fleet, controller.admin, controller.sessions, controller.signals, auth, feed,
+              controller.writer.database, lambda: len(controller.writer.journal))
     admin_token, created = await _bootstrap_admin_token(config, store, auth, snapshot.meta)
     log.info("state: %s; %d node(s), %d cluster(s), %d replica(s)", describe_url(config.database_url),
              len(fleet.nodes), len(fleet.clusters), len(fleet.replicas))
@@ -167,6 +188,8 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
         except AuthError as error:
             log.warning("refused %s on %s: %s", link.remote, path, error)
             await link.close(CLOSE_POLICY, str(error))
+        except StoreUnavailable as error:  # a peer to tell, not a bug: no traceback
+            await link.close(CLOSE_TRY_AGAIN, f"{error}; try again shortly")
         except LinkClosed:
             pass
 
@@ -175,6 +198,13 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
         await nursery.start(controller.run)
         await nursery.start(feed.run)
         ssl_context = config.tls.context() if config.tls else None
+        if config.metrics_listen is not None:
+            metrics_host, metrics_port = config.metrics_listen
+            metrics_listeners = await trio.open_tcp_listeners(metrics_port, host=metrics_host)
+            render = partial(metrics.render, fleet, controller.writer, controller.sessions)
+            await nursery.start(serve_metrics, render, metrics_listeners)
+            log.info("metrics on http://%s:%d/metrics", metrics_host,
+                     metrics_listeners[0].socket.getsockname()[1])
         server = await nursery.start(partial(serve, handle, config.host, config.port, PATHS, ssl_context,
                                              listeners=listeners))
         port = server.port if listeners is None else 0

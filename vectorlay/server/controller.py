@@ -12,11 +12,13 @@ fields.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import trio
 
 from vectorlay.core.health import LivenessPolicy
+from vectorlay.errors import StoreError
 from vectorlay.server.admin import Admin
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.node_intake import NodeIntake
@@ -26,6 +28,8 @@ from vectorlay.server.sessions import Sessions
 from vectorlay.server.signals import Signals
 from vectorlay.server.store import Store
 from vectorlay.server.writer import Writer
+
+log = logging.getLogger("vectorlay.server")
 
 EVENTS_KEPT_PER_CLUSTER = 500
 EVENT_TRIM_INTERVAL_S = 300.0
@@ -53,6 +57,7 @@ class Controller:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.writer.run)
             await nursery.start(self.intake.run)
             await nursery.start(self.loop.run)
             nursery.start_soon(self._trim_events)
@@ -61,4 +66,7 @@ class Controller:
     async def _trim_events(self) -> None:
         while True:
             await trio.sleep(EVENT_TRIM_INTERVAL_S)
-            await self.store.trim_events(EVENTS_KEPT_PER_CLUSTER)
+            try:
+                await self.store.trim_events(EVENTS_KEPT_PER_CLUSTER)
+            except StoreError as error:  # only housekeeping: the next round tries again
+                log.warning("trimming old events failed: %s", error)

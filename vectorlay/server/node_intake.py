@@ -101,7 +101,7 @@ class NodeIntake:
                 batch.forget(replica_id)
             for replica in on_node:
                 batch.reconcile(replica.cluster)  # level-triggered: whatever it ran, look again
-            await self.writer.commit(batch)
+            await self.writer.observe(batch)
             if was is not NodeState.READY:
                 self._node_state_changed(record.id, was)  # back in routing and in scheduling
             node = fleet.nodes[record.id]
@@ -226,7 +226,7 @@ class NodeIntake:
                 if node_id in self.fleet.nodes:
                     batch.put_node(replace(self.fleet.nodes[node_id], state=self.fleet.node_state(node_id),
                                            last_seen_at=batch.wall))
-            await self.writer.commit(batch)
+            await self.writer.observe(batch)
 
     # --- reports and acks -----------------------------------------------------------------------
 
@@ -247,7 +247,7 @@ class NodeIntake:
                 freed = False
                 for node_id, report in items:
                     freed |= self._fold_report(batch, node_id, report)
-                await self.writer.commit(batch)
+                await self.writer.observe(batch)
                 if freed:
                     self._capacity_freed()
 
@@ -335,4 +335,4 @@ class NodeIntake:
                 batch = self.writer.batch()
                 for node_id, seq in acked.items():
                     batch.ack(node_id, seq)
-                await self.writer.commit(batch)
+                await self.writer.observe(batch)

@@ -19,7 +19,7 @@ import trio
 from vectorlay.core import cluster_health, mass_failure
 from vectorlay.core.model import Assignment, ClusterSpec, Node, Replica, ReplicaState, template_revision
 from vectorlay.core.reconciler import ClusterPlan, plan_cluster
-from vectorlay.errors import StoreError
+from vectorlay.errors import StoreUnavailable
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.ids import new_replica_id
 from vectorlay.server.signals import Signals
@@ -67,13 +67,15 @@ class ReconcileLoop:
         self.signals.wake()
 
     async def _reconcile_isolated(self, cluster: str) -> None:
+        if not self.writer.available:
+            return  # decisions wait for the database; the writer marks every cluster dirty when it is back
         fault = f"reconcile-raise:{cluster}"
         try:
             if fault in self.writer.crash_points:
                 raise RuntimeError(f"fault injected ({fault})")
             await self._reconcile(cluster)
-        except StoreError:
-            raise  # the database's trouble is the whole server's, not this cluster's
+        except StoreUnavailable:
+            return  # weather: the same, noticed mid-way
         except Exception as error:  # noqa: BLE001 - one cluster must not stop the others being served
             log.exception("reconciling cluster %s failed; it is marked degraded and retried", cluster)
             now = trio.current_time()
@@ -81,7 +83,10 @@ class ReconcileLoop:
                                                        now, f"{type(error).__name__}: {error}")
             batch = self.writer.batch()
             batch.set_health(cluster, health)
-            await self.writer.commit(batch)
+            try:
+                await self.writer.commit(batch)
+            except StoreUnavailable:
+                self.fleet.health[cluster] = health  # shown now, stored with its next reconcile
             self.wake_at(health.not_before, cluster)
 
     async def _reconcile(self, cluster: str) -> None:

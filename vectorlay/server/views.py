@@ -10,6 +10,7 @@ from vectorlay.core.codec import dump
 from vectorlay.core.model import GpuStatus, ReplicaState, split_key
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.records import ApiKeyRecord, AuditRecord, EventRecord, TokenRecord
+from vectorlay.server.write_behind import DatabaseStatus
 
 
 def cluster_view(fleet: Fleet, name: str, endpoint: str | None, now: float) -> dict[str, Any]:
@@ -160,3 +161,8 @@ def token_view(record: TokenRecord) -> dict[str, Any]:
 def audit_view(record: AuditRecord) -> dict[str, Any]:
     return {"at": record.at, "actor": record.actor, "action": record.action, "target": record.target,
             "project": record.project or None, "detail": record.detail}
+
+
+def database_view(status: DatabaseStatus, pending_writes: int) -> dict[str, Any]:
+    return {"available": status.available, "since": status.since or None, "reason": status.reason or None,
+            "failures_total": status.failures, "outages_total": status.outages, "pending_writes": pending_writes}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ import trio
 
 from vectorlay.core.cluster_health import HEALTHY, ClusterHealth
 from vectorlay.core.model import Assignment, Replica
+from vectorlay.errors import StoreError, StoreInDoubt, StoreUnavailable
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.records import (
     ApiKeyRecord,
@@ -34,6 +36,8 @@ from vectorlay.server.records import (
 from vectorlay.server.sessions import Sessions
 from vectorlay.server.signals import Signals
 from vectorlay.server.store import Store, ops
+from vectorlay.server.store.engine import Outcome
+from vectorlay.server.write_behind import DatabaseStatus, Journal, retry_delay
 
 log = logging.getLogger("vectorlay.server")
 
@@ -213,8 +217,23 @@ class Batch:
 
 
 class Writer:
+    """Two kinds of change, two rules, one order:
+
+    - `commit` (decisions: plans, applied manifests, anything that sends a command) is stored
+      first and applied only once stored; while the database is away it fails with
+      StoreUnavailable and changes nothing.
+    - `observe` (what nodes report) is applied to memory at once and stored as soon as the
+      database answers (`write_behind.Journal` keeps it meanwhile); the data plane never waits
+      for the database.
+
+    Before any decision is stored, whatever waits (the journal, a decision in doubt) is stored
+    first, so the store sees changes in the order memory did. `run` retries the database with
+    capped backoff and jitter while it is away, and catches up by itself when it is back.
+    """
+
     def __init__(self, fleet: Fleet, store: Store, signals: Signals, sessions: Sessions,
-                 wall_clock: Callable[[], float], crash_points: frozenset[str] = frozenset()) -> None:
+                 wall_clock: Callable[[], float], crash_points: frozenset[str] = frozenset(),
+                 rng: random.Random | None = None) -> None:
         self.fleet = fleet
         self.store = store
         self.signals = signals
@@ -222,19 +241,65 @@ class Writer:
         self.wall_clock = wall_clock
         self.crash_points = crash_points
         self.lock = trio.Lock()
+        self.journal = Journal()
+        self.database = DatabaseStatus()
+        self._in_doubt: tuple[Batch, Outcome] | None = None
+        self._trouble = trio.Event()  # set when the database failed: the retry task takes over
+        self._rng = rng or random.Random()
+
+    @property
+    def available(self) -> bool:
+        """Whether decisions can be stored now (nothing waits to be stored before them)."""
+        return self.database.available and self._in_doubt is None and not len(self.journal)
 
     def batch(self) -> Batch:
         return Batch(self.fleet, trio.current_time(), self.wall_clock())
 
     async def commit(self, batch: Batch) -> None:
-        """Store first, then memory, then tell the world. The caller holds `lock`."""
+        """A decision: store it, then apply it to memory and tell the world. The caller holds
+        `lock`. StoreUnavailable (nothing changed) or StoreInDoubt (known later) if the
+        database is away."""
         batch.finish()
         if not batch.changes and not batch.to_reconcile:
             return
         if batch.changes:
-            await self.store.apply(batch.changes)
+            await self._catch_up()
+            try:
+                await self.store.apply(batch.changes)
+            except StoreInDoubt as error:
+                assert isinstance(error.outcome, Outcome)
+                self._in_doubt = (batch, error.outcome)
+                self._failed(error)
+                raise
+            except StoreUnavailable as error:
+                self._failed(error)
+                raise
+            self._recovered()
+            if batch.commands:
+                self.crash_point("after-commit")
+        self._publish(batch)
+
+    async def observe(self, batch: Batch) -> None:
+        """An observation: into memory now, into the store now or as soon as it answers. The
+        caller holds `lock`."""
+        batch.finish()
         if batch.commands:
-            self.crash_point("after-commit")
+            raise ValueError("an observation cannot send commands; commit it as a decision")
+        if batch.changes:
+            if not self.available:
+                self.journal.add(batch.changes)  # the retry task stores it, in order, later
+            else:
+                try:
+                    await self.store.apply(batch.changes)
+                    self._recovered()
+                except StoreUnavailable as error:  # in doubt too: writing it again is harmless
+                    self.journal.add(batch.changes)
+                    self._failed(error)
+                except StoreError as error:  # not weather: a bad row must not block every later one
+                    log.error("could not store an observation (dropped; memory has it): %s", error)
+        self._publish(batch)
+
+    def _publish(self, batch: Batch) -> None:
         batch.apply_to_memory()
         for cluster in batch.touched_clusters:
             self.signals.mark_route(cluster)
@@ -243,9 +308,89 @@ class Writer:
         self.sessions.deliver(batch.commands)
         self.signals.announce()
 
+    async def _catch_up(self) -> None:
+        """Store what waits: first learn the fate of a decision in doubt, then the journal.
+        StoreUnavailable if the database is still away."""
+        if self._in_doubt is not None:
+            batch, outcome = self._in_doubt
+            with trio.move_on_after(self.store.timeout_s):
+                await outcome.done.wait()
+            if outcome.committed is None:
+                raise StoreUnavailable(f"database unavailable ({self.database.reason or 'not answering'})")
+            self._in_doubt = None
+            if outcome.committed:
+                log.warning("a change the database did not confirm in time was stored after all: applying it now")
+                self._publish(self._rebase(batch))
+        if len(self.journal):
+            changes = self.journal.changes()
+            try:
+                await self.store.apply(changes)
+            except StoreUnavailable as error:
+                self._failed(error)
+                raise
+            if self.journal.events_dropped:
+                log.warning("%d event(s) written while the database was away were dropped (history only)",
+                            self.journal.events_dropped)
+            self.journal.clear()
+            self.journal.events_dropped = 0
+
+    def _rebase(self, batch: Batch) -> Batch:
+        """A decision stored late, on top of what was observed since it was made: a replica its
+        node reported on keeps the reported state; one its node said stopped stays forgotten."""
+        waiting = {change.replica.id: change for change in self.journal.changes()
+                   if isinstance(change, ops.PutReplica)}
+        gone = {change.replica_id for change in self.journal.changes() if isinstance(change, ops.DeleteReplica)}
+        for replica_id in list(batch.replicas):
+            if replica_id in gone:
+                del batch.replicas[replica_id]
+                continue
+            observed = waiting.get(replica_id)
+            decided = batch.replicas[replica_id]
+            if observed is not None and observed.replica.generation == decided.generation:
+                merged = replace(decided, state=observed.replica.state, reason=observed.replica.reason,
+                                 address=observed.replica.address, image_digest=observed.replica.image_digest)
+                batch.replicas[replica_id] = merged
+                self.journal.add([ops.PutReplica(merged, observed.created_at)])
+        return batch
+
+    def _failed(self, error: StoreError) -> None:
+        if self.database.failed(str(error), self.wall_clock()):
+            log.error("%s; serving from memory, storing what nodes report once it is back", error)
+        self._trouble.set()
+
+    def _recovered(self) -> None:
+        if self.database.recovered(self.wall_clock()):
+            log.info("the database is back: caught up, deciding again")
+            for cluster in self.fleet.all_cluster_names():
+                self.signals.mark_dirty(cluster)  # whatever failed to be decided meanwhile
+            self.signals.announce()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """While the database is away, try again with capped backoff and jitter until what
+        waits is stored; then the server decides again as if nothing happened."""
+        task_status.started()
+        while True:
+            await self._trouble.wait()
+            attempt = 0
+            while not self.available:
+                await trio.sleep(retry_delay(attempt, self._rng.random()))
+                attempt += 1
+                try:
+                    async with self.lock:
+                        await self._catch_up()
+                        if not self.database.available:
+                            await self.store.ping()
+                except StoreUnavailable as error:
+                    self.database.failed(str(error), self.wall_clock())
+                    continue
+                async with self.lock:
+                    if not len(self.journal) and self._in_doubt is None:
+                        self._recovered()
+            self._trouble = trio.Event()
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Batch]:
-        """Hold the lock, collect a batch, and commit it when the block ends without an error."""
+        """Hold the lock, collect a decision, and commit it when the block ends without an error."""
         async with self.lock:
             batch = self.batch()
             yield batch

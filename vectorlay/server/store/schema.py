@@ -166,9 +166,9 @@ def migrate(conn: Connection) -> int:
         conn.execute(text("SELECT pg_advisory_xact_lock(7070)"))
     found = current_version(conn)
     if found > SCHEMA_VERSION:
-        from vectorlay.errors import StoreError
+        from vectorlay.errors import StoreFatal
 
-        raise StoreError(
+        raise StoreFatal(
             f"the database schema is version {found}, newer than this vectorlay ({SCHEMA_VERSION}); upgrade vectorlay"
         )
     for version in range(found, SCHEMA_VERSION):
