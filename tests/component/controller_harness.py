@@ -264,6 +264,7 @@ class Outcome:
     reason: str = ""
     node_fault: bool = False
     die: bool = False
+    ready_after_s: float = 0.0  # the last state is reported this much later (a health check passing)
 
 
 READY = Outcome()
@@ -292,6 +293,7 @@ class FakeNode:
     revive_after_s: float | None = 1.0  # after a death, reconnect this much later (None: stay dead)
     _task_status: trio.TaskStatus[None] | None = None
     _link: Link | None = None
+    _nursery: trio.Nursery | None = None
     _outgoing: trio.MemorySendChannel[Message] = field(default_factory=lambda: trio.open_memory_channel[Message](0)[0])
     _crash: trio.Event = field(default_factory=trio.Event)
     _ports: itertools.count[int] = field(default_factory=lambda: itertools.count(20000))
@@ -329,6 +331,7 @@ class FakeNode:
             try:
                 with unwrap_group():
                     async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
                         self._outgoing, outgoing = trio.open_memory_channel[Message](1000)
                         nursery.start_soon(self._writer, link, outgoing)
                         nursery.start_soon(self._heartbeats, link, welcome.heartbeat_interval_s)
@@ -388,11 +391,28 @@ class FakeNode:
             await trio.sleep_forever()
         self.running[assignment.replica_id] = assignment
         address = f"127.0.0.1:{next(self._ports)}"
-        for state in outcome.states:
-            report = ReplicaReport(assignment.replica_id, assignment.generation, state, outcome.reason if state is
-                                   ReplicaState.FAILED else "", address, None, outcome.node_fault)
-            self.reports[assignment.replica_id] = report
-            await self._send(ReplicaStatus(report))
+        for index, state in enumerate(outcome.states):
+            if outcome.ready_after_s and index == len(outcome.states) - 1:
+                self._later(outcome.ready_after_s, assignment, state, address, outcome)
+                break
+            await self._report_state(assignment, state, address, outcome)
+
+    def _later(self, delay_s: float, assignment: Assignment, state: ReplicaState, address: str,
+               outcome: Outcome) -> None:
+        async def report() -> None:
+            await trio.sleep(delay_s)
+            if self.running.get(assignment.replica_id) is assignment:
+                await self._report_state(assignment, state, address, outcome)
+
+        assert self._nursery is not None
+        self._nursery.start_soon(report)
+
+    async def _report_state(self, assignment: Assignment, state: ReplicaState, address: str,
+                            outcome: Outcome) -> None:
+        report = ReplicaReport(assignment.replica_id, assignment.generation, state, outcome.reason if state is
+                               ReplicaState.FAILED else "", address, None, outcome.node_fault)
+        self.reports[assignment.replica_id] = report
+        await self._send(ReplicaStatus(report))
 
     async def _stop(self, link: Link, replica_id: str) -> None:
         assignment = self.running.pop(replica_id, None)

@@ -150,8 +150,18 @@ async def test_a_node_lost_and_found_leaves_exactly_the_desired_copies(
         nursery.start_soon(n0.run)  # the agent comes back, still running its old copy
         await wait_until(lambda: n0.connected)
         await wait_until(lambda: not (set(n0.running) & lost))  # the replaced copy is stopped there
-        replicas = [r for r in await plane.replicas("web") if not r["stopping"]]
-        assert len(replicas) == 2 and all(r["state"] == "ready" for r in replicas)
+
+        async def settled() -> list[dict[str, object]] | None:
+            replicas = await plane.replicas("web")
+            live = [r for r in replicas if not r["stopping"]]
+            done = len(replicas) == 2 and all(r["state"] == "ready" for r in live)
+            return replicas if done else None
+
+        with trio.fail_after(60):
+            while (replicas := await settled()) is None:
+                await trio.sleep(0.5)
+        # Exactly two copies remain, and since n0 is back they are spread over both nodes again.
+        assert sorted(str(r["node"]) for r in replicas) == ["n0", "n1"]
         nursery.cancel_scope.cancel()
 
 
@@ -293,4 +303,56 @@ async def test_an_error_while_reconciling_one_cluster_degrades_it_and_spares_the
         assert await ready_count(plane, "fine") == 2
         await plane.apply(manifest("later", replicas=1))  # and the loop goes on for new work
         await wait_until(lambda: sum(n.started_for("later") for n in nodes) == 1)
+        nursery.cancel_scope.cancel()
+
+
+GPU_1 = '  gpu: {type: "RTX 4090", count: 1}\n'
+
+
+async def test_a_roll_on_a_full_gpu_fleet_finishes_one_copy_at_a_time(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """Two nodes with one GPU each, two replicas of one GPU, then an env change: it used to wait
+    forever ("all 2 node(s) ... are fully used"); now it replaces one copy at a time and never
+    serves fewer than replicas - 1."""
+    async with trio.open_nursery() as nursery:
+        plane, nodes = await start_plane(nursery, tmp_path, ["n0", "n1"], gpus=1,
+                                         outcome=always(Outcome(ready_after_s=3)))
+        watcher = RouteWatcher()
+        await nursery.start(watcher.run, plane, (await plane.call("token_create", {"role": "proxy"}))["token"])
+        await plane.apply(manifest("web", replicas=2, extra=GPU_1))
+        await wait_until(lambda: len(watcher.endpoints("web")) == 2)
+        await plane.apply(manifest("web", replicas=2, extra=GPU_1 + "  env: {MODEL: v2}\n"))
+        lowest = 2
+        began = trio.current_time()
+        while True:
+            lowest = min(lowest, len(watcher.endpoints("web")))
+            view = await plane.cluster("web")
+            if view["up_to_date"] == 2 and view["ready"] == 2 and not view["stopping"]:
+                break
+            assert trio.current_time() - began < 60, view
+            await trio.sleep(0.2)
+        assert lowest >= 1  # never below replicas - 1 serving
+        assert sorted(r["node"] for r in await plane.replicas("web")) == ["n0", "n1"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_packed_cluster_spreads_again_when_a_node_is_uncordoned(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        plane, nodes = await start_plane(nursery, tmp_path, ["n0", "n1"], outcome=always(Outcome(ready_after_s=2)))
+        watcher = RouteWatcher()
+        await nursery.start(watcher.run, plane, (await plane.call("token_create", {"role": "proxy"}))["token"])
+        await plane.call("node_cordon", {"name": "n1"})
+        await plane.apply(manifest("web", replicas=2))
+        await wait_until(lambda: len(watcher.endpoints("web")) == 2)
+        assert {r["node"] for r in await plane.replicas("web")} == {"n0"}  # packed: n1 is cordoned
+        await plane.call("node_uncordon", {"name": "n1"})
+        lowest = 2
+        with trio.fail_after(60):
+            while sorted(r["node"] for r in await plane.replicas("web")) != ["n0", "n1"]:
+                lowest = min(lowest, len(watcher.endpoints("web")))
+                await trio.sleep(0.2)
+        assert lowest == 2  # the new copy was ready before the old one stopped
+        await trio.sleep(30)
+        assert nodes[1].started_for("web") == 1 and nodes[0].started_for("web") == 2  # one move, no churn
         nursery.cancel_scope.cancel()

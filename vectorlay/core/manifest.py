@@ -41,6 +41,7 @@ from vectorlay.core.model import (
     RateLimit,
     Resources,
     Runtime,
+    UpdateStrategy,
 )
 from vectorlay.errors import ManifestError
 
@@ -285,7 +286,7 @@ def _parse_cluster(doc: _Value, default_project: str) -> ClusterSpec:
 
 
 _SPEC_KEYS = {"replicas", "gpu", "runtime", "image", "command", "env", "port", "health", "workdir",
-              "reschedule_after", "isolation", "image_pull", "resources", "endpoint", "env_from_secret"}
+              "reschedule_after", "isolation", "image_pull", "resources", "endpoint", "env_from_secret", "update"}
 
 
 def _parse_spec(name: str, value: _Value) -> ClusterSpec:
@@ -318,7 +319,17 @@ def _parse_spec(name: str, value: _Value) -> ClusterSpec:
         resources=_parse_resources(spec["resources"]) if "resources" in spec else Resources(),
         endpoint=_parse_endpoint(spec["endpoint"]) if "endpoint" in spec else EndpointConfig(),
         env_from_secret=_parse_secret_env(spec["env_from_secret"], env) if "env_from_secret" in spec else {},
+        update=_parse_update(spec["update"]) if "update" in spec else UpdateStrategy(),
     )
+
+
+def _parse_update(value: _Value) -> UpdateStrategy:
+    update = value.mapping({"max_surge", "max_unavailable"})
+    surge = update["max_surge"].integer(minimum=0, maximum=10_000) if "max_surge" in update else None
+    unavailable = update["max_unavailable"].integer(minimum=0, maximum=10_000) if "max_unavailable" in update else None
+    if surge == 0 and unavailable == 0:
+        raise value.fail("max_surge and max_unavailable cannot both be 0: a rolling update could never start")
+    return UpdateStrategy(surge, unavailable)
 
 
 def _argument(value: _Value) -> str:

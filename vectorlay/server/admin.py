@@ -174,7 +174,7 @@ class Admin:
             for cluster in self.fleet.clusters_on_node(record.id):
                 batch.reconcile(cluster)
             if schedulable:
-                for cluster in self.fleet.clusters_waiting():
+                for cluster in self.fleet.clusters_waiting() | self.fleet.clusters_to_spread():
                     batch.reconcile(cluster)
             return record
 

@@ -128,5 +128,21 @@ class Fleet:
         """Clusters with replicas waiting for a node: worth another try when capacity frees up."""
         return {self.replicas[i].cluster for i in self.unplaced}
 
+    def clusters_to_spread(self) -> set[str]:
+        """Clusters with two or more live copies on one node: worth another look when a node
+        becomes available (they may spread over it)."""
+        packed = set()
+        for cluster, ids in self.by_cluster.items():
+            seen: set[str] = set()
+            for replica_id in ids:
+                replica = self.replicas[replica_id]
+                if replica.node_id is None or replica.stopping:
+                    continue
+                if replica.node_id in seen:
+                    packed.add(cluster)
+                    break
+                seen.add(replica.node_id)
+        return packed
+
     def all_cluster_names(self) -> Iterable[str]:
         return set(self.clusters) | set(self.by_cluster)

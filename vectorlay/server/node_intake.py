@@ -169,7 +169,9 @@ class NodeIntake:
         self.signals.announce()
 
     def _capacity_freed(self) -> None:
-        for cluster in self.fleet.clusters_waiting():
+        """GPUs or a node came free: clusters waiting for room, and clusters packed tighter than
+        they need to be, get another look."""
+        for cluster in self.fleet.clusters_waiting() | self.fleet.clusters_to_spread():
             self.signals.mark_dirty(cluster)
 
     def _suspect_poison(self, node_id: str) -> None:

@@ -28,6 +28,7 @@ from vectorlay.server.writer import Batch, Writer
 log = logging.getLogger("vectorlay.server")
 
 IDLE_WAKE_S = 3600.0  # nothing scheduled: look again in an hour anyway
+MAX_STEPS = 20  # plans in a row for one cluster with no outside event; more is a bug in the rules
 
 
 class ReconcileLoop:
@@ -38,6 +39,7 @@ class ReconcileLoop:
         self._timers: list[tuple[float, str]] = []
         self._timer_set: set[tuple[float, str]] = set()
         self._budget = mass_failure.Budget()
+        self._steps: dict[str, int] = {}  # consecutive non-empty plans per cluster
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Reconcile every cluster once (level-triggered: whatever happened before the start),
@@ -126,8 +128,19 @@ class ReconcileLoop:
         batch.set_health(cluster, health if spec is not None else cluster_health.HEALTHY)
         if plan.empty:
             self._refresh_unplaced_reason(batch, cluster, plan, health, now)
+            self._steps.pop(cluster, None)
         else:
             self._plan_to_batch(batch, cluster, spec, plan)
+            # Level-triggered: look again at once, on the state this plan leaves (a roll that
+            # just created copies it could not place frees room for them next). Planning on its
+            # own result ends in an empty plan; MAX_STEPS stops a rule bug from spinning.
+            steps = self._steps.get(cluster, 0) + 1
+            self._steps[cluster] = steps
+            if steps <= MAX_STEPS:
+                batch.reconcile(cluster)
+            else:
+                log.warning("cluster %s changed %d times in a row with nothing else happening; waiting for the "
+                            "next event before planning it again", cluster, steps)
         await self.writer.commit(batch)
         if plan.forget:
             for waiting in self.fleet.clusters_waiting():
