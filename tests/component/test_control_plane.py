@@ -356,3 +356,51 @@ async def test_a_packed_cluster_spreads_again_when_a_node_is_uncordoned(
         await trio.sleep(30)
         assert nodes[1].started_for("web") == 1 and nodes[0].started_for("web") == 2  # one move, no churn
         nursery.cancel_scope.cancel()
+
+
+async def test_a_replica_whose_node_is_not_ready_is_never_shown_ready(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        plane, (n0, n1) = await start_plane(nursery, tmp_path, ["n0", "n1"])
+        await plane.apply(manifest("web", replicas=2, reschedule_after="10m"))
+        await wait_until(lambda: n0.running and n1.running)
+        n0.crash(revive_after_s=None)
+        await trio.sleep(15)  # down, and not replaced yet (reschedule_after is long)
+        replicas = {r["node"]: r for r in await plane.replicas("web")}
+        assert replicas["n0"]["state"] == "unknown" and replicas["n0"]["reason"] == "its node n0 is down"
+        assert replicas["n1"]["state"] == "ready"
+        view = await plane.cluster("web")
+        assert view["ready"] == 1 and view["states"] == {"ready": 1, "unknown": 1}
+        summary = await plane.call("fleet_summary")
+        assert summary["replicas"] == {"ready": 1, "unknown": 1}  # the table and the summary agree
+        nursery.cancel_scope.cancel()
+
+
+async def test_after_a_server_restart_a_node_not_back_yet_is_reconnecting_not_ready(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        plane, (n0, n1) = await start_plane(nursery, tmp_path, ["n0", "n1"])
+        await trio.sleep(1)  # both known as ready (node states are stored in batches, every tick)
+        n1.crash(revive_after_s=None)
+        await plane.restart()
+        await wait_until(lambda: n0.connected)
+        await trio.sleep(1)
+        nodes = await plane.nodes()
+        assert nodes["n0"]["state"] == "ready" and nodes["n1"]["state"] == "reconnecting"
+        assert (await plane.call("fleet_summary"))["nodes"] == {"ready": 1, "reconnecting": 1}
+        await trio.sleep(70)  # the reconnect grace is over: judged on silence now
+        assert (await plane.nodes())["n1"]["state"] == "down"
+        nursery.cancel_scope.cancel()
+
+
+async def test_waiting_for_a_cluster_no_node_can_run_ends_early_with_the_reason(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        plane, _ = await start_plane(nursery, tmp_path, ["n0"])
+        await plane.apply(manifest("web", replicas=1, extra='  gpu: {type: "H100", count: 1}\n'))
+        began = trio.current_time()
+        result = await plane.call("wait_ready", {"clusters": ["web"], "timeout_s": 300})
+        assert trio.current_time() - began < 5
+        assert result["failed"] == [{"cluster": "web", "reason": "cannot be placed: no ready node has 1 GPU(s) "
+                                                                 "of 'H100'"}]
+        nursery.cancel_scope.cancel()

@@ -86,11 +86,21 @@ async def _wait_ready(api: ApiClient, names: list[str], timeout_s: float | None,
             if interactive:
                 live.update(Text(output.cluster_table(value)), refresh=True)
             elif not quiet:
-                line = "; ".join(f"{c['name']}: {c['ready']}/{c['replicas']} ready" + _why(c) for c in value)
+                line = "; ".join(f"{c['name']}: {_progress(c)}" + _why(c) for c in value)
                 if line != last_line:
                     output.stderr.print(f"waiting: {line}")
                     last_line = line
     return result
+
+
+def _progress(cluster: dict[str, Any]) -> str:
+    """`1/2 ready`; while a roll replaces old copies: `2 serving, 0/2 updated`, so a roll in
+    progress does not read like an outage."""
+    rolling = cluster.get("up_to_date", cluster["replicas"]) < cluster["replicas"] or cluster.get("stopping") \
+        or sum(cluster["states"].values()) > cluster["replicas"]
+    if rolling and "serving" in cluster:
+        return f"{cluster['serving']} serving, {cluster['ready']}/{cluster['replicas']} updated"
+    return f"{cluster['ready']}/{cluster['replicas']} ready"
 
 
 def _why(cluster: dict[str, Any]) -> str:

@@ -85,8 +85,8 @@ def node_table(nodes: list[dict[str, Any]]) -> str:
 
 def replica_table(replicas: list[dict[str, Any]]) -> str:
     return columns(("ID", "CLUSTER", "NODE", "STATE", "ADDRESS", "AGE", "REASON"), [
-        (r["id"], r["cluster"], r["node"] or "-", r["state"], r["address"] or "-", age(r.get("created_at")),
-         r["reason"] or "") for r in replicas])
+        (r["id"], r["cluster"], r["node"] or "-", "stopping" if r.get("stopping") else r["state"], r["address"] or "-",
+         age(r.get("created_at")), r["reason"] or "") for r in replicas])
 
 
 def key_table(keys: list[dict[str, Any]]) -> str:

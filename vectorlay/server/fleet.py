@@ -131,18 +131,19 @@ class Fleet:
     def clusters_to_spread(self) -> set[str]:
         """Clusters with two or more live copies on one node: worth another look when a node
         becomes available (they may spread over it)."""
-        packed = set()
-        for cluster, ids in self.by_cluster.items():
-            seen: set[str] = set()
-            for replica_id in ids:
-                replica = self.replicas[replica_id]
-                if replica.node_id is None or replica.stopping:
-                    continue
-                if replica.node_id in seen:
-                    packed.add(cluster)
-                    break
-                seen.add(replica.node_id)
-        return packed
+        return {cluster for cluster in self.by_cluster if self.is_packed(cluster)}
+
+    def is_packed(self, cluster: str) -> bool:
+        """Whether two or more live copies of the cluster share a node."""
+        seen: set[str] = set()
+        for replica_id in self.by_cluster.get(cluster, ()):
+            replica = self.replicas[replica_id]
+            if replica.node_id is None or replica.stopping:
+                continue
+            if replica.node_id in seen:
+                return True
+            seen.add(replica.node_id)
+        return False
 
     def all_cluster_names(self) -> Iterable[str]:
         return set(self.clusters) | set(self.by_cluster)

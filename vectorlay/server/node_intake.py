@@ -301,8 +301,9 @@ class NodeIntake:
                 batch.reconcile(cluster)  # so the loop sets a timer for when it is stable
         elif before.state is ReplicaState.READY and not self._any_ready(batch, cluster, record):
             state = cluster_health.on_none_ready(state)
-        if updated.state is ReplicaState.READY and cluster in fleet.rolling:
-            batch.reconcile(cluster)  # let the roll take its next step
+        if updated.state is ReplicaState.READY and before.state is not ReplicaState.READY and (
+                cluster in fleet.rolling or fleet.is_packed(cluster)):
+            batch.reconcile(cluster)  # let the roll take its next step, or the cluster spread again
         batch.set_health(cluster, state)
 
     def _any_ready(self, batch: Batch, cluster: str, record: ClusterRecord | None) -> bool:
