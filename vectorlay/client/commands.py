@@ -52,7 +52,10 @@ async def apply(ctx: Context, text: str, dry_run: bool, wait: bool, timeout_s: f
             verb = "would be " if dry_run else ""
             for change in result["changes"]:
                 detail = f" ({change['detail']})" if change["detail"] else ""
-                output.stdout.print(f"cluster/{change['cluster']} {verb}{change['action']}{detail}")
+                output.stdout.print(f"cluster/{change['cluster']} {verb}{change['action']}{detail}", markup=False)
+                if dry_run:
+                    for line in change.get("fields", []):
+                        output.stdout.print(f"  {line}", markup=False, highlight=False)
         if dry_run or not wait:
             return
         final = await _wait_ready(api, keys, timeout_s, quiet=as_json)

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from vectorlay.core import cluster_health
-from vectorlay.core.model import ClusterSpec, split_key
+from vectorlay.core.model import ClusterSpec, split_key, template_revision
+from vectorlay.core.spec_diff import spec_changes
 from vectorlay.core.tokens import hash_secret
 from vectorlay.errors import ConflictError, NotFoundError, UserError
 from vectorlay.server.fleet import Fleet
@@ -27,12 +28,15 @@ from vectorlay.server.store import ops
 from vectorlay.server.writer import Writer
 from vectorlay.wire import CLOSE_POLICY
 
+MAX_AUDIT_DETAIL = 4000  # characters of a change's field lines kept in its audit record
+
 
 @dataclass(frozen=True)
 class ClusterChange:
     cluster: str
     action: str  # "created" | "updated" | "unchanged" | "deleted"
     detail: str = ""
+    fields: tuple[str, ...] = ()  # what changed, one line per field: `spec.env.X: 1 → 2`
 
 
 class Admin:
@@ -53,7 +57,8 @@ class Admin:
             elif old.spec == spec:
                 changes.append(ClusterChange(spec.key, "unchanged"))
             else:
-                changes.append(ClusterChange(spec.key, "updated", describe_update(old.spec, spec)))
+                changes.append(ClusterChange(spec.key, "updated", describe_update(old.spec, spec),
+                                             tuple(spec_changes(old.spec, spec))))
         return changes
 
     async def apply(self, specs: Sequence[ClusterSpec], dry_run: bool, actor: str = "") -> list[ClusterChange]:
@@ -77,7 +82,8 @@ class Admin:
                 batch.put_cluster(ClusterRecord(spec, old.created_at if old else batch.wall, batch.wall))
                 batch.set_health(spec.key, cluster_health.HEALTHY)
                 self.fleet.avoid.pop(spec.key, None)
-                batch.audit(actor, f"cluster.{change.action}", spec.key, spec.project, change.detail)
+                detail = "; ".join(filter(None, (change.detail, *change.fields)))
+                batch.audit(actor, f"cluster.{change.action}", spec.key, spec.project, detail[:MAX_AUDIT_DETAIL])
             await self.writer.commit(batch)
             return changes
 
@@ -218,13 +224,11 @@ def hash_api_key(key: str) -> str:
 
 
 def describe_update(old: ClusterSpec, new: ClusterSpec) -> str:
+    """The gist of a change: whether its replicas are replaced (the field lines say the rest)."""
+    if template_revision(old) != template_revision(new):
+        return "rolling replacement"
     parts = []
     if old.replicas != new.replicas:
-        parts.append(f"replicas {old.replicas} -> {new.replicas}")
-    changed = [name for name in ("gpu", "runtime", "image", "command", "env", "port", "health", "workdir")
-               if getattr(old, name) != getattr(new, name)]
-    if changed:
-        parts.append(f"{', '.join(changed)} changed: rolling replacement")
-    if old.reschedule_after_s != new.reschedule_after_s:
-        parts.append("reschedule_after changed")
+        parts.append(f"replicas {old.replicas} → {new.replicas}")
+    parts.append("no replica restarts")
     return "; ".join(parts)

@@ -194,7 +194,7 @@ class Api:
         dry_run = bool(params.get("dry_run", False))
         changes = await self.admin.apply(specs, dry_run, principal.actor)
         return {"dry_run": dry_run, "changes": [
-            {"cluster": c.cluster, "action": c.action, "detail": c.detail} for c in changes
+            {"cluster": c.cluster, "action": c.action, "detail": c.detail, "fields": list(c.fields)} for c in changes
         ]}
 
     async def delete(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
