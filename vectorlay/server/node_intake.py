@@ -116,13 +116,19 @@ class NodeIntake:
             session.send_nowait(Sync(max(node.generation, generation_seen), node.next_seq - 1,
                                      tuple(self.sessions.with_secrets(a) for a in desired)))
 
-    async def node_disconnected(self, node_id: str, session: NodeSession) -> None:
+    async def node_disconnected(self, node_id: str, session: NodeSession, closed_by_server: bool = False) -> None:
+        """The node's link ended. If the node dropped it without a goodbye (its agent died, or
+        its link broke) rather than the server closing it, clusters whose replicas it had just
+        received are suspects (poison pills)."""
         if not self.sessions.detach(node_id, session):
             return  # a newer session took over
         live = self.fleet.liveness.get(node_id)
         if live is not None:
             self.fleet.liveness[node_id] = health.on_disconnect(live, trio.current_time())
+            dropped = live.state is NodeState.READY and self.fleet.node_state(node_id) is not NodeState.READY
             self._node_state_changed(node_id, live.state)
+            if dropped and not closed_by_server:
+                self._suspect_poison(node_id)
 
     def goodbye(self, node_id: str) -> None:
         live = self.fleet.liveness.get(node_id)
@@ -164,8 +170,6 @@ class NodeIntake:
             self.signals.mark_dirty(cluster)
         if now_state is NodeState.READY:
             self._capacity_freed()
-        elif was is NodeState.READY:
-            self._suspect_poison(node_id)
         self.signals.announce()
 
     def _capacity_freed(self) -> None:
@@ -175,8 +179,9 @@ class NodeIntake:
             self.signals.mark_dirty(cluster)
 
     def _suspect_poison(self, node_id: str) -> None:
-        """The node's agent died or dropped without a goodbye: clusters whose replicas reached it
-        just before (and never became ready there) get a strike (core/cluster_health.py)."""
+        """The node's agent dropped its link without a goodbye: clusters whose replicas reached it
+        just before (and never became ready there) get a strike (core/cluster_health.py). Silence
+        alone (late heartbeats from a loaded machine) is not a strike: a dying agent's link drops."""
         fleet = self.fleet
         now = trio.current_time()
         suspects = sorted({

@@ -91,7 +91,7 @@ class NodeConnection:
             for channel in self._log_streams.values():
                 channel.close()
             with trio.CancelScope(shield=True):
-                await self.intake.node_disconnected(self.node_id, self)
+                await self.intake.node_disconnected(self.node_id, self, self._close_reason is not None)
                 if self._close_reason is not None:
                     await self.link.close(*self._close_reason)
 
