@@ -175,7 +175,7 @@ class Admin:
         async with self.writer.transaction() as batch:
             record = replace(self.node_by_name(name), schedulable=schedulable, draining=draining)
             action = "node.drain" if draining else ("node.uncordon" if schedulable else "node.cordon")
-            batch.put_node(record)
+            batch.put_node(record, "flags")
             batch.audit(actor, action, name)
             for cluster in self.fleet.clusters_on_node(record.id):
                 batch.reconcile(cluster)

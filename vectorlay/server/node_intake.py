@@ -36,8 +36,10 @@ REPORT_BATCH = 1_000  # at most this many reports per transaction
 
 
 class NodeIntake:
-    def __init__(self, writer: Writer, signals: Signals, sessions: Sessions, policy: LivenessPolicy) -> None:
+    def __init__(self, writer: Writer, signals: Signals, sessions: Sessions, policy: LivenessPolicy,
+                 server_id: str = "") -> None:
         self.writer = writer
+        self.server_id = server_id  # written with the node states this server observes
         self.fleet: Fleet = writer.fleet
         self.signals = signals
         self.sessions = sessions
@@ -90,13 +92,14 @@ class NodeIntake:
             known = fleet.nodes[record.id]
             if (record.gpus, record.address, record.runtimes, record.isolation) != (
                     known.gpus, known.address, known.runtimes, known.isolation):
-                batch.put_node(replace(record, state=NodeState.READY, last_seen_at=batch.wall))
+                batch.put_node(replace(known, gpus=record.gpus, address=record.address, runtimes=record.runtimes,
+                                       isolation=record.isolation), "facts")
             # Otherwise nothing to write now: the state change is persisted with the next batch,
             # which keeps a reconnect storm of thousands of nodes from being thousands of commits.
             on_node = fleet.replicas_on_node(record.id)
             adoption = adopt_hello(on_node, reports)
             for replica in adoption.put:
-                batch.put_replica(replica)
+                batch.observe_replica(replica)
             for replica_id in adoption.forget:
                 batch.forget(replica_id)
             for replica in on_node:
@@ -172,6 +175,9 @@ class NodeIntake:
             self._capacity_freed()
         self.signals.announce()
 
+    def _holder(self, node_id: str) -> str:
+        return self.server_id if node_id in self.sessions else ""
+
     def _capacity_freed(self) -> None:
         """GPUs or a node came free: clusters waiting for room, and clusters packed tighter than
         they need to be, get another look."""
@@ -232,7 +238,8 @@ class NodeIntake:
             for node_id in ids:
                 if node_id in self.fleet.nodes:
                     batch.put_node(replace(self.fleet.nodes[node_id], state=self.fleet.node_state(node_id),
-                                           last_seen_at=batch.wall))
+                                           last_seen_at=batch.wall, session_server=self._holder(node_id)),
+                                   "liveness")
             await self.writer.observe(batch)
 
     # --- reports and acks -----------------------------------------------------------------------
@@ -280,7 +287,7 @@ class NodeIntake:
         if judgement.verdict is not Verdict.UPDATE or judgement.replica is None or replica is None:
             return False
         updated = judgement.replica
-        batch.put_replica(updated)
+        batch.observe_replica(updated)
         self._note_cluster_health(batch, replica, updated, report, node_id)
         return False
 

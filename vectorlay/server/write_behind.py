@@ -37,10 +37,14 @@ class Journal:
         for change in changes:
             if isinstance(change, ops.PutReplica):
                 self._rows[("replica", change.replica.id)] = change
-            elif isinstance(change, ops.DeleteReplica):
+            elif isinstance(change, ops.ObserveReplica | ops.DeleteReplica):
                 self._rows[("replica", change.replica_id)] = change
             elif isinstance(change, ops.PutNode):
                 self._rows[("node", change.node.id)] = change
+            elif isinstance(change, ops.SetNodeLiveness):
+                self._rows[("node-liveness", change.node_id)] = change
+            elif isinstance(change, ops.SetNodeFacts):
+                self._rows[("node-facts", change.node_id)] = change
             elif isinstance(change, ops.PutClusterHealth):
                 self._rows[("health", change.record.cluster)] = change
             elif isinstance(change, ops.DeleteClusterHealth):

@@ -52,7 +52,9 @@ class Batch:
         self.replicas: dict[str, Replica] = {}
         self.forgotten: list[str] = []
         self.nodes: dict[str, NodeRecord] = {}
+        self.node_aspects: dict[str, set[str]] = {}  # which columns of each node row changed
         self.removed_nodes: list[str] = []
+        self.observed: set[str] = set()  # replicas changed by a node's report, not by a decision
         self.commands: list[CommandRecord] = []
         self.events: list[EventRecord] = []
         self.clusters: dict[str, ClusterRecord] = {}
@@ -88,11 +90,20 @@ class Batch:
 
     # --- changes ---
 
-    def put_node(self, record: NodeRecord) -> None:
+    def put_node(self, record: NodeRecord, aspect: str = "all") -> None:
+        """`aspect` says which columns changed, so a server writes only what it owns: "all" (a
+        node joining), "liveness" (state, last seen, session server), "facts" (its hello),
+        "flags" (cordon, drain) or "seq" (the leader's command counter and generation)."""
         self.nodes[record.id] = record
+        self.node_aspects.setdefault(record.id, set()).add(aspect)
 
     def remove_node(self, node_id: str) -> None:
         self.removed_nodes.append(node_id)
+
+    def observe_replica(self, replica: Replica) -> None:
+        """A node's report on `replica`: stored as its state columns only, for its generation."""
+        self.put_replica(replica)
+        self.observed.add(replica.id)
 
     def put_replica(self, replica: Replica) -> None:
         old = self.replicas.get(replica.id) or self.fleet.replicas.get(replica.id)
@@ -115,7 +126,7 @@ class Batch:
         generation = assignment.generation if assignment else self.next_generation()
         record = CommandRecord(node_id, node.next_seq, op, replica_id, generation, assignment, self.wall)
         self.commands.append(record)
-        self.nodes[node_id] = replace(node, next_seq=node.next_seq + 1, generation=max(node.generation, generation))
+        self.put_node(replace(node, next_seq=node.next_seq + 1, generation=max(node.generation, generation)), "seq")
 
     def put_cluster(self, record: ClusterRecord) -> None:
         self.clusters[record.spec.key] = record
@@ -160,9 +171,13 @@ class Batch:
         created = self.fleet.replica_created
         self.changes = [
             *(ops.PutCluster(c) for c in self.clusters.values()),
-            *(ops.PutReplica(r, created.get(r.id, self.wall)) for r in self.replicas.values()),
+            *(ops.PutReplica(r, created.get(r.id, self.wall)) for r in self.replicas.values()
+              if r.id not in self.observed),
+            *(ops.ObserveReplica(r.id, r.generation, r.state, r.reason, r.address, r.image_digest)
+              for r in self.replicas.values() if r.id in self.observed),
             *(ops.DeleteReplica(i) for i in self.forgotten),
-            *(ops.PutNode(n) for n in self.nodes.values() if n.id not in self.removed_nodes),
+            *(op for n in self.nodes.values() if n.id not in self.removed_nodes
+              for op in _node_ops(n, self.node_aspects.get(n.id, {"all"}))),
             *(ops.DeleteNode(i) for i in self.removed_nodes),
             *(ops.PutCommand(c) for c in self.commands),
             *(ops.AckCommands(node_id, seq) for node_id, seq in self.acks.items()),
@@ -336,9 +351,10 @@ class Writer:
 
     def _rebase(self, batch: Batch) -> Batch:
         """A decision stored late, on top of what was observed since it was made: a replica its
-        node reported on keeps the reported state; one its node said stopped stays forgotten."""
-        waiting = {change.replica.id: change for change in self.journal.changes()
-                   if isinstance(change, ops.PutReplica)}
+        node reported on keeps the reported state (the journal stores it as state columns, on
+        top of the decision's row); one its node said stopped stays forgotten."""
+        waiting = {change.replica_id: change for change in self.journal.changes()
+                   if isinstance(change, ops.ObserveReplica)}
         gone = {change.replica_id for change in self.journal.changes() if isinstance(change, ops.DeleteReplica)}
         for replica_id in list(batch.replicas):
             if replica_id in gone:
@@ -346,11 +362,10 @@ class Writer:
                 continue
             observed = waiting.get(replica_id)
             decided = batch.replicas[replica_id]
-            if observed is not None and observed.replica.generation == decided.generation:
-                merged = replace(decided, state=observed.replica.state, reason=observed.replica.reason,
-                                 address=observed.replica.address, image_digest=observed.replica.image_digest)
-                batch.replicas[replica_id] = merged
-                self.journal.add([ops.PutReplica(merged, observed.created_at)])
+            if observed is not None and observed.generation == decided.generation:
+                batch.replicas[replica_id] = replace(
+                    decided, state=observed.state, reason=observed.reason, address=observed.address or decided.address,
+                    image_digest=observed.image_digest or decided.image_digest)
         return batch
 
     def _failed(self, error: StoreError) -> None:
@@ -401,6 +416,21 @@ class Writer:
         if name in self.crash_points:
             log.warning("crash point %r reached: killing the server", name)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _node_ops(record: NodeRecord, aspects: set[str]) -> list[ops.Op]:
+    if "all" in aspects:
+        return [ops.PutNode(record)]
+    found: list[ops.Op] = []
+    if "liveness" in aspects:
+        found.append(ops.SetNodeLiveness(record.id, record.state, record.last_seen_at, record.session_server))
+    if "facts" in aspects:
+        found.append(ops.SetNodeFacts(record.id, record.gpus, record.address, record.runtimes, record.isolation))
+    if "flags" in aspects:
+        found.append(ops.SetNodeFlags(record.id, record.schedulable, record.draining))
+    if "seq" in aspects:
+        found.append(ops.SetNodeSeq(record.id, record.next_seq, record.generation))
+    return found
 
 
 def _describe_change(old: Replica | None, new: Replica, batch: Batch) -> str:

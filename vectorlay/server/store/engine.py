@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy
 import trio
-from sqlalchemy import Connection, Engine, delete, event, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as SqlTimeoutError
@@ -305,6 +305,7 @@ def _node(row: Any) -> NodeRecord:
         runtimes=tuple(json.loads(row.runtimes)), joined_at=row.joined_at, last_seen_at=row.last_seen_at,
         state=NodeState(row.state), schedulable=bool(row.schedulable), next_seq=row.next_seq,
         generation=row.generation, draining=bool(row.draining), isolation=tuple(json.loads(row.isolation)),
+        session_server=row.session_server,
     )
 
 
@@ -391,7 +392,7 @@ def _node_row(op: ops.PutNode) -> dict[str, Any]:
         "address": n.address, "runtimes": json.dumps(list(n.runtimes)), "joined_at": n.joined_at,
         "last_seen_at": n.last_seen_at, "state": n.state.value, "schedulable": n.schedulable,
         "next_seq": n.next_seq, "generation": n.generation, "draining": n.draining,
-        "isolation": json.dumps(list(n.isolation)),
+        "isolation": json.dumps(list(n.isolation)), "session_server": n.session_server,
     }
 
 
@@ -402,6 +403,59 @@ def _put_node(conn: Connection, op: ops.PutNode) -> None:
 
 def _put_nodes(conn: Connection, changes: list[ops.PutNode]) -> None:
     _upsert_many(conn, schema.nodes, "id", [_node_row(op) for op in changes])
+
+
+def _set_node_liveness(conn: Connection, op: ops.SetNodeLiveness) -> None:
+    _set_nodes_liveness(conn, [op])
+
+
+def _set_nodes_liveness(conn: Connection, changes: list[ops.SetNodeLiveness]) -> None:
+    table = schema.nodes
+    latest = {op.node_id: op for op in changes}
+    conn.execute(update(table).where(table.c.id == bindparam("node_id")).values(
+        state=bindparam("state"), last_seen_at=bindparam("last_seen_at"), session_server=bindparam("server")),
+        [{"node_id": op.node_id, "state": op.state.value, "last_seen_at": op.last_seen_at, "server": op.session_server}
+         for op in latest.values()])
+
+
+def _set_node_facts(conn: Connection, op: ops.SetNodeFacts) -> None:
+    table = schema.nodes
+    conn.execute(update(table).where(table.c.id == op.node_id).values(
+        gpus=_dumps(op.gpus), address=op.address, runtimes=json.dumps(list(op.runtimes)),
+        isolation=json.dumps(list(op.isolation))))
+
+
+def _set_node_flags(conn: Connection, op: ops.SetNodeFlags) -> None:
+    table = schema.nodes
+    conn.execute(update(table).where(table.c.id == op.node_id).values(schedulable=op.schedulable,
+                                                                       draining=op.draining))
+
+
+def _set_node_seq(conn: Connection, op: ops.SetNodeSeq) -> None:
+    _set_nodes_seq(conn, [op])
+
+
+def _set_nodes_seq(conn: Connection, changes: list[ops.SetNodeSeq]) -> None:
+    table = schema.nodes
+    latest = {op.node_id: op for op in changes}
+    conn.execute(update(table).where(table.c.id == bindparam("node_id")).values(
+        next_seq=bindparam("next_seq"), generation=bindparam("gen")),
+        [{"node_id": op.node_id, "next_seq": op.next_seq, "gen": op.generation} for op in latest.values()])
+
+
+def _observe_replica(conn: Connection, op: ops.ObserveReplica) -> None:
+    _observe_replicas(conn, [op])
+
+
+def _observe_replicas(conn: Connection, changes: list[ops.ObserveReplica]) -> None:
+    table = schema.replicas
+    latest = {op.replica_id: op for op in changes}
+    conn.execute(update(table).where(table.c.id == bindparam("replica_id"), table.c.generation == bindparam("gen"))
+                 .values(state=bindparam("state"), reason=bindparam("reason"),
+                         address=func.coalesce(bindparam("address"), table.c.address),
+                         image_digest=func.coalesce(bindparam("digest"), table.c.image_digest)),
+                 [{"replica_id": op.replica_id, "gen": op.generation, "state": op.state.value, "reason": op.reason,
+                   "address": op.address, "digest": op.image_digest} for op in latest.values()])
 
 
 def _delete_node(conn: Connection, op: ops.DeleteNode) -> None:
@@ -517,6 +571,8 @@ def _set_meta(conn: Connection, op: ops.SetMeta) -> None:
 
 _APPLY: dict[type, Callable[[Connection, Any], None]] = {
     ops.PutToken: _put_token, ops.PutNode: _put_node, ops.DeleteNode: _delete_node,
+    ops.SetNodeLiveness: _set_node_liveness, ops.SetNodeFacts: _set_node_facts, ops.SetNodeFlags: _set_node_flags,
+    ops.SetNodeSeq: _set_node_seq, ops.ObserveReplica: _observe_replica,
     ops.PutCluster: _put_cluster, ops.DeleteCluster: _delete_cluster, ops.PutReplica: _put_replica,
     ops.DeleteReplica: _delete_replica, ops.PutCommand: _put_command, ops.AckCommands: _ack_commands,
     ops.SetMeta: _set_meta, ops.PutApiKey: _put_api_key, ops.AddEvent: _add_event, ops.AddAudit: _add_audit,
@@ -526,4 +582,5 @@ _APPLY: dict[type, Callable[[Connection, Any], None]] = {
 # Kinds written in bulk by `_apply`: each writes only its own table.
 _APPLY_MANY: dict[type, Callable[[Connection, list[Any]], None]] = {
     ops.PutReplica: _put_replicas, ops.PutNode: _put_nodes, ops.PutCommand: _put_commands, ops.AddEvent: _add_events,
+    ops.SetNodeLiveness: _set_nodes_liveness, ops.SetNodeSeq: _set_nodes_seq, ops.ObserveReplica: _observe_replicas,
 }

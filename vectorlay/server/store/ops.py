@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vectorlay.core.model import Replica
+from vectorlay.core.model import Gpu, NodeState, Replica, ReplicaState
 from vectorlay.server.records import (
     ApiKeyRecord,
     AuditRecord,
@@ -30,6 +30,44 @@ class PutNode:
 
 
 @dataclass(frozen=True)
+class SetNodeLiveness:
+    """What the server holding a node's session saw of it (columns of its own: several servers
+    write node rows, each only what it owns)."""
+
+    node_id: str
+    state: NodeState
+    last_seen_at: float | None
+    session_server: str
+
+
+@dataclass(frozen=True)
+class SetNodeFacts:
+    """What a node said about itself in its hello."""
+
+    node_id: str
+    gpus: tuple[Gpu, ...]
+    address: str
+    runtimes: tuple[str, ...]
+    isolation: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SetNodeFlags:
+    node_id: str
+    schedulable: bool
+    draining: bool
+
+
+@dataclass(frozen=True)
+class SetNodeSeq:
+    """The leader's: the next command sequence number and the fencing generation."""
+
+    node_id: str
+    next_seq: int
+    generation: int
+
+
+@dataclass(frozen=True)
 class DeleteNode:
     node_id: str
 
@@ -48,6 +86,19 @@ class DeleteCluster:
 class PutReplica:
     replica: Replica
     created_at: float
+
+
+@dataclass(frozen=True)
+class ObserveReplica:
+    """A node's report: its state columns, only while the row is still that generation (a
+    leader's newer assignment is never overwritten by news of an older one)."""
+
+    replica_id: str
+    generation: int
+    state: ReplicaState
+    reason: str
+    address: str | None
+    image_digest: str | None
 
 
 @dataclass(frozen=True)
@@ -111,7 +162,8 @@ class DeleteClusterHealth:
 
 
 Op = (
-    PutToken | PutNode | DeleteNode | PutCluster | DeleteCluster | PutReplica | DeleteReplica
+    PutToken | PutNode | SetNodeLiveness | SetNodeFacts | SetNodeFlags | SetNodeSeq | DeleteNode
+    | PutCluster | DeleteCluster | PutReplica | ObserveReplica | DeleteReplica
     | PutCommand | AckCommands | SetMeta | PutApiKey | AddEvent | AddAudit | PutSecret | DeleteSecret
     | PutClusterHealth | DeleteClusterHealth
 )

@@ -60,6 +60,7 @@ nodes = Table(
     Column("generation", Integer, nullable=False),
     Column("draining", Boolean, nullable=False, default=False),  # migration 2
     Column("isolation", Text, nullable=False, default="[]"),  # migration 3
+    Column("session_server", String(64), nullable=False, default=""),  # migration 6
 )
 
 clusters = Table(
@@ -147,6 +148,25 @@ cluster_health = Table(
     Column("strikes", Text, nullable=False),  # JSON list of node names
     Column("quarantined", Text, nullable=False),
     Column("degraded", Text, nullable=False),
+)
+
+servers = Table(
+    "vl_servers", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("address", String(255), nullable=False),
+    Column("started_at", Float, nullable=False),  # the database's clock (epoch seconds)
+    Column("seen_at", Float, nullable=False),  # the database's clock at its last heartbeat
+    Column("nodes", Integer, nullable=False),
+    Column("proxies", Integer, nullable=False),
+    Column("clients", Integer, nullable=False),
+)
+
+leader = Table(
+    "vl_leader", metadata,
+    Column("id", Integer, primary_key=True),  # one row: id 1
+    Column("holder", String(64), nullable=False),
+    Column("epoch", Integer, nullable=False),  # grows with every change of leader: the fence
+    Column("lease_until", Float, nullable=False),  # the database's clock
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
