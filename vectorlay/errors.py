@@ -73,6 +73,11 @@ class StoreInDoubt(StoreUnavailable):
         self.outcome = outcome
 
 
+class StoreFenced(StoreError):
+    """A leader's write refused by the fence: another server leads now (or this one's lease ran
+    out while it was paused or cut off). Nothing was changed; it must step down."""
+
+
 class StoreFatal(StoreError):
     """A database failure that waiting cannot heal (a schema newer than this vectorlay)."""
 

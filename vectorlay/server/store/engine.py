@@ -24,7 +24,7 @@ from sqlalchemy.exc import TimeoutError as SqlTimeoutError
 
 from vectorlay.core import codec
 from vectorlay.core.model import Assignment, ClusterSpec, Gpu, NodeState, Replica, ReplicaState, Role
-from vectorlay.errors import StoreError, StoreInDoubt, StoreUnavailable
+from vectorlay.errors import StoreError, StoreFenced, StoreInDoubt, StoreUnavailable
 from vectorlay.server.records import (
     ApiKeyRecord,
     AuditRecord,
@@ -36,6 +36,7 @@ from vectorlay.server.records import (
     SecretRecord,
     TokenRecord,
 )
+from vectorlay.server.store import changes as change_keys
 from vectorlay.server.store import ops, schema
 
 T = TypeVar("T")
@@ -98,6 +99,7 @@ class Store:
         self.engine = engine
         self._limiter = limiter
         self.timeout_s = timeout_s
+        self.notify_as = ""  # this server's id: PostgreSQL tells the others what each transaction changed
 
     @property
     def dialect(self) -> str:
@@ -144,7 +146,15 @@ class Store:
 
     async def apply(self, changes: Sequence[ops.Op]) -> None:
         if changes:
-            await self.run(lambda conn: _apply(conn, changes))
+            await self.run(lambda conn: self._apply_and_notify(conn, changes))
+
+    def _apply_and_notify(self, conn: Connection, changes: Sequence[ops.Op]) -> None:
+        _apply(conn, changes)
+        if self.notify_as and conn.dialect.name == "postgresql":
+            keys = change_keys.keys_of(changes)
+            if keys:  # delivered to the other servers only if this transaction commits
+                conn.execute(sqlalchemy.text("SELECT pg_notify(:channel, :payload)"),
+                             {"channel": change_keys.CHANNEL, "payload": change_keys.encode(self.notify_as, keys)})
 
     async def ping(self) -> None:
         """StoreUnavailable unless the database answers a trivial query."""
@@ -565,6 +575,156 @@ def _delete_cluster_health(conn: Connection, op: ops.DeleteClusterHealth) -> Non
     conn.execute(delete(schema.cluster_health).where(schema.cluster_health.c.cluster == op.cluster))
 
 
+def _fence(conn: Connection, op: ops.Fence) -> None:
+    """Lock the leader row for this transaction, and go on only if `op` still describes it."""
+    table = schema.leader
+    result = conn.execute(update(table).where(table.c.id == 1, table.c.holder == op.holder,
+                                              table.c.epoch == op.epoch, table.c.lease_until >= _db_now(conn))
+                          .values(holder=table.c.holder))
+    if result.rowcount != 1:
+        raise StoreFenced(f"this server no longer leads (epoch {op.epoch}): another took over, or its lease ran out")
+
+
+def _db_now(conn: Connection) -> Any:
+    """The database's clock as epoch seconds, as an SQL expression: leases are judged on one
+    clock for every server."""
+    if conn.dialect.name == "postgresql":
+        return sqlalchemy.literal_column("extract(epoch from clock_timestamp())")
+    return sqlalchemy.literal(time.time())
+
+
+def db_time(conn: Connection) -> float:
+    """The database's clock now, as epoch seconds."""
+    return float(conn.execute(select(_db_now(conn))).scalar_one())
+
+
+# --- reading what other servers changed -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows behind a set of change keys, as they are now (absent: deleted)."""
+
+    replicas: dict[str, tuple[Replica, float]]
+    nodes: dict[str, NodeRecord]
+    clusters: dict[str, ClusterRecord]
+    health: dict[str, ClusterHealthRecord]
+    commands: dict[str, list[CommandRecord]]  # node id -> its outbox, in order
+    api_keys: dict[str, ApiKeyRecord]
+    secrets: dict[tuple[str, str], SecretRecord]
+    tokens: dict[str, TokenRecord]
+    generation: int | None
+
+
+def load_rows(conn: Connection, keys: change_keys.ChangeKeys) -> Rows:
+    def chunks(values: set[Any]) -> list[list[Any]]:
+        ordered = sorted(values)
+        return [ordered[i:i + 500] for i in range(0, len(ordered), 500)]
+
+    replicas: dict[str, tuple[Replica, float]] = {}
+    for chunk in chunks(keys.replicas):
+        for row in conn.execute(select(schema.replicas).where(schema.replicas.c.id.in_(chunk))):
+            replicas[row.id] = (_replica(row), row.created_at)
+    nodes: dict[str, NodeRecord] = {}
+    for chunk in chunks(keys.nodes):
+        for row in conn.execute(select(schema.nodes).where(schema.nodes.c.id.in_(chunk))):
+            nodes[row.id] = _node(row)
+    clusters: dict[str, ClusterRecord] = {}
+    health: dict[str, ClusterHealthRecord] = {}
+    for chunk in chunks(keys.clusters):
+        for row in conn.execute(select(schema.clusters).where(schema.clusters.c.name.in_(chunk))):
+            clusters[row.name] = _cluster(row)
+        for row in conn.execute(select(schema.cluster_health).where(schema.cluster_health.c.cluster.in_(chunk))):
+            health[row.cluster] = ClusterHealthRecord(row.cluster, row.failures, row.not_before, row.reason, row.node,
+                                                      tuple(json.loads(row.strikes)), row.quarantined, row.degraded)
+    commands: dict[str, list[CommandRecord]] = {node_id: [] for node_id in keys.commands}
+    for chunk in chunks(keys.commands):
+        table = schema.commands
+        for row in conn.execute(select(table).where(table.c.node_id.in_(chunk)).order_by(table.c.node_id,
+                                                                                           table.c.seq)):
+            commands[row.node_id].append(_command(row))
+    api_keys = {}
+    for chunk in chunks(keys.api_keys):
+        for row in conn.execute(select(schema.api_keys).where(schema.api_keys.c.id.in_(chunk))):
+            api_keys[row.id] = ApiKeyRecord(row.id, row.cluster, row.name, row.secret_hash, row.created_at,
+                                            row.revoked_at)
+    secrets = {}
+    for project, name in keys.secrets:
+        found = conn.execute(select(schema.secrets).where(schema.secrets.c.project == project,
+                                                          schema.secrets.c.name == name)).first()
+        if found is not None:
+            secrets[(project, name)] = SecretRecord(found.project, found.name, found.ciphertext, found.updated_at)
+    tokens = {}
+    for chunk in chunks(keys.tokens):
+        for row in conn.execute(select(schema.tokens).where(schema.tokens.c.id.in_(chunk))):
+            tokens[row.id] = _token(row)
+    generation = None
+    if "generation" in keys.meta:
+        value = conn.execute(select(schema.meta.c.value).where(schema.meta.c.key == "generation")).scalar()
+        generation = int(value) if value is not None else None
+    return Rows(replicas, nodes, clusters, health, commands, api_keys, secrets, tokens, generation)
+
+
+# --- leadership and the servers ---------------------------------------------------------------
+
+
+def take_lead(conn: Connection, server_id: str, lease_s: float) -> int | None:
+    """Lead if nobody does (no holder, or its lease ran out): the new epoch, else None."""
+    table = schema.leader
+    now = db_time(conn)
+    row = conn.execute(select(table).where(table.c.id == 1).with_for_update()).first()
+    if row is None:
+        conn.execute(table.insert().values(id=1, holder=server_id, epoch=1, lease_until=now + lease_s))
+        return 1
+    if row.holder and row.lease_until >= now:
+        return None
+    epoch = int(row.epoch) + 1
+    conn.execute(update(table).where(table.c.id == 1).values(holder=server_id, epoch=epoch, lease_until=now + lease_s))
+    return epoch
+
+
+def renew_lead(conn: Connection, server_id: str, epoch: int, lease_s: float) -> bool:
+    """Extend the lease; False if another server took over meanwhile (the epoch moved on)."""
+    table = schema.leader
+    result = conn.execute(update(table).where(table.c.id == 1, table.c.holder == server_id, table.c.epoch == epoch)
+                          .values(lease_until=_db_now(conn) + lease_s))
+    return result.rowcount == 1
+
+
+def give_up_lead(conn: Connection, server_id: str, epoch: int) -> None:
+    """Step down on purpose (a clean stop): the next server need not wait for the lease to end."""
+    table = schema.leader
+    conn.execute(update(table).where(table.c.id == 1, table.c.holder == server_id, table.c.epoch == epoch)
+                 .values(holder="", lease_until=0.0))
+
+
+def leader_row(conn: Connection) -> tuple[str, int, float, float]:
+    """(holder, epoch, lease_until, now) on the database's clock."""
+    table = schema.leader
+    now = db_time(conn)
+    row = conn.execute(select(table).where(table.c.id == 1)).first()
+    return (row.holder, int(row.epoch), float(row.lease_until), now) if row else ("", 0, 0.0, now)
+
+
+def beat(conn: Connection, server_id: str, address: str, started_at: float | None, counts: tuple[int, int, int]
+         ) -> float:
+    """Record that this server is alive, with its session counts; return the database's time."""
+    now = db_time(conn)
+    values = {"address": address, "seen_at": now, "nodes": counts[0], "proxies": counts[1], "clients": counts[2]}
+    table = schema.servers
+    if conn.execute(update(table).where(table.c.id == server_id).values(**values)).rowcount == 0:
+        conn.execute(table.insert().values(id=server_id, started_at=started_at or now, **values))
+    return now
+
+
+def list_servers(conn: Connection) -> tuple[list[Any], float]:
+    return list(conn.execute(select(schema.servers).order_by(schema.servers.c.started_at)).all()), db_time(conn)
+
+
+def forget_server(conn: Connection, server_id: str) -> None:
+    conn.execute(delete(schema.servers).where(schema.servers.c.id == server_id))
+
+
 def _set_meta(conn: Connection, op: ops.SetMeta) -> None:
     _upsert(conn, schema.meta, {"key": op.key}, {"value": op.value})
 
@@ -577,7 +737,7 @@ _APPLY: dict[type, Callable[[Connection, Any], None]] = {
     ops.DeleteReplica: _delete_replica, ops.PutCommand: _put_command, ops.AckCommands: _ack_commands,
     ops.SetMeta: _set_meta, ops.PutApiKey: _put_api_key, ops.AddEvent: _add_event, ops.AddAudit: _add_audit,
     ops.PutSecret: _put_secret, ops.DeleteSecret: _delete_secret, ops.PutClusterHealth: _put_cluster_health,
-    ops.DeleteClusterHealth: _delete_cluster_health,
+    ops.DeleteClusterHealth: _delete_cluster_health, ops.Fence: _fence,
 }
 # Kinds written in bulk by `_apply`: each writes only its own table.
 _APPLY_MANY: dict[type, Callable[[Connection, list[Any]], None]] = {

@@ -161,9 +161,18 @@ class DeleteClusterHealth:
     cluster: str
 
 
+@dataclass(frozen=True)
+class Fence:
+    """First in a leader's transaction: it commits only while `holder` leads with `epoch` and
+    its lease has not run out, on the database's clock (StoreFenced otherwise)."""
+
+    holder: str
+    epoch: int
+
+
 Op = (
     PutToken | PutNode | SetNodeLiveness | SetNodeFacts | SetNodeFlags | SetNodeSeq | DeleteNode
     | PutCluster | DeleteCluster | PutReplica | ObserveReplica | DeleteReplica
     | PutCommand | AckCommands | SetMeta | PutApiKey | AddEvent | AddAudit | PutSecret | DeleteSecret
-    | PutClusterHealth | DeleteClusterHealth
+    | PutClusterHealth | DeleteClusterHealth | Fence
 )
