@@ -60,6 +60,8 @@ class Api:
         self.fleet = fleet
         self.database = database
         self.pending_writes = pending_writes
+        self.links = 0  # CLI links open now (for `get servers`)
+        self.servers: Callable[[], Awaitable[list[dict[str, object]]]] | None = None
         self.admin = admin
         self.sessions = sessions
         self.signals = signals
@@ -86,6 +88,7 @@ class Api:
             "secret_delete": (self.secret_delete, False),
             "audit": (self.audit, False),
             "get_nodes": (self.get_nodes, True),
+            "get_servers": (self.get_servers, True),
             "fleet_summary": (self.fleet_summary, True),
             "node_cordon": (self.node_cordon, True),
             "node_uncordon": (self.node_uncordon, True),
@@ -97,6 +100,13 @@ class Api:
         }
 
     async def serve(self, link: Link, principal: Principal) -> None:
+        self.links += 1
+        try:
+            await self._serve(link, principal)
+        finally:
+            self.links -= 1
+
+    async def _serve(self, link: Link, principal: Principal) -> None:
         calls: dict[int, trio.CancelScope] = {}
         budget = TokenBucket.full(CLIENT_MESSAGES_PER_S, CLIENT_MESSAGE_BURST, trio.current_time())
         async with trio.open_nursery() as nursery:
@@ -367,6 +377,9 @@ class Api:
         ids = sorted(self.fleet.nodes, key=lambda i: self.fleet.nodes[i].name)
         return await _paged(params, emit, ids, lambda i: views.node_view(self.fleet, i, now))
 
+    async def get_servers(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        return await self.servers() if self.servers is not None else []
+
     async def fleet_summary(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         """Counts only: cheap at any fleet size (for `get` headers and monitoring)."""
         return views.fleet_summary(self.fleet)
@@ -467,9 +480,9 @@ def _timeout(params: dict[str, Any]) -> float:
 
 
 # Calls that change nothing: a database error there needs no word on what was changed.
-READ_ONLY = frozenset({"whoami", "get_clusters", "get_replicas", "describe_cluster", "wait_ready", "wait_deleted",
-                       "logs", "key_list", "secret_list", "audit", "get_nodes", "fleet_summary", "token_list",
-                       "status"})
+READ_ONLY = frozenset({"whoami", "get_servers", "get_clusters", "get_replicas", "describe_cluster", "wait_ready",
+                       "wait_deleted", "logs", "key_list", "secret_list", "audit", "get_nodes", "fleet_summary",
+                       "token_list", "status"})
 
 
 def _explain(error: VectorlayError, method: str) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import logging
+import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,7 +30,7 @@ from vectorlay.core.protocol import (
     Ready,
 )
 from vectorlay.core.tokens import parse_token
-from vectorlay.errors import AuthError, ProtocolError, StoreUnavailable
+from vectorlay.errors import AuthError, ProtocolError, StoreUnavailable, UserError
 from vectorlay.files import write_private
 from vectorlay.metrics_http import serve_metrics
 from vectorlay.server import metrics
@@ -35,12 +38,16 @@ from vectorlay.server.api import Api
 from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.controller import Controller
 from vectorlay.server.fleet import Fleet
+from vectorlay.server.ids import random_id
 from vectorlay.server.node_session import handle_hello, handle_join
 from vectorlay.server.records import TokenRecord, health_from_record
+from vectorlay.server.registry import Registry
+from vectorlay.server.replication import Replicator
 from vectorlay.server.route_feed import RouteFeed
 from vectorlay.server.secrets_box import SecretBox
 from vectorlay.server.store import Store, open_store, ops
-from vectorlay.server.store.engine import describe_url, sqlite_url
+from vectorlay.server.store import engine as store_engine
+from vectorlay.server.store.engine import describe_url, sqlite_path, sqlite_url
 from vectorlay.server.write_behind import retry_delay
 from vectorlay.tls import ServerTls
 from vectorlay.wire import CLOSE_POLICY, CLOSE_TRY_AGAIN, Link, LinkClosed, serve
@@ -93,11 +100,39 @@ async def run_server(
     if store is not None:
         await _serve(config, store, wall_clock, listeners, task_status)
         return
-    opened = await _open_store_patiently(config.database_url)
+    with _one_server_on_sqlite(config.database_url):
+        opened = await _open_store_patiently(config.database_url)
+        try:
+            await _serve(config, opened, wall_clock, listeners, task_status)
+        finally:
+            opened.close()
+
+
+@contextmanager
+def _one_server_on_sqlite(url: str) -> Iterator[None]:
+    """SQLite serves one server: a second one on the same file is refused with one line (several
+    servers share a PostgreSQL database instead). An advisory lock next to the file, held while
+    the server runs, released by the kernel even after kill -9."""
+    database = sqlite_path(url)
+    if database is None:
+        yield
+        return
+    path = Path(database + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        await _serve(config, opened, wall_clock, listeners, task_status)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise UserError(f"another vectorlay server (pid {holder}) uses the SQLite database {database}: "
+                            "SQLite is for one server; run several on PostgreSQL (--db postgresql+psycopg://...)"
+                            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
     finally:
-        opened.close()
+        os.close(fd)
 
 
 async def _open_store_patiently(url: str) -> Store:
@@ -139,15 +174,24 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
 
     policy = config.policy
     secret_box = await trio.to_thread.run_sync(SecretBox.in_state_dir, config.state_dir)
-    controller = Controller(fleet, store, policy, wall_clock, config.crash_points, secret_box)
+    server_id = f"s-{random_id(8)}"
+    store.notify_as = server_id
+    controller = Controller(fleet, store, policy, wall_clock, config.crash_points, secret_box, server_id)
     # Nodes get this long to reconnect after a server restart before silence counts against them;
     # a fleet of thousands reconnecting with jittered backoff needs most of a minute.
     grace = config.failover_grace_s if config.failover_grace_s is not None else max(60.0, 2 * policy.down_after_s)
     controller.intake.restore_liveness(grace)
     auth = Authenticator(store, fleet, wall_clock, config.tls.pin if config.tls else None)
     feed = RouteFeed(fleet, controller.signals)
+    replicator = Replicator(fleet, store, controller.writer, controller.signals, controller.sessions, auth,
+                            controller.leadership, policy, server_id)
+    controller.on_lead.append(replicator.took_lead)
+    controller.writer.other_servers = lambda: tuple(replicator.live_servers - {server_id})
     api = Api(fleet, controller.admin, controller.sessions, controller.signals, auth, feed,
               controller.writer.database, lambda: len(controller.writer.journal))
+    registry = Registry(store, server_id, f"{config.host}:{config.port}",
+                        lambda: (len(controller.sessions), len(feed.proxies), api.links), replicator.servers_seen)
+    api.servers = partial(_servers_view, store, registry, server_id)
     admin_token, created = await _bootstrap_admin_token(config, store, auth, snapshot.meta)
     log.info("state: %s; %d node(s), %d cluster(s), %d replica(s)", describe_url(config.database_url),
              len(fleet.nodes), len(fleet.clusters), len(fleet.replicas))
@@ -195,6 +239,8 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(auth.sessions.close_expired, wall_clock)
+        await nursery.start(registry.run)
+        await nursery.start(replicator.run)
         await nursery.start(controller.run)
         await nursery.start(feed.run)
         ssl_context = config.tls.context() if config.tls else None
@@ -208,6 +254,7 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
         server = await nursery.start(partial(serve, handle, config.host, config.port, PATHS, ssl_context,
                                              listeners=listeners))
         port = server.port if listeners is None else 0
+        registry.address = f"{config.host}:{port}"
         scheme = "wss" if config.tls else "ws"
         log.info("listening on %s://%s:%d", scheme, config.host, port)
         if config.tls is None and not _is_loopback(config.host):
@@ -217,6 +264,17 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
 
 
 _FIRST = {"/v1/node": NODE_FIRST, "/v1/proxy": PROXY_FIRST, "/v1/api": CLIENT_FIRST}
+
+
+async def _servers_view(store: Store, registry: Registry, me: str) -> list[dict[str, object]]:
+    """`vectorlay get servers`: every live server, which one leads and with which epoch."""
+    holder, epoch, lease_until, now = await store.run(store_engine.leader_row)
+    if store.dialect != "postgresql":
+        holder, lease_until = me, now + 1  # one server on SQLite: it leads
+    return [{"id": s.id, "address": s.address, "leader": s.id == holder and lease_until >= now,
+             "epoch": epoch if s.id == holder and lease_until >= now else None, "nodes": s.nodes,
+             "proxies": s.proxies, "clients": s.clients, "seen_s_ago": round(s.seen_s_ago, 1), "this": s.id == me}
+            for s in registry.servers if s.alive]
 
 
 def _is_loopback(host: str) -> bool:

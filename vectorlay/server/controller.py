@@ -21,6 +21,7 @@ from vectorlay.core.health import LivenessPolicy
 from vectorlay.errors import StoreError
 from vectorlay.server.admin import Admin
 from vectorlay.server.fleet import Fleet
+from vectorlay.server.leadership import Leadership
 from vectorlay.server.node_intake import NodeIntake
 from vectorlay.server.reconcile_loop import ReconcileLoop
 from vectorlay.server.secrets_box import SecretBox
@@ -44,22 +45,38 @@ class Controller:
         wall_clock: Callable[[], float],
         crash_points: frozenset[str] = frozenset(),
         secret_box: SecretBox | None = None,
+        server_id: str = "s-local",
     ) -> None:
         box = secret_box or SecretBox(SecretBox.new_key())
         self.fleet = fleet
         self.store = store
+        self.server_id = server_id
         self.signals = Signals()
         self.sessions = Sessions(fleet, box)
         self.writer = Writer(fleet, store, self.signals, self.sessions, wall_clock, crash_points)
-        self.loop = ReconcileLoop(self.writer, self.signals)
-        self.intake = NodeIntake(self.writer, self.signals, self.sessions, policy)
+        self.leadership = Leadership(store, server_id, single=store.dialect != "postgresql",
+                                     on_change=self._leadership_changed)
+        self.writer.fence = self.leadership.fence
+        self.writer.on_fenced = self.leadership.deposed
+        self.loop = ReconcileLoop(self.writer, self.signals, self.leadership)
+        self.intake = NodeIntake(self.writer, self.signals, self.sessions, policy, server_id)
         self.admin = Admin(self.writer, self.signals, box)
+        self.on_lead: list[Callable[[], None]] = []  # the replicator's: read everything again first
+
+    def _leadership_changed(self, leading: bool) -> None:
+        if leading:
+            for callback in self.on_lead:
+                callback()
+            for cluster in self.fleet.all_cluster_names():
+                self.signals.mark_dirty(cluster)
+        self.signals.announce()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.writer.run)
             await nursery.start(self.intake.run)
             await nursery.start(self.loop.run)
+            await nursery.start(self.leadership.run)
             nursery.start_soon(self._trim_events)
             task_status.started()
 

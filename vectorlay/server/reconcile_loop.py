@@ -19,9 +19,10 @@ import trio
 from vectorlay.core import cluster_health, mass_failure
 from vectorlay.core.model import Assignment, ClusterSpec, Node, Replica, ReplicaState, template_revision
 from vectorlay.core.reconciler import ClusterPlan, plan_cluster
-from vectorlay.errors import StoreUnavailable
+from vectorlay.errors import StoreFenced, StoreUnavailable
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.ids import new_replica_id
+from vectorlay.server.leadership import Leadership
 from vectorlay.server.signals import Signals
 from vectorlay.server.writer import Batch, Writer
 
@@ -32,8 +33,9 @@ MAX_STEPS = 20  # plans in a row for one cluster with no outside event; more is 
 
 
 class ReconcileLoop:
-    def __init__(self, writer: Writer, signals: Signals) -> None:
+    def __init__(self, writer: Writer, signals: Signals, leadership: Leadership) -> None:
         self.writer = writer
+        self.leadership = leadership
         self.fleet: Fleet = writer.fleet
         self.signals = signals
         self._timers: list[tuple[float, str]] = []
@@ -71,6 +73,8 @@ class ReconcileLoop:
     async def _reconcile_isolated(self, cluster: str) -> None:
         if not self.writer.available:
             return  # decisions wait for the database; the writer marks every cluster dirty when it is back
+        if not self.leadership.leading:
+            return  # another server decides; this one marks every cluster dirty when it takes over
         fault = f"reconcile-raise:{cluster}"
         try:
             if fault in self.writer.crash_points:
@@ -78,6 +82,8 @@ class ReconcileLoop:
             await self._reconcile(cluster)
         except StoreUnavailable:
             return  # weather: the same, noticed mid-way
+        except StoreFenced:
+            return  # another server leads now: it decides
         except Exception as error:  # noqa: BLE001 - one cluster must not stop the others being served
             log.exception("reconciling cluster %s failed; it is marked degraded and retried", cluster)
             now = trio.current_time()
@@ -86,8 +92,8 @@ class ReconcileLoop:
             batch = self.writer.batch()
             batch.set_health(cluster, health)
             try:
-                await self.writer.commit(batch)
-            except StoreUnavailable:
+                await self.writer.commit(batch, fenced=True)
+            except (StoreUnavailable, StoreFenced):
                 self.fleet.health[cluster] = health  # shown now, stored with its next reconcile
             self.wake_at(health.not_before, cluster)
 
@@ -141,7 +147,7 @@ class ReconcileLoop:
             else:
                 log.warning("cluster %s changed %d times in a row with nothing else happening; waiting for the "
                             "next event before planning it again", cluster, steps)
-        await self.writer.commit(batch)
+        await self.writer.commit(batch, fenced=True)
         if plan.forget:
             for waiting in self.fleet.clusters_waiting():
                 self.signals.mark_dirty(waiting)

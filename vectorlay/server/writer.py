@@ -21,7 +21,7 @@ import trio
 
 from vectorlay.core.cluster_health import HEALTHY, ClusterHealth
 from vectorlay.core.model import Assignment, Replica
-from vectorlay.errors import StoreError, StoreInDoubt, StoreUnavailable
+from vectorlay.errors import StoreError, StoreFenced, StoreInDoubt, StoreUnavailable
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.records import (
     ApiKeyRecord,
@@ -55,6 +55,7 @@ class Batch:
         self.node_aspects: dict[str, set[str]] = {}  # which columns of each node row changed
         self.removed_nodes: list[str] = []
         self.observed: set[str] = set()  # replicas changed by a node's report, not by a decision
+        self.other_servers: tuple[str, ...] = ()  # live servers besides this one (several on PostgreSQL)
         self.commands: list[CommandRecord] = []
         self.events: list[EventRecord] = []
         self.clusters: dict[str, ClusterRecord] = {}
@@ -177,7 +178,7 @@ class Batch:
               for r in self.replicas.values() if r.id in self.observed),
             *(ops.DeleteReplica(i) for i in self.forgotten),
             *(op for n in self.nodes.values() if n.id not in self.removed_nodes
-              for op in _node_ops(n, self.node_aspects.get(n.id, {"all"}))),
+              for op in _node_ops(n, self.node_aspects.get(n.id, {"all"}), self.other_servers)),
             *(ops.DeleteNode(i) for i in self.removed_nodes),
             *(ops.PutCommand(c) for c in self.commands),
             *(ops.AckCommands(node_id, seq) for node_id, seq in self.acks.items()),
@@ -261,6 +262,9 @@ class Writer:
         self._in_doubt: tuple[Batch, Outcome] | None = None
         self._trouble = trio.Event()  # set when the database failed: the retry task takes over
         self._rng = rng or random.Random()
+        self.other_servers: Callable[[], tuple[str, ...]] = lambda: ()
+        self.fence: Callable[[], ops.Fence | None] = lambda: None
+        self.on_fenced: Callable[[str], None] = lambda why: None
 
     @property
     def available(self) -> bool:
@@ -268,19 +272,26 @@ class Writer:
         return self.database.available and self._in_doubt is None and not len(self.journal)
 
     def batch(self) -> Batch:
-        return Batch(self.fleet, trio.current_time(), self.wall_clock())
+        batch = Batch(self.fleet, trio.current_time(), self.wall_clock())
+        batch.other_servers = self.other_servers()
+        return batch
 
-    async def commit(self, batch: Batch) -> None:
+    async def commit(self, batch: Batch, fenced: bool = False) -> None:
         """A decision: store it, then apply it to memory and tell the world. The caller holds
         `lock`. StoreUnavailable (nothing changed) or StoreInDoubt (known later) if the
-        database is away."""
+        database is away. `fenced`: a leader's decision, stored only while it still leads
+        (StoreFenced otherwise, and it steps down)."""
         batch.finish()
         if not batch.changes and not batch.to_reconcile:
             return
         if batch.changes:
             await self._catch_up()
+            fence = self.fence() if fenced else None
             try:
-                await self.store.apply(batch.changes)
+                await self.store.apply([fence, *batch.changes] if fence else batch.changes)
+            except StoreFenced as error:
+                self.on_fenced(str(error))
+                raise
             except StoreInDoubt as error:
                 assert isinstance(error.outcome, Outcome)
                 self._in_doubt = (batch, error.outcome)
@@ -418,12 +429,15 @@ class Writer:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _node_ops(record: NodeRecord, aspects: set[str]) -> list[ops.Op]:
+def _node_ops(record: NodeRecord, aspects: set[str], batch_others: tuple[str, ...]) -> list[ops.Op]:
     if "all" in aspects:
         return [ops.PutNode(record)]
     found: list[ops.Op] = []
     if "liveness" in aspects:
-        found.append(ops.SetNodeLiveness(record.id, record.state, record.last_seen_at, record.session_server))
+        # Claiming a node (its session is here) always wins; judging one this server does not
+        # hold never takes it from a live server that does.
+        others = () if record.session_server else batch_others
+        found.append(ops.SetNodeLiveness(record.id, record.state, record.last_seen_at, record.session_server, others))
     if "facts" in aspects:
         found.append(ops.SetNodeFacts(record.id, record.gpus, record.address, record.runtimes, record.isolation))
     if "flags" in aspects:

@@ -66,6 +66,15 @@ def sqlite_url(state_dir: Path) -> str:
     return f"sqlite:///{state_dir / 'vectorlay.db'}"
 
 
+def sqlite_path(url: str) -> str | None:
+    """The file of a SQLite URL; None for any other database (or an in-memory one)."""
+    try:
+        parsed = sqlalchemy.make_url(url)
+    except SQLAlchemyError:
+        return None
+    return parsed.database if parsed.get_backend_name() == "sqlite" and parsed.database else None
+
+
 def describe_url(url: str) -> str:
     """The URL without its password, for logs."""
     try:
@@ -420,12 +429,21 @@ def _set_node_liveness(conn: Connection, op: ops.SetNodeLiveness) -> None:
 
 
 def _set_nodes_liveness(conn: Connection, changes: list[ops.SetNodeLiveness]) -> None:
+    """A node's state as its session's server saw it. A write that would take a node from
+    another live server (it moved there while this one still judged it) is skipped."""
     table = schema.nodes
     latest = {op.node_id: op for op in changes}
-    conn.execute(update(table).where(table.c.id == bindparam("node_id")).values(
-        state=bindparam("state"), last_seen_at=bindparam("last_seen_at"), session_server=bindparam("server")),
-        [{"node_id": op.node_id, "state": op.state.value, "last_seen_at": op.last_seen_at, "server": op.session_server}
-         for op in latest.values()])
+    groups: dict[tuple[str, ...], list[ops.SetNodeLiveness]] = {}
+    for op in latest.values():
+        groups.setdefault(op.unless_held_by, []).append(op)
+    for others, group in groups.items():
+        where = [table.c.id == bindparam("node_id")]
+        if others:
+            where.append(table.c.session_server.not_in(others))
+        conn.execute(update(table).where(*where).values(
+            state=bindparam("state"), last_seen_at=bindparam("last_seen_at"), session_server=bindparam("server")),
+            [{"node_id": op.node_id, "state": op.state.value, "last_seen_at": op.last_seen_at,
+              "server": op.session_server} for op in group])
 
 
 def _set_node_facts(conn: Connection, op: ops.SetNodeFacts) -> None:

@@ -38,6 +38,7 @@ class SetNodeLiveness:
     state: NodeState
     last_seen_at: float | None
     session_server: str
+    unless_held_by: tuple[str, ...] = ()  # skip the write if one of these (live) servers holds it now
 
 
 @dataclass(frozen=True)

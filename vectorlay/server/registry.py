@@ -1,0 +1,75 @@
+"""The servers sharing one database: each says every second that it is alive, with how many
+sessions it holds (`vectorlay get servers`), and learns which others are; a server that stopped
+saying so is gone, and the leader judges the nodes it held."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from vectorlay.errors import StoreError
+from vectorlay.server.store import Store
+from vectorlay.server.store import engine as store_engine
+
+log = logging.getLogger("vectorlay.server")
+
+BEAT_EVERY_S = 1.0
+GONE_AFTER_S = 6.0  # no beat for this long: the server is gone (longer than the leader's lease)
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    id: str
+    address: str
+    started_at: float
+    seen_s_ago: float
+    nodes: int
+    proxies: int
+    clients: int
+
+    @property
+    def alive(self) -> bool:
+        return self.seen_s_ago <= GONE_AFTER_S
+
+
+class Registry:
+    def __init__(self, store: Store, server_id: str, address: str, counts: Callable[[], tuple[int, int, int]],
+                 on_alive: Callable[[set[str]], None]) -> None:
+        self.store = store
+        self.server_id = server_id
+        self.address = address
+        self.counts = counts
+        self.on_alive = on_alive
+        self.servers: list[ServerInfo] = []  # as of the last beat
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Beat once before `started` (so the others are known from the start), then every second."""
+        started_at: float | None = None
+        started = False
+        try:
+            while True:
+                try:
+                    now = await self.store.run(partial(store_engine.beat, server_id=self.server_id,
+                                                       address=self.address, started_at=started_at,
+                                                       counts=self.counts()))
+                    started_at = started_at or now
+                    rows, now = await self.store.run(store_engine.list_servers)
+                    self.servers = [ServerInfo(r.id, r.address, r.started_at, max(0.0, now - r.seen_at), r.nodes,
+                                               r.proxies, r.clients) for r in rows]
+                    self.on_alive({s.id for s in self.servers if s.alive})
+                except StoreError as error:
+                    log.debug("server heartbeat failed: %s", error)
+                if not started:
+                    task_status.started()
+                    started = True
+                await trio.sleep(BEAT_EVERY_S)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                try:
+                    await self.store.run(partial(store_engine.forget_server, server_id=self.server_id))
+                except StoreError:
+                    pass  # it will look gone once it stops beating
