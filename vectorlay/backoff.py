@@ -29,3 +29,33 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+class Rotation:
+    """Several servers of one control plane: after a failure, try the next one almost at once;
+    only when every one has failed in a row, wait the backoff. A success starts over there."""
+
+    HOP_S = 0.3  # a pause before trying the next server (jittered), so a flapping one is not spun on
+
+    def __init__(self, urls: list[str], backoff: Backoff | None = None, rng: random.Random | None = None) -> None:
+        self.urls = urls
+        self.backoff = backoff or Backoff()
+        self.rng = rng or self.backoff.rng
+        self.index = self.rng.randrange(len(urls)) if len(urls) > 1 else 0  # spread a fleet over the servers
+        self._failed_in_a_row = 0
+
+    @property
+    def current(self) -> str:
+        return self.urls[self.index]
+
+    def succeeded(self) -> None:
+        self._failed_in_a_row = 0
+        self.backoff.reset()
+
+    def failed(self) -> float:
+        """Move to the next server; return how long to wait before trying it."""
+        self._failed_in_a_row += 1
+        self.index = (self.index + 1) % len(self.urls)
+        if self._failed_in_a_row % len(self.urls) == 0:
+            return self.backoff.next_delay()
+        return self.rng.uniform(self.HOP_S / 2, self.HOP_S)

@@ -57,8 +57,9 @@ class LinkClosed(PeerError):
 class Link:
     """One WebSocket carrying protocol messages."""
 
-    def __init__(self, ws: WebSocketConnection) -> None:
+    def __init__(self, ws: WebSocketConnection, url: str = "") -> None:
         self.ws = ws
+        self.url = url  # what was dialled, for a link this side opened
         try:
             remote = ws.remote
             self.remote = str(remote) if isinstance(remote, str) else f"{remote.address}:{remote.port}"
@@ -156,7 +157,7 @@ async def connect(
         except trio.BrokenResourceError as error:  # a TLS handshake that failed
             cause = error.__cause__ or error
             raise ConnectError(f"cannot reach the server at {url}: TLS failed ({cause})") from None
-        yield Link(ws)
+        yield Link(ws, f"{parts.scheme}://{parts.netloc}")
 
 
 async def fetch_ca(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> bytes:
@@ -200,6 +201,19 @@ async def verified_ca(url: str, token: str | None) -> bytes | None:
         raise AuthError(f"the server at {url} is not the one that issued this token (its CA's key hash is "
                            f"{found[:16]}..., the token expects {pin[:16]}...): refusing to send credentials")
     return fetched
+
+
+def server_urls(text: str) -> list[str]:
+    """`ws://a:7070,ws://b:7070`: every server of a control plane, in order (one URL is a list of
+    one). A name with several addresses also works: connecting tries each of them."""
+    urls = list(dict.fromkeys(part.strip().rstrip("/") for part in text.split(",") if part.strip()))
+    if not urls:
+        raise ConnectError(f"no server URL in {text!r}")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ConnectError(f"invalid server URL {url!r}: expected ws://HOST:PORT or wss://HOST:PORT")
+    return urls
 
 
 def _handshake_reason(error: HandshakeError) -> str:

@@ -29,6 +29,7 @@ class Kind(StrEnum):
     clusters = "clusters"
     nodes = "nodes"
     replicas = "replicas"
+    servers = "servers"
 
 
 class TokenRole(StrEnum):
@@ -58,14 +59,14 @@ def apply(
 
 
 def get(
-    kind: Annotated[Kind, typer.Argument(help="clusters, nodes or replicas.")],
+    kind: Annotated[Kind, typer.Argument(help="clusters, nodes, replicas or servers.")],
     name: Annotated[str | None, typer.Argument(help="One cluster or node (for replicas: a cluster).")] = None,
     output_format: OutputOpt = Format.table,
     project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """List clusters, nodes or replicas."""
+    """List clusters, nodes, replicas or servers (the control plane's, with the one that leads)."""
     run(commands.get, resolve(server_url, token, project), kind.value, name, output_format is Format.json)
 
 

@@ -29,7 +29,7 @@ from vectorlay.errors import (
     UserError,
     unwrap_group,
 )
-from vectorlay.wire import CLOSE_POLICY, CONNECT_TIMEOUT_S, Link, LinkClosed, connect, secure_context
+from vectorlay.wire import CLOSE_POLICY, CONNECT_TIMEOUT_S, Link, LinkClosed, connect, secure_context, server_urls
 
 PING_INTERVAL_S = 5.0
 PING_TIMEOUT_S = 10.0
@@ -72,24 +72,42 @@ def _error(failure: Failure) -> Exception:
 
 
 @asynccontextmanager
-async def open_api(server: str, token: str) -> AsyncIterator[ApiClient]:
-    """A link to the server's API. It is pinged while in use: a server that stops answering
-    (paused, or behind a dead path) ends the command with an error instead of a hang."""
-    url = server.rstrip("/") + "/v1/api"
-    async with connect(url, await secure_context(url, token)) as link:
-        with trio.fail_after(CONNECT_TIMEOUT_S):
-            await link.send(ClientHello(PROTOCOL_VERSION, token))
-            try:
-                await link.receive_one(Ready)
-            except LinkClosed as closed:
-                if closed.code == CLOSE_POLICY:
-                    raise AuthError(f"the server refused the token: {closed.reason}") from None
-                raise PeerError(f"the server closed the connection: {closed.reason or closed.code}") from None
-        with unwrap_group():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch, link, server)
-                yield ApiClient(link)
-                nursery.cancel_scope.cancel()
+async def open_api(server: str, token: str, start: int = 0) -> AsyncIterator[ApiClient]:
+    """A link to the server's API. `server` may list several servers (`ws://a,ws://b`): the first
+    that answers, from `start` on, is used. The link is pinged while in use: a server that stops
+    answering (paused, or behind a dead path) ends the command with an error instead of a hang."""
+    urls = server_urls(server)
+    failure: ConnectError | None = None
+    for index in range(len(urls)):
+        url = urls[(start + index) % len(urls)] + "/v1/api"
+        opened = False
+        try:
+            async with connect(url, await secure_context(url, token)) as link:
+                await _hello(link, token)
+                opened = True
+                with unwrap_group():
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_watch, link, urls[(start + index) % len(urls)])
+                        yield ApiClient(link)
+                        nursery.cancel_scope.cancel()
+                return
+        except ConnectError as error:
+            if opened or len(urls) == 1:
+                raise
+            failure = error  # try the next server
+    assert failure is not None
+    raise ConnectError(f"no server answered ({len(urls)} tried); last: {failure}")
+
+
+async def _hello(link: Link, token: str) -> None:
+    with trio.fail_after(CONNECT_TIMEOUT_S):
+        await link.send(ClientHello(PROTOCOL_VERSION, token))
+        try:
+            await link.receive_one(Ready)
+        except LinkClosed as closed:
+            if closed.code == CLOSE_POLICY:
+                raise AuthError(f"the server refused the token: {closed.reason}") from None
+            raise PeerError(f"the server closed the connection: {closed.reason or closed.code}") from None
 
 
 async def _watch(link: Link, server: str) -> None:

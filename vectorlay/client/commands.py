@@ -14,7 +14,8 @@ from vectorlay.client.api import ApiClient, open_api
 from vectorlay.client.config import Context
 from vectorlay.core.launch_inputs import secret_value_problem
 from vectorlay.core.manifest import parse_manifest
-from vectorlay.errors import UserError, VectorlayError
+from vectorlay.errors import PeerError, ProtocolError, UserError, VectorlayError
+from vectorlay.wire import server_urls
 
 
 class WaitTimedOut(VectorlayError):
@@ -41,8 +42,24 @@ def read_manifest(path: str) -> str:
 
 
 async def apply(ctx: Context, text: str, dry_run: bool, wait: bool, timeout_s: float | None, as_json: bool) -> None:
+    """Apply, then wait. With several servers (`--server ws://a,ws://b`), a server that goes
+    away mid-way is replaced by the next: applying the same manifest again changes nothing, so
+    the change is made exactly once."""
     parse_manifest(text)  # validate here first: a bad manifest never reaches the server
-    async with open_api(ctx.server, ctx.token) as api:
+    urls = server_urls(ctx.server)
+    for attempt in range(len(urls)):
+        try:
+            await _apply_once(ctx, text, dry_run, wait, timeout_s, as_json, attempt)
+            return
+        except PeerError as error:
+            if isinstance(error, ProtocolError) or attempt == len(urls) - 1:
+                raise
+            output.stderr.print(f"the server went away ({error}); trying the next one", markup=False)
+
+
+async def _apply_once(ctx: Context, text: str, dry_run: bool, wait: bool, timeout_s: float | None, as_json: bool,
+                      start: int) -> None:
+    async with open_api(ctx.server, ctx.token, start) as api:
         result = await api.call("apply", {"manifest": text, "dry_run": dry_run})
         keys = [change["cluster"] for change in result["changes"]]
         if as_json and (dry_run or not wait):
@@ -99,8 +116,8 @@ async def _wait_ready(api: ApiClient, names: list[str], timeout_s: float | None,
 def _progress(cluster: dict[str, Any]) -> str:
     """`1/2 ready`; while a roll replaces old copies: `2 serving, 0/2 updated`, so a roll in
     progress does not read like an outage."""
-    rolling = cluster.get("up_to_date", cluster["replicas"]) < cluster["replicas"] or cluster.get("stopping") \
-        or sum(cluster["states"].values()) > cluster["replicas"]
+    live = sum(cluster["states"].values())
+    rolling = live > cluster.get("up_to_date", live) or bool(cluster.get("stopping"))
     if rolling and "serving" in cluster:
         return f"{cluster['serving']} serving, {cluster['ready']}/{cluster['replicas']} updated"
     return f"{cluster['ready']}/{cluster['replicas']} ready"
@@ -128,14 +145,15 @@ PAGE_SIZE = 500
 
 
 async def get(ctx: Context, kind: str, name: str | None, as_json: bool) -> None:
-    method = {"clusters": "get_clusters", "nodes": "get_nodes", "replicas": "get_replicas"}[kind]
+    method = {"clusters": "get_clusters", "nodes": "get_nodes", "replicas": "get_replicas",
+              "servers": "get_servers"}[kind]
     params: dict[str, Any] = _scope(ctx)
     if name is not None:
         params["cluster" if kind == "replicas" else "name"] = name
     items: list[dict[str, Any]] = []
     summary: dict[str, Any] | None = None
     async with open_api(ctx.server, ctx.token) as api:
-        if kind == "clusters":
+        if kind in ("clusters", "servers"):
             items = await api.call(method, params)
         else:
             async for event, value in api.stream(method, {**params, "page_size": PAGE_SIZE}):
@@ -151,7 +169,8 @@ async def get(ctx: Context, kind: str, name: str | None, as_json: bool) -> None:
     if not items:
         output.stderr.print(f"no {kind}")
         return
-    table = {"clusters": output.cluster_table, "nodes": output.node_table, "replicas": output.replica_table}[kind]
+    table = {"clusters": output.cluster_table, "nodes": output.node_table, "replicas": output.replica_table,
+             "servers": output.server_table}[kind]
     sys.stdout.write(table(items))
     sys.stdout.flush()
 

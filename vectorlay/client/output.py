@@ -83,6 +83,13 @@ def node_table(nodes: list[dict[str, Any]]) -> str:
          age(n.get("joined_at")), _gpus(n["gpus"])) for n in nodes])
 
 
+def server_table(servers: list[dict[str, Any]]) -> str:
+    return columns(("ID", "ADDRESS", "LEADER", "EPOCH", "NODES", "PROXIES", "CLIENTS", "SEEN"), [
+        (s["id"] + (" (this)" if s.get("this") else ""), s["address"], "yes" if s["leader"] else "no",
+         str(s["epoch"]) if s["epoch"] is not None else "-", str(s["nodes"]), str(s["proxies"]), str(s["clients"]),
+         f"{s['seen_s_ago']:g}s ago") for s in servers])
+
+
 def replica_table(replicas: list[dict[str, Any]]) -> str:
     return columns(("ID", "CLUSTER", "NODE", "STATE", "ADDRESS", "AGE", "REASON"), [
         (r["id"], r["cluster"], r["node"] or "-", "stopping" if r.get("stopping") else r["state"], r["address"] or "-",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from vectorlay.backoff import Backoff
+from vectorlay.backoff import Backoff, Rotation
 from vectorlay.core.launch_inputs import replica_id_problem
 from vectorlay.core.model import Gpu, GpuStatus
 from vectorlay.core.protocol import (
@@ -46,7 +46,7 @@ from vectorlay.node.faults import FaultPoints
 from vectorlay.node.gpu_health import NvmlMonitor, watch_gpus
 from vectorlay.node.runtime import ReplicaRuntime
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
-from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect, secure_context, verified_ca
+from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect, secure_context, server_urls, verified_ca
 
 log = logging.getLogger("vectorlay.node")
 
@@ -90,18 +90,31 @@ async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str
 
     Over TLS, the server's CA is checked against the pin in the token before the token is sent,
     and kept: from then on the agent trusts that CA and nothing else for this server."""
-    url = server.rstrip("/") + "/v1/node"
-    ca = await verified_ca(url, token)
+    urls = server_urls(server)
+    for index, base in enumerate(urls):  # several servers: the first that answers
+        url = base + "/v1/node"
+        try:
+            ca = await verified_ca(url, token)
+            joined = await _join_at(url, token, ca, Join(PROTOCOL_VERSION, token, name, tuple(gpus), address,
+                                                         runtimes, isolation))
+            break
+        except ConnectError:
+            if index == len(urls) - 1:
+                raise
+    creds = Credentials(",".join(urls), joined.node_id, joined.name, joined.credential, address,
+                        ca.decode() if ca else None)
+    save_credentials(state_dir, creds)
+    return creds
+
+
+async def _join_at(url: str, token: str, ca: bytes | None, message: Join) -> Joined:
     async with connect(url, await secure_context(url, token, ca)) as link:
-        await link.send(Join(PROTOCOL_VERSION, token, name, tuple(gpus), address, runtimes, isolation))
+        await link.send(message)
         try:
             joined = await link.receive_one(Joined)
         except LinkClosed as closed:
             raise AuthError(f"the server refused to let this node join: {closed.reason or 'no reason given'}") from None
-    creds = Credentials(server, joined.node_id, joined.name, joined.credential, address,
-                        ca.decode() if ca else None)
-    save_credentials(state_dir, creds)
-    return creds
+    return joined
 
 
 class Agent:
@@ -137,14 +150,15 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stay connected to the server until cancelled; raise AuthError if it refuses us."""
         backoff = Backoff()
-        url = self.creds.server.rstrip("/") + "/v1/node"
+        servers = Rotation(server_urls(self.creds.server), backoff)
         ca = self.creds.ca_pem.encode() if self.creds.ca_pem else None
         task_status.started()
         while True:
+            url = servers.current + "/v1/node"
             try:
                 with unwrap_group():
                     async with connect(url, await secure_context(url, None, ca)) as link:
-                        await self._session(link, backoff)
+                        await self._session(link, servers)
                 problem = "the server closed the link"
             except (ConnectError, LinkClosed, ProtocolError) as error:
                 if isinstance(error, LinkClosed) and error.code == CLOSE_POLICY:
@@ -155,11 +169,11 @@ class Agent:
                 problem = str(error)
             finally:
                 self.connected = False
-            delay = backoff.next_delay()
-            log.warning("%s; reconnecting in %.1fs", problem, delay)
+            delay = servers.failed()
+            log.warning("%s; reconnecting to %s in %.1fs", problem, servers.current, delay)
             await trio.sleep(delay)
 
-    async def _session(self, link: Link, backoff: Backoff) -> None:
+    async def _session(self, link: Link, servers: Rotation) -> None:
         hello = NodeHello(
             protocol=PROTOCOL_VERSION, credential=self.creds.credential, gpus=tuple(self.gpus),
             address=self.creds.address, runtimes=self.runtimes, isolation=self.isolation,
@@ -173,9 +187,9 @@ class Agent:
             raise ConnectError(f"no welcome from the server within {WELCOME_TIMEOUT_S:g}s")
         if not isinstance(welcome, Welcome):
             raise ProtocolError(f"expected a welcome, got {welcome.TYPE!r}")
-        backoff.reset()
+        servers.succeeded()
         self.connected = True
-        log.info("connected to %s as %s; heartbeat every %gs", self.creds.server, welcome.name,
+        log.info("connected to %s as %s; heartbeat every %gs", link.url, welcome.name,
                  welcome.heartbeat_interval_s)
         self._outbound_send, self._outbound = trio.open_memory_channel[Message](256)
         try:

@@ -10,7 +10,7 @@ import logging
 
 import trio
 
-from vectorlay.backoff import Backoff
+from vectorlay.backoff import Backoff, Rotation
 from vectorlay.core.protocol import (
     PROTOCOL_VERSION,
     SERVER_TO_PROXY,
@@ -21,7 +21,7 @@ from vectorlay.core.protocol import (
 )
 from vectorlay.errors import AuthError, ConnectError, ProtocolError, unwrap_group
 from vectorlay.proxy.routing import RouteTable
-from vectorlay.wire import CLOSE_POLICY, LinkClosed, connect, secure_context
+from vectorlay.wire import CLOSE_POLICY, LinkClosed, connect, secure_context, server_urls
 
 log = logging.getLogger("vectorlay.proxy")
 
@@ -33,9 +33,10 @@ async def follow_routes(server: str, token: str, url_template: str, table: Route
                         *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Keep `table` in step with the server; `started` once the first snapshot is loaded."""
     backoff = Backoff()
+    servers = Rotation(server_urls(server), backoff)
     started = False
-    url = server.rstrip("/") + "/v1/proxy"
     while True:
+        url = servers.current + "/v1/proxy"
         try:
             with unwrap_group():
                 async with connect(url, await secure_context(url, token)) as link:
@@ -44,7 +45,7 @@ async def follow_routes(server: str, token: str, url_template: str, table: Route
                         first = await link.receive(SERVER_TO_PROXY)
                     if not isinstance(first, Ready):
                         raise ProtocolError(f"expected ready, got {first.TYPE!r}")
-                    backoff.reset()
+                    servers.succeeded()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(link.keepalive, KEEPALIVE_INTERVAL_S, KEEPALIVE_TIMEOUT_S)
                         while True:
@@ -65,6 +66,7 @@ async def follow_routes(server: str, token: str, url_template: str, table: Route
             problem = str(error)
         except trio.TooSlowError:
             problem = "the server did not answer the hello"
-        delay = backoff.next_delay()
-        log.warning("route feed: %s; keeping the last table, reconnecting in %.1fs", problem, delay)
+        delay = servers.failed()
+        log.warning("route feed: %s; keeping the last table, reconnecting to %s in %.1fs", problem, servers.current,
+                    delay)
         await trio.sleep(delay)
