@@ -7,6 +7,7 @@ translation of trio-websocket's exceptions into ours live in one place.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -142,22 +143,31 @@ async def connect(
     context = ssl_context
     if parts.scheme == "wss" and context is None:
         context = ssl.create_default_context()
-    async with AsyncExitStack() as stack:
-        try:
-            ws = await stack.enter_async_context(open_websocket_url(
-                url, ssl_context=context, max_message_size=MAX_MESSAGE_BYTES,
-                connect_timeout=timeout_s, disconnect_timeout=2,
-            ))
-        except HandshakeError as error:
-            raise ConnectError(f"cannot reach the server at {url}: {_handshake_reason(error)}") from None
-        except OSError as error:
-            raise ConnectError(f"cannot reach the server at {url}: {error.strerror or error}") from None
-        except trio.TooSlowError:
-            raise ConnectError(f"cannot reach the server at {url}: timed out") from None
-        except trio.BrokenResourceError as error:  # a TLS handshake that failed
-            cause = error.__cause__ or error
-            raise ConnectError(f"cannot reach the server at {url}: TLS failed ({cause})") from None
-        yield Link(ws, f"{parts.scheme}://{parts.netloc}")
+    # Our own deadline around the whole handshake: trio-websocket's connect_timeout raises, but
+    # then waits for its reader task, which a peer that accepted the TCP connection and never
+    # answers (a paused server) leaves blocked forever. The scope spans the link's life so that
+    # it nests properly; it stops counting once the link is up.
+    with trio.CancelScope(deadline=trio.current_time() + timeout_s + 1) as deadline:
+        async with AsyncExitStack() as stack:
+            try:
+                ws = await stack.enter_async_context(open_websocket_url(
+                    url, ssl_context=context, max_message_size=MAX_MESSAGE_BYTES,
+                    connect_timeout=timeout_s, disconnect_timeout=2,
+                ))
+            except HandshakeError as error:
+                raise ConnectError(f"cannot reach the server at {url}: {_handshake_reason(error)}") from None
+            except OSError as error:
+                raise ConnectError(f"cannot reach the server at {url}: {error.strerror or error}") from None
+            except trio.TooSlowError:
+                raise ConnectError(f"cannot reach the server at {url}: timed out") from None
+            except trio.BrokenResourceError as error:  # a TLS handshake that failed
+                cause = error.__cause__ or error
+                raise ConnectError(f"cannot reach the server at {url}: TLS failed ({cause})") from None
+            deadline.deadline = math.inf
+            yield Link(ws, f"{parts.scheme}://{parts.netloc}")
+    if deadline.cancelled_caught:
+        raise ConnectError(f"cannot reach the server at {url}: no answer within {timeout_s:g}s "
+                           "(is it paused, or behind a dead network path?)")
 
 
 async def fetch_ca(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> bytes:

@@ -23,9 +23,11 @@ from vectorlay.errors import (
     AuthError,
     ConflictError,
     ConnectError,
+    LinkLost,
     NotFoundError,
     PeerError,
     ProtocolError,
+    ServerUnavailable,
     UserError,
     unwrap_group,
 )
@@ -61,12 +63,13 @@ class ApiClient:
                 elif isinstance(message, Failure) and message.id == call_id:
                     raise _error(message)
         except LinkClosed as closed:
-            raise PeerError(f"the server closed the connection: {closed.reason or closed.code}") from None
+            raise LinkLost(f"the server closed the connection: {closed.reason or closed.code}") from None
 
 
 def _error(failure: Failure) -> Exception:
     kinds: dict[str, type[Exception]] = {
         "not_found": NotFoundError, "conflict": ConflictError, "auth": AuthError, "user": UserError,
+        "unavailable": ServerUnavailable,
     }
     return kinds.get(failure.kind, PeerError)(failure.message)
 

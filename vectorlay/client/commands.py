@@ -14,7 +14,15 @@ from vectorlay.client.api import ApiClient, open_api
 from vectorlay.client.config import Context
 from vectorlay.core.launch_inputs import secret_value_problem
 from vectorlay.core.manifest import parse_manifest
-from vectorlay.errors import PeerError, ProtocolError, UserError, VectorlayError
+from vectorlay.errors import (
+    ConnectError,
+    LinkLost,
+    PeerError,
+    ProtocolError,
+    ServerUnavailable,
+    UserError,
+    VectorlayError,
+)
 from vectorlay.wire import server_urls
 
 
@@ -152,15 +160,23 @@ async def get(ctx: Context, kind: str, name: str | None, as_json: bool) -> None:
         params["cluster" if kind == "replicas" else "name"] = name
     items: list[dict[str, Any]] = []
     summary: dict[str, Any] | None = None
-    async with open_api(ctx.server, ctx.token) as api:
-        if kind in ("clusters", "servers"):
-            items = await api.call(method, params)
-        else:
-            async for event, value in api.stream(method, {**params, "page_size": PAGE_SIZE}):
-                if event == "event":
-                    items.extend(value)
-            if not as_json and name is None:
-                summary = await api.call("fleet_summary")
+    urls = server_urls(ctx.server)
+    for attempt in range(len(urls)):  # a read may be answered by any server of the control plane
+        try:
+            items, summary = [], None
+            async with open_api(ctx.server, ctx.token, attempt) as api:
+                if kind in ("clusters", "servers"):
+                    items = await api.call(method, params)
+                else:
+                    async for event, value in api.stream(method, {**params, "page_size": PAGE_SIZE}):
+                        if event == "event":
+                            items.extend(value)
+                    if not as_json and name is None:
+                        summary = await api.call("fleet_summary")
+            break
+        except (ServerUnavailable, ConnectError, LinkLost):
+            if attempt == len(urls) - 1:
+                raise
     if as_json:
         output.print_json(items)
         return

@@ -114,10 +114,32 @@ class Stack:
     admin_token: str = ""
     server: Proc | None = None
     tls: bool = False  # the server makes its own CA (--tls auto); every link is wss://, tokens pinned
+    # More servers on the same PostgreSQL database and state dir (`start_another_server`).
+    others: list[tuple[Proc, int]] = field(default_factory=list)
 
     @property
     def server_url(self) -> str:
         return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.server_port}"
+
+    @property
+    def server_urls(self) -> str:
+        """Every server started, as the comma list clients, nodes and proxies take."""
+        scheme = "wss" if self.tls else "ws"
+        return ",".join([self.server_url, *(f"{scheme}://127.0.0.1:{port}" for _, port in self.others)])
+
+    def start_another_server(self) -> tuple[Proc, int]:
+        """One more server of the same control plane (PostgreSQL: several may run)."""
+        assert self.db_url is not None, "several servers need PostgreSQL"
+        args = ["server", "--listen", "127.0.0.1:0", "--state-dir", str(self.root / "server"),
+                "--heartbeat-interval", self.heartbeat, "--db", self.db_url, *self.extra_server_args]
+        if self.tls:
+            args += ["--tls", "auto"]
+        proc = self._spawn(f"server-{len(self.others) + 2}", args, env=self.server_env)
+        self.procs.append(proc)
+        match = wait_for(lambda: re.search(r"listening on wss?://127\.0\.0\.1:(\d+)", proc.log()) if proc.alive
+                         else _exited(proc), START_TIMEOUT_S, message="another server to listen")
+        self.others.append((proc, int(match.group(1))))
+        return proc, int(match.group(1))
 
     @property
     def ca_path(self) -> Path:
@@ -130,7 +152,7 @@ class Stack:
         env.pop("VECTORLAY_SERVER", None)
         env.pop("VECTORLAY_TOKEN", None)
         if self.server_port:
-            env["VECTORLAY_SERVER"] = self.server_url
+            env["VECTORLAY_SERVER"] = self.server_urls
             env["VECTORLAY_TOKEN"] = self.admin_token
         return env
 
@@ -187,7 +209,7 @@ class Stack:
                   allow_process: bool = True) -> NodeProc:
         """Join a node; it allows process replicas (what most tests deploy) unless told otherwise."""
         state_dir = self.root / name
-        url = server_url or self.server_url
+        url = server_url or self.server_urls
         args = ["node", "join", "--server", url, "--token", self.token("node"), "--name", name,
                 "--state-dir", str(state_dir), *extra]
         if allow_process:
@@ -197,7 +219,8 @@ class Stack:
         proc = self._spawn(name, args, prefix=prefix, env=env)
         node = NodeProc(proc.name, proc.args, proc.log_path, proc.popen, state_dir=state_dir)
         self.procs.append(node)
-        node.wait_log(rf"connected to {re.escape(url)} as {name}")
+        dialled = "|".join(re.escape(u) for u in url.split(","))  # with several servers: any of them
+        node.wait_log(rf"connected to ({dialled}) as {name}")
         return node
 
     def start_node(self, name: str, *extra: str, env: dict[str, str] | None = None) -> NodeProc:
@@ -224,7 +247,7 @@ class Stack:
 
     def start_proxy(self, *extra: str) -> tuple[Proc, int]:
         token = self.token("proxy", "--ttl", "0")
-        proc = self._spawn(f"proxy-{len(self.procs)}", ["proxy", "--server", self.server_url, "--token", token,
+        proc = self._spawn(f"proxy-{len(self.procs)}", ["proxy", "--server", self.server_urls, "--token", token,
                                                         "--listen", "127.0.0.1:0", *extra])
         self.procs.append(proc)
         match = proc.wait_log(r"proxy listening on http://127\.0\.0\.1:(\d+)")

@@ -438,8 +438,7 @@ def _set_nodes_liveness(conn: Connection, changes: list[ops.SetNodeLiveness]) ->
         groups.setdefault(op.unless_held_by, []).append(op)
     for others, group in groups.items():
         where = [table.c.id == bindparam("node_id")]
-        if others:
-            where.append(table.c.session_server.not_in(others))
+        where += [table.c.session_server != sqlalchemy.literal(other) for other in others]
         conn.execute(update(table).where(*where).values(
             state=bindparam("state"), last_seen_at=bindparam("last_seen_at"), session_server=bindparam("server")),
             [{"node_id": op.node_id, "state": op.state.value, "last_seen_at": op.last_seen_at,

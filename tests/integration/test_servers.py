@@ -1,0 +1,189 @@
+"""A control plane that survives its own machine: several servers on one PostgreSQL, real
+processes, real faults (kill -9 of the leader, SIGSTOP past its lease, its database cut)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vectorlay.testing.load import SteadyClient
+from vectorlay.testing.processes import Proc, Stack, replica_pids, tinylm_manifest, wait_for
+from vectorlay.testing.relay import Relay
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
+# A light replica (a stdlib HTTP server): twenty of them fit a small test machine.
+LIGHT = """\
+apiVersion: vectorlay.dev/v1
+kind: Cluster
+metadata: {{name: {name}}}
+spec:
+  replicas: {replicas}
+  runtime: process
+  command: ["python3", "-m", "http.server", "${{PORT}}", "--bind", "127.0.0.1"]
+  health: {{path: /, interval: 500ms, timeout: 400ms}}
+  reschedule_after: 5s
+"""
+
+
+def servers(stack: Stack) -> list[dict[str, Any]]:
+    return list(stack.cli_json("get", "servers"))
+
+
+def leader(stack: Stack) -> dict[str, Any] | None:
+    leading = [s for s in servers(stack) if s["leader"]]
+    assert len(leading) <= 1, leading
+    return leading[0] if leading else None
+
+
+def proc_of(stack: Stack, address: str) -> Proc:
+    port = int(address.rsplit(":", 1)[1])
+    if port == stack.server_port:
+        assert stack.server is not None
+        return stack.server
+    return next(proc for proc, p in stack.others if p == port)
+
+
+def three_servers(stack: Stack, postgres_url: str) -> None:
+    stack.db_url = postgres_url
+    stack.start_server()
+    stack.start_another_server()
+    stack.start_another_server()
+    wait_for(lambda: len(servers(stack)) == 3 and leader(stack), 20, message="three servers, one leading")
+
+
+def test_the_leader_killed_during_an_apply_hands_over_and_the_cluster_converges_exactly(
+        stack: Stack, postgres_url: str) -> None:
+    three_servers(stack, postgres_url)
+    nodes = [stack.join_node(f"n{i}") for i in range(4)]
+    _, proxy_port = stack.start_proxy()
+    stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=2, gpu="{count: 0}"))
+    first = leader(stack)
+    assert first is not None
+
+    with SteadyClient(proxy_port, "echo.localhost", rate_hz=10) as client:
+        stack.cli("apply", "-", "--no-wait", input_text=LIGHT.format(name="big", replicas=20))
+        time.sleep(0.3)
+        killed_at = time.monotonic()
+        proc_of(stack, first["address"]).kill()  # kill -9 the leader in the middle of placing 20 replicas
+
+        def new_leader() -> dict[str, Any] | None:
+            found = leader(stack)
+            return found if found and found["id"] != first["id"] else None
+
+        taken = wait_for(new_leader, 15, interval_s=0.2, message="another server to lead")
+        assert time.monotonic() - killed_at < 5.0 + 2.0  # the lease (3 s) plus a poll, and the CLI's own time
+        assert taken["epoch"] > first["epoch"]
+
+        def converged() -> list[dict[str, Any]] | None:
+            big = [r for r in stack.cli_json("get", "replicas") if r["cluster"] == "big"]
+            return big if len(big) == 20 and all(r["state"] == "ready" for r in big) else None
+
+        big = wait_for(converged, 90, interval_s=1.0, message="exactly 20 ready replicas of big")
+        time.sleep(2)
+    assert client.samples and client.failures() == []  # the proxy's clients saw no error
+    assert len({r["id"] for r in big}) == 20
+    assert sum(len(replica_pids(replica=r["id"])) for r in big) == 20  # one process each: no duplicate
+    assert len([s for s in servers(stack)]) == 2
+    assert all(n.alive for n in nodes)
+    connected = [n for n in stack.cli_json("get", "nodes") if n["state"] == "ready"]
+    assert len(connected) == 4  # the dead server's nodes reconnected elsewhere
+
+
+def test_a_leader_paused_past_its_lease_is_fenced_and_steps_down(stack: Stack, postgres_url: str) -> None:
+    three_servers(stack, postgres_url)
+    stack.join_node("n1")
+    stack.join_node("n2")
+    first = leader(stack)
+    assert first is not None
+    paused = proc_of(stack, first["address"])
+    offset = len(paused.log())
+    paused.signal(signal.SIGSTOP)
+    try:
+        taken = wait_for(lambda: (found := leader(stack)) and found["id"] != first["id"] and found, 20,
+                         message="another server to lead")
+        stack.cli("apply", "-", input_text=LIGHT.format(name="web", replicas=2))  # decided by the new leader
+    finally:
+        paused.signal(signal.SIGCONT)
+    paused.wait_log(r"stepping down as leader \(epoch \d+\)", timeout_s=10)
+    assert "leading (epoch" not in paused.log()[offset:]
+    time.sleep(3)
+    now = leader(stack)
+    assert now is not None and now["id"] == taken["id"] and now["epoch"] == taken["epoch"]
+    web = [r for r in stack.cli_json("get", "replicas") if r["cluster"] == "web"]
+    assert len(web) == 2 and {r["state"] for r in web} == {"ready"}
+
+
+def test_a_server_cut_from_its_database_stops_leading_and_comes_back(stack: Stack, postgres_url: str,
+                                                                      tmp_path: Path) -> None:
+    with Relay(5432) as relay:
+        relay.start()
+        stack.db_url = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}")
+        stack.start_server()  # leads first: the only one yet
+        wait_for(lambda: leader(stack), 10, message="the first server to lead")
+        stack.db_url = postgres_url  # the others reach the database directly
+        stack.start_another_server()
+        stack.start_another_server()
+        stack.join_node("n1")
+        first = leader(stack)
+        assert first is not None and int(first["address"].rsplit(":", 1)[1]) == stack.server_port
+
+        relay.set_mode("reject")
+        assert stack.server is not None
+        stack.server.wait_log(r"stepping down as leader", timeout_s=15)
+        wait_for(lambda: (found := leader(stack)) and found["id"] != first["id"], 15,
+                 message="a server with its database to lead")
+        refused = subprocess.run([*stack.cli_argv(), "apply", "-", "--no-wait", "--server", stack.server_url],
+                                 input=LIGHT.format(name="web", replicas=1), capture_output=True, text=True,
+                                 env=stack.env(), timeout=60)
+        assert refused.returncode == 1 and "database unavailable" in refused.stderr
+        stack.cli("apply", "-", input_text=LIGHT.format(name="web", replicas=1))  # the others decide
+
+        relay.set_mode("pass")
+        wait_for(lambda: any(s["id"] == first["id"] for s in servers(stack)), 20,
+                 message="the cut-off server to be back among the servers")
+        back = subprocess.run([*stack.cli_argv(), "status", "--server", stack.server_url], capture_output=True,
+                              text=True, env=stack.env(), timeout=60)
+        assert back.returncode == 0, back.stdout + back.stderr
+        assert leader(stack) is not None and len(servers(stack)) == 3
+
+
+def test_an_apply_whose_server_dies_is_retried_on_another_and_applied_once(stack: Stack, postgres_url: str) -> None:
+    three_servers(stack, postgres_url)
+    stack.join_node("n1")
+    stack.join_node("n2")
+    victim, victim_port = stack.others[0]
+    urls = f"ws://127.0.0.1:{victim_port},{stack.server_url}"
+    manifest = stack.root / "once.yaml"
+    slow = LIGHT.format(name="once", replicas=2).replace(
+        'command: ["python3", "-m", "http.server", "${PORT}", "--bind", "127.0.0.1"]',
+        'command: ["sh", "-c", "sleep 5; exec python3 -m http.server ${PORT} --bind 127.0.0.1"]')
+    assert slow != LIGHT.format(name="once", replicas=2)
+    manifest.write_text(slow)  # ready only after 5 s: the apply is still waiting when its server dies
+    cli = subprocess.Popen([*stack.cli_argv(), "apply", str(manifest), "--server", urls, "--timeout", "60s"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stack.env())
+    # Once the change is stored, the CLI is waiting for the replicas on the victim: kill it then.
+    wait_for(lambda: any(c["name"] == "once" for c in stack.cli_json("get", "clusters")), 30, interval_s=0.2,
+             message="the apply to be stored")
+    victim.kill()
+    out, err = cli.communicate(timeout=90)
+    assert cli.returncode == 0, out + err
+    assert "trying the next one" in err
+    assert "cluster/once ready" in out
+    clusters = [c for c in stack.cli_json("get", "clusters") if c["name"] == "once"]
+    assert len(clusters) == 1 and clusters[0]["ready"] == 2
+    assert len([r for r in stack.cli_json("get", "replicas") if r["cluster"] == "once"]) == 2
+
+
+def test_a_second_server_on_sqlite_is_refused(stack: Stack) -> None:
+    stack.start_server()
+    second = subprocess.run([*stack.cli_argv(), "server", "--listen", "127.0.0.1:0", "--state-dir",
+                             str(stack.root / "server")], capture_output=True, text=True, env=stack.env(), timeout=30)
+    assert second.returncode == 1
+    assert "another vectorlay server" in second.stderr and "SQLite is for one server" in second.stderr
+    assert "Traceback" not in second.stderr
