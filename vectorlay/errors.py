@@ -39,6 +39,20 @@ class ConflictError(UserError):
     """The request clashes with existing state (for example a duplicate node name)."""
 
 
+class ListenError(UserError):
+    """A role could not listen on an address; `purpose` says which of its addresses it was."""
+
+    def __init__(self, address: str, purpose: str, reason: str) -> None:
+        self.address = address
+        self.purpose = purpose
+        self.reason = reason
+        super().__init__(f"cannot listen on {address} for the {purpose}: {reason}")
+
+    def with_flag(self, flag: str) -> UserError:
+        """The same failure, telling the user which flag picks another address."""
+        return UserError(f"{self}; choose another with {flag}")
+
+
 class AuthError(VectorlayError):
     """A token or credential is missing, wrong, expired or not allowed to do this."""
 

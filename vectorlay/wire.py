@@ -21,13 +21,13 @@ from trio_websocket import (
     WebSocketRequest,
     WebSocketServer,
     open_websocket_url,
-    serve_websocket,
 )
 
 from vectorlay import tls
 from vectorlay.core.protocol import MAX_MESSAGE_BYTES, CaBundle, Message, decode, encode
 from vectorlay.core.tokens import token_pin
 from vectorlay.errors import AuthError, ConnectError, PeerError, ProtocolError
+from vectorlay.listen import open_listeners
 
 M = TypeVar("M", bound=Message)
 log = logging.getLogger("vectorlay.wire")
@@ -235,7 +235,11 @@ async def serve(
             log.exception("internal error while serving %s on %s", link.remote, path)
             await link.close(CLOSE_INTERNAL, "internal server error")
 
-    await serve_websocket(
-        accept, host, port, ssl_context, max_message_size=MAX_MESSAGE_BYTES,
-        connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=2, task_status=task_status,
-    )
+    # What trio-websocket's serve_websocket does, with our listener opening (one-line errors).
+    tcp = await open_listeners(host, port, "server")
+    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]] = tcp
+    if ssl_context is not None:
+        listeners = [trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in tcp]
+    server = WebSocketServer(accept, listeners, max_message_size=MAX_MESSAGE_BYTES,
+                             connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=2)
+    await server.run(task_status=task_status)

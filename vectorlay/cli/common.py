@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +12,7 @@ import trio
 import typer
 
 from vectorlay.core.durations import parse_duration
-from vectorlay.errors import UserError
+from vectorlay.errors import ListenError, UserError, first_error
 
 ServerOpt = Annotated[str | None, typer.Option("--server", "-s", envvar="VECTORLAY_SERVER",
                                                help="Server URL, ws://HOST:PORT. Default: current context.")]
@@ -54,8 +55,15 @@ def duration(text: str | None, what: str) -> float | None:
         raise UserError(f"invalid {what}: {error}") from None
 
 
-def run(fn: Any, *args: Any) -> None:
+def run(fn: Any, *args: Any, listen_flags: Mapping[str, str] | None = None) -> None:
+    """Run `fn` on trio. `listen_flags` names, for each address the role listens on (a
+    ListenError's purpose), the flag that changes it, so a taken port says how to pick another."""
     try:
         trio.run(fn, *args)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except (ListenError, BaseExceptionGroup) as error:
+        reported = first_error(error)
+        if isinstance(reported, ListenError) and listen_flags and reported.purpose in listen_flags:
+            raise reported.with_flag(listen_flags[reported.purpose]) from None
+        raise

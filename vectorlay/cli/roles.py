@@ -68,7 +68,7 @@ def server(
                 save_context(f"{client_host}:{started.port}",
                              Context(f"{scheme}://{client_host}:{started.port}", started.admin_token))
 
-    run(partial(until_signalled, main))
+    run(partial(until_signalled, main), listen_flags={"server": "--listen"})
 
 
 def proxy(
@@ -134,7 +134,8 @@ def proxy(
     config = ProxyConfig(ctx.server, ctx.token, host, port, domain, limits, tls_cert=tls_cert, tls_key=tls_key,
                          metrics_listen=parse_listen(metrics_listen, 9090) if metrics_listen else None,
                          http_parser=parser)
-    run(serve_until_signalled, config)
+    run(serve_until_signalled, config,
+        listen_flags={"proxy": "--listen", "proxy's metrics": "--metrics-listen"})
 
 
 def dev(
@@ -158,4 +159,5 @@ def dev(
         async with trio.open_nursery() as nursery:
             await nursery.start(run_dev, config)
 
-    run(partial(until_signalled, main))
+    run(partial(until_signalled, main),
+        listen_flags={"server": "--server-port (0 picks a free port)", "proxy": "--proxy-port (0 picks a free port)"})
