@@ -94,7 +94,7 @@ class FakeRuntime:
         for process in self.running():
             if process.request.host_port == port:
                 return (True, "") if process.healthy else (False, f"GET {path} answered 503")
-        return False, f"nothing listening on port {port} yet"
+        return False, f"refused the connection (nothing listens on port {port} yet)"
 
     # --- for tests ---
 
