@@ -52,7 +52,7 @@ async def _probe(host: str, port: int, path: str) -> tuple[bool, str]:
                 if isinstance(event, h11.ConnectionClosed):
                     return False, f"GET {path}: closed the connection before answering"
         except (OSError, trio.BrokenResourceError) as error:
-            cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
+            cause: BaseException = error.__cause__ if isinstance(error.__cause__, OSError) else error
             if isinstance(cause, OSError) and cause.errno in (errno.ECONNRESET, errno.EPIPE):
                 return False, f"GET {path}: reset the connection before answering"
             return False, f"GET {path}: the connection failed ({getattr(cause, 'strerror', None) or cause})"
