@@ -52,10 +52,10 @@ async def _probe(host: str, port: int, path: str) -> tuple[bool, str]:
                 if isinstance(event, h11.ConnectionClosed):
                     return False, f"GET {path}: closed the connection before answering"
         except (OSError, trio.BrokenResourceError) as error:
-            cause: BaseException = error.__cause__ if isinstance(error.__cause__, OSError) else error
-            if isinstance(cause, OSError) and cause.errno in (errno.ECONNRESET, errno.EPIPE):
+            failure: BaseException = error.__cause__ if isinstance(error.__cause__, OSError) else error
+            if isinstance(failure, OSError) and failure.errno in (errno.ECONNRESET, errno.EPIPE):
                 return False, f"GET {path}: reset the connection before answering"
-            return False, f"GET {path}: the connection failed ({getattr(cause, 'strerror', None) or cause})"
+            return False, f"GET {path}: the connection failed ({getattr(failure, 'strerror', None) or failure})"
         except h11.RemoteProtocolError:
             # h11 says this in its own terms ("can't handle event type ConnectionClosed when
             # role=SERVER and state=SEND_RESPONSE"); what matters is what the replica sent.
