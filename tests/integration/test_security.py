@@ -93,6 +93,26 @@ def test_a_token_for_another_ca_is_never_sent(tls_stack: Stack, tmp_path: Path) 
     assert plain.returncode == 1 and "use wss://" in plain.stderr
 
 
+def test_a_token_without_its_ca_pin_and_a_stopped_server_say_what_to_do(tls_stack: Stack) -> None:
+    """The mistakes a new user makes with TLS: each one line at once, with what to do."""
+    stack = tls_stack
+    unpinned = stack.admin_token.split(".", 2)[2]  # vl1.<pin>.<id>.<secret> -> <id>.<secret>
+    no_pin = stack.cli("get", "clusters", "--token", unpinned, check=False)
+    assert no_pin.returncode == 1 and "Traceback" not in no_pin.stderr
+    assert "the server's TLS certificate is not trusted" in no_pin.stderr
+    assert "use a token from `vectorlay token create`, which carries that CA's pin" in no_pin.stderr
+    plain_url = stack.server_url.replace("wss://", "ws://")
+    plain = stack.cli("get", "clusters", "--server", plain_url, "--token", unpinned, check=False)
+    assert plain.returncode == 1
+    assert f"the server uses TLS: use {stack.server_url} instead of ws://" in plain.stderr
+    assert stack.server is not None
+    stack.server.stop()
+    stopped = stack.cli("get", "clusters", check=False)
+    assert stopped.returncode == 1
+    assert (f"cannot reach the server at {stack.server_url}/v1/ca: nothing listens at 127.0.0.1:{stack.server_port}"
+            " — is the server running" in stopped.stderr)
+
+
 def test_revoking_a_token_closes_its_open_connections(tls_stack: Stack) -> None:
     stack = tls_stack
     stack.join_node("n1", gpus=["RTX 4090:24"])
