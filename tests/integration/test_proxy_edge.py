@@ -403,3 +403,24 @@ def test_bad_tls_files_are_one_clear_line_and_a_non_zero_exit(
                     str(tmp_path / "key.pem"), name="bad")
     text = (tmp_path / "bad.log").read_text()
     assert "error: TLS: cannot load certificate" in text and "Traceback" not in text
+
+
+def test_chunked_responses_whose_clients_close_at_once_are_counted_as_received(
+        tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer, start_proxy: ProxyStarter) -> None:
+    """curl closes the moment a chunked response ends; the metrics count what it received (200)."""
+    routes.set_route(route(a))
+    proc, port = start_proxy(tmp_path, routes.url, "--metrics-listen", "127.0.0.1:0")
+    rounds = 200
+    for _ in range(rounds):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /stream?n=2&interval_ms=0 HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
+            answer = read_until(sock, b"\r\n0\r\n\r\n")
+            assert status_of(answer) == 200 and b"data: [DONE]" in answer
+
+    def settled() -> dict[str, float] | None:
+        found = metrics(proc)
+        return found if found["vectorlay_proxy_connections"] == 0 else None
+
+    counts = wait_for(settled, 10, message="every connection to close")
+    codes = {k: v for k, v in counts.items() if k.startswith('vectorlay_proxy_requests_total{cluster="echo"')}
+    assert codes == {'vectorlay_proxy_requests_total{cluster="echo",code="200"}': rounds}

@@ -45,6 +45,8 @@ class ClientConnection:
         self.unread_input = False  # answered an error without reading all the client sent
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        self._queued_status: int | None = None  # of a response head queued and not yet sent
+        self.sent_status: int | None = None  # of the current request's response head, once sent
 
     async def next_request(self) -> Request | None:
         """The next request's head; None when the client closed the connection between requests.
@@ -121,6 +123,7 @@ class ClientConnection:
 
     def respond(self, status: int, reason: bytes, headers: Headers, close: bool = False) -> None:
         self._queue(self.codec.send_response(status, reason, headers, close))
+        self._queued_status = status
 
     def inform(self, status: int, reason: bytes) -> None:
         self._queue(self.codec.send_informational(status, reason))
@@ -146,6 +149,8 @@ class ClientConnection:
             await self.channel.send_all(data)
         except _IO_ERRORS:
             raise ClientGone() from None
+        if self._queued_status is not None:
+            self.sent_status, self._queued_status = self._queued_status, None
 
     @property
     def pending_bytes(self) -> int:

@@ -155,6 +155,7 @@ class Proxy:
 
     async def _serve_request(self, client: ClientConnection, request: Request) -> None:
         started = trio.current_time()
+        client.sent_status = None
         named = hdr.first_values(request.headers)
         client.request_length = named.get(b"content-length", b"")
         name = self._cluster_name(named.get(b"host", b""))
@@ -173,7 +174,9 @@ class Proxy:
             else:
                 status = await self._admit_and_forward(client, request, named, cluster, metrics, started)
         except ClientGone as gone:
-            status = gone.status if isinstance(gone, _Truncated) else CLIENT_GONE_STATUS
+            # The status the client received, if its head went out before the client left or the
+            # replica failed mid-response; 499 if the client left before any answer (as nginx counts).
+            status = client.sent_status or (gone.status if isinstance(gone, _Truncated) else CLIENT_GONE_STATUS)
             raise
         except trio.TooSlowError:
             status = await self._reply_error(client, 408, "request body took too long")
@@ -379,7 +382,9 @@ class Proxy:
                 nursery.start_soon(watch)
                 result.append(await work())
                 nursery.cancel_scope.cancel()
-        if gone or not result:
+        # The work finished (its last write done) even if the client closed meanwhile: a client
+        # that closes the moment a response ends (curl) got all of it.
+        if not result:
             raise ClientGone()
         return result[0]
 

@@ -53,7 +53,9 @@ class Metrics:
             lines.append(f"# TYPE {name} {kind}")
 
         clusters = sorted(self.clusters.items())
-        family("vectorlay_proxy_requests_total", "counter", "Requests answered, by cluster and status code.")
+        family("vectorlay_proxy_requests_total", "counter",
+               "Requests answered, by cluster and the status code the client received "
+               "(499: the client left before any answer).")
         for name, m in clusters:
             for status, count in sorted(m.requests.items()):
                 lines.append(f'vectorlay_proxy_requests_total{{cluster="{name}",code="{status}"}} {count}')
