@@ -132,6 +132,25 @@ def test_forwarding_headers_are_set_and_hop_by_hop_headers_stripped(
     assert http_request(port, "nope.localhost").json()["error"] == "unknown cluster"
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_host_comes_from_an_absolute_target_and_two_host_headers_are_refused(
+        tmp_path: Path, a: ScriptedUpstream, b: ScriptedUpstream, routes: StaticRouteServer,
+        start_proxy: ProxyStarter, parser: str) -> None:
+    routes.set_route(route(a, cluster="echo"))
+    routes.set_route(route(b, cluster="other"))
+    _, port = start_proxy(tmp_path, routes.url, "--http-parser", parser)
+    absolute = raw_exchange(port, b"GET http://echo.localhost/v1/x?q=1 HTTP/1.1\r\nHost: other.localhost\r\n"
+                                  b"Connection: close\r\n\r\n")
+    assert status_of(absolute) == 200
+    echo = json.loads(absolute.split(b"\r\n\r\n", 1)[1])
+    assert echo["upstream"] == "a" and echo["path"] == "/v1/x"  # origin form reached the replica
+    assert [v for k, v in echo["headers"] if k == "host"] == ["echo.localhost"]
+    assert not b.seen
+    two = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: echo.localhost\r\nHost: other.localhost\r\n\r\n")
+    assert status_of(two) == 400 and b"Host" in two
+    assert not b.seen and len(a.seen) == 1
+
+
 def test_hostile_and_malformed_clients_get_their_status_and_the_proxy_keeps_serving(
         tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer, start_proxy: ProxyStarter) -> None:
     routes.set_route(route(a))
