@@ -81,7 +81,11 @@ def proxy(
     tls_key: Annotated[Path | None, typer.Option(help="The certificate's private key (PEM).")] = None,
     metrics_listen: Annotated[str | None, typer.Option(
         help="Serve Prometheus metrics at http://HOST:PORT/metrics.")] = None,
-    max_connections: Annotated[int, typer.Option(min=1, help="Client connections at once.")] = 10_000,
+    max_connections: Annotated[int, typer.Option(
+        min=1, help="Client connections at once; at the limit the longest-idle one is closed for a new one, "
+                    "and a new one gets 503 only if every connection is busy.")] = 10_000,
+    max_connections_per_client: Annotated[int, typer.Option(
+        min=1, help="Connections at once from one client address; more get 503.")] = 1_000,
     max_body: Annotated[str, typer.Option(help="Largest request body (e.g. 16MiB); more is 413.")] = "16MiB",
     header_timeout: Annotated[str, typer.Option(help="Time for a request's headers; then 408.")] = "10s",
     idle_timeout: Annotated[str, typer.Option(help="Close kept-alive client connections idle this long.")] = "60s",
@@ -127,6 +131,7 @@ def proxy(
         header_timeout_s=_seconds(header_timeout, "--header-timeout"),
         idle_timeout_s=_seconds(idle_timeout, "--idle-timeout"),
         max_connections=max_connections,
+        max_connections_per_client=max_connections_per_client,
         upstream_response_timeout_s=_seconds(upstream_timeout, "--upstream-timeout"),
         eject_s=_seconds(eject_time, "--eject-time"),
         shutdown_grace_s=_seconds(shutdown_grace, "--shutdown-grace"),

@@ -44,6 +44,7 @@ class Metrics:
         self.clusters: defaultdict[str, ClusterMetrics] = defaultdict(ClusterMetrics)
         self.connections = 0
         self.connections_rejected = 0
+        self.connections_evicted = 0
 
     def render(self) -> bytes:
         lines: list[str] = []
@@ -82,8 +83,12 @@ class Metrics:
         family("vectorlay_proxy_connections", "gauge", "Client connections open now.")
         lines.append(f"vectorlay_proxy_connections {self.connections}")
         family("vectorlay_proxy_connections_rejected_total", "counter",
-               "Client connections refused because the connection limit was reached.")
+               "Client connections refused: the limit was reached with every connection busy, "
+               "or their address holds its share.")
         lines.append(f"vectorlay_proxy_connections_rejected_total {self.connections_rejected}")
+        family("vectorlay_proxy_connections_evicted_total", "counter",
+               "Idle kept-alive client connections closed to make room for new ones at the connection limit.")
+        lines.append(f"vectorlay_proxy_connections_evicted_total {self.connections_evicted}")
         return ("\n".join(lines) + "\n").encode()
 
 
