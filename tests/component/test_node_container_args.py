@@ -37,6 +37,7 @@ def test_podman_run_for_a_gpu_replica() -> None:
         "--label", "vectorlay.image=docker.io/vllm/vllm-openai:v0.6.3",
         "--label", "vectorlay.log=/var/lib/vectorlay/logs/qwen-1.log", "--label", "vectorlay.node=n-1",
         "--label", "vectorlay.node-name=gpu-box", "--label", "vectorlay.replica=qwen-1",
+        "--label", "vectorlay.run-dir=/var/lib/vectorlay/logs/qwen-1.run",
         "--cpus", "1.5", "--memory", "4096m",
         "--device", "nvidia.com/gpu=GPU-abc",
         "--env", "CUDA_VISIBLE_DEVICES=GPU-abc", "--env", "MODEL=tiny", "--env", "PORT=8000",
@@ -49,6 +50,7 @@ def test_gvisor_runs_with_its_own_network_stack_off_and_kata_by_name() -> None:
     sandbox = run_args(ContainerCli("podman"), launch(isolation=Isolation.SANDBOX), "img", "runsc", LIMITS)
     assert sandbox[:4] == ["podman", "--runtime-flag", "network=host", "run"]
     assert sandbox[sandbox.index("--runtime") + 1] == "runsc"
+    assert sandbox[sandbox.index("--pids-limit") + 1] == "32768"  # gVisor's own threads count too
     microvm = run_args(ContainerCli("podman"), launch(isolation=Isolation.MICROVM), "img", "kata", LIMITS)
     assert microvm[:2] == ["podman", "run"] and microvm[microvm.index("--runtime") + 1] == "kata"
 

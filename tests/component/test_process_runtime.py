@@ -31,8 +31,8 @@ async def test_launch_writes_output_to_the_log_and_reports_the_exit_code(tmp_pat
              "print('oops', file=sys.stderr); sys.exit(3)"
     handle = await runtime.launch(request(tmp_path, (sys.executable, "-c", script)))
     with trio.fail_after(10):
-        code = await runtime.wait(handle)
-    assert code == 3
+        exited = await runtime.wait(handle)
+    assert exited.code == 3 and not exited.oom_killed
     log = (tmp_path / "r-1.log").read_text()
     assert "port 4321 hi" in log and "oops" in log
     assert not runtime.is_running(handle)

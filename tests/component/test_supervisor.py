@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import trio
 
-from vectorlay.core.model import Assignment, ClusterSpec, HealthCheck, ReplicaState
+from vectorlay.core.model import Assignment, ClusterSpec, HealthCheck, ReplicaState, Resources
 from vectorlay.core.protocol import Command, ReplicaReport, Sync
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
 from vectorlay.testing.fakes import FakeRuntime
@@ -179,4 +180,19 @@ async def test_corrupt_local_state_never_leaves_two_copies(tmp_path: Path, runti
         second.supervisor.apply_sync(Sync(1, 1, (assignment(),)))  # the server's full state
         await trio.sleep(1)
         assert len(runtime.running("echo-a")) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_replica_killed_for_its_memory_says_which_limit(tmp_path: Path, runtime: FakeRuntime,
+                                                                autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness(tmp_path, runtime)
+    limited = dataclasses.replace(SPEC, resources=Resources(memory_mb=64))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.supervisor.run)
+        h.supervisor.apply_command(Command(1, "start", 1, "echo-a", Assignment("echo-a", "echo", 1, limited)))
+        await trio.sleep(1)
+        runtime.crash("echo-a", code=137, oom_killed=True)
+        await trio.sleep(0.01)
+        assert h.reports[-1].reason == ("killed for using more memory than `resources.memory` (64Mi): give it more "
+                                        "in the manifest; restarting in 1s (restart 1)")
         nursery.cancel_scope.cancel()

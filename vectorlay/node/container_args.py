@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vectorlay.node.oci import RUNTIME_FLAGS
+from vectorlay.node.oci import PIDS_LIMITS, RUNTIME_FLAGS
 from vectorlay.node.process_runtime import expand_command
 from vectorlay.node.runtime import LaunchRequest
 
@@ -22,6 +22,7 @@ LABEL_REPLICA = "vectorlay.replica"
 LABEL_GENERATION = "vectorlay.generation"
 LABEL_IMAGE = "vectorlay.image"
 LABEL_LOG = "vectorlay.log"  # the replica's log file, for docker's log follower
+LABEL_RUN_DIR = "vectorlay.run-dir"  # where `run` ran: conmon leaves its `oom` marker there
 
 DOCKER_LOG_OPTS = ("--log-opt", "max-size=10m", "--log-opt", "max-file=2")
 
@@ -87,6 +88,7 @@ def labels(request: LaunchRequest) -> dict[str, str]:
         LABEL_GENERATION: str(assignment.generation),
         LABEL_IMAGE: assignment.spec.image or "",
         LABEL_LOG: str(request.log_path),
+        LABEL_RUN_DIR: str(request.runtime_dir),
     }
 
 
@@ -119,6 +121,8 @@ def run_args(cli: ContainerCli, request: LaunchRequest, image_id: str, oci_runti
         argv += ["--cpus", f"{spec.resources.cpus:g}"]
     if spec.resources.memory_mb is not None:
         argv += ["--memory", f"{spec.resources.memory_mb}m"]
+    if oci_runtime in PIDS_LIMITS:
+        argv += ["--pids-limit", str(PIDS_LIMITS[oci_runtime])]
     for uuid in request.assignment.gpus:
         argv += ["--device", cdi_device(uuid)]
     env = container_env(request)

@@ -27,7 +27,7 @@ from vectorlay.errors import RuntimeFailure
 from vectorlay.node import container_args as args
 from vectorlay.node.container_args import ContainerCli, Ulimits
 from vectorlay.node.oci import runtime_for
-from vectorlay.node.runtime import Handle, LaunchRequest
+from vectorlay.node.runtime import Exit, Handle, LaunchRequest
 
 log = logging.getLogger("vectorlay.node")
 
@@ -35,6 +35,7 @@ CLI_TIMEOUT_S = 120.0  # any call but pull and wait; podman can hang on a stuck 
 PULL_TIMEOUT_S = 3600.0  # inference images are large
 FOLLOW_DRAIN_S = 2.0
 NPROC_CAP = 32768  # higher values are refused by runc on some hosts even where the agent has more
+OOM_MARKER = "oom"  # the empty file conmon creates in its working directory when the container is OOM-killed
 
 
 def host_ulimits() -> Ulimits:
@@ -59,12 +60,13 @@ class ContainerRuntime:
 
     # --- running the CLI ----------------------------------------------------------------------
 
-    async def _run(self, *argv: str, timeout_s: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[bytes]:
+    async def _run(self, *argv: str, timeout_s: float = CLI_TIMEOUT_S,
+                   cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
         command = [self.cli.executable, *argv]
         try:
             with trio.fail_after(timeout_s):
                 return await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False,
-                                              stdin=b"")
+                                              stdin=b"", cwd=cwd)
         except FileNotFoundError:
             raise RuntimeFailure(f"{self.cli.executable} is not installed on this node") from None
         except OSError as error:
@@ -122,7 +124,9 @@ class ContainerRuntime:
         name = args.container_name(request.assignment.replica_id)
         await self._remove_leftover(name, request.node_id)
         argv = args.run_args(self.cli, request, image_id, oci_runtime, self.ulimits)
-        error = await self._start(argv[1:], request.log_path)
+        run_dir = request.runtime_dir
+        await trio.to_thread.run_sync(_fresh_run_dir, run_dir)
+        error = await self._start(argv[1:], request.log_path, run_dir)
         if error is not None:
             await self._remove(name)  # it may exist in state "created"
             raise RuntimeFailure(f"starting the container failed: {error}")
@@ -134,8 +138,10 @@ class ContainerRuntime:
                  container_id[:12], oci_runtime, spec.image, digest or image_id[:19])
         return Handle(request.assignment.replica_id, self.name, container=container_id, image_digest=digest)
 
-    async def _start(self, argv: list[str], log_path: Path) -> str | None:
-        """Run `run --detach`; the error line if it failed."""
+    async def _start(self, argv: list[str], log_path: Path, run_dir: Path) -> str | None:
+        """Run `run --detach` in `run_dir`; the error line if it failed. podman's conmon, which
+        watches the container from then on, inherits that working directory and writes its
+        `oom` marker there when the kernel kills the container for memory (see `wait`)."""
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
@@ -143,7 +149,7 @@ class ContainerRuntime:
             raise RuntimeFailure(f"cannot open the log file {log_path}: {error.strerror or error}") from None
         if not self.cli.passthrough_logs:
             os.close(log_fd)  # docker's output reaches it through the log follower
-            result = await self._run(*argv)
+            result = await self._run(*argv, cwd=run_dir)
             return None if result.returncode == 0 else _error(result)
         # The log file is the container's stdout and stderr, and so podman's own stderr too: its
         # error is read back from what it appended there (where the user sees it as well).
@@ -151,7 +157,7 @@ class ContainerRuntime:
             offset = os.fstat(log_fd).st_size
             with trio.fail_after(CLI_TIMEOUT_S):
                 done = await trio.run_process([self.cli.executable, *argv], stdin=subprocess.DEVNULL,
-                                              stdout=log_fd, stderr=log_fd, check=False)
+                                              stdout=log_fd, stderr=log_fd, check=False, cwd=run_dir)
         except FileNotFoundError:
             raise RuntimeFailure(f"{self.cli.executable} is not installed on this node") from None
         except OSError as error:
@@ -164,7 +170,7 @@ class ContainerRuntime:
             return None
         return args.one_line(await trio.to_thread.run_sync(_read_after, log_path, offset))
 
-    async def wait(self, handle: Handle) -> int | None:
+    async def wait(self, handle: Handle) -> Exit:
         assert handle.container is not None
         async with trio.open_nursery() as nursery:
             if not self.cli.passthrough_logs:
@@ -174,10 +180,11 @@ class ContainerRuntime:
             nursery.cancel_scope.deadline = trio.current_time() + FOLLOW_DRAIN_S
         exit_code = _exit_code(result.stdout) if result.returncode == 0 else None
         found, _ = await self._inspect("container", handle.container)
-        if found and (found[0].get("State") or {}).get("OOMKilled"):
+        oom_killed = bool(found) and await trio.to_thread.run_sync(_oom_killed, found[0])
+        if oom_killed:
             log.warning("replica %s was killed for using more memory than its limit", handle.replica_id)
         await self._remove(handle.container)  # its output is in the log file; the next start is new
-        return exit_code
+        return Exit(exit_code, oom_killed)
 
     async def _follow_logs(self, container: str) -> None:
         """docker only: copy the container's output into the replica's log file (named by a label).
@@ -251,6 +258,27 @@ class ContainerRuntime:
             if labels.get(args.LABEL_NODE) == node_id and labels.get(args.LABEL_REPLICA):
                 handles.append(Handle(labels[args.LABEL_REPLICA], self.name, container=str(container["Id"])))
         return handles
+
+
+def _fresh_run_dir(run_dir: Path) -> None:
+    """The replica's run directory, private to the node, without an `oom` marker of a previous run."""
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (run_dir / OOM_MARKER).unlink(missing_ok=True)
+
+
+def _oom_killed(container: dict[str, Any]) -> bool:
+    """Whether the kernel killed the container for memory. podman says so in `State.OOMKilled`
+    where it can tell; where it cannot (cgroup v1, gVisor's runsc), conmon still leaves its `oom`
+    marker in the directory `run` ran in, named by our label."""
+    if (container.get("State") or {}).get("OOMKilled"):
+        return True
+    run_dir = _labels(container).get(args.LABEL_RUN_DIR)
+    if not run_dir:
+        return False
+    marker = Path(run_dir) / OOM_MARKER
+    found = marker.exists()
+    marker.unlink(missing_ok=True)
+    return found
 
 
 def _read_after(path: Path, offset: int) -> str:

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping
 
 from vectorlay.errors import RuntimeFailure
-from vectorlay.node.runtime import Handle, LaunchRequest, ReplicaRuntime
+from vectorlay.node.runtime import Exit, Handle, LaunchRequest, ReplicaRuntime
 
 log = logging.getLogger("vectorlay.node")
 
@@ -40,7 +40,7 @@ class RuntimeSelector:
             raise RuntimeFailure(REFUSALS.get(wanted, f"this node does not offer the {wanted} runtime"))
         return await runtime.launch(request)
 
-    async def wait(self, handle: Handle) -> int | None:
+    async def wait(self, handle: Handle) -> Exit:
         return await self._owner(handle).wait(handle)
 
     async def stop(self, handle: Handle, grace_s: float) -> None:
