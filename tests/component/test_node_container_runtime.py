@@ -4,6 +4,7 @@ failure becomes one readable reason instead of a crash."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import urllib.request
@@ -144,6 +145,45 @@ async def test_an_exit_gives_its_code_and_leaves_nothing_behind(tmp_path: Path, 
         assert await rt.wait(handle) == Exit(3)
     assert f"bye from {req.assignment.replica_id}" in req.log_path.read_text()
     assert await rt.list_owned(node_id) == []
+
+
+async def test_secrets_reach_the_container_but_never_the_cli_command_line(
+        tmp_path: Path, image: str, node_id: str) -> None:
+    """`ps` shows every process's command line to every user of the node: secrets go to podman in
+    an env file on tmpfs that only this user can read, removed once the container runs (a value
+    with a line break, which an env file cannot hold, in podman's own environment)."""
+    seen = tmp_path / "seen"
+    wrapper = tmp_path / "podman"
+    wrapper.write_text(f"""#!/bin/sh
+printf '%s\\n' "$@" >> {seen}/argv
+prev=
+for arg in "$@"; do
+  if [ "$prev" = --env-file ]; then stat -c '%a' "$arg" >> {seen}/mode; stat -f -c '%T' "$arg" >> {seen}/fs; echo "$arg" >> {seen}/path; fi
+  prev=$arg
+done
+exec podman "$@"
+""")
+    wrapper.chmod(0o755)
+    seen.mkdir()
+    base = request(tmp_path, node_id)
+    token, pem = "hf_s3cr3t_value_42", "-----BEGIN KEY-----\nline two\n-----END KEY-----"
+    spec = dataclasses.replace(base.assignment.spec, env_from_secret={"HF_TOKEN": "hf-token", "PEM": "pem"})
+    assignment = dataclasses.replace(base.assignment, spec=spec, secret_env={"HF_TOKEN": token, "PEM": pem})
+    req = dataclasses.replace(base, assignment=assignment, env={**base.env, "HF_TOKEN": token, "PEM": pem})
+    rt = ContainerRuntime(ContainerCli(str(wrapper)), ("runc",))
+    handle = await rt.launch(req)
+    try:
+        env = await get(req.host_port, "/cgi-bin/env")
+        lines = env.splitlines()  # `env | sort`: the value's other lines are sorted apart
+        assert f"HF_TOKEN={token}" in lines
+        assert {"PEM=-----BEGIN KEY-----", "line two", "-----END KEY-----"} <= set(lines)
+        argv = (seen / "argv").read_text()
+        assert token not in argv and "line two" not in argv and "GREETING=hello there" in argv
+        assert (seen / "mode").read_text().split() == ["600"]
+        assert (seen / "fs").read_text().split() == ["tmpfs"]
+        assert not await trio.Path((seen / "path").read_text().strip()).exists()  # removed once the container ran
+    finally:
+        await rt.stop(handle, 5)
 
 
 MEMORY_HOG = ("sh", "-c", "x=0123456789abcdef; while true; do x=$x$x; done")

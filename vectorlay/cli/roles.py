@@ -10,8 +10,18 @@ from typing import Annotated
 import trio
 import typer
 
-from vectorlay.cli.common import ServerOpt, TokenOpt, VerboseOpt, data_dir, duration, parse_listen, run
-from vectorlay.client.config import Context, resolve, save_context
+from vectorlay.cli.common import (
+    ServerOpt,
+    TokenFileOpt,
+    TokenOpt,
+    VerboseOpt,
+    context,
+    data_dir,
+    duration,
+    parse_listen,
+    run,
+)
+from vectorlay.client.config import Context, save_context
 from vectorlay.client.output import stderr
 from vectorlay.errors import UserError
 from vectorlay.lifecycle import setup_logging, until_signalled
@@ -74,6 +84,7 @@ def server(
 def proxy(
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
     listen: Annotated[str, typer.Option(help="HTTP address to serve clusters on.")] = "127.0.0.1:8080",
     domain: Annotated[str, typer.Option(help="Clusters are served at <cluster>.<domain>.")] = "localhost",
     tls_cert: Annotated[Path | None, typer.Option(help="Serve HTTPS with this certificate chain (PEM); "
@@ -105,7 +116,7 @@ def proxy(
     from vectorlay.proxy.limits import ProxyLimits, parse_size
 
     setup_logging(verbose)
-    ctx = resolve(server_url, token)
+    ctx = context(server_url, token, token_file)
     host, port = parse_listen(listen, 8080)
     if (tls_cert is None) != (tls_key is None):
         raise UserError("--tls-cert and --tls-key go together")

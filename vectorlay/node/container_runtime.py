@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import resource
+import secrets
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -60,13 +61,13 @@ class ContainerRuntime:
 
     # --- running the CLI ----------------------------------------------------------------------
 
-    async def _run(self, *argv: str, timeout_s: float = CLI_TIMEOUT_S,
-                   cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    async def _run(self, *argv: str, timeout_s: float = CLI_TIMEOUT_S, cwd: Path | None = None,
+                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
         command = [self.cli.executable, *argv]
         try:
             with trio.fail_after(timeout_s):
                 return await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False,
-                                              stdin=b"", cwd=cwd)
+                                              stdin=b"", cwd=cwd, env={**os.environ, **env} if env else None)
         except FileNotFoundError:
             raise RuntimeFailure(f"{self.cli.executable} is not installed on this node") from None
         except OSError as error:
@@ -123,10 +124,19 @@ class ContainerRuntime:
         image_id, digest = await self.resolve_image(spec.image, spec.image_pull, request.progress)
         name = args.container_name(request.assignment.replica_id)
         await self._remove_leftover(name, request.node_id)
-        argv = args.run_args(self.cli, request, image_id, oci_runtime, self.ulimits)
         run_dir = request.runtime_dir
         await trio.to_thread.run_sync(_fresh_run_dir, run_dir)
-        error = await self._start(argv[1:], request.log_path, run_dir)
+        secret_env = args.SecretEnv.of(request)
+        env_file = None
+        if secret_env.file_text:
+            env_file = await trio.to_thread.run_sync(_write_env_file, secret_env.file_text)
+        try:
+            argv = args.run_args(self.cli, request, image_id, oci_runtime, self.ulimits,
+                                 str(env_file) if env_file else None)
+            error = await self._start(argv[1:], request.log_path, run_dir, secret_env.cli_env)
+        finally:
+            if env_file is not None:
+                env_file.unlink(missing_ok=True)  # read by `run`, which has returned: the container has it
         if error is not None:
             await self._remove(name)  # it may exist in state "created"
             raise RuntimeFailure(f"starting the container failed: {error}")
@@ -138,7 +148,7 @@ class ContainerRuntime:
                  container_id[:12], oci_runtime, spec.image, digest or image_id[:19])
         return Handle(request.assignment.replica_id, self.name, container=container_id, image_digest=digest)
 
-    async def _start(self, argv: list[str], log_path: Path, run_dir: Path) -> str | None:
+    async def _start(self, argv: list[str], log_path: Path, run_dir: Path, secret_env: dict[str, str]) -> str | None:
         """Run `run --detach` in `run_dir`; the error line if it failed. podman's conmon, which
         watches the container from then on, inherits that working directory and writes its
         `oom` marker there when the kernel kills the container for memory (see `wait`)."""
@@ -149,7 +159,7 @@ class ContainerRuntime:
             raise RuntimeFailure(f"cannot open the log file {log_path}: {error.strerror or error}") from None
         if not self.cli.passthrough_logs:
             os.close(log_fd)  # docker's output reaches it through the log follower
-            result = await self._run(*argv, cwd=run_dir)
+            result = await self._run(*argv, cwd=run_dir, env=secret_env)
             return None if result.returncode == 0 else _error(result)
         # The log file is the container's stdout and stderr, and so podman's own stderr too: its
         # error is read back from what it appended there (where the user sees it as well).
@@ -157,7 +167,8 @@ class ContainerRuntime:
             offset = os.fstat(log_fd).st_size
             with trio.fail_after(CLI_TIMEOUT_S):
                 done = await trio.run_process([self.cli.executable, *argv], stdin=subprocess.DEVNULL,
-                                              stdout=log_fd, stderr=log_fd, check=False, cwd=run_dir)
+                                              stdout=log_fd, stderr=log_fd, check=False, cwd=run_dir,
+                                              env={**os.environ, **secret_env} if secret_env else None)
         except FileNotFoundError:
             raise RuntimeFailure(f"{self.cli.executable} is not installed on this node") from None
         except OSError as error:
@@ -258,6 +269,26 @@ class ContainerRuntime:
             if labels.get(args.LABEL_NODE) == node_id and labels.get(args.LABEL_REPLICA):
                 handles.append(Handle(labels[args.LABEL_REPLICA], self.name, container=str(container["Id"])))
         return handles
+
+
+def secrets_dir() -> Path:
+    """Where env files with secrets live for the moment `run` reads them: memory (tmpfs), never a
+    disk, in a directory only this user can enter."""
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime_dir) if runtime_dir and Path(runtime_dir).is_dir() else Path("/dev/shm")
+    return base / f"vectorlay-secrets-{os.getuid()}"
+
+
+def _write_env_file(text: str) -> Path:
+    directory = secrets_dir()
+    directory.mkdir(mode=0o700, exist_ok=True)
+    if directory.stat().st_uid != os.getuid() or directory.stat().st_mode & 0o077:
+        raise RuntimeFailure(f"{directory} is not private to this user: refusing to write secrets there")
+    path = directory / f"{secrets.token_hex(8)}.env"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    return path
 
 
 def _fresh_run_dir(run_dir: Path) -> None:

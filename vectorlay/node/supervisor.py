@@ -24,6 +24,7 @@ from vectorlay.node.exits import describe_exit
 from vectorlay.node.local_state import AgentState, RunningRecord
 from vectorlay.node.probe import http_probe
 from vectorlay.node.runtime import Exit, Handle, LaunchRequest, ReplicaRuntime
+from vectorlay.node.secret_values import launchable
 
 log = logging.getLogger("vectorlay.node")
 
@@ -254,7 +255,11 @@ class Supervisor:
             backoff = min(RESTART_BACKOFF_MAX_S, backoff * 2)
 
     async def _launch(self, runner: _Runner) -> bool:
+        runner.assignment, problem = launchable(runner.assignment, self.desired.get(runner.assignment.replica_id))
         assignment = runner.assignment
+        if problem is not None:
+            self._report(runner, self._make_report(runner, ReplicaState.FAILED, problem))
+            return False
         if runner.host_port is None:
             runner.host_port = pick_free_port()
         env = replica_env(assignment, self.identity, runner.host_port, cuda_visible_devices(assignment.gpus))
