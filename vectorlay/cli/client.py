@@ -60,7 +60,7 @@ def apply(
     text = commands.read_manifest(file)
     from vectorlay.core.manifest import parse_manifest
 
-    parse_manifest(text)  # a bad manifest fails here, before any connection is made
+    parse_manifest(text, source="stdin" if file == "-" else file)  # fails here, before any connection is made
     ctx = context(server_url, token, token_file)
     run(commands.apply, ctx, text, dry_run, not no_wait, duration(timeout, "--timeout"),
          output_format is Format.json)
