@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import trio
@@ -26,10 +27,11 @@ from vectorlay.errors import AuthError, ConflictError, NotFoundError, ProtocolEr
 from vectorlay.server import views
 from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.controller import Controller
+from vectorlay.server.idle_links import API_IDLE_TIMEOUT_S, IdleTimer
 from vectorlay.server.node_session import NodeConnection
 from vectorlay.server.route_feed import RouteFeed
 from vectorlay.server.views import audit_view, token_view
-from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed
+from vectorlay.wire import CLOSE_NORMAL, CLOSE_POLICY, Link, LinkClosed
 
 log = logging.getLogger("vectorlay.server")
 
@@ -42,7 +44,9 @@ CLIENT_MESSAGE_BURST = 200
 
 
 class Api:
-    def __init__(self, controller: Controller, auth: Authenticator, feed: RouteFeed) -> None:
+    def __init__(self, controller: Controller, auth: Authenticator, feed: RouteFeed,
+                 idle_timeout_s: float = API_IDLE_TIMEOUT_S) -> None:
+        self.idle_timeout_s = idle_timeout_s
         self.controller = controller
         self.fleet = controller.fleet
         self.auth = auth
@@ -79,14 +83,19 @@ class Api:
     async def serve(self, link: Link, principal: Principal) -> None:
         calls: dict[int, trio.CancelScope] = {}
         budget = TokenBucket.full(CLIENT_MESSAGES_PER_S, CLIENT_MESSAGE_BURST, trio.current_time())
+        idle = IdleTimer(self.idle_timeout_s)
         async with trio.open_nursery() as nursery:
             while True:
                 try:
-                    message = await link.receive(CLIENT_TO_SERVER)
+                    with idle.waiting() as waiting:
+                        message = await link.receive(CLIENT_TO_SERVER)
                 except ProtocolError as error:
                     await link.reject(error)
                     break
                 except LinkClosed:
+                    break
+                if waiting.cancelled_caught:
+                    await link.close(CLOSE_NORMAL, f"idle for {self.idle_timeout_s:g}s with no call in flight")
                     break
                 allowed, budget = budget.take(trio.current_time())
                 if not allowed:
@@ -102,7 +111,8 @@ class Api:
                         break
                     scope = trio.CancelScope()
                     calls[message.id] = scope
-                    nursery.start_soon(self._run_call, link, principal, message, scope, calls)
+                    idle.begin()
+                    nursery.start_soon(idle.call, partial(self._run_call, link, principal, message, scope, calls))
             nursery.cancel_scope.cancel()
 
     async def _run_call(self, link: Link, principal: Principal, call: Call, scope: trio.CancelScope,

@@ -32,6 +32,7 @@ from vectorlay.server.api import Api
 from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.controller import Controller
 from vectorlay.server.fleet import Fleet
+from vectorlay.server.idle_links import API_IDLE_TIMEOUT_S
 from vectorlay.server.node_session import handle_hello, handle_join
 from vectorlay.server.records import TokenRecord
 from vectorlay.server.route_feed import RouteFeed
@@ -57,6 +58,7 @@ class ServerConfig:
     failover_grace_s: float | None = None  # after a restart; default: the down threshold
     crash_points: frozenset[str] = frozenset()  # fault-injection tests only
     tls: ServerTls | None = None  # None: plain ws:// (loopback development)
+    api_idle_timeout_s: float = API_IDLE_TIMEOUT_S  # a CLI link with no call in flight this long is closed
 
     @property
     def database_url(self) -> str:
@@ -115,7 +117,7 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
     await controller.restore_liveness(grace)
     auth = Authenticator(store, fleet, wall_clock, config.tls.pin if config.tls else None)
     feed = RouteFeed(controller)
-    api = Api(controller, auth, feed)
+    api = Api(controller, auth, feed, config.api_idle_timeout_s)
     admin_token, created = await _bootstrap_admin_token(config, store, auth, snapshot.meta)
     log.info("state: %s; %d node(s), %d cluster(s), %d replica(s)", describe_url(config.database_url),
              len(fleet.nodes), len(fleet.clusters), len(fleet.replicas))
