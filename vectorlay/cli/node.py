@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from vectorlay.node.agent import Credentials
     from vectorlay.node.setup import NodeOptions, NodeSetup
 
-node_app = typer.Typer(help="Run this machine as a node: [bold]join[/bold] once, then plain "
-                            "[bold]vectorlay node[/bold] runs the agent from saved credentials.")
+node_app = typer.Typer(help="Run this machine as a node: `join` once, then plain `vectorlay node` runs the "
+                            "agent from saved credentials.")
 
 
 AllowProcessOpt = Annotated[bool | None, typer.Option(
@@ -59,7 +59,7 @@ def node(
     oci_runtime: OciRuntimeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run the node agent from the credentials saved by [bold]vectorlay node join[/bold]."""
+    """Run the node agent from the credentials saved by `vectorlay node join`."""
     if ctx.invoked_subcommand is not None:
         return
     from vectorlay.node.agent import load_credentials
