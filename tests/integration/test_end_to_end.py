@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import time
 from pathlib import Path
 
@@ -134,6 +135,12 @@ def test_dev_serves_the_example(tmp_path: Path) -> None:
             assert result.status == 200
             nodes.add(result.json()["node"])
         assert nodes == {"dev-1", "dev-2"}
+        # Its log says which node each node's line comes from, and what the nodes offer in one line
+        # (no `missing: kata / IOMMU / NVIDIA` on a CPU machine).
+        log = proc.log()
+        for name in ("dev-1", "dev-2"):
+            assert re.search(rf"vectorlay\.node: \[{name}\] replica \S+ started on port \d+", log), log
+        assert log.count("this node offers") == 1 and "missing:" not in log
         # The CLI now talks to the dev stack through the context dev wrote.
         listed = stack.cli("get", "clusters", "-o", "json")
         assert '"name": "tinylm"' in listed.stdout

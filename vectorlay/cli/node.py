@@ -106,8 +106,7 @@ def node_join(
     options = _options({}, allow_process_runtime, container_cli, oci_runtime, gpu)
 
     async def main() -> None:
-        setup = await prepare_node(options, advertise)
-        stderr.print(f"{node_name}: {setup.preflight.gpu_note}")
+        setup = await prepare_node(options, advertise)  # logs what this node offers
         creds = await join(server_url, join_token, node_name, setup.gpus, advertise, setup.runtimes, directory,
                            setup.isolation)
         _save_node_settings(directory, options.settings())

@@ -168,7 +168,7 @@ def dev(
     """Run a server, N nodes and a proxy in one process, and point the CLI at them."""
     from vectorlay.dev import DevConfig, run_dev
 
-    setup_logging(verbose)
+    setup_logging(verbose, tag_nodes=True)
     config = DevConfig(state_dir, nodes, server_port, proxy_port, domain, tuple(gpu or ()), apply_file)
 
     async def main() -> None:

@@ -40,6 +40,7 @@ from vectorlay.core.protocol import (
 )
 from vectorlay.errors import AuthError, ConnectError, ProtocolError, UserError, unwrap_group
 from vectorlay.files import write_private
+from vectorlay.lifecycle import NODE_NAME
 from vectorlay.node import logs
 from vectorlay.node.gpu_health import NvmlMonitor, watch_gpus
 from vectorlay.node.runtime import ReplicaRuntime
@@ -278,6 +279,7 @@ async def run_node(
     task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Re-attach to running replicas, then run the supervisor, the GPU monitor and the server link."""
+    NODE_NAME.set(creds.name)  # this task's and its children's log lines are this node's
     identity = NodeIdentity(creds.node_id, creds.name, creds.address, publish_ip=publish_ip)
     supervisor = Supervisor(runtime, state_dir, identity, on_report=lambda report: None)
     agent = Agent(creds, supervisor, gpus, runtimes, isolation)
