@@ -168,3 +168,38 @@ def test_node_restart_reattaches_without_restarting_replicas(stack: Stack) -> No
     time.sleep(1.0)
     assert stack.cli_json("get", "replicas")[0]["state"] == "ready"
     assert http_request(proxy_port, "echo.localhost", "/healthz").status == 200
+
+
+TICKER = """\
+apiVersion: vectorlay.dev/v1
+kind: Cluster
+metadata: {name: ticker}
+spec:
+  replicas: 2
+  runtime: process
+  command: ["sh", "-c", "while true; do echo \\"t=$(date +%s.%N)\\"; sleep 0.4; done"]
+  health: null
+"""
+
+
+def test_logs_of_several_replicas_are_merged_in_time_order_and_since_limits_them(stack: Stack) -> None:
+    stack.start_server()
+    stack.join_node("n1")
+    stack.join_node("n2")
+    stack.cli("apply", "-", input_text=TICKER)
+    time.sleep(8)  # each replica writes about 20 lines
+
+    def stamped(*args: str) -> list[tuple[str, float]]:
+        out = stack.cli("logs", "ticker", *args).stdout
+        return [(line.split()[0], float(line.rsplit("t=", 1)[1])) for line in out.splitlines() if "t=" in line]
+
+    lines = stamped("--tail", "15")
+    assert len(lines) == 30 and len({replica for replica, _ in lines}) == 2
+    # In the order they were written, to the second or so the node dates them by; replica after
+    # replica, a line would come about 6 s after a later one.
+    worst = max(earlier - later for (_, earlier), (_, later) in zip(lines, lines[1:], strict=False))
+    assert worst <= 2.5, lines
+    recent = stamped("--since", "2s")
+    cutoff = time.time() - 2
+    assert recent and len(recent) < 30
+    assert all(written >= cutoff - 2.5 for _, written in recent), (cutoff, recent)

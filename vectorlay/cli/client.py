@@ -83,6 +83,8 @@ def logs(
     cluster: Annotated[str, typer.Argument()],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming new lines.")] = False,
     tail: Annotated[int, typer.Option(min=0, help="Lines from the end of each replica's log.")] = 100,
+    since: Annotated[str | None, typer.Option(
+        help="Only lines written in this last while, e.g. 10m or 1h (to about a second).")] = None,
     no_prefix: Annotated[bool, typer.Option("--no-prefix", help="Do not prefix lines with the replica id.")]
     = False,
     project: ProjectOpt = None,
@@ -90,8 +92,9 @@ def logs(
     token: TokenOpt = None,
     token_file: TokenFileOpt = None,
 ) -> None:
-    """Print the stdout and stderr of a cluster's replicas."""
-    run(commands.logs, context(server_url, token, token_file, project), cluster, follow, tail, not no_prefix)
+    """Print the stdout and stderr of a cluster's replicas, merged in the order they were written."""
+    run(commands.logs, context(server_url, token, token_file, project), cluster, follow, tail, not no_prefix,
+        duration(since, "--since"))
 
 
 def delete(

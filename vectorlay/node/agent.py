@@ -245,12 +245,17 @@ class Agent:
             if not path.exists():
                 await self._send(LogsEnd(request.stream_id, f"no log for replica {request.replica_id} on this node"))
                 return
-            lines, offset = await trio.to_thread.run_sync(logs.tail_lines, path, request.tail)
-            for start in range(0, len(lines), logs.MAX_LINES_PER_BATCH):
-                await self._send(LogsData(request.stream_id, tuple(lines[start:start + logs.MAX_LINES_PER_BATCH])))
+            dated, offset = await trio.to_thread.run_sync(logs.tail_dated, path, request.tail, request.since,
+                                                          time.time())
+            for start in range(0, len(dated), logs.MAX_LINES_PER_BATCH):
+                batch = dated[start:start + logs.MAX_LINES_PER_BATCH]
+                await self._send(LogsData(request.stream_id, tuple(line for _, line in batch),
+                                          tuple(when for when, _ in batch)))
             if request.follow:
-                async for batch in logs.follow(path, offset):
-                    await self._send(LogsData(request.stream_id, tuple(batch)))
+                await self._send(LogsData(request.stream_id, (), (), live=True))  # the tail is complete
+                async for lines in logs.follow(path, offset):
+                    now = time.time()
+                    await self._send(LogsData(request.stream_id, tuple(lines), (now,) * len(lines), live=True))
             await self._send(LogsEnd(request.stream_id))
         if self._log_scopes.get(request.stream_id) is scope:
             del self._log_scopes[request.stream_id]
@@ -289,5 +294,6 @@ async def run_node(
         if gpu_monitor is not None:
             await nursery.start(watch_gpus, gpu_monitor, agent.set_gpu_status)
         await nursery.start(supervisor.run)
+        nursery.start_soon(logs.note_log_times, supervisor.log_dir, lambda: list(supervisor.runners))
         await nursery.start(agent.run)
         task_status.started(agent)

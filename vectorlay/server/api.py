@@ -251,24 +251,30 @@ class Api:
         if not isinstance(tail, int) or tail < 0:
             raise UserError("tail must be a non-negative integer")
         follow = bool(params.get("follow", False))
+        since = params.get("since")  # a wall time: lines written at or after it
+        if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
+            raise UserError("since must be a time (seconds since the epoch)")
         replicas = [r for r in self.fleet.replicas_of_cluster(key) if r.node_id is not None]
+        await emit({"replicas": [r.id for r in replicas]})  # whose tails to wait for, to merge them
         async with trio.open_nursery() as nursery:
             for replica in replicas:
-                nursery.start_soon(self._replica_logs, replica.id, replica.node_id, tail, follow, emit)
+                nursery.start_soon(self._replica_logs, replica.id, replica.node_id, tail, follow, emit,
+                                   None if since is None else float(since))
         return {"replicas": len(replicas)}
 
     async def _replica_logs(self, replica_id: str, node_id: str | None, tail: int, follow: bool,
-                            emit: Emit) -> None:
+                            emit: Emit, since: float | None = None) -> None:
         node = self.fleet.nodes.get(node_id or "")
         session = self.controller.sessions.get(node_id or "")
         header = {"replica": replica_id, "node": node.name if node else None}
         if not isinstance(session, NodeConnection):
             await emit({**header, "error": "its node is not connected; logs are unavailable now"})
             return
-        async with _log_stream(session, replica_id, tail, follow) as stream:
+        async with _log_stream(session, replica_id, tail, follow, since) as stream:
             async for message in stream:
                 if isinstance(message, LogsData):
-                    await emit({**header, "lines": list(message.lines)})
+                    await emit({**header, "lines": list(message.lines), "times": list(message.times),
+                                "live": message.live})
                 elif isinstance(message, LogsEnd):
                     if message.error:
                         await emit({**header, "error": message.error})
@@ -424,9 +430,9 @@ async def _paged(params: dict[str, Any], emit: Emit, ids: list[str], view: Calla
 
 
 @asynccontextmanager
-async def _log_stream(session: NodeConnection, replica_id: str, tail: int,
-                      follow: bool) -> AsyncIterator[trio.MemoryReceiveChannel[LogsData | LogsEnd]]:
-    stream_id, channel = session.open_logs(replica_id, tail, follow)
+async def _log_stream(session: NodeConnection, replica_id: str, tail: int, follow: bool,
+                      since: float | None) -> AsyncIterator[trio.MemoryReceiveChannel[LogsData | LogsEnd]]:
+    stream_id, channel = session.open_logs(replica_id, tail, follow, since)
     try:
         yield channel
     finally:
