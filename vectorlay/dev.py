@@ -55,7 +55,6 @@ async def run_dev(config: DevConfig, clean_stop: CleanStop | None = None, *,
         admin = server.admin_token or (config.state_dir / "server" / "admin.token").read_text().strip()
         # dev runs the process examples, so its nodes allow the (unisolated) process runtime.
         setup = await prepare_node(NodeOptions(allow_process_runtime=True, gpu_declarations=config.gpus), "127.0.0.1")
-        log.info("dev nodes: %s", setup.preflight.gpu_note)
         supervisors = []
         for index in range(1, config.nodes + 1):
             supervisors.append(await _start_node(nursery, config, url, admin, f"dev-{index}", setup, clean_stop))

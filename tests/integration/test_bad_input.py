@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -242,3 +244,27 @@ def test_an_assignment_no_process_can_take_fails_that_replica_and_the_agent_serv
         assert good_report is not None and good_report.state is ReplicaState.READY and good_report.address
         with urllib.request.urlopen(f"http://{good_report.address}/healthz", timeout=5) as answer:
             assert answer.status == 200
+def test_a_taken_port_is_one_line_that_names_the_address_and_the_flag(stack: Stack, tmp_path: Path) -> None:
+    """A port another process holds: no traceback, the address, the flag that picks another, exit 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        address = f"127.0.0.1:{port}"
+        cases = [
+            (["server", "--listen", address, "--state-dir", str(tmp_path / "s")], "for the server", "--listen"),
+            (["proxy", "--server", "ws://127.0.0.1:1", "--token", "a.b", "--listen", address], "for the proxy",
+             "--listen"),
+            (["proxy", "--server", "ws://127.0.0.1:1", "--token", "a.b", "--listen", "127.0.0.1:0",
+              "--metrics-listen", address], "for the proxy's metrics", "--metrics-listen"),
+            (["dev", "--state-dir", str(tmp_path / "d1"), "--server-port", str(port)], "for the server",
+             "--server-port"),
+            (["dev", "--state-dir", str(tmp_path / "d2"), "--server-port", "0", "--proxy-port", str(port)],
+             "for the proxy", "--proxy-port"),
+        ]
+        for args, purpose, flag in cases:
+            result = stack.cli(*args, check=False)
+            assert result.returncode == 1, result.stderr
+            line = _one_line_error(result)
+            assert f"cannot listen on {address} {purpose}: address already in use" in line, line
+            assert f"choose another with {flag}" in line, line

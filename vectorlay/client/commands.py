@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from rich.text import Text
 from vectorlay.client import output
 from vectorlay.client.api import ApiClient, open_api
 from vectorlay.client.config import Context
+from vectorlay.client.log_merge import LogLine, LogMerger
 from vectorlay.core.launch_inputs import secret_value_problem
 from vectorlay.core.manifest import parse_manifest
 from vectorlay.errors import UserError, VectorlayError
@@ -168,20 +170,37 @@ async def delete(ctx: Context, name: str, wait: bool, timeout_s: float | None) -
                                "(their node may be unreachable; they stop when it returns)")
 
 
-async def logs(ctx: Context, cluster: str, follow: bool, tail: int, prefix: bool) -> None:
+async def logs(ctx: Context, cluster: str, follow: bool, tail: int, prefix: bool,
+               since_s: float | None = None) -> None:
+    """Every replica's lines merged in the order they were written (each says its replica); with
+    `follow`, the tails merged first, then new lines as they come."""
+    params = {"cluster": cluster, "tail": tail, "follow": follow, **_scope(ctx)}
+    if since_s is not None:
+        params["since"] = time.time() - since_s
+    merger = LogMerger(follow)
     async with open_api(ctx.server, ctx.token) as api:
-        async for kind, value in api.stream("logs", {"cluster": cluster, "tail": tail, "follow": follow,
-                                                     **_scope(ctx)}):
+        async for kind, value in api.stream("logs", params):
             if kind == "result":
+                _write_lines(merger.finish(), prefix)
                 if value["replicas"] == 0:
                     output.stderr.print(f"cluster {cluster} has no replicas placed on a node yet")
                 return
-            label = f"[{value['replica']}] " if prefix else ""
-            if "error" in value:
+            if "replicas" in value:
+                merger.expect(value["replicas"])
+            elif "error" in value:
+                label = f"[{value['replica']}] " if prefix else ""
                 output.stderr.print(f"{label}{value['error']}", markup=False)
-                continue
-            sys.stdout.write("".join(f"{label}{line}\n" for line in value["lines"]))
-            sys.stdout.flush()
+                _write_lines(merger.ended(value["replica"]), prefix)
+            else:
+                _write_lines(merger.add(value["replica"], value["lines"], value.get("times") or [],
+                                        bool(value.get("live")), time.time()), prefix)
+
+
+def _write_lines(lines: list[LogLine], prefix: bool) -> None:
+    if lines:
+        sys.stdout.write("".join(f"[{line.replica}] {line.text}\n" if prefix else f"{line.text}\n"
+                                 for line in lines))
+        sys.stdout.flush()
 
 
 async def unquarantine(ctx: Context, name: str) -> None:

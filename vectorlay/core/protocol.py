@@ -146,20 +146,28 @@ class ReplicaStatus(Message):
 
 @dataclass(frozen=True)
 class LogsOpen(Message):
-    """Server asks a node to stream one replica's log: the last `tail` lines, then new ones if `follow`."""
+    """Server asks a node to stream one replica's log: the last `tail` lines (of those written at or
+    after `since`, a wall time, if given), then new ones if `follow`."""
 
     TYPE: ClassVar[str] = "logs_open"
     stream_id: int
     replica_id: str
     tail: int = 100
     follow: bool = False
+    since: float | None = None
 
 
 @dataclass(frozen=True)
 class LogsData(Message):
+    """Lines of a replica's log, with the wall time each was written (to about a second; empty from
+    an older agent). `live`: new lines (follow); the first live batch, maybe empty, says the tail
+    is complete."""
+
     TYPE: ClassVar[str] = "logs_data"
     stream_id: int
     lines: tuple[str, ...]
+    times: tuple[float, ...] = ()
+    live: bool = False
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from vectorlay.core.protocol import (
 )
 from vectorlay.errors import AuthError, ConnectError, ProtocolError, UserError, unwrap_group
 from vectorlay.files import write_private
-from vectorlay.lifecycle import CleanStop
+from vectorlay.lifecycle import NODE_NAME, CleanStop
 from vectorlay.node import logs
 from vectorlay.node.faults import FaultPoints
 from vectorlay.node.gpu_health import NvmlMonitor, watch_gpus
@@ -256,12 +256,17 @@ class Agent:
                 await self._send(LogsEnd(request.stream_id, f"no log for replica {request.replica_id} on this node"))
                 return
             try:
-                lines, offset = await trio.to_thread.run_sync(logs.tail_lines, path, request.tail)
-                for start in range(0, len(lines), logs.MAX_LINES_PER_BATCH):
-                    await self._send(LogsData(request.stream_id, tuple(lines[start:start + logs.MAX_LINES_PER_BATCH])))
+                dated, offset = await trio.to_thread.run_sync(logs.tail_dated, path, request.tail, request.since,
+                                                              time.time())
+                for start in range(0, len(dated), logs.MAX_LINES_PER_BATCH):
+                    batch = dated[start:start + logs.MAX_LINES_PER_BATCH]
+                    await self._send(LogsData(request.stream_id, tuple(line for _, line in batch),
+                                              tuple(when for when, _ in batch)))
                 if request.follow:
-                    async for batch in logs.follow(path, offset):
-                        await self._send(LogsData(request.stream_id, tuple(batch)))
+                    await self._send(LogsData(request.stream_id, (), (), live=True))  # the tail is complete
+                    async for lines in logs.follow(path, offset):
+                        now = time.time()
+                        await self._send(LogsData(request.stream_id, tuple(lines), (now,) * len(lines), live=True))
             except OSError as error:  # one unreadable log ends its stream, not the node's link
                 await self._send(LogsEnd(request.stream_id, f"cannot read the log of {request.replica_id}: {error}"))
                 return
@@ -296,6 +301,7 @@ async def run_node(
 ) -> None:
     """Re-attach to running replicas, then run the supervisor, the GPU monitor and the server link.
     `clean_stop`: see `Agent`; `faults`: fault-injection tests only."""
+    NODE_NAME.set(creds.name)  # this task's and its children's log lines are this node's
     identity = NodeIdentity(creds.node_id, creds.name, creds.address, publish_ip=publish_ip)
     supervisor = Supervisor(runtime, state_dir, identity, on_report=lambda report: None, faults=faults)
     agent = Agent(creds, supervisor, gpus, runtimes, isolation, clean_stop)
@@ -305,5 +311,6 @@ async def run_node(
         if gpu_monitor is not None:
             await nursery.start(watch_gpus, gpu_monitor, agent.set_gpu_status)
         await nursery.start(supervisor.run)
+        nursery.start_soon(logs.note_log_times, supervisor.log_dir, lambda: list(supervisor.runners))
         await nursery.start(agent.run)
         task_status.started(agent)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -37,12 +38,13 @@ from vectorlay.server import views
 from vectorlay.server.admin import Admin
 from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.fleet import Fleet
+from vectorlay.server.idle_links import API_IDLE_TIMEOUT_S, IdleTimer
 from vectorlay.server.route_feed import RouteFeed
 from vectorlay.server.sessions import Sessions
 from vectorlay.server.signals import Signals
 from vectorlay.server.views import audit_view, token_view
 from vectorlay.server.write_behind import DatabaseStatus
-from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed
+from vectorlay.wire import CLOSE_NORMAL, CLOSE_POLICY, Link, LinkClosed
 
 log = logging.getLogger("vectorlay.server")
 
@@ -56,7 +58,9 @@ CLIENT_MESSAGE_BURST = 200
 
 class Api:
     def __init__(self, fleet: Fleet, admin: Admin, sessions: Sessions, signals: Signals, auth: Authenticator,
-                 feed: RouteFeed, database: DatabaseStatus, pending_writes: Callable[[], int]) -> None:
+                 feed: RouteFeed, database: DatabaseStatus, pending_writes: Callable[[], int],
+                 idle_timeout_s: float = API_IDLE_TIMEOUT_S) -> None:
+        self.idle_timeout_s = idle_timeout_s
         self.fleet = fleet
         self.database = database
         self.pending_writes = pending_writes
@@ -99,14 +103,19 @@ class Api:
     async def serve(self, link: Link, principal: Principal) -> None:
         calls: dict[int, trio.CancelScope] = {}
         budget = TokenBucket.full(CLIENT_MESSAGES_PER_S, CLIENT_MESSAGE_BURST, trio.current_time())
+        idle = IdleTimer(self.idle_timeout_s)
         async with trio.open_nursery() as nursery:
             while True:
                 try:
-                    message = await link.receive(CLIENT_TO_SERVER)
+                    with idle.waiting() as waiting:
+                        message = await link.receive(CLIENT_TO_SERVER)
                 except ProtocolError as error:
                     await link.reject(error)
                     break
                 except LinkClosed:
+                    break
+                if waiting.cancelled_caught:
+                    await link.close(CLOSE_NORMAL, f"idle for {self.idle_timeout_s:g}s with no call in flight")
                     break
                 allowed, budget = budget.take(trio.current_time())
                 if not allowed:
@@ -122,7 +131,8 @@ class Api:
                         break
                     scope = trio.CancelScope()
                     calls[message.id] = scope
-                    nursery.start_soon(self._run_call, link, principal, message, scope, calls)
+                    idle.begin()
+                    nursery.start_soon(idle.call, partial(self._run_call, link, principal, message, scope, calls))
             nursery.cancel_scope.cancel()
 
     async def _run_call(self, link: Link, principal: Principal, call: Call, scope: trio.CancelScope,
@@ -277,23 +287,29 @@ class Api:
         if not isinstance(tail, int) or tail < 0:
             raise UserError("tail must be a non-negative integer")
         follow = bool(params.get("follow", False))
+        since = params.get("since")  # a wall time: lines written at or after it
+        if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
+            raise UserError("since must be a time (seconds since the epoch)")
         replicas = [r for r in self.fleet.replicas_of_cluster(key) if r.node_id is not None]
+        await emit({"replicas": [r.id for r in replicas]})  # whose tails to wait for, to merge them
         async with trio.open_nursery() as nursery:
             for replica in replicas:
-                nursery.start_soon(self._replica_logs, replica.id, replica.node_id, tail, follow, emit)
+                nursery.start_soon(self._replica_logs, replica.id, replica.node_id, tail, follow, emit,
+                                   None if since is None else float(since))
         return {"replicas": len(replicas)}
 
     async def _replica_logs(self, replica_id: str, node_id: str | None, tail: int, follow: bool,
-                            emit: Emit) -> None:
+                            emit: Emit, since: float | None = None) -> None:
         node = self.fleet.nodes.get(node_id or "")
         header = {"replica": replica_id, "node": node.name if node else None}
-        async with self.sessions.logs(node_id or "", replica_id, tail, follow) as stream:
+        async with self.sessions.logs(node_id or "", replica_id, tail, follow, since) as stream:
             if stream is None:
                 await emit({**header, "error": "its node is not connected; logs are unavailable now"})
                 return
             async for message in stream:
                 if isinstance(message, LogsData):
-                    await emit({**header, "lines": list(message.lines)})
+                    await emit({**header, "lines": list(message.lines), "times": list(message.times),
+                                "live": message.live})
                 elif isinstance(message, LogsEnd):
                     if message.error:
                         await emit({**header, "error": message.error})

@@ -35,6 +35,7 @@ from vectorlay.server.api import Api
 from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.controller import Controller
 from vectorlay.server.fleet import Fleet
+from vectorlay.server.idle_links import API_IDLE_TIMEOUT_S
 from vectorlay.server.node_session import handle_hello, handle_join
 from vectorlay.server.records import TokenRecord, health_from_record
 from vectorlay.server.route_feed import RouteFeed
@@ -62,6 +63,7 @@ class ServerConfig:
     crash_points: frozenset[str] = frozenset()  # fault-injection tests only
     tls: ServerTls | None = None  # None: plain ws:// (loopback development)
     metrics_listen: tuple[str, int] | None = None  # Prometheus text format at http://HOST:PORT/metrics
+    api_idle_timeout_s: float = API_IDLE_TIMEOUT_S  # a CLI link with no call in flight this long is closed
 
     @property
     def database_url(self) -> str:
@@ -147,7 +149,7 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
     auth = Authenticator(store, fleet, wall_clock, config.tls.pin if config.tls else None)
     feed = RouteFeed(fleet, controller.signals)
     api = Api(fleet, controller.admin, controller.sessions, controller.signals, auth, feed,
-              controller.writer.database, lambda: len(controller.writer.journal))
+              controller.writer.database, lambda: len(controller.writer.journal), config.api_idle_timeout_s)
     admin_token, created = await _bootstrap_admin_token(config, store, auth, snapshot.meta)
     log.info("state: %s; %d node(s), %d cluster(s), %d replica(s)", describe_url(config.database_url),
              len(fleet.nodes), len(fleet.clusters), len(fleet.replicas))

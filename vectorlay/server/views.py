@@ -81,8 +81,9 @@ def health_view(health: ClusterHealth, now: float) -> dict[str, Any]:
             "next_try_in_s": round(max(0.0, health.not_before - now), 1) if health.failures else None}
 
 
-# Reasons a replica waits for a node that no change of load can end: no ready node could run it.
-CANNOT_PLACE_PREFIX = "no ready node"
+# Reasons a replica waits for a node that no change of load can end: the nodes there are cannot run
+# it. (With no ready node at all, waiting is what a fleet being set up expects.)
+CANNOT_PLACE_PREFIXES = ("no ready node offers", "no ready node has")
 
 
 def blocked_reason(view: dict[str, Any]) -> str | None:
@@ -93,7 +94,7 @@ def blocked_reason(view: dict[str, Any]) -> str | None:
         return str(health["message"])
     if view["ready"] < view["replicas"]:
         for reason in view["reasons"]:
-            if reason.startswith(CANNOT_PLACE_PREFIX):
+            if reason.startswith(CANNOT_PLACE_PREFIXES):
                 return f"cannot be placed: {reason}"
     return None
 

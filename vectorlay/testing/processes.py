@@ -184,8 +184,9 @@ class Stack:
 
     def join_node(self, name: str, gpus: Sequence[str] = (), extra: Sequence[str] = (), server_url: str | None = None,
                   prefix: Sequence[str] = (), env: dict[str, str] | None = None,
-                  allow_process: bool = True) -> NodeProc:
-        """Join a node; it allows process replicas (what most tests deploy) unless told otherwise."""
+                  allow_process: bool = True, cwd: Path | None = None) -> NodeProc:
+        """Join a node; it allows process replicas (what most tests deploy) unless told otherwise.
+        `cwd`: the directory it is started from (default: the repository)."""
         state_dir = self.root / name
         url = server_url or self.server_url
         args = ["node", "join", "--server", url, "--token", self.token("node"), "--name", name,
@@ -194,7 +195,7 @@ class Stack:
             args.append("--allow-process-runtime")
         for gpu in gpus:
             args += ["--gpu", gpu]
-        proc = self._spawn(name, args, prefix=prefix, env=env)
+        proc = self._spawn(name, args, prefix=prefix, env=env, cwd=cwd)
         node = NodeProc(proc.name, proc.args, proc.log_path, proc.popen, state_dir=state_dir)
         self.procs.append(node)
         node.wait_log(rf"connected to {re.escape(url)} as {name}")
