@@ -3,6 +3,7 @@ and the commands the nodes received. (tests/integration covers the same with rea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,14 +11,16 @@ import trio
 import trio.testing
 from controller_harness import ControlPlane, FakeNode, Outcome, RouteWatcher, manifest, wait_until
 
-from vectorlay.core.model import Assignment, ReplicaState
+from vectorlay.core import api
+from vectorlay.core.api_views import ClusterView
+from vectorlay.core.model import Assignment, ReplicaState, Role
 from vectorlay.core.protocol import ReplicaReport, ReplicaStatus
 
 FAILED = (ReplicaState.STARTING, ReplicaState.FAILED)
 
 
 async def ready_count(plane: ControlPlane, cluster: str) -> int:
-    return sum(1 for r in await plane.replicas(cluster) if r["state"] == "ready" and not r["stopping"])
+    return sum(1 for r in await plane.replicas(cluster) if r.state == "ready" and not r.stopping)
 
 
 async def test_a_cluster_is_placed_spread_and_served(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
@@ -28,7 +31,7 @@ async def test_a_cluster_is_placed_spread_and_served(tmp_path: Path, autojump_cl
         for node in nodes:
             await nursery.start(node.run)
         watcher = RouteWatcher()
-        proxy_token = (await plane.call("token_create", {"role": "proxy"}))["token"]
+        proxy_token = (await plane.call(api.TokenCreate(Role.PROXY))).token
         await nursery.start(watcher.run, plane, proxy_token)
         await plane.apply(manifest("web", replicas=2))
         await wait_until(lambda: len(watcher.endpoints("web")) == 2)
@@ -65,18 +68,19 @@ async def test_a_replica_that_cannot_start_is_replaced_with_capped_backoff_kept_
         # Backoff 0, 10, 20, 40, 80, 160, 300 s: about a dozen starts in ten minutes, not thousands.
         assert 6 <= starts <= 20, starts
         view = await plane.cluster("noimg")
-        assert view["health"]["status"] == "crash-looping"
-        message = view["health"]["message"]
+        assert view.health.status == "crash-looping"
+        message = view.health.message
         assert message.startswith("crash-looping: image localhost/no-such-image:1 is not on this node on n0; ")
         assert "next try in" in message or "replacing it now" in message
 
-        failures = view["health"]["failures"]
-        waiting = view["health"]["next_try_in_s"]
+        failures = view.health.failures
+        waiting = view.health.next_try_in_s
         await plane.restart()
         await wait_until(lambda: node.connected)
         after = await plane.cluster("noimg")
-        assert after["health"]["failures"] == failures  # kept across the restart
-        assert after["health"]["next_try_in_s"] <= waiting + 1
+        assert after.health.failures == failures  # kept across the restart
+        assert waiting is not None and after.health.next_try_in_s is not None
+        assert after.health.next_try_in_s <= waiting + 1
         before_restart = node.started_for("noimg")
         await trio.sleep(5)
         assert node.started_for("noimg") == before_restart or waiting < 5  # no burst after a restart
@@ -90,11 +94,11 @@ async def test_waiting_for_a_crash_looping_cluster_ends_early_with_the_reason(
         plane, _ = await start_plane(nursery, tmp_path, ["n0"], outcome=always(bad))
         await plane.apply(manifest("broken", replicas=2))
         began = trio.current_time()
-        result = await plane.call("wait_ready", {"clusters": ["broken"], "timeout_s": 300})
+        result = await plane.call(api.WaitReady(("broken",), 300))
         assert trio.current_time() - began < 60  # not the 5-minute timeout
-        assert result["ready"] is False
-        assert result["failed"][0]["cluster"] == "broken"
-        assert result["failed"][0]["reason"].startswith("crash-looping: exec: serve: not found on n0")
+        assert result.ready is False
+        assert result.failed[0].cluster == "broken"
+        assert result.failed[0].reason.startswith("crash-looping: exec: serve: not found on n0")
         nursery.cancel_scope.cancel()
 
 
@@ -124,14 +128,14 @@ async def test_a_crashed_agent_is_suspect_at_once_and_a_goodbye_keeps_it_ready(
     async with trio.open_nursery() as nursery:
         plane, (n0,) = await start_plane(nursery, tmp_path, ["n0"])
         watcher = RouteWatcher()
-        await nursery.start(watcher.run, plane, (await plane.call("token_create", {"role": "proxy"}))["token"])
+        await nursery.start(watcher.run, plane, (await plane.call(api.TokenCreate(Role.PROXY))).token)
         await plane.apply(manifest("web", replicas=1))
         await wait_until(lambda: watcher.endpoints("web"))
         n0.crash(revive_after_s=None)
         began = trio.current_time()
         await wait_until(lambda: not watcher.endpoints("web"))
         assert trio.current_time() - began < 0.5  # out of routing before any heartbeat is missed
-        assert (await plane.nodes())["n0"]["state"] == "suspect"
+        assert (await plane.nodes())["n0"].state == "suspect"
         nursery.cancel_scope.cancel()
 
 
@@ -150,8 +154,8 @@ async def test_a_node_lost_and_found_leaves_exactly_the_desired_copies(
         nursery.start_soon(n0.run)  # the agent comes back, still running its old copy
         await wait_until(lambda: n0.connected)
         await wait_until(lambda: not (set(n0.running) & lost))  # the replaced copy is stopped there
-        replicas = [r for r in await plane.replicas("web") if not r["stopping"]]
-        assert len(replicas) == 2 and all(r["state"] == "ready" for r in replicas)
+        replicas = [r for r in await plane.replicas("web") if not r.stopping]
+        assert len(replicas) == 2 and all(r.state == "ready" for r in replicas)
         nursery.cancel_scope.cancel()
 
 
@@ -168,7 +172,7 @@ async def test_reports_with_a_stale_generation_or_about_another_node_change_noth
         await wait_until(lambda: n0.running and n1.running)
         (mine,) = n0.running.values()
         (theirs,) = n1.running.values()
-        before = {r["id"]: r for r in await plane.replicas("web")}
+        before = {r.id: r for r in await plane.replicas("web")}
         n0.crash(revive_after_s=None)
         async with open_link(plane.listener, "/v1/node") as (link, _):
             # n0 comes back (this link speaks for it) and reports what is stale.
@@ -180,8 +184,8 @@ async def test_reports_with_a_stale_generation_or_about_another_node_change_noth
             await link.send(ReplicaStatus(ReplicaReport(mine.replica_id, mine.generation - 1, ReplicaState.FAILED,
                                                         "from an older assignment")))
             await trio.sleep(1)
-            after = {r["id"]: r for r in await plane.replicas("web")}
-            assert after[mine.replica_id]["state"] == "ready" == before[mine.replica_id]["state"]
+            after = {r.id: r for r in await plane.replicas("web")}
+            assert after[mine.replica_id].state == "ready" == before[mine.replica_id].state
             await link.send(ReplicaStatus(ReplicaReport(theirs.replica_id, theirs.generation, ReplicaState.FAILED,
                                                         "not yours")))
             await trio.sleep(1)
@@ -189,8 +193,8 @@ async def test_reports_with_a_stale_generation_or_about_another_node_change_noth
                 while True:
                     await link.receive(SERVER_TO_NODE)  # what was queued for it, then the close
             assert closed.value.code == 1008 and "is not this node's" in closed.value.reason
-        after = {r["id"]: r for r in await plane.replicas("web")}
-        assert after[theirs.replica_id]["state"] == "ready"
+        after = {r.id: r for r in await plane.replicas("web")}
+        assert after[theirs.replica_id].state == "ready"
         nursery.cancel_scope.cancel()
 
 
@@ -227,15 +231,15 @@ async def test_a_server_restart_reschedules_nothing_and_nodes_come_back(
         plane, nodes = await start_plane(nursery, tmp_path, ["n0", "n1", "n2"])
         await plane.apply(manifest("web", replicas=3))
         await wait_until(lambda: all(n.running for n in nodes))
-        before = sorted(r["id"] for r in await plane.replicas("web"))
+        before = sorted(r.id for r in await plane.replicas("web"))
         await plane.restart()
         await wait_until(lambda: all(n.connected for n in nodes), timeout_s=30)
         await trio.sleep(90)  # past the reconnect grace: everything reconciled again
         after = await plane.replicas("web")
-        assert sorted(r["id"] for r in after) == before
-        assert all(r["state"] == "ready" for r in after)
+        assert sorted(r.id for r in after) == before
+        assert all(r.state == "ready" for r in after)
         assert [n.started_for("web") for n in nodes] == [1, 1, 1]
-        assert {s["state"] for s in (await plane.nodes()).values()} == {"ready"}
+        assert {s.state for s in (await plane.nodes()).values()} == {"ready"}
         nursery.cancel_scope.cancel()
 
 
@@ -251,8 +255,8 @@ async def test_a_cluster_whose_replicas_kill_agents_is_quarantined_and_the_fleet
         await plane.apply(manifest("good", replicas=1))
         await wait_until(lambda: sum(n.started_for("good") for n in nodes) == 1)
         await plane.apply(manifest("poison", replicas=1, reschedule_after="2s"))
-        view = await wait_until_cluster(plane, "poison", lambda v: v["health"]["status"] == "quarantined")
-        assert "quarantined: the agents of" in view["health"]["message"]
+        view = await wait_until_cluster(plane, "poison", lambda v: v.health.status == "quarantined")
+        assert "quarantined: the agents of" in view.health.message
         deaths = sum(n.deaths for n in nodes)
         assert 2 <= deaths <= 3
         await trio.sleep(120)
@@ -262,20 +266,20 @@ async def test_a_cluster_whose_replicas_kill_agents_is_quarantined_and_the_fleet
         await wait_until(lambda: sum(n.started_for("other") for n in nodes) == 2)
         assert await ready_count(plane, "other") == 2
         replicas = await plane.replicas("poison")
-        assert all(r["node"] is None for r in replicas if not r["stopping"])
+        assert all(r.node is None for r in replicas if not r.stopping)
 
-        lifted = await plane.call("cluster_unquarantine", {"name": "poison"})
-        assert lifted["lifted"] is True
+        lifted = await plane.call(api.Unquarantine("poison"))
+        assert lifted.lifted is True
         await wait_until(lambda: sum(n.deaths for n in nodes) > deaths)  # placed again (and it kills again)
         nursery.cancel_scope.cancel()
 
 
-async def wait_until_cluster(plane: ControlPlane, name: str, predicate: object, timeout_s: float = 120.0
-                             ) -> dict[str, object]:
+async def wait_until_cluster(plane: ControlPlane, name: str, predicate: Callable[[ClusterView], bool],
+                             timeout_s: float = 120.0) -> ClusterView:
     with trio.fail_after(timeout_s):
         while True:
             view = await plane.cluster(name)
-            if predicate(view):  # type: ignore[operator]
+            if predicate(view):
                 return view
             await trio.sleep(0.5)
 
@@ -287,8 +291,8 @@ async def test_an_error_while_reconciling_one_cluster_degrades_it_and_spares_the
                                          faults=frozenset({"reconcile-raise:broken"}))
         await plane.apply(manifest("broken", replicas=1) + "---\n" + manifest("fine", replicas=2))
         await wait_until(lambda: sum(n.started_for("fine") for n in nodes) == 2)
-        view = await wait_until_cluster(plane, "broken", lambda v: v["health"]["status"] == "degraded")
-        assert view["health"]["message"].startswith("degraded: the server could not reconcile it (RuntimeError")
+        view = await wait_until_cluster(plane, "broken", lambda v: v.health.status == "degraded")
+        assert view.health.message.startswith("degraded: the server could not reconcile it (RuntimeError")
         assert "reconciling cluster broken failed" in caplog.text
         assert await ready_count(plane, "fine") == 2
         await plane.apply(manifest("later", replicas=1))  # and the loop goes on for new work

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from vectorlay.core import cluster_health
+from vectorlay.core.api import ClusterChange
 from vectorlay.core.model import ClusterSpec, split_key
 from vectorlay.core.tokens import hash_secret
 from vectorlay.errors import ConflictError, NotFoundError, UserError
@@ -26,13 +27,6 @@ from vectorlay.server.signals import Signals
 from vectorlay.server.store import ops
 from vectorlay.server.writer import Writer
 from vectorlay.wire import CLOSE_POLICY
-
-
-@dataclass(frozen=True)
-class ClusterChange:
-    cluster: str
-    action: str  # "created" | "updated" | "unchanged" | "deleted"
-    detail: str = ""
 
 
 class Admin:

@@ -1,49 +1,57 @@
-"""What `vectorlay get` and `describe` show: JSON-ready views of the fleet."""
+"""What `vectorlay get` and `describe` show: the API's views (core/api_views.py) of the fleet."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from vectorlay.core import cluster_health
+from vectorlay.core.api_views import (
+    AuditView,
+    ClusterView,
+    EventView,
+    FleetSummary,
+    GpuView,
+    HealthView,
+    KeyView,
+    NodeView,
+    ReplicaView,
+    TokenView,
+)
 from vectorlay.core.cluster_health import HEALTHY, ClusterHealth
-from vectorlay.core.codec import dump
-from vectorlay.core.model import GpuStatus, ReplicaState, split_key
+from vectorlay.core.model import Gpu, GpuStatus, ReplicaState, split_key
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.records import ApiKeyRecord, AuditRecord, EventRecord, TokenRecord
 
 
-def cluster_view(fleet: Fleet, name: str, endpoint: str | None, now: float) -> dict[str, Any]:
+def cluster_view(fleet: Fleet, name: str, endpoint: str | None, now: float) -> ClusterView:
     """`now` is the server's monotonic clock (for "next try in 40s")."""
     record = fleet.clusters.get(name)
     replicas = [r for r in fleet.replicas_of_cluster(name) if not r.stopping]
     revision = record.revision if record else ""
     current = [r for r in replicas if r.revision == revision]
     ready = sum(1 for r in current if r.state is ReplicaState.READY)
-    desired = record.spec.replicas if record else 0
     states: dict[str, int] = {}
     for replica in replicas:
         states[replica.state.value] = states.get(replica.state.value, 0) + 1
     reasons = sorted({r.reason for r in replicas if r.reason and r.state is not ReplicaState.READY})
     short, project = split_key(name)
-    return {
-        "name": short,
-        "project": project,
-        "key": name,
-        "replicas": desired,
-        "ready": ready,
-        "up_to_date": len(current),
-        "endpoint": endpoint,
-        "states": states,
-        "stopping": sum(1 for r in fleet.replicas_of_cluster(name) if r.stopping),
-        "reasons": reasons,
-        "runtime": record.spec.runtime.value if record else None,
-        "gpu": dump(record.spec.gpu) if record else None,
-        "created_at": record.created_at if record else None,
-        "health": health_view(fleet.health.get(name, HEALTHY), now),
-    }
+    return ClusterView(
+        name=short,
+        project=project,
+        key=name,
+        replicas=record.spec.replicas if record else 0,
+        ready=ready,
+        up_to_date=len(current),
+        endpoint=endpoint,
+        states=states,
+        stopping=sum(1 for r in fleet.replicas_of_cluster(name) if r.stopping),
+        reasons=tuple(reasons),
+        runtime=record.spec.runtime if record else None,
+        gpu=record.spec.gpu if record else None,
+        created_at=record.created_at if record else None,
+        health=health_view(fleet.health.get(name, HEALTHY), now),
+    )
 
 
-def health_view(health: ClusterHealth, now: float) -> dict[str, Any]:
+def health_view(health: ClusterHealth, now: float) -> HealthView:
     """Whether the cluster is in trouble of its own: crash-looping, quarantined or degraded."""
     if health.quarantined:
         status = "quarantined"
@@ -53,90 +61,88 @@ def health_view(health: ClusterHealth, now: float) -> dict[str, Any]:
         status = "crash-looping"
     else:
         status = "ok"
-    return {"status": status, "message": cluster_health.describe(health, now), "failures": health.failures,
-            "next_try_in_s": round(max(0.0, health.not_before - now), 1) if health.failures else None}
+    return HealthView(status, cluster_health.describe(health, now), health.failures,
+                      round(max(0.0, health.not_before - now), 1) if health.failures else None)
 
 
-def blocked_reason(view: dict[str, Any]) -> str | None:
+def blocked_reason(view: ClusterView) -> str | None:
     """Why waiting for the cluster to be ready is pointless now (it will not get there by
     itself), or None: quarantined, or crash-looping."""
-    health = view.get("health") or {}
-    if health.get("status") in ("quarantined", "crash-looping"):
-        return str(health["message"])
+    if view.health.status in ("quarantined", "crash-looping"):
+        return view.health.message
     return None
 
 
-def is_cluster_ready(view: dict[str, Any]) -> bool:
+def is_cluster_ready(view: ClusterView) -> bool:
     """All desired replicas of the current revision ready, and nothing old still around."""
-    total_live = sum(view["states"].values())
-    return bool(view["ready"] >= view["replicas"] and total_live == view["replicas"])
+    return view.ready >= view.replicas and sum(view.states.values()) == view.replicas
 
 
-def node_view(fleet: Fleet, node_id: str, now: float) -> dict[str, Any]:
+def node_view(fleet: Fleet, node_id: str, now: float) -> NodeView:
     record = fleet.nodes[node_id]
     live = fleet.liveness.get(node_id)
     replicas = [r for r in fleet.replicas_on_node(node_id) if not r.stopping]
     used = {uuid for r in fleet.replicas_on_node(node_id) if r.holds_resources for uuid in r.gpus}
     statuses = {s.uuid: s for s in fleet.gpu_status.get(node_id, ())}
-    return {
-        "id": record.id,
-        "name": record.name,
-        "state": fleet.node_state(node_id).value,
-        "connected": bool(live and live.connected),
-        "address": record.address,
-        "gpus": [{**dump(g), "in_use": g.uuid in used, **_gpu_status(statuses.get(g.uuid))} for g in record.gpus],
-        "gpus_healthy": fleet.gpus_healthy(node_id),
-        "runtimes": list(record.runtimes),
-        "isolation": list(record.isolation),
-        "replicas": len(replicas),
-        "last_seen_s": round(now - live.last_seen, 1) if live and live.last_seen <= now else None,
-        "joined_at": record.joined_at,
-        "schedulable": record.schedulable,
-    }
+    return NodeView(
+        id=record.id,
+        name=record.name,
+        state=fleet.node_state(node_id),
+        connected=bool(live and live.connected),
+        address=record.address,
+        gpus=tuple(gpu_view(g, g.uuid in used, statuses.get(g.uuid)) for g in record.gpus),
+        gpus_healthy=fleet.gpus_healthy(node_id),
+        runtimes=record.runtimes,
+        isolation=record.isolation,
+        replicas=len(replicas),
+        last_seen_s=round(now - live.last_seen, 1) if live and live.last_seen <= now else None,
+        joined_at=record.joined_at,
+        schedulable=record.schedulable,
+    )
 
 
-def _gpu_status(status: GpuStatus | None) -> dict[str, Any]:
+def gpu_view(gpu: Gpu, in_use: bool, status: GpuStatus | None) -> GpuView:
     if status is None:
-        return {"healthy": None, "utilization_pct": None, "temperature_c": None}
-    return {"healthy": status.healthy, "health_reason": status.reason, "utilization_pct": status.utilization_pct,
-            "temperature_c": status.temperature_c, "memory_used_gb": status.memory_used_gb}
+        return GpuView(gpu.uuid, gpu.name, gpu.memory_gb, gpu.index, in_use)
+    return GpuView(gpu.uuid, gpu.name, gpu.memory_gb, gpu.index, in_use, status.healthy, status.reason,
+                   status.utilization_pct, status.temperature_c, status.memory_used_gb)
 
 
-def replica_view(fleet: Fleet, replica_id: str) -> dict[str, Any]:
+def replica_view(fleet: Fleet, replica_id: str) -> ReplicaView:
     replica = fleet.replicas[replica_id]
     node = fleet.nodes.get(replica.node_id) if replica.node_id else None
     reason = replica.reason
     if replica.stopping:
         reason = f"stopping: {reason}" if reason else "stopping"
     cluster, project = split_key(replica.cluster)
-    return {
-        "id": replica.id,
-        "cluster": cluster,
-        "project": project,
-        "node": node.name if node else None,
-        "node_id": replica.node_id,
-        "state": replica.state.value,
-        "reason": reason,
-        "address": replica.address,
-        "gpus": list(replica.gpus),
-        "generation": replica.generation,
-        "revision": replica.revision,
-        "image_digest": replica.image_digest,
-        "stopping": replica.stopping,
-        "created_at": fleet.replica_created.get(replica.id),
-    }
+    return ReplicaView(
+        id=replica.id,
+        cluster=cluster,
+        project=project,
+        node=node.name if node else None,
+        node_id=replica.node_id,
+        state=replica.state,
+        reason=reason,
+        address=replica.address,
+        gpus=replica.gpus,
+        generation=replica.generation,
+        revision=replica.revision,
+        image_digest=replica.image_digest,
+        stopping=replica.stopping,
+        created_at=fleet.replica_created.get(replica.id),
+    )
 
 
-def key_view(record: ApiKeyRecord) -> dict[str, Any]:
-    return {"id": record.id, "cluster": record.cluster, "name": record.name, "created_at": record.created_at,
-            "revoked_at": record.revoked_at, "state": "revoked" if record.revoked_at else "active"}
+def key_view(record: ApiKeyRecord) -> KeyView:
+    return KeyView(record.id, record.cluster, record.name, record.created_at, record.revoked_at,
+                   "revoked" if record.revoked_at else "active")
 
 
-def event_view(event: EventRecord) -> dict[str, Any]:
-    return {"at": event.at, "replica": event.replica_id, "message": event.message}
+def event_view(event: EventRecord) -> EventView:
+    return EventView(event.at, event.replica_id, event.message)
 
 
-def fleet_summary(fleet: Fleet) -> dict[str, Any]:
+def fleet_summary(fleet: Fleet) -> FleetSummary:
     nodes: dict[str, int] = {}
     for node_id in fleet.nodes:
         state = fleet.node_state(node_id).value
@@ -146,17 +152,14 @@ def fleet_summary(fleet: Fleet) -> dict[str, Any]:
         key = "stopping" if replica.stopping else replica.state.value
         replicas[key] = replicas.get(key, 0) + 1
     connected = sum(1 for live in fleet.liveness.values() if live.connected)
-    return {"nodes": nodes, "nodes_total": len(fleet.nodes), "connected": connected, "replicas": replicas,
-            "replicas_total": len(fleet.replicas), "clusters": len(fleet.clusters)}
+    return FleetSummary(nodes, len(fleet.nodes), connected, replicas, len(fleet.replicas), len(fleet.clusters))
 
 
-def token_view(record: TokenRecord) -> dict[str, Any]:
+def token_view(record: TokenRecord) -> TokenView:
     """Everything about a token but its secret (which is not stored anyway)."""
-    return {"id": record.id, "role": record.role.value, "project": record.project or None,
-            "created_at": record.created_at, "expires_at": record.expires_at, "uses_left": record.uses_left,
-            "revoked": record.revoked, "description": record.description}
+    return TokenView(record.id, record.role, record.project or None, record.created_at, record.expires_at,
+                     record.uses_left, record.revoked, record.description)
 
 
-def audit_view(record: AuditRecord) -> dict[str, Any]:
-    return {"at": record.at, "actor": record.actor, "action": record.action, "target": record.target,
-            "project": record.project or None, "detail": record.detail}
+def audit_view(record: AuditRecord) -> AuditView:
+    return AuditView(record.at, record.actor, record.action, record.target, record.project or None, record.detail)
