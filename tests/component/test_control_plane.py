@@ -298,3 +298,22 @@ async def test_an_error_while_reconciling_one_cluster_degrades_it_and_spares_the
         await plane.apply(manifest("later", replicas=1))  # and the loop goes on for new work
         await wait_until(lambda: sum(n.started_for("later") for n in nodes) == 1)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_ready_replica_on_a_suspect_node_is_ready_for_neither_routes_nor_views_nor_apply(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        plane, (n0,) = await start_plane(nursery, tmp_path, ["n0"])
+        watcher = RouteWatcher()
+        await nursery.start(watcher.run, plane, (await plane.call(api.TokenCreate(Role.PROXY))).token)
+        await plane.apply(manifest("web", replicas=1))
+        await wait_until(lambda: watcher.endpoints("web"))
+        assert (await plane.cluster("web")).ready == 1
+        assert (await plane.call(api.WaitReady(("web",), 5))).ready is True
+
+        n0.crash(revive_after_s=None)  # suspect at once; replaced only after reschedule_after (30 s)
+        await wait_until(lambda: not watcher.endpoints("web"))
+        view = await plane.cluster("web")
+        assert (view.ready, view.states) == (0, {"ready": 1})  # it says it is ready; its node is not
+        assert (await plane.call(api.WaitReady(("web",), 5))).ready is False
+        nursery.cancel_scope.cancel()

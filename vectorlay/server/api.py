@@ -252,7 +252,7 @@ class Api:
             while True:
                 current = statuses()
                 await emit(api.ClusterStatuses(current))
-                if all(views.is_cluster_ready(s) for s in current):
+                if all(views.cluster_readiness(self.fleet, k).ready for k in keys):
                     return api.ReadyWaited(True, current)
                 blocked = tuple(api.Blocked(s.key, reason) for s in current if (reason := views.blocked_reason(s)))
                 if blocked:  # it will not get ready by waiting: say why now, not at the timeout

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vectorlay.core import cluster_health
+from vectorlay.core import cluster_health, readiness
 from vectorlay.core.api_views import (
     AuditView,
     ClusterView,
@@ -17,17 +17,22 @@ from vectorlay.core.api_views import (
 )
 from vectorlay.core.cluster_health import HEALTHY, ClusterHealth
 from vectorlay.core.model import Gpu, GpuStatus, ReplicaState, split_key
+from vectorlay.core.readiness import ClusterReadiness
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.records import ApiKeyRecord, AuditRecord, EventRecord, TokenRecord
+
+
+def cluster_readiness(fleet: Fleet, name: str) -> ClusterReadiness:
+    record = fleet.clusters.get(name)
+    return readiness.cluster_readiness(record.spec.replicas if record else 0, record.revision if record else "",
+                                       fleet.replicas_of_cluster(name), fleet.node_state)
 
 
 def cluster_view(fleet: Fleet, name: str, endpoint: str | None, now: float) -> ClusterView:
     """`now` is the server's monotonic clock (for "next try in 40s")."""
     record = fleet.clusters.get(name)
     replicas = [r for r in fleet.replicas_of_cluster(name) if not r.stopping]
-    revision = record.revision if record else ""
-    current = [r for r in replicas if r.revision == revision]
-    ready = sum(1 for r in current if r.state is ReplicaState.READY)
+    counts = cluster_readiness(fleet, name)
     states: dict[str, int] = {}
     for replica in replicas:
         states[replica.state.value] = states.get(replica.state.value, 0) + 1
@@ -37,9 +42,9 @@ def cluster_view(fleet: Fleet, name: str, endpoint: str | None, now: float) -> C
         name=short,
         project=project,
         key=name,
-        replicas=record.spec.replicas if record else 0,
-        ready=ready,
-        up_to_date=len(current),
+        replicas=counts.desired,
+        ready=counts.serving,
+        up_to_date=counts.up_to_date,
         endpoint=endpoint,
         states=states,
         stopping=sum(1 for r in fleet.replicas_of_cluster(name) if r.stopping),
@@ -71,11 +76,6 @@ def blocked_reason(view: ClusterView) -> str | None:
     if view.health.status in ("quarantined", "crash-looping"):
         return view.health.message
     return None
-
-
-def is_cluster_ready(view: ClusterView) -> bool:
-    """All desired replicas of the current revision ready, and nothing old still around."""
-    return view.ready >= view.replicas and sum(view.states.values()) == view.replicas
 
 
 def node_view(fleet: Fleet, node_id: str, now: float) -> NodeView:
