@@ -10,7 +10,7 @@ from dataclasses import replace
 from vectorlay.core import cluster_health
 from vectorlay.core.api import ClusterChange
 from vectorlay.core.model import ClusterSpec, split_key
-from vectorlay.core.tokens import hash_secret
+from vectorlay.core.tokens import hash_api_key
 from vectorlay.errors import ConflictError, NotFoundError, UserError
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.ids import random_id
@@ -109,7 +109,7 @@ class Admin:
                 raise NotFoundError(f"cluster {cluster!r} not found")
             key_id = f"vk-{random_id(8)}"
             key = f"{key_id}.{secrets.token_urlsafe(32)}"
-            record = ApiKeyRecord(key_id, cluster, name or key_id, hash_secret(key), batch.wall)
+            record = ApiKeyRecord(key_id, cluster, name or key_id, hash_api_key(key), batch.wall)
             batch.put_api_key(record)
             batch.event(cluster, f"API key {record.id} ({record.name}) created")
             batch.audit(actor, "key.create", f"{cluster}/{record.id}", owner.spec.project, record.name)
@@ -204,11 +204,6 @@ class Admin:
     def audit_op(self, actor: str, action: str, target: str, project: str = "", detail: str = "") -> ops.AddAudit:
         """An audit record for a change stored elsewhere (tokens live in the authenticator)."""
         return ops.AddAudit(AuditRecord(self.writer.wall_clock(), actor or "server", action, target, project, detail))
-
-
-def hash_api_key(key: str) -> str:
-    """What proxies compare: the SHA-256 of the whole key (keys are long random secrets)."""
-    return hash_secret(key)
 
 
 def describe_update(old: ClusterSpec, new: ClusterSpec) -> str:
