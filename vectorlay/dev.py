@@ -20,9 +20,10 @@ from vectorlay.core import api
 from vectorlay.core.api_views import ClusterView
 from vectorlay.core.model import Role
 from vectorlay.lifecycle import CleanStop
-from vectorlay.node.agent import Agent, Credentials, join, load_credentials, run_node
+from vectorlay.node.agent import Agent, join, run_node
 from vectorlay.node.gpu_health import NvmlMonitor
 from vectorlay.node.setup import NodeOptions, NodeSetup, prepare_node
+from vectorlay.node.state_dir import Credentials, NodeStateDir
 from vectorlay.proxy.app import ProxyConfig, run_proxy
 from vectorlay.proxy.routing import RouteTable
 from vectorlay.server.app import ServerConfig, run_server
@@ -83,8 +84,9 @@ async def _start_node(nursery: trio.Nursery, config: DevConfig, url: str, admin:
                       setup: NodeSetup, clean_stop: CleanStop | None) -> Agent:
     state_dir = config.state_dir / name
     creds: Credentials
-    if (state_dir / "node.json").exists():
-        creds = load_credentials(state_dir)
+    files = NodeStateDir(state_dir)
+    if files.is_joined():
+        creds = files.load_credentials()
     else:
         async with open_api(url, admin) as client:
             token = (await client.call(api.TokenCreate(Role.NODE, ttl="10m", uses=1))).token

@@ -19,6 +19,7 @@ from vectorlay.core.api import Apply, Request, SecretSet
 from vectorlay.core.model import Assignment, ClusterSpec, HealthCheck, ReplicaState, Runtime
 from vectorlay.core.protocol import LogsEnd, LogsOpen, Message
 from vectorlay.errors import ProtocolError, UserError
+from vectorlay.node.state_dir import NodeStateDir
 from vectorlay.testing.background import BackgroundLoop
 from vectorlay.testing.node_server import ScriptedNodeServer
 from vectorlay.testing.processes import REPO_ROOT, Stack, replica_pids, tinylm_manifest, wait_for
@@ -73,7 +74,7 @@ def test_bad_tokens_are_refused_and_the_server_keeps_its_data(stack: Stack) -> N
     wrong = stack.cli("node", "join", "--server", stack.server_url, "--token", "abcdef.0123456789abcdefXYZ",
                       "--name", "x", "--state-dir", str(stack.root / "x"), check=False)
     assert "refused to let this node join: invalid token" in _one_line_error(wrong)
-    assert not (stack.root / "x" / "node.json").exists()
+    assert not NodeStateDir(stack.root / "x").is_joined()
 
     expired_token = stack.token("node", "--ttl", "1s")
     time.sleep(1.2)
@@ -141,7 +142,7 @@ def test_malformed_peer_messages_close_that_link_with_a_reason(stack: Stack, pat
 def test_garbage_after_hello_closes_only_that_node(stack: Stack) -> None:
     stack.start_server()
     node = stack.join_node("n1", gpus=["RTX 4090:24"])
-    credential = json.loads((node.state_dir / "node.json").read_text())["credential"]
+    credential = node.files.load_credentials().credential
     # A second connection with a valid credential, then garbage: closed with a reason. The real
     # agent is paused meanwhile so that its reconnect cannot race the rogue session.
     node.signal(signal.SIGSTOP)
@@ -271,7 +272,7 @@ def test_an_assignment_no_process_can_take_fails_that_replica_and_the_agent_serv
             assert not replica_pids(replica=replica)
 
         # A hostile log request, and a log that cannot be read, end only their own streams.
-        (stack.root / "n1" / "logs" / "odd-1.log").mkdir(parents=True)
+        NodeStateDir(stack.root / "n1").replica_log("odd-1").mkdir(parents=True)
         server.send(LogsOpen(7, "../../etc/passwd"))
         server.send(LogsOpen(8, "odd-1"))
         wait_for(lambda: len([m for m in server.logs() if isinstance(m, LogsEnd)]) == 2, 10,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import http.client
-import json
 import time
 from pathlib import Path
 
 import pytest
 
+from vectorlay.node.state_dir import NodeStateDir
 from vectorlay.testing.processes import Stack, http_request, replica_pids, tinylm_manifest, wait_for
 
 pytestmark = pytest.mark.slow
@@ -137,7 +137,7 @@ def test_dev_serves_the_example(tmp_path: Path) -> None:
         # The CLI now talks to the dev stack through the context dev wrote.
         listed = stack.cli("get", "clusters", "-o", "json")
         assert '"name": "tinylm"' in listed.stdout
-        node_ids = [json.loads((tmp_path / "dev" / name / "node.json").read_text())["node_id"]
+        node_ids = [NodeStateDir(tmp_path / "dev" / name).load_credentials().node_id
                     for name in ("dev-1", "dev-2")]
         assert sum(len(replica_pids(node_id=n)) for n in node_ids) == 2
         proc.stop()

@@ -21,10 +21,6 @@ MAX_LINES_PER_BATCH = 500
 MAX_LINE_CHARS = 16 * 1024
 
 
-def log_path(log_dir: Path, replica_id: str) -> Path:
-    return log_dir / f"{replica_id}.log"
-
-
 def rotate_if_large(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
     """Keep at most about 2 x max_bytes per replica: the live file and one rotated copy."""
     try:

@@ -24,7 +24,8 @@ from pathlib import Path
 import trio
 
 from vectorlay.core.model import Gpu
-from vectorlay.node.agent import Agent, Credentials, join, load_credentials
+from vectorlay.node.agent import Agent, join
+from vectorlay.node.state_dir import Credentials, NodeStateDir
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
 from vectorlay.testing.fakes import FakeRuntime
 from vectorlay.testing.relay import Relay
@@ -37,8 +38,9 @@ async def _start_node(nursery: trio.Nursery, index: int, args: argparse.Namespac
                       server_url: str, limiter: trio.CapacityLimiter) -> Agent:
     name = f"{args.prefix}{index}"
     state_dir = Path(args.state_dir) / name
-    if (state_dir / "node.json").exists():
-        creds = load_credentials(state_dir)
+    files = NodeStateDir(state_dir)
+    if files.is_joined():
+        creds = files.load_credentials()
     else:
         async with limiter:
             creds = await join(server_url, args.token, name, GPUS, "127.0.0.1", ("process",), state_dir)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vectorlay.node.state_dir import NodeStateDir
+
 T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -96,8 +98,12 @@ class NodeProc(Proc):
     state_dir: Path = Path()
 
     @property
+    def files(self) -> NodeStateDir:
+        return NodeStateDir(self.state_dir)
+
+    @property
     def node_id(self) -> str:
-        return str(json.loads((self.state_dir / "node.json").read_text())["node_id"])
+        return self.files.load_credentials().node_id
 
 
 @dataclass
