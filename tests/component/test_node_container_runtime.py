@@ -114,7 +114,7 @@ async def test_a_replica_gets_its_port_env_limits_labels_and_log(tmp_path: Path,
 
         # The digest is what podman resolved the tag to.
         image_info = json.loads(await podman("image", "inspect", image))[0]
-        assert handle.image_digest == image_info["Digest"] and handle.image_digest.startswith("sha256:")
+        assert handle.image_digest == image_info["Digest"] and (handle.image_digest or "").startswith("sha256:")
 
         # Output lands in the replica's log file, like a process replica's.
         assert await get(req.host_port, "/") == "hello from vectorlay busybox httpd\n"

@@ -114,7 +114,8 @@ async def _send_raw(url: str, frames: list[str]) -> tuple[int | None, str]:
                 while True:
                     await ws.get_message()
         except ConnectionClosed as closed:
-            return closed.reason.code, closed.reason.reason or ""
+            reason = closed.reason
+            return (reason.code, reason.reason or "") if reason else (None, "")
     return None, ""
 
 

@@ -65,7 +65,7 @@ def test_request_served_end_to_end(any_db_stack: Stack) -> None:
     assert "cluster/echo deleted" in deleted.stdout
     wait_for(lambda: not any(replica_pids(replica=r["id"]) for r in replicas), 15, message="replicas to stop")
     assert stack.cli_json("get", "replicas") == []
-    gone = wait_for(lambda: (r := http_request(proxy_port, "echo.localhost")).status == 404 and r, 10)
+    gone = wait_for(lambda: r if (r := http_request(proxy_port, "echo.localhost")).status == 404 else None, 10)
     assert gone.json()["error"] == "unknown cluster"
 
 

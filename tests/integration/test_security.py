@@ -51,7 +51,8 @@ async def _raw(url: str, context: ssl.SSLContext, frames: list[str], wait_s: flo
                 while True:
                     await ws.get_message()
         except ConnectionClosed as closed:
-            return closed.reason.code, closed.reason.reason or ""
+            reason = closed.reason
+            return (reason.code, reason.reason or "") if reason else (None, "")
     return None, ""
 
 
@@ -280,6 +281,7 @@ def test_silent_and_chatty_peers_are_dropped(tls_stack: Stack) -> None:
                 with trio.fail_after(30):
                     await ws.get_message()
             except ConnectionClosed as closed:
+                assert closed.reason is not None
                 assert closed.reason.code == 1008 and "no hello" in (closed.reason.reason or "")
         return trio.current_time() - started
 
