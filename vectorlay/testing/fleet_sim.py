@@ -28,6 +28,7 @@ from vectorlay.node.agent import Agent, join
 from vectorlay.node.state_dir import Credentials, NodeStateDir
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
 from vectorlay.testing.fakes import FakeRuntime
+from vectorlay.testing.processes import REPO_ROOT
 from vectorlay.testing.relay import Relay
 
 JOIN_CONCURRENCY = 32
@@ -117,7 +118,7 @@ class SimProcess:
                 [sys.executable, "-m", "vectorlay.testing.fleet_sim", "--server", server_url, "--token", token,
                  "--count", str(count), "--prefix", prefix, "--state-dir", str(state_dir)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True, bufsize=1,
-                start_new_session=True)
+                cwd=REPO_ROOT, start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:

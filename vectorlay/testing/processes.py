@@ -24,7 +24,8 @@ from vectorlay.node.state_dir import NodeStateDir
 
 T = TypeVar("T")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The checkout this harness runs from: processes start there, so `python -m` finds its modules.
+REPO_ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
 START_TIMEOUT_S = 20.0
 
 
