@@ -1,6 +1,6 @@
 """Fleet benchmark: one real `vectorlay server` and N simulated nodes on the real protocol.
 
-The nodes are real agents with a fake runtime (vectorlay/testing/fleet_sim.py), spread over a few
+The nodes are real agents with a fake runtime (testsupport/fleet_sim.py), spread over a few
 client processes, all over real WebSockets on loopback. It measures, at heartbeat interval H:
 
 - rss_mb, cpu_share:  the server's resident memory and share of one core at steady state
@@ -30,12 +30,12 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from testsupport.fleet_sim import SimProcess  # noqa: E402
+from testsupport.processes import Stack, wait_for  # noqa: E402
 from vectorlay.client.api import open_api  # noqa: E402
 from vectorlay.core.api import GetFleetSummary, GetNodes, GetReplicas, Request  # noqa: E402
 from vectorlay.core.api_views import FleetSummary  # noqa: E402
 from vectorlay.core.model import NodeState  # noqa: E402
-from vectorlay.testing.fleet_sim import SimProcess  # noqa: E402
-from vectorlay.testing.processes import Stack, wait_for  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 R = TypeVar("R")

@@ -15,6 +15,8 @@ import pytest
 import trio
 from tests_support import missing_service
 
+from testsupport.images import build_image, container_prerequisites
+from testsupport.processes import remove_containers
 from vectorlay.core.model import Assignment, ClusterSpec, HealthCheck, Isolation, PullPolicy, Resources, Runtime
 from vectorlay.errors import RuntimeFailure
 from vectorlay.node.container_args import ContainerCli, Ulimits
@@ -22,8 +24,6 @@ from vectorlay.node.container_runtime import ContainerRuntime, host_ulimits
 from vectorlay.node.process_runtime import ProcessRuntime
 from vectorlay.node.runtime import Handle, LaunchRequest
 from vectorlay.node.supervisor import pick_free_port
-from vectorlay.testing.images import build_image, container_prerequisites
-from vectorlay.testing.processes import remove_containers
 
 IMAGE = "localhost/vectorlay/busybox-httpd:test"
 

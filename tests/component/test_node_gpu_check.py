@@ -78,9 +78,9 @@ def test_cuda_uuids_are_spelled_like_nvmls() -> None:
 
 
 def test_the_gpu_check_manifests_are_valid() -> None:
+    from testsupport.gpu_check import CONTAINER_MANIFEST, PROBE_MANIFEST
     from vectorlay.core.manifest import parse_manifest
     from vectorlay.core.model import Runtime
-    from vectorlay.testing.gpu_check import CONTAINER_MANIFEST, PROBE_MANIFEST
 
     (probe,) = parse_manifest(PROBE_MANIFEST)
     assert (probe.runtime, probe.gpu.count) == (Runtime.PROCESS, 1)

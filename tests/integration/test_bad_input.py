@@ -14,15 +14,15 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from testsupport.background import BackgroundLoop
+from testsupport.node_server import ScriptedNodeServer
+from testsupport.processes import REPO_ROOT, Stack, replica_pids, tinylm_manifest, wait_for
 from vectorlay.client.api import open_api
 from vectorlay.core.api import Apply, Request, SecretSet
 from vectorlay.core.model import Assignment, ClusterSpec, HealthCheck, ReplicaState, Runtime
 from vectorlay.core.protocol import LogsEnd, LogsOpen, Message
 from vectorlay.errors import ProtocolError, UserError
 from vectorlay.node.state_dir import NodeStateDir
-from vectorlay.testing.background import BackgroundLoop
-from vectorlay.testing.node_server import ScriptedNodeServer
-from vectorlay.testing.processes import REPO_ROOT, Stack, replica_pids, tinylm_manifest, wait_for
 from vectorlay.wire import Link, serve
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from tests_support import missing_service
 
-from vectorlay.testing.images import DEFAULT_TAG, build_image, container_prerequisites
-from vectorlay.testing.processes import Stack, container_ids, http_request, wait_for
+from testsupport.images import DEFAULT_TAG, build_image, container_prerequisites
+from testsupport.processes import Stack, container_ids, http_request, wait_for
 
 pytestmark = pytest.mark.slow
 

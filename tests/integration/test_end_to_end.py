@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from testsupport.processes import Stack, http_request, replica_pids, tinylm_manifest, wait_for
 from vectorlay.node.state_dir import NodeStateDir
-from vectorlay.testing.processes import Stack, http_request, replica_pids, tinylm_manifest, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from vectorlay.testing.load import SteadyClient
-from vectorlay.testing.processes import Stack, http_request, replica_pids, tinylm_manifest, wait_for
+from testsupport.load import SteadyClient
+from testsupport.processes import Stack, http_request, replica_pids, tinylm_manifest, wait_for
 
 pytestmark = pytest.mark.slow
 

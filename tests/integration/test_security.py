@@ -19,8 +19,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from testsupport.processes import NodeProc, Stack, http_request, tinylm_manifest, wait_for
 from vectorlay.node.state_dir import NodeStateDir
-from vectorlay.testing.processes import NodeProc, Stack, http_request, tinylm_manifest, wait_for
 
 pytestmark = pytest.mark.slow
 

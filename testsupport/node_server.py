@@ -21,6 +21,7 @@ from pathlib import Path
 
 import trio
 
+from testsupport.background import BackgroundLoop
 from vectorlay.core.model import Assignment, ReplicaState
 from vectorlay.core.protocol import (
     NODE_FIRST,
@@ -37,7 +38,6 @@ from vectorlay.core.protocol import (
 )
 from vectorlay.errors import PeerError, ProtocolError
 from vectorlay.node.state_dir import Credentials, NodeStateDir
-from vectorlay.testing.background import BackgroundLoop
 from vectorlay.wire import Link, serve
 
 NODE_ID = "n-scripted"

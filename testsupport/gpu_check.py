@@ -52,7 +52,7 @@ def say(ok: bool, text: str) -> bool:
 
 
 def check_process_replica(root: Path) -> bool:
-    from vectorlay.testing.processes import Stack, http_request
+    from testsupport.processes import Stack, http_request
 
     stack = Stack(root / "process")
     stack.root.mkdir(parents=True)
@@ -76,10 +76,10 @@ def check_container_replica(root: Path, minors: dict[str, int]) -> bool | None:
     """None when containers cannot be tried here (no podman, no CDI spec)."""
     import trio
 
+    from testsupport.images import DEFAULT_TAG, build_image, container_prerequisites
+    from testsupport.processes import Stack
     from vectorlay.node.container_args import ContainerCli
     from vectorlay.node.preflight import run_checks
-    from vectorlay.testing.images import DEFAULT_TAG, build_image, container_prerequisites
-    from vectorlay.testing.processes import Stack
 
     checked = trio.run(run_checks, ContainerCli(), ("runc",))
     if container_prerequisites("runc") or not checked.container_ok or not checked.gpus:

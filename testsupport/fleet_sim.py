@@ -4,7 +4,7 @@ Each simulated node is the real agent (`Agent` + `Supervisor`) with a `FakeRunti
 heartbeats, receives its desired state, and reports replicas starting and ready without running
 anything. `bench/fleet.py` starts a few of these processes against a real server.
 
-    python -m vectorlay.testing.fleet_sim --server ws://127.0.0.1:7070 --token JOIN_TOKEN \\
+    python -m testsupport.fleet_sim --server ws://127.0.0.1:7070 --token JOIN_TOKEN \\
         --count 1250 --prefix sim-a- --state-dir /tmp/fleet-a
 
 It prints progress lines (`joined N`, `connected N`) on stdout and reads commands on stdin:
@@ -23,13 +23,13 @@ from pathlib import Path
 
 import trio
 
+from testsupport.processes import REPO_ROOT
+from testsupport.relay import Relay
 from vectorlay.core.model import Gpu
 from vectorlay.node.agent import Agent, join
 from vectorlay.node.state_dir import Credentials, NodeStateDir
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
 from vectorlay.testing.fakes import FakeRuntime
-from vectorlay.testing.processes import REPO_ROOT
-from vectorlay.testing.relay import Relay
 
 JOIN_CONCURRENCY = 32
 GPUS = [Gpu("declared-0", "RTX 4090", 24.0, 0)]
@@ -115,7 +115,7 @@ class SimProcess:
         self.joined = 0
         with log.open("wb") as errors:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "vectorlay.testing.fleet_sim", "--server", server_url, "--token", token,
+                [sys.executable, "-m", "testsupport.fleet_sim", "--server", server_url, "--token", token,
                  "--count", str(count), "--prefix", prefix, "--state-dir", str(state_dir)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True, bufsize=1,
                 cwd=REPO_ROOT, start_new_session=True)

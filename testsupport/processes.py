@@ -209,7 +209,7 @@ class Stack:
 
     def start_node(self, name: str, *extra: str, env: dict[str, str] | None = None) -> NodeProc:
         """Run the agent from credentials already in `root/name` (written by a stand-in server such
-        as `testing.node_server`, not by joining); wait until it has connected."""
+        as `testsupport.node_server`, not by joining); wait until it has connected."""
         state_dir = self.root / name
         proc = self._spawn(name, ["node", "--state-dir", str(state_dir), *extra], env=env)
         node = NodeProc(proc.name, proc.args, proc.log_path, proc.popen, state_dir=state_dir)
