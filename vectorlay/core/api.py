@@ -46,6 +46,8 @@ from vectorlay.errors import (
 API_VERSION = 2
 OLDEST_CLIENT_API_VERSION = 2
 UNVERSIONED_API = 1  # what a hello without `api` speaks
+_SERVER_SPEAKS = "this server speaks API version"
+_CLIENT_SPEAKS = "this vectorlay speaks API version"
 
 R = TypeVar("R")
 E = TypeVar("E")
@@ -59,20 +61,19 @@ def client_version_problem(client_version: int) -> str | None:
     if client_version > API_VERSION:
         return server_too_old(API_VERSION, client_version)
     if client_version < OLDEST_CLIENT_API_VERSION:
-        return (f"this vectorlay speaks API version {client_version}; this server needs "
-                f"{OLDEST_CLIENT_API_VERSION}: upgrade vectorlay")
+        return f"{_CLIENT_SPEAKS} {client_version}; this server needs {OLDEST_CLIENT_API_VERSION}: upgrade vectorlay"
     return None
 
 
 def server_too_old(server_version: int, client_version: int = API_VERSION) -> str:
-    return f"this server speaks API version {server_version}; this vectorlay needs {client_version}: upgrade the server"
+    return f"{_SERVER_SPEAKS} {server_version}; this vectorlay needs {client_version}: upgrade the server"
 
 
 def version_refusal(close_reason: str) -> str | None:
     """The one line to show when the server closed the link over the API version, else None.
 
     Servers from before API versions refuse the hello's `api` field as unknown."""
-    if close_reason.startswith(("this server speaks API version", "this vectorlay speaks API version")):
+    if close_reason.startswith((_SERVER_SPEAKS, _CLIENT_SPEAKS)):
         return close_reason
     if "unknown field 'api'" in close_reason:
         return server_too_old(UNVERSIONED_API)
@@ -509,8 +510,9 @@ def call_type(request: Request[Any]) -> CallType:
 # --- encoding ----------------------------------------------------------------------------------
 
 
-def encode(value: Request[Any] | object) -> dict[str, Any]:
-    """A request's params, or a response's or event's value: a JSON object."""
+def encode(value: object) -> dict[str, Any]:
+    """A request's params, or a response's or event's value (a dataclass of this module or of
+    api_views.py): a JSON object."""
     body: dict[str, Any] = codec.dump(value)
     return body
 
