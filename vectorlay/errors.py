@@ -87,6 +87,14 @@ class ConnectError(PeerError):
     """A server could not be reached."""
 
 
+class LinkLost(PeerError):
+    """The server closed the link (or it broke) before a call was answered."""
+
+
+class ServerUnavailable(PeerError):
+    """The server answered that it cannot serve this now (its database is away)."""
+
+
 class StoreError(VectorlayError):
     """The database failed (unreachable, locked, schema too new)."""
 

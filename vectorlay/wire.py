@@ -209,6 +209,17 @@ async def _upgrade(nursery: trio.Nursery, recording: dial.Recording, target: dia
     raise target.failed(dial.describe_answer(target, recording))
 
 
+def server_urls(text: str) -> list[str]:
+    """`ws://a:7070,ws://b:7070`: every server of a control plane, in order (one URL is a list of
+    one). A name with several addresses also works: connecting tries each of them."""
+    urls = list(dict.fromkeys(part.strip().rstrip("/") for part in text.split(",") if part.strip()))
+    if not urls:
+        raise ConnectError(f"no server URL in {text!r}")
+    for url in urls:
+        _target(url + "/v1/api")  # ConnectError with one line for a malformed one
+    return urls
+
+
 async def fetch_ca(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> bytes:
     """The server's CA certificate, fetched without verifying anything (see `secure_context`)."""
     base = url.rstrip("/").rsplit("/v1/", 1)[0]

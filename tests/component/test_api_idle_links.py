@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from vectorlay.client.api import open_api
+from vectorlay.client.api import Done, open_api
+from vectorlay.core import api as calls
 from vectorlay.errors import PeerError
 from vectorlay.server.app import ServerConfig, run_server
 
@@ -32,15 +33,16 @@ async def test_an_idle_api_link_is_closed_and_a_call_in_flight_keeps_it_open(tmp
                                                                   api_idle_timeout_s=IDLE_S))
             url = f"ws://127.0.0.1:{server.port}"
             async with open_api(url, server.admin_token) as api:
-                await api.call("apply", {"manifest": MANIFEST})
+                applied = await api.call(calls.Apply(MANIFEST))
+                keys = tuple(change.cluster for change in applied.changes)
                 # A wait four times the idle timeout (no node has the GPU, so it runs to its end).
                 started = trio.current_time()
-                results = [value async for kind, value in api.stream(
-                    "wait_ready", {"clusters": ["pending"], "timeout_s": 4 * IDLE_S}) if kind == "result"]
+                results = [item.response async for item in api.stream(calls.WaitReady(keys, 4 * IDLE_S))
+                           if isinstance(item, Done)]
                 assert trio.current_time() - started >= 4 * IDLE_S
-                assert results[0]["ready"] is False and [c["name"] for c in results[0]["clusters"]] == ["pending"]
-                assert await api.call("whoami") is not None  # still open, and calls keep working
+                assert results[0].ready is False and [c.name for c in results[0].clusters] == ["pending"]
+                assert await api.call(calls.WhoAmI()) is not None  # still open, and calls keep working
                 await trio.sleep(4 * IDLE_S)  # now idle
                 with pytest.raises(PeerError, match=r"closed the connection: idle for 0\.5s with no call in flight"):
-                    await api.call("whoami")
+                    await api.call(calls.WhoAmI())
             nursery.cancel_scope.cancel()

@@ -16,6 +16,8 @@ import pytest
 import trio
 from tests_support import missing_service
 
+from testsupport.images import build_image, container_prerequisites
+from testsupport.processes import remove_containers
 from vectorlay.core.model import Assignment, ClusterSpec, HealthCheck, Isolation, PullPolicy, Resources, Runtime
 from vectorlay.errors import RuntimeFailure
 from vectorlay.node.container_args import ContainerCli, Ulimits
@@ -23,8 +25,6 @@ from vectorlay.node.container_runtime import ContainerRuntime, host_ulimits
 from vectorlay.node.process_runtime import ProcessRuntime
 from vectorlay.node.runtime import Exit, Handle, LaunchRequest
 from vectorlay.node.supervisor import pick_free_port
-from vectorlay.testing.images import build_image, container_prerequisites
-from vectorlay.testing.processes import remove_containers
 
 IMAGE = "localhost/vectorlay/busybox-httpd:test"
 
@@ -115,7 +115,7 @@ async def test_a_replica_gets_its_port_env_limits_labels_and_log(tmp_path: Path,
 
         # The digest is what podman resolved the tag to.
         image_info = json.loads(await podman("image", "inspect", image))[0]
-        assert handle.image_digest == image_info["Digest"] and handle.image_digest.startswith("sha256:")
+        assert handle.image_digest == image_info["Digest"] and (handle.image_digest or "").startswith("sha256:")
 
         # Output lands in the replica's log file, like a process replica's.
         assert await get(req.host_port, "/") == "hello from vectorlay busybox httpd\n"

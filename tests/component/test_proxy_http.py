@@ -104,7 +104,7 @@ async def request(stream: trio.abc.Stream, target: bytes = b"/", headers: list[t
     return await read_response(conn, stream)
 
 
-async def read_response(conn: h11.Connection, stream: trio.abc.Stream) -> tuple[int, dict[bytes, bytes], bytes]:
+async def read_response(conn: h11.Connection, stream: trio.abc.ReceiveStream) -> tuple[int, dict[bytes, bytes], bytes]:
     """The next response on `stream`, read through `conn`; (status, headers, body)."""
     response: h11.Response | None = None
     body = b""

@@ -18,6 +18,7 @@ from vectorlay.errors import RuntimeFailure, UserError
 from vectorlay.node import local_state
 from vectorlay.node.faults import FaultPoints, InjectedFault
 from vectorlay.node.runtime import LaunchRequest
+from vectorlay.node.state_dir import NodeStateDir
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
 from vectorlay.testing.fakes import FakeRuntime
 
@@ -176,12 +177,12 @@ async def test_corrupt_local_state_never_leaves_two_copies(tmp_path: Path, runti
         first.supervisor.apply_command(start(1))
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
-    state_file = tmp_path / "agent-state.json"
+    state_file = NodeStateDir(tmp_path).agent_state_file
     state_file.write_text(state_file.read_text().replace('"applied_seq": 1', '"applied_seq": 7'))  # checksum breaks
 
     second = Harness(tmp_path, runtime)
     await second.supervisor.reattach()
-    assert (tmp_path / "agent-state.json.corrupt").exists()
+    assert NodeStateDir(tmp_path).corrupt_agent_state_file.exists()
     assert runtime.running() == []  # the orphan was stopped, not adopted blindly
     async with trio.open_nursery() as nursery:
         await nursery.start(second.supervisor.run)
@@ -343,10 +344,10 @@ async def test_every_way_a_replica_can_fail_fails_only_that_replica(
 
 async def test_a_state_file_that_is_not_even_text_is_set_aside(tmp_path: Path, runtime: FakeRuntime,
                                                                 autojump_clock: trio.testing.MockClock) -> None:
-    (tmp_path / "agent-state.json").write_bytes(b"\xff\xfe{\x00")
+    NodeStateDir(tmp_path).agent_state_file.write_bytes(b"\xff\xfe{\x00")
     h = Harness(tmp_path, runtime)
     await h.supervisor.reattach()  # must not raise: the agent comes up and recovers from the runtime
-    assert (tmp_path / "agent-state.json.corrupt").exists()
+    assert NodeStateDir(tmp_path).corrupt_agent_state_file.exists()
     assert h.supervisor.state.applied_seq == 0
 
 
@@ -420,7 +421,7 @@ async def _relaunch_after_sync(h: Harness, runtime: FakeRuntime, assignment: Ass
     runtime.launches.clear()
     old = await runtime.launch(LaunchRequest(assignment, "n-1", "n1", 1, {}, Path("/dev/null")))
     h.supervisor.state.running.clear()
-    local_state.save(h.supervisor.state_path, local_state.AgentState(
+    local_state.save(h.supervisor.files.agent_state_file, local_state.AgentState(
         1, 1, {"echo-a": local_state.RunningRecord(dataclasses.replace(assignment, secret_env={}), old, 1)}))
     runtime.launches.clear()
     await h.supervisor.reattach()

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from tests_support import missing_service
 
-from vectorlay.testing.images import DEFAULT_TAG, build_image, container_prerequisites
-from vectorlay.testing.processes import REPO_ROOT, Stack, container_ids, http_request, wait_for
+from testsupport.images import DEFAULT_TAG, build_image, container_prerequisites
+from testsupport.processes import REPO_ROOT, Stack, container_ids, http_request, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vectorlay.testing.processes import Stack, http_request, replica_pids, tinylm_manifest, wait_for
+from testsupport.processes import Stack, http_request, replica_pids, tinylm_manifest, wait_for
+from vectorlay.node.state_dir import NodeStateDir
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +67,7 @@ def test_request_served_end_to_end(any_db_stack: Stack) -> None:
     assert "cluster/echo deleted" in deleted.stdout
     wait_for(lambda: not any(replica_pids(replica=r["id"]) for r in replicas), 15, message="replicas to stop")
     assert stack.cli_json("get", "replicas") == []
-    gone = wait_for(lambda: (r := http_request(proxy_port, "echo.localhost")).status == 404 and r, 10)
+    gone = wait_for(lambda: r if (r := http_request(proxy_port, "echo.localhost")).status == 404 else None, 10)
     assert gone.json()["error"] == "unknown cluster"
 
 
@@ -146,7 +147,7 @@ def test_dev_serves_the_example(tmp_path: Path) -> None:
         # The CLI now talks to the dev stack through the context dev wrote.
         listed = stack.cli("get", "clusters", "-o", "json")
         assert '"name": "tinylm"' in listed.stdout
-        node_ids = [json.loads((tmp_path / "dev" / name / "node.json").read_text())["node_id"]
+        node_ids = [NodeStateDir(tmp_path / "dev" / name).load_credentials().node_id
                     for name in ("dev-1", "dev-2")]
         assert sum(len(replica_pids(node_id=n)) for n in node_ids) == 2
         proc.stop()

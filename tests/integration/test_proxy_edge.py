@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import trustme
 
+from testsupport.processes import Proc, http_request, wait_for
+from testsupport.route_server import StaticRouteServer, spawn_proxy
+from testsupport.upstreams import ScriptedUpstream
 from vectorlay.core.protocol import Endpoint, Route
-from vectorlay.testing.processes import Proc, http_request, wait_for
-from vectorlay.testing.route_server import StaticRouteServer, spawn_proxy
-from vectorlay.testing.upstreams import ScriptedUpstream
 
 pytestmark = pytest.mark.slow
 

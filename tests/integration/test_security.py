@@ -19,7 +19,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from vectorlay.testing.processes import Stack, http_request, tinylm_manifest, wait_for
+from testsupport.processes import NodeProc, Stack, http_request, tinylm_manifest, wait_for
+from vectorlay.node.state_dir import NodeStateDir
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,8 @@ async def _raw(url: str, context: ssl.SSLContext, frames: list[str], wait_s: flo
                 while True:
                     await ws.get_message()
         except ConnectionClosed as closed:
-            return closed.reason.code, closed.reason.reason or ""
+            reason = closed.reason
+            return (reason.code, reason.reason or "") if reason else (None, "")
     return None, ""
 
 
@@ -59,7 +61,7 @@ def test_a_whole_stack_over_tls_with_pinned_tokens(tls_stack: Stack) -> None:
     assert stack.server_url.startswith("wss://")
     assert stack.admin_token.startswith("vl1.")  # carries the CA pin
     node = stack.join_node("n1", gpus=["RTX 4090:24"])
-    assert json.loads((node.state_dir / "node.json").read_text())["ca_pem"].startswith("-----BEGIN CERTIFICATE")
+    assert (node.files.load_credentials().ca_pem or "").startswith("-----BEGIN CERTIFICATE")
     _, proxy_port = stack.start_proxy()
     stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1), timeout_s=90)
     assert http_request(proxy_port, "echo.localhost", "/v1/completions", "POST",
@@ -84,7 +86,7 @@ def test_a_token_for_another_ca_is_never_sent(tls_stack: Stack, tmp_path: Path) 
                         "--state-dir", str(stack.root / "x"), check=False)
     assert refused.returncode == 1
     assert "is not the one that issued this token" in refused.stderr and "refusing to send credentials" in refused.stderr
-    assert not (stack.root / "x" / "node.json").exists()
+    assert not NodeStateDir(stack.root / "x").is_joined()
     assert stack.server is not None and "join refused" not in stack.server.log()  # the token never arrived
     cli = stack.cli("get", "clusters", "--token", foreign_admin, check=False)
     assert cli.returncode == 1 and "refusing to send credentials" in cli.stderr
@@ -262,8 +264,8 @@ def test_a_node_reporting_on_another_nodes_replica_is_cut_off(tls_stack: Stack) 
     stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1), timeout_s=90)
     [replica] = stack.cli_json("get", "replicas")
     victim = replica if replica["node"] == "n1" else None
-    impostor = n2 if victim else next(p for p in stack.procs if getattr(p, "name", "") == "n1")
-    credential = json.loads((impostor.state_dir / "node.json").read_text())["credential"]  # type: ignore[union-attr]
+    impostor = n2 if victim else next(p for p in stack.procs if isinstance(p, NodeProc) and p.name == "n1")
+    credential = impostor.files.load_credentials().credential
     impostor.signal(__import__("signal").SIGSTOP)
     try:
         hello = json.dumps({"type": "node_hello", "protocol": 1, "credential": credential})
@@ -342,7 +344,7 @@ def test_plain_ws_on_a_public_address_warns_loudly(tmp_path: Path) -> None:
 def test_silent_and_chatty_peers_are_dropped(tls_stack: Stack) -> None:
     stack = tls_stack
     node = stack.join_node("n1", gpus=["RTX 4090:24"])
-    credential = json.loads((node.state_dir / "node.json").read_text())["credential"]
+    credential = node.files.load_credentials().credential
 
     async def silent() -> float:
         """A socket that completes the WebSocket handshake and then says nothing."""
@@ -352,6 +354,7 @@ def test_silent_and_chatty_peers_are_dropped(tls_stack: Stack) -> None:
                 with trio.fail_after(30):
                     await ws.get_message()
             except ConnectionClosed as closed:
+                assert closed.reason is not None
                 assert closed.reason.code == 1008 and "no hello" in (closed.reason.reason or "")
         return trio.current_time() - started
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -27,11 +26,10 @@ from vectorlay.cli.common import (
 from vectorlay.client import commands
 from vectorlay.client.output import stderr, stdout
 from vectorlay.errors import UserError
-from vectorlay.files import write_private
 from vectorlay.lifecycle import CleanStop, setup_logging, until_signalled
+from vectorlay.node.state_dir import Credentials, NodeStateDir
 
 if TYPE_CHECKING:
-    from vectorlay.node.agent import Credentials
     from vectorlay.node.faults import FaultPoints
     from vectorlay.node.setup import NodeOptions, NodeSetup
 
@@ -63,13 +61,12 @@ def node(
     """Run the node agent from the credentials saved by `vectorlay node join`."""
     if ctx.invoked_subcommand is not None:
         return
-    from vectorlay.node.agent import load_credentials
-
     setup_logging(verbose)
     directory = state_dir or data_dir("node")
-    creds = load_credentials(directory)
-    options = _options(_load_node_settings(directory), allow_process_runtime, container_cli, oci_runtime, None)
-    _save_node_settings(directory, options.settings())
+    files = NodeStateDir(directory)
+    creds = files.load_credentials()
+    options = _options(files.load_settings(), allow_process_runtime, container_cli, oci_runtime, None)
+    files.save_settings(options.settings())
     clean_stop = CleanStop()
     run(partial(until_signalled, partial(_run_node, creds, directory, options, clean_stop, _faults()), clean_stop))
 
@@ -101,7 +98,8 @@ def node_join(
         raise UserError("no join token: pass --token-file PATH (or - for stdin), set VECTORLAY_JOIN_TOKEN, "
                         "or pass --token; `vectorlay token create --role node` makes one")
     directory = state_dir or data_dir("node")
-    if (directory / "node.json").exists():
+    files = NodeStateDir(directory)
+    if files.is_joined():
         raise UserError(f"{directory} already holds a joined node; run `vectorlay node --state-dir {directory}` "
                         "or pick another --state-dir")
     node_name = name or _hostname_label()
@@ -113,7 +111,7 @@ def node_join(
         setup = await prepare_node(options, advertise)  # logs what this node offers
         creds = await join(server_url, join_token, node_name, setup.gpus, advertise, setup.runtimes, directory,
                            setup.isolation)
-        _save_node_settings(directory, options.settings())
+        files.save_settings(options.settings())
         stderr.print(f"joined as {creds.name} ({creds.node_id}); credential saved in {directory}")
         await _run_setup(creds, directory, setup, clean_stop, faults)
 
@@ -133,7 +131,7 @@ def node_check(
     from vectorlay.node.container_args import ContainerCli
     from vectorlay.node.preflight import run_checks
 
-    saved = _load_node_settings(state_dir or data_dir("node"))
+    saved = NodeStateDir(state_dir or data_dir("node")).load_settings()
     options = _options(saved, allow_process_runtime, container_cli, oci_runtime, gpu)
 
     async def main() -> None:
@@ -227,24 +225,6 @@ async def _run_setup(creds: Credentials, directory: Path, setup: NodeSetup, clea
         await nursery.start(partial(run_node, creds, directory, setup.runtime, setup.gpus, setup.runtimes,
                                     isolation=setup.isolation, publish_ip=setup.publish_ip,
                                     gpu_monitor=setup.gpu_monitor, clean_stop=clean_stop, faults=faults))
-
-
-def _load_node_settings(directory: Path) -> dict[str, Any]:
-
-    path = directory / "settings.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except ValueError as error:
-        raise UserError(f"{path} is damaged ({error})") from None
-    return data if isinstance(data, dict) else {}
-
-
-def _save_node_settings(directory: Path, settings: dict[str, Any]) -> None:
-
-
-    write_private(directory / "settings.json", json.dumps(settings, indent=2) + "\n")
 
 
 def _hostname_label() -> str:

@@ -7,10 +7,8 @@ full desired state, so nothing said while the link was down is lost.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -38,50 +36,19 @@ from vectorlay.core.protocol import (
     Sync,
     Welcome,
 )
-from vectorlay.errors import AuthError, ConnectError, ProtocolError, UserError, unwrap_group
-from vectorlay.files import write_private
+from vectorlay.errors import AuthError, ConnectError, ProtocolError, unwrap_group
 from vectorlay.lifecycle import NODE_NAME, CleanStop
 from vectorlay.node import logs
 from vectorlay.node.faults import FaultPoints
 from vectorlay.node.gpu_health import NvmlMonitor, watch_gpus
 from vectorlay.node.runtime import ReplicaRuntime
+from vectorlay.node.state_dir import Credentials, NodeStateDir
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
 from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect, secure_context, verified_ca
 
 log = logging.getLogger("vectorlay.node")
 
-CREDENTIAL_FILE = "node.json"
 WELCOME_TIMEOUT_S = 10.0
-
-
-@dataclass(frozen=True)
-class Credentials:
-    server: str
-    node_id: str
-    name: str
-    credential: str
-    address: str
-    ca_pem: str | None = None  # the server's CA, checked against the join token's pin at join
-
-def credentials_path(state_dir: Path) -> Path:
-    return state_dir / CREDENTIAL_FILE
-
-
-def load_credentials(state_dir: Path) -> Credentials:
-    path = credentials_path(state_dir)
-    try:
-        data = json.loads(path.read_text())
-        return Credentials(data["server"], data["node_id"], data["name"], data["credential"], data["address"],
-                           data.get("ca_pem"))
-    except FileNotFoundError:
-        raise UserError(f"no node credentials in {state_dir}: run `vectorlay node join --server URL --token TOKEN` "
-                        "first") from None
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{path} is damaged ({error}); remove it and join again") from None
-
-
-def save_credentials(state_dir: Path, creds: Credentials) -> None:
-    write_private(credentials_path(state_dir), json.dumps(creds.__dict__, indent=2) + "\n")
 
 
 async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str, runtimes: tuple[str, ...],
@@ -100,7 +67,7 @@ async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str
             raise AuthError(f"the server refused to let this node join: {closed.reason or 'no reason given'}") from None
     creds = Credentials(server, joined.node_id, joined.name, joined.credential, address,
                         ca.decode() if ca else None)
-    save_credentials(state_dir, creds)
+    NodeStateDir(state_dir).save_credentials(creds)
     return creds
 
 
@@ -251,7 +218,7 @@ class Agent:
             if problem is not None:
                 await self._send(LogsEnd(request.stream_id, problem))
                 return
-            path = logs.log_path(self.supervisor.log_dir, request.replica_id)
+            path = self.supervisor.files.replica_log(request.replica_id)
             if not path.exists():
                 await self._send(LogsEnd(request.stream_id, f"no log for replica {request.replica_id} on this node"))
                 return
@@ -311,6 +278,6 @@ async def run_node(
         if gpu_monitor is not None:
             await nursery.start(watch_gpus, gpu_monitor, agent.set_gpu_status)
         await nursery.start(supervisor.run)
-        nursery.start_soon(logs.note_log_times, supervisor.log_dir, lambda: list(supervisor.runners))
+        nursery.start_soon(logs.note_log_times, supervisor.files.replica_log, lambda: list(supervisor.runners))
         await nursery.start(agent.run)
         task_status.started(agent)

@@ -82,7 +82,7 @@ def load(path: Path) -> AgentState:
         raise CorruptState(str(error)) from None
 
 
-def set_aside(path: Path) -> Path:
-    target = path.with_name(path.name + ".corrupt")
+def set_aside(path: Path, target: Path) -> Path:
+    """Keep a state file that cannot be trusted for inspection, out of the agent's way."""
     path.replace(target)
     return target

@@ -24,10 +24,6 @@ MAX_LINES_PER_BATCH = 500
 MAX_LINE_CHARS = 16 * 1024
 
 
-def log_path(log_dir: Path, replica_id: str) -> Path:
-    return log_dir / f"{replica_id}.log"
-
-
 def rotate_if_large(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
     """Keep at most about 2 x max_bytes per replica: the live file and one rotated copy (and the
     notes on when their lines were written, see log_times)."""
@@ -44,11 +40,11 @@ def rotate_if_large(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
     return True
 
 
-async def note_log_times(log_dir: Path, replica_ids: Callable[[], list[str]]) -> None:
+async def note_log_times(log_of: Callable[[str], Path], replica_ids: Callable[[], list[str]]) -> None:
     """Every second, note how far each running replica's log has grown (see log_times)."""
     while True:
         await trio.sleep(log_times.MARK_INTERVAL_S)
-        paths = [log_path(log_dir, replica_id) for replica_id in replica_ids()]
+        paths = [log_of(replica_id) for replica_id in replica_ids()]
         await trio.to_thread.run_sync(_mark_all, paths, time.time())
 
 

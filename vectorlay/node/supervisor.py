@@ -31,6 +31,7 @@ from vectorlay.node.local_state import AgentState, RunningRecord
 from vectorlay.node.probe import http_probe
 from vectorlay.node.runtime import Exit, Handle, LaunchRequest, ReplicaRuntime
 from vectorlay.node.secret_values import launchable
+from vectorlay.node.state_dir import NodeStateDir
 
 log = logging.getLogger("vectorlay.node")
 
@@ -135,9 +136,8 @@ class Supervisor:
         self.faults = faults
         self.probe = probe
         self.identity = identity
-        self.state_path = state_dir / "agent-state.json"
-        self.log_dir = state_dir / "logs"
-        self.run_dir = state_dir / "run"  # the runtime's own files, per replica (see LaunchRequest.run_dir)
+        self.files = NodeStateDir(state_dir)
+        self.run_dir = self.files.run_dir  # the runtime's own files, per replica (see LaunchRequest.run_dir)
         self.on_report = on_report
         self.state = AgentState()
         self.desired: dict[str, Assignment] = {}
@@ -187,9 +187,9 @@ class Supervisor:
     async def reattach(self) -> None:
         """Adopt replicas a previous agent left running; stop any we cannot account for."""
         try:
-            self.state = local_state.load(self.state_path)
+            self.state = local_state.load(self.files.agent_state_file)
         except local_state.CorruptState as error:
-            moved = local_state.set_aside(self.state_path)
+            moved = local_state.set_aside(self.files.agent_state_file, self.files.corrupt_agent_state_file)
             log.warning("local state is corrupt (%s); moved to %s and recovering from the runtime", error, moved)
             self.state = AgentState()
         adopted: set[str] = set()
@@ -332,8 +332,8 @@ class Supervisor:
             self._report(runner, self._make_report(runner, ReplicaState.STARTING, note))
 
         request = LaunchRequest(assignment, self.identity.node_id, self.identity.name, runner.host_port, env,
-                                logs.log_path(self.log_dir, assignment.replica_id), self.identity.publish_ip,
-                                progress, run_dir=self.run_dir / assignment.replica_id)
+                                self.files.replica_log(assignment.replica_id), self.identity.publish_ip,
+                                progress, run_dir=self.files.replica_run_dir(assignment.replica_id))
         self._report(runner, self._make_report(runner, ReplicaState.STARTING, "launching"))
         try:
             runner.handle = await self.runtime.launch(request)
@@ -434,7 +434,7 @@ class Supervisor:
                 if replica_id_problem(replica_id) is not None:
                     continue  # never launched (so no log), and not a name to build a path from
                 try:
-                    await trio.to_thread.run_sync(logs.rotate_if_large, logs.log_path(self.log_dir, replica_id))
+                    await trio.to_thread.run_sync(logs.rotate_if_large, self.files.replica_log(replica_id))
                 except OSError as error:
                     log.warning("cannot rotate the log of replica %s: %s", replica_id, error)
 
@@ -479,4 +479,4 @@ class Supervisor:
             del self.reports[report.replica_id]
 
     def _save(self) -> None:
-        local_state.save(self.state_path, self.state)
+        local_state.save(self.files.agent_state_file, self.state)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import trio
 
+from vectorlay.core.api import client_version_problem
 from vectorlay.core.health import LivenessPolicy
 from vectorlay.core.model import Role
 from vectorlay.core.protocol import (
@@ -44,7 +45,7 @@ from vectorlay.server.store import Store, open_store, ops
 from vectorlay.server.store.engine import describe_url, sqlite_url
 from vectorlay.server.write_behind import retry_delay
 from vectorlay.tls import ServerTls
-from vectorlay.wire import CLOSE_POLICY, CLOSE_TRY_AGAIN, Link, LinkClosed, serve
+from vectorlay.wire import CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, CLOSE_TRY_AGAIN, Link, LinkClosed, serve
 
 log = logging.getLogger("vectorlay.server")
 
@@ -184,6 +185,9 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
                 await _until_revoked(auth, record, link, partial(feed.serve, link, first.url_template))
             elif isinstance(first, ClientHello):
                 record = await auth.check_token(first.token, frozenset({Role.ADMIN, Role.DEPLOYER}))
+                if (problem := client_version_problem(first.api)) is not None:
+                    await link.close(CLOSE_PROTOCOL_ERROR, problem)  # one line that says whom to upgrade
+                    return
                 await link.send(Ready(record.role.value))
                 principal = Principal(record.role, record.id, record.project)
                 await _until_revoked(auth, record, link, partial(api.serve, link, principal))
