@@ -16,6 +16,8 @@ from pathlib import Path
 
 import trio
 
+from vectorlay.core.api import client_version_problem
+from vectorlay.core.api_views import ServerView
 from vectorlay.core.health import LivenessPolicy
 from vectorlay.core.model import Role
 from vectorlay.core.protocol import (
@@ -39,6 +41,7 @@ from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.controller import Controller
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.ids import random_id
+from vectorlay.server.idle_links import API_IDLE_TIMEOUT_S
 from vectorlay.server.node_session import handle_hello, handle_join
 from vectorlay.server.records import TokenRecord, health_from_record
 from vectorlay.server.registry import Registry
@@ -50,7 +53,7 @@ from vectorlay.server.store import engine as store_engine
 from vectorlay.server.store.engine import describe_url, sqlite_path, sqlite_url
 from vectorlay.server.write_behind import retry_delay
 from vectorlay.tls import ServerTls
-from vectorlay.wire import CLOSE_POLICY, CLOSE_TRY_AGAIN, Link, LinkClosed, serve
+from vectorlay.wire import CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, CLOSE_TRY_AGAIN, Link, LinkClosed, serve
 
 log = logging.getLogger("vectorlay.server")
 
@@ -69,6 +72,7 @@ class ServerConfig:
     crash_points: frozenset[str] = frozenset()  # fault-injection tests only
     tls: ServerTls | None = None  # None: plain ws:// (loopback development)
     metrics_listen: tuple[str, int] | None = None  # Prometheus text format at http://HOST:PORT/metrics
+    api_idle_timeout_s: float = API_IDLE_TIMEOUT_S  # a CLI link with no call in flight this long is closed
 
     @property
     def database_url(self) -> str:
@@ -188,7 +192,7 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
     controller.on_lead.append(replicator.took_lead)
     controller.writer.other_servers = lambda: tuple(replicator.live_servers - {server_id})
     api = Api(fleet, controller.admin, controller.sessions, controller.signals, auth, feed,
-              controller.writer.database, lambda: len(controller.writer.journal))
+              controller.writer.database, lambda: len(controller.writer.journal), config.api_idle_timeout_s)
     registry = Registry(store, server_id, f"{config.host}:{config.port}",
                         lambda: (len(controller.sessions), len(feed.proxies), api.links), replicator.servers_seen)
     api.servers = partial(_servers_view, store, registry, server_id)
@@ -226,6 +230,9 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
                 await _until_revoked(auth, record, link, partial(feed.serve, link, first.url_template))
             elif isinstance(first, ClientHello):
                 record = await auth.check_token(first.token, frozenset({Role.ADMIN, Role.DEPLOYER}))
+                if (problem := client_version_problem(first.api)) is not None:
+                    await link.close(CLOSE_PROTOCOL_ERROR, problem)  # one line that says whom to upgrade
+                    return
                 await link.send(Ready(record.role.value))
                 principal = Principal(record.role, record.id, record.project)
                 await _until_revoked(auth, record, link, partial(api.serve, link, principal))
@@ -266,15 +273,19 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
 _FIRST = {"/v1/node": NODE_FIRST, "/v1/proxy": PROXY_FIRST, "/v1/api": CLIENT_FIRST}
 
 
-async def _servers_view(store: Store, registry: Registry, me: str) -> list[dict[str, object]]:
+async def _servers_view(store: Store, registry: Registry, me: str) -> list[ServerView]:
     """`vectorlay get servers`: every live server, which one leads and with which epoch."""
     holder, epoch, lease_until, now = await store.run(store_engine.leader_row)
     if store.dialect != "postgresql":
         holder, lease_until = me, now + 1  # one server on SQLite: it leads
-    return [{"id": s.id, "address": s.address, "leader": s.id == holder and lease_until >= now,
-             "epoch": epoch if s.id == holder and lease_until >= now else None, "nodes": s.nodes,
-             "proxies": s.proxies, "clients": s.clients, "seen_s_ago": round(s.seen_s_ago, 1), "this": s.id == me}
-            for s in registry.servers if s.alive]
+    views = []
+    for s in registry.servers:
+        if not s.alive:
+            continue
+        leads = s.id == holder and lease_until >= now
+        views.append(ServerView(s.id, s.address, leads, epoch if leads else None, s.nodes, s.proxies, s.clients,
+                                round(s.seen_s_ago, 1), s.id == me))
+    return views
 
 
 def _is_loopback(host: str) -> bool:

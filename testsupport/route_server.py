@@ -22,10 +22,10 @@ from pathlib import Path
 
 import trio
 
+from testsupport.background import BackgroundLoop
+from testsupport.processes import REPO_ROOT, Proc
 from vectorlay.core.protocol import PROXY_FIRST, Message, ProxyHello, Ready, Route, RouteSnapshot, RouteUpdate
 from vectorlay.errors import PeerError, ProtocolError
-from vectorlay.testing.background import BackgroundLoop
-from vectorlay.testing.processes import REPO_ROOT, Proc
 from vectorlay.wire import Link, serve
 
 

@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vectorlay.node.state_dir import NodeStateDir
+
 T = TypeVar("T")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The checkout this harness runs from: processes start there, so `python -m` finds its modules.
+REPO_ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
 START_TIMEOUT_S = 20.0
 
 
@@ -96,8 +99,12 @@ class NodeProc(Proc):
     state_dir: Path = Path()
 
     @property
+    def files(self) -> NodeStateDir:
+        return NodeStateDir(self.state_dir)
+
+    @property
     def node_id(self) -> str:
-        return str(json.loads((self.state_dir / "node.json").read_text())["node_id"])
+        return self.files.load_credentials().node_id
 
 
 @dataclass
@@ -206,8 +213,9 @@ class Stack:
 
     def join_node(self, name: str, gpus: Sequence[str] = (), extra: Sequence[str] = (), server_url: str | None = None,
                   prefix: Sequence[str] = (), env: dict[str, str] | None = None,
-                  allow_process: bool = True) -> NodeProc:
-        """Join a node; it allows process replicas (what most tests deploy) unless told otherwise."""
+                  allow_process: bool = True, cwd: Path | None = None) -> NodeProc:
+        """Join a node; it allows process replicas (what most tests deploy) unless told otherwise.
+        `cwd`: the directory it is started from (default: the repository)."""
         state_dir = self.root / name
         url = server_url or self.server_urls
         args = ["node", "join", "--server", url, "--token", self.token("node"), "--name", name,
@@ -216,7 +224,7 @@ class Stack:
             args.append("--allow-process-runtime")
         for gpu in gpus:
             args += ["--gpu", gpu]
-        proc = self._spawn(name, args, prefix=prefix, env=env)
+        proc = self._spawn(name, args, prefix=prefix, env=env, cwd=cwd)
         node = NodeProc(proc.name, proc.args, proc.log_path, proc.popen, state_dir=state_dir)
         self.procs.append(node)
         dialled = "|".join(re.escape(u) for u in url.split(","))  # with several servers: any of them
@@ -225,7 +233,7 @@ class Stack:
 
     def start_node(self, name: str, *extra: str, env: dict[str, str] | None = None) -> NodeProc:
         """Run the agent from credentials already in `root/name` (written by a stand-in server such
-        as `testing.node_server`, not by joining); wait until it has connected."""
+        as `testsupport.node_server`, not by joining); wait until it has connected."""
         state_dir = self.root / name
         proc = self._spawn(name, ["node", "--state-dir", str(state_dir), *extra], env=env)
         node = NodeProc(proc.name, proc.args, proc.log_path, proc.popen, state_dir=state_dir)
