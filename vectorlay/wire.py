@@ -7,7 +7,6 @@ translation of trio-websocket's exceptions into ours live in one place.
 from __future__ import annotations
 
 import logging
-import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager

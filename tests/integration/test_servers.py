@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testsupport.load import SteadyClient
 
-from vectorlay.testing.load import SteadyClient
-from vectorlay.testing.processes import Proc, Stack, replica_pids, tinylm_manifest, wait_for
-from vectorlay.testing.relay import Relay
+from testsupport.processes import Proc, Stack, replica_pids, tinylm_manifest, wait_for
+from testsupport.relay import Relay
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

@@ -19,7 +19,15 @@ from vectorlay.core.api_views import ClusterView, FleetSummary, NodeView, Replic
 from vectorlay.core.launch_inputs import secret_value_problem
 from vectorlay.core.manifest import parse_manifest
 from vectorlay.core.model import Role
-from vectorlay.errors import ConnectError, LinkLost, PeerError, ProtocolError, ServerUnavailable, UserError, VectorlayError
+from vectorlay.errors import (
+    ConnectError,
+    LinkLost,
+    PeerError,
+    ProtocolError,
+    ServerUnavailable,
+    UserError,
+    VectorlayError,
+)
 from vectorlay.wire import server_urls
 
 

@@ -40,8 +40,8 @@ from vectorlay.server.api import Api
 from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.controller import Controller
 from vectorlay.server.fleet import Fleet
-from vectorlay.server.ids import random_id
 from vectorlay.server.idle_links import API_IDLE_TIMEOUT_S
+from vectorlay.server.ids import random_id
 from vectorlay.server.node_session import handle_hello, handle_join
 from vectorlay.server.records import TokenRecord, health_from_record
 from vectorlay.server.registry import Registry
