@@ -55,6 +55,10 @@ class ConnectError(PeerError):
     """A server could not be reached."""
 
 
+class TunnelError(PeerError):
+    """A tunnel between a node and a proxy, or one stream on it, failed or was refused."""
+
+
 class StoreError(VectorlayError):
     """The database failed (unreachable, locked, schema too new)."""
 
