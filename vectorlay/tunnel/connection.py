@@ -143,7 +143,7 @@ class TunnelConnection:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
         if not self.ready:
-            raise TunnelError(f"tunnel to {self.peer} failed before it was ready: {self.close_reason}")
+            raise TunnelError(f"closed during the handshake: {self.close_reason}")
 
     async def _handshake_deadline(self) -> None:
         await trio.sleep(self.limits.handshake_timeout_s)
@@ -416,6 +416,8 @@ class TunnelConnection:
             while self.streams and not self.closing:
                 await self._idle_lot.park()
         self.close("drained")
+        with trio.move_on_after(CLOSE_FLUSH_S):
+            await self.closed.wait()  # the message and the GOAWAY are out
 
     # ---- client side: opening streams ----
 
