@@ -19,8 +19,10 @@ import trio
 from vectorlay.backoff import Backoff
 from vectorlay.core.model import Gpu, GpuStatus
 from vectorlay.core.protocol import (
+    DIRECT,
     PROTOCOL_VERSION,
     SERVER_TO_NODE,
+    TUNNEL,
     Ack,
     Command,
     Goodbye,
@@ -36,6 +38,8 @@ from vectorlay.core.protocol import (
     ReplicaReport,
     ReplicaStatus,
     Sync,
+    TunnelCredential,
+    TunnelProxies,
     Welcome,
 )
 from vectorlay.errors import AuthError, ConnectError, ProtocolError, UserError, unwrap_group
@@ -44,6 +48,7 @@ from vectorlay.node import logs
 from vectorlay.node.gpu_health import NvmlMonitor, watch_gpus
 from vectorlay.node.runtime import ReplicaRuntime
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
+from vectorlay.node.tunnels import NodeTunnels
 from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect, secure_context, verified_ca
 
 log = logging.getLogger("vectorlay.node")
@@ -83,7 +88,7 @@ def save_credentials(state_dir: Path, creds: Credentials) -> None:
 
 
 async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str, runtimes: tuple[str, ...],
-               state_dir: Path, isolation: tuple[str, ...] = ()) -> Credentials:
+               state_dir: Path, isolation: tuple[str, ...] = (), data_plane: str = TUNNEL) -> Credentials:
     """Trade a join token for this node's own credential and save it in `state_dir`.
 
     Over TLS, the server's CA is checked against the pin in the token before the token is sent,
@@ -91,7 +96,7 @@ async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str
     url = server.rstrip("/") + "/v1/node"
     ca = await verified_ca(url, token)
     async with connect(url, await secure_context(url, token, ca)) as link:
-        await link.send(Join(PROTOCOL_VERSION, token, name, tuple(gpus), address, runtimes, isolation))
+        await link.send(Join(PROTOCOL_VERSION, token, name, tuple(gpus), address, runtimes, isolation, data_plane))
         try:
             joined = await link.receive_one(Joined)
         except LinkClosed as closed:
@@ -104,9 +109,10 @@ async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str
 
 class Agent:
     def __init__(self, creds: Credentials, supervisor: Supervisor, gpus: list[Gpu], runtimes: tuple[str, ...],
-                 isolation: tuple[str, ...] = ()) -> None:
+                 isolation: tuple[str, ...] = (), tunnels: NodeTunnels | None = None) -> None:
         self.creds = creds
         self.supervisor = supervisor
+        self.tunnels = tunnels  # None: the direct data plane (proxies dial the advertised address)
         self.gpus = gpus
         self.runtimes = runtimes
         self.isolation = isolation
@@ -158,6 +164,7 @@ class Agent:
             protocol=PROTOCOL_VERSION, credential=self.creds.credential, gpus=tuple(self.gpus),
             address=self.creds.address, runtimes=self.runtimes, isolation=self.isolation,
             generation=self.supervisor.state.generation, replicas=tuple(self.supervisor.current_reports()),
+            data_plane=TUNNEL if self.tunnels else DIRECT, tunnel_csr=self.tunnels.csr if self.tunnels else "",
         )
         self._dirty_reports.clear()
         await link.send(hello)
@@ -207,7 +214,8 @@ class Agent:
 
     async def _heartbeats(self, interval_s: float) -> None:
         while True:
-            await self._send(Heartbeat(time.time(), self.gpu_status))
+            tunnels = self.tunnels.connected if self.tunnels is not None else None
+            await self._send(Heartbeat(time.time(), self.gpu_status, tunnels))
             await trio.sleep(interval_s)
 
     async def _send_reports(self) -> None:
@@ -235,6 +243,10 @@ class Agent:
                 stream = self._log_scopes.pop(message.stream_id, None)
                 if stream is not None:
                     stream.cancel()
+            elif isinstance(message, TunnelCredential) and self.tunnels is not None:
+                self.tunnels.set_credential(message)
+            elif isinstance(message, TunnelProxies) and self.tunnels is not None:
+                self.tunnels.set_proxies(message)
             elif isinstance(message, Welcome):
                 raise ProtocolError("a second welcome on one link")
 
@@ -275,17 +287,24 @@ async def run_node(
     isolation: tuple[str, ...] = (),
     publish_ip: str = "127.0.0.1",
     gpu_monitor: NvmlMonitor | None = None,
+    data_plane: str = TUNNEL,
     task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Re-attach to running replicas, then run the supervisor, the GPU monitor and the server link."""
-    identity = NodeIdentity(creds.node_id, creds.name, creds.address, publish_ip=publish_ip)
+    """Re-attach to running replicas, then run the supervisor, the GPU monitor, the tunnels to the
+    proxies (tunnel data plane) and the server link."""
+    if data_plane == TUNNEL:
+        publish_ip = "127.0.0.1"  # nothing but the agent's tunnels reaches the replicas
+    identity = NodeIdentity(creds.node_id, creds.name, creds.address, publish_ip=publish_ip, data_plane=data_plane)
     supervisor = Supervisor(runtime, state_dir, identity, on_report=lambda report: None)
-    agent = Agent(creds, supervisor, gpus, runtimes, isolation)
+    tunnels = NodeTunnels(creds.node_id, supervisor, state_dir) if data_plane == TUNNEL else None
+    agent = Agent(creds, supervisor, gpus, runtimes, isolation, tunnels)
     supervisor.on_report = agent.on_report
     await supervisor.reattach()
     async with trio.open_nursery() as nursery:
         if gpu_monitor is not None:
             await nursery.start(watch_gpus, gpu_monitor, agent.set_gpu_status)
         await nursery.start(supervisor.run)
+        if tunnels is not None:
+            await nursery.start(tunnels.run)
         await nursery.start(agent.run)
         task_status.started(agent)
