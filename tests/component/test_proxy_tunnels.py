@@ -286,17 +286,29 @@ async def test_a_restarting_node_that_does_not_come_back_leaves_routing(tmp_path
 
 async def test_a_renewed_certificate_replaces_the_tunnel_without_leaving_routing(tmp_path: Path) -> None:
     async with edge(tmp_path) as e:
-        tunnels = await e.start_node("n-1", Ports({"r1": await serve_replica(e.nursery, FakeReplica("r1"))}))
+        # Its first certificate expires in five minutes: time to move to the renewed one at once.
+        ports = Ports({"r1": await serve_replica(e.nursery, FakeReplica("r1"))})
+        tunnels = await e.start_node("n-1", ports, lambda t: e.credential("n-1", t, now=time.time() - 3300))
         e.table.load_snapshot(RouteSnapshot(1, (Route("echo", (tunnel_endpoint("r1", "n-1"),)),)))
         await until(lambda: "n-1" in e.table.reachable)
         first = e.hub.tunnels["n-1"]
         left: list[str] = []
         e.table.on_endpoint_removed.append(lambda endpoint: left.append(endpoint.replica_id))
-        tunnels.set_credential(e.credential("n-1", tunnels))
+        tunnels.set_credential(e.credential("n-1", tunnels))  # what the server sends at half-life
         await until(lambda: e.hub.tunnels["n-1"] is not first)
         await until(lambda: first.closing)  # the old one drained (nothing in flight) and closed
         assert left == [] and "n-1" in e.table.reachable and e.hub.accepted == 2
         assert (await e.client())[0] == 200
+
+
+async def test_a_certificate_far_from_expiry_keeps_its_tunnel(tmp_path: Path) -> None:
+    """Every hello brings a fresh certificate; a tunnel moves to it only near its own expiry."""
+    async with edge(tmp_path) as e:
+        tunnels = await e.start_node("n-1", Ports())
+        await until(lambda: "n-1" in e.hub.tunnels)
+        tunnels.set_credential(e.credential("n-1", tunnels))
+        await trio.sleep(1)
+        assert e.hub.accepted == 1
 
 
 async def test_a_client_that_stops_reading_makes_the_node_stop_reading_its_replica(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from vectorlay.core.protocol import TunnelCredential, TunnelProxies, TunnelProxy
 from vectorlay.errors import TunnelError
 from vectorlay.files import write_private
 from vectorlay.tunnel import IncomingStream, TunnelConnection, TunnelLimits, TunnelStream, identity
+from vectorlay.tunnel.connection import wait_any
 
 log = logging.getLogger("vectorlay.node")
 
@@ -44,6 +45,10 @@ REPLICA_CONNECT_TIMEOUT_S = 2.0
 RESTART_DRAIN_S = 5.0  # on shutdown: how long streams in flight get to finish
 ROTATE_DRAIN_S = 300.0  # a replaced tunnel: as long as a streamed response may take (the proxy's default)
 STABLE_S = 10.0  # a tunnel up this long resets the reconnect backoff (a proxy that drops us at once does not)
+# A tunnel is moved to a renewed certificate this long before its own expires (the proxy closes it
+# then). The server renews at half-life (30 min before expiry), so this leaves room for retries.
+ROTATE_MARGIN_S = 600.0
+ROTATE_RETRY_S = 10.0
 
 
 class ReplicaPorts(Protocol):
@@ -185,7 +190,7 @@ class NodeTunnels:
                     continue
                 up_since = trio.current_time()
                 try:
-                    connection = await self._hold(proxy, connection)
+                    connection = await self._hold(proxy, connection, credential)
                 finally:
                     if self.current.get(proxy.id) is connection:
                         del self.current[proxy.id]
@@ -203,29 +208,34 @@ class NodeTunnels:
                             connection.close_reason, delay)
                 await trio.sleep(delay)
 
-    async def _hold(self, proxy: TunnelProxy, connection: TunnelConnection) -> TunnelConnection:
-        """Keep `connection` as the proxy's tunnel until it closes; on a new certificate, open a
-        new tunnel first, then retire the old one. Returns the tunnel that closed."""
+    async def _hold(self, proxy: TunnelProxy, connection: TunnelConnection, used: _Credential) -> TunnelConnection:
+        """Keep `connection` as the proxy's tunnel until it closes. When its certificate nears
+        expiry and a renewed one is here, open a new tunnel first, then retire the old one (it
+        finishes its streams). Returns the tunnel that closed."""
         self.current[proxy.id] = connection
         log.info("tunnel to proxy %s at %s is up", proxy.id, proxy.address)
         while True:
-            changed = self._credential_changed
-            await _first(connection.closed, changed)
+            with trio.move_on_after(max(0.0, used.expires_at - ROTATE_MARGIN_S - self.wall_clock())):
+                await connection.closed.wait()
             if connection.closed.is_set():
                 return connection
             credential = self.credential
-            assert credential is not None
+            if credential is None or credential.expires_at <= used.expires_at:
+                await wait_any(connection.closed, self._credential_changed)  # for the renewal
+                continue
             try:
                 fresh = await self._open(proxy, credential)
             except (OSError, TunnelError, trio.TooSlowError) as error:
                 log.warning("tunnel to proxy %s: could not open one with the renewed certificate (%s); keeping "
-                            "the current one", proxy.id, _reason(error))
+                            "the current one and trying again in %gs", proxy.id, _reason(error), ROTATE_RETRY_S)
+                with trio.move_on_after(ROTATE_RETRY_S):
+                    await connection.closed.wait()
                 continue
-            old, connection = connection, fresh
+            old, connection, used = connection, fresh, credential
             self.current[proxy.id] = connection
             if self._nursery is not None:
                 self._nursery.start_soon(old.drain, "drain rotate", ROTATE_DRAIN_S)
-            log.info("tunnel to proxy %s renewed", proxy.id)
+            log.info("tunnel to proxy %s moved to the renewed certificate", proxy.id)
 
     async def _wait_credential(self) -> _Credential:
         while self.credential is None:
@@ -279,6 +289,45 @@ class NodeTunnels:
             await pipe(incoming.accept(), replica)
 
 
+@dataclass(frozen=True)
+class ProxyReach:
+    proxy: TunnelProxy
+    ok: bool
+    detail: str
+
+
+async def check_proxies(state_dir: Path, timeout_s: float = 5.0) -> list[ProxyReach] | None:
+    """Whether this machine reaches each proxy its agent last heard of (`vectorlay node check`):
+    TCP, then TLS verifying the proxy's certificate against the tunnel CA. No tunnel is opened
+    (the running agent's would be replaced), so the proxy ends each check at its client
+    certificate check. None if the agent has saved no proxy list yet."""
+    saved = _load(state_dir)
+    try:
+        proxies = [TunnelProxy(str(p["id"]), str(p["address"])) for p in saved["proxies"]]
+        ca = str(saved["ca"])
+    except (KeyError, TypeError):
+        return None
+    context = identity.verify_only_context(ca)
+    results = []
+    for proxy in proxies:
+        host, _, port = proxy.address.rpartition(":")
+        try:
+            with trio.fail_after(timeout_s):
+                tcp = await trio.open_tcp_stream(host.strip("[]"), int(port))
+                tls = trio.SSLStream(tcp, context, server_hostname=identity.proxy_hostname(proxy.id))
+                try:
+                    await tls.do_handshake()
+                finally:
+                    await tcp.aclose()
+        except trio.BrokenResourceError as error:
+            results.append(ProxyReach(proxy, False, f"TLS failed: {error.__cause__ or error}"))
+        except (OSError, ValueError, trio.TooSlowError) as error:
+            results.append(ProxyReach(proxy, False, f"cannot connect: {_reason(error)}"))
+        else:
+            results.append(ProxyReach(proxy, True, "reachable; its tunnel certificate is valid"))
+    return results
+
+
 async def pipe(tunnel: TunnelStream, replica: trio.SocketStream) -> None:
     """Copy both ways until both sides ended, or until either breaks (a reset from the proxy, the
     replica gone), which ends the other direction too."""
@@ -295,18 +344,6 @@ async def pipe(tunnel: TunnelStream, replica: trio.SocketStream) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(copy, tunnel, replica, nursery.cancel_scope)
         nursery.start_soon(copy, replica, tunnel, nursery.cancel_scope)
-
-
-async def _first(*events: trio.Event) -> None:
-    """Return as soon as any of `events` is set."""
-    async with trio.open_nursery() as nursery:
-        for event in events:
-            nursery.start_soon(_wait_then_cancel, event, nursery.cancel_scope)
-
-
-async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
 
 
 def _load(state_dir: Path | None) -> dict[str, Any]:

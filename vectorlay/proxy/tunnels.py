@@ -272,7 +272,7 @@ class TunnelHub:
         while True:
             connection = self.tunnels.get(node_id)
             if connection is not None and not connection.draining and not connection.closing:
-                with trio.move_on_at(deadline):
+                with trio.move_on_after(self.connect_timeout_s):
                     return await connection.open_stream(replica_id)
                 raise TunnelError(f"node {node_id} did not answer a stream within {self.connect_timeout_s:g}s")
             until = self.restarting.get(node_id)

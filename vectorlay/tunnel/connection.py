@@ -113,7 +113,7 @@ class TunnelConnection:
         self._budget = TokenBucket.full(limits.control_frames_per_s, limits.control_frame_burst, trio.current_time())
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._idle_lot = trio.lowlevel.ParkingLot()  # streams finished: for drain()
-        self._pong = trio.Event()
+        self._pings: dict[bytes, trio.Event] = {}  # our pings waiting for an answer, by payload
         self._scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -167,6 +167,8 @@ class TunnelConnection:
                 for event in events:
                     self._on_event(event)
             except h2.exceptions.ProtocolError as error:
+                if self.closing:
+                    return  # frames the peer sent before it saw our GOAWAY: nothing wrong
                 code = ErrorCodes.ENHANCE_YOUR_CALM if isinstance(error, h2.exceptions.DenialOfServiceError) \
                     else getattr(error, "error_code", ErrorCodes.PROTOCOL_ERROR)
                 self._fail(f"HTTP/2 protocol error: {error}", code)
@@ -208,18 +210,25 @@ class TunnelConnection:
     async def _ping_loop(self) -> None:
         while not self.closing:
             await trio.sleep(self.limits.ping_interval_s)
-            self._pong = trio.Event()
-            try:
-                self.h2.ping(os.urandom(8))
-            except h2.exceptions.ProtocolError:
-                return
-            self._wake_writer()
             with trio.move_on_after(self.limits.ping_timeout_s):
-                await self._pong.wait()
+                await self._round_trip()
                 continue
             self._close(f"no answer to a ping within {self.limits.ping_timeout_s:g}s", goaway=False)
             self._stop()
             return
+
+    async def _round_trip(self) -> None:
+        """Send a PING and wait for its answer (or for the connection to close)."""
+        payload = os.urandom(8)
+        pong = self._pings[payload] = trio.Event()
+        try:
+            self.h2.ping(payload)
+            self._wake_writer()
+            await wait_any(pong, self.closed)
+        except h2.exceptions.ProtocolError:
+            return
+        finally:
+            self._pings.pop(payload, None)
 
     def _stop(self) -> None:
         if self._scope is not None:
@@ -288,7 +297,9 @@ class TunnelConnection:
         elif isinstance(event, h2.events.PingReceived):
             self._count_control("PING")
         elif isinstance(event, h2.events.PingAckReceived):
-            self._pong.set()
+            pong = self._pings.pop(event.ping_data or b"", None)
+            if pong is not None:
+                pong.set()
         elif isinstance(event, h2.events.ConnectionTerminated):
             detail = event.additional_data.decode(errors="replace") if event.additional_data else ""
             self._close(f"the peer closed the tunnel ({_code_name(event.error_code)}{': ' + detail if detail else ''})",
@@ -409,10 +420,15 @@ class TunnelConnection:
 
     async def drain(self, message: str, timeout_s: float) -> None:
         """Tell the client to open no new streams (`message` says why), wait up to `timeout_s`
-        for the streams in flight to finish, then close."""
+        for the streams in flight to finish, then close.
+
+        A ping follows the message: its answer comes after the client read the message, so by
+        then every stream it opened before knowing has arrived and is waited for too (the same
+        barrier HTTP/2 servers use with GOAWAY)."""
         self.draining = True
         self.send_control(message)
         with trio.move_on_after(timeout_s):
+            await self._round_trip()
             while self.streams and not self.closing:
                 await self._idle_lot.park()
         self.close("drained")
@@ -498,6 +514,18 @@ class StreamRefused(TunnelError):
     def __init__(self, authority: str, status: str) -> None:
         self.status = status
         super().__init__(f"the node refused a stream to {authority} (status {status})")
+
+
+async def wait_any(*events: trio.Event) -> None:
+    """Return as soon as any of `events` is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+            nursery.start_soon(_wait_and_cancel, event, nursery.cancel_scope)
+
+
+async def _wait_and_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def _code_name(code: int | None) -> str:
