@@ -74,10 +74,22 @@ def _gpus(gpus: list[dict[str, Any]]) -> str:
 
 
 def node_table(nodes: list[dict[str, Any]]) -> str:
-    return columns(("NAME", "STATE", "ADDRESS", "REPLICAS", "LAST SEEN", "AGE", "GPUS"), [
-        (n["name"], n["state"] + ("" if n.get("schedulable", True) else ",cordoned"), n["address"],
+    return columns(("NAME", "STATE", "DATA PLANE", "ADDRESS", "REPLICAS", "LAST SEEN", "AGE", "GPUS"), [
+        (n["name"], n["state"] + ("" if n.get("schedulable", True) else ",cordoned"), _data_plane(n),
+         n["address"] if n.get("data_plane") != "tunnel" else "-",
          str(n["replicas"]), f"{n['last_seen_s']:g}s ago" if n.get("last_seen_s") is not None else "-",
          age(n.get("joined_at")), _gpus(n["gpus"])) for n in nodes])
+
+
+def _data_plane(node: dict[str, Any]) -> str:
+    """`tunnel (2 proxies)`, or `direct`."""
+    plane = str(node.get("data_plane") or "direct")
+    if plane != "tunnel":
+        return plane
+    count = node.get("tunnels")
+    if count is None:
+        return "tunnel"
+    return f"tunnel ({count} prox{'y' if count == 1 else 'ies'})"
 
 
 def replica_table(replicas: list[dict[str, Any]]) -> str:

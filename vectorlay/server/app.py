@@ -38,6 +38,8 @@ from vectorlay.server.route_feed import RouteFeed
 from vectorlay.server.secrets_box import SecretBox
 from vectorlay.server.store import Store, open_store, ops
 from vectorlay.server.store.engine import describe_url, sqlite_url
+from vectorlay.server.tunnel_ca import TunnelCa
+from vectorlay.server.tunnels import TunnelService
 from vectorlay.tls import ServerTls
 from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, serve
 
@@ -115,6 +117,8 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
     await controller.restore_liveness(grace)
     auth = Authenticator(store, fleet, wall_clock, config.tls.pin if config.tls else None)
     feed = RouteFeed(controller)
+    tunnel_ca = await trio.to_thread.run_sync(TunnelCa.in_state_dir, config.state_dir)
+    tunnels = TunnelService(tunnel_ca, controller, feed, wall_clock)
     api = Api(controller, auth, feed)
     admin_token, created = await _bootstrap_admin_token(config, store, auth, snapshot.meta)
     log.info("state: %s; %d node(s), %d cluster(s), %d replica(s)", describe_url(config.database_url),
@@ -143,11 +147,15 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
             if isinstance(first, Join):
                 await handle_join(link, first, auth, controller)
             elif isinstance(first, NodeHello):
-                await handle_hello(link, first, auth, controller, config.heartbeat_interval_s)
+                await handle_hello(link, first, auth, controller, config.heartbeat_interval_s, tunnels)
             elif isinstance(first, ProxyHello):
                 record = await auth.check_token(first.token, frozenset({Role.PROXY, Role.ADMIN}))
+                credential = tunnels.proxy_credential(first)
                 await link.send(Ready("proxy"))
-                await _until_revoked(auth, record, link, partial(feed.serve, link, first.url_template))
+                if credential is not None:
+                    await link.send(credential)
+                with tunnels.proxy_connected(first, link):
+                    await _until_revoked(auth, record, link, partial(feed.serve, link, first.url_template))
             elif isinstance(first, ClientHello):
                 record = await auth.check_token(first.token, frozenset({Role.ADMIN, Role.DEPLOYER}))
                 await link.send(Ready(record.role.value))
@@ -156,6 +164,9 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
         except AuthError as error:
             log.warning("refused %s on %s: %s", link.remote, path, error)
             await link.close(CLOSE_POLICY, str(error))
+        except ProtocolError as error:  # a tunnel certificate request we will not sign
+            log.warning("refused %s on %s: %s", link.remote, path, error)
+            await link.reject(error)
         except LinkClosed:
             pass
 
@@ -163,6 +174,7 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
         nursery.start_soon(auth.sessions.close_expired, wall_clock)
         await nursery.start(controller.run)
         await nursery.start(feed.run)
+        await nursery.start(tunnels.run)
         ssl_context = config.tls.context() if config.tls else None
         server = await nursery.start(serve, handle, config.host, config.port, PATHS, ssl_context)
         port = server.port

@@ -551,8 +551,8 @@ class Controller:
             fleet.liveness[record.id] = health.on_connect(now)
             batch = _Batch(fleet, self.wall_clock())
             known = fleet.nodes[record.id]
-            if (record.gpus, record.address, record.runtimes, record.isolation) != (
-                    known.gpus, known.address, known.runtimes, known.isolation):
+            if (record.gpus, record.address, record.runtimes, record.isolation, record.data_plane) != (
+                    known.gpus, known.address, known.runtimes, known.isolation, known.data_plane):
                 batch.put_node(replace(record, state=NodeState.READY, last_seen_at=self.wall_clock()))
             # Otherwise nothing to write now: the state change is persisted with the next batch,
             # which keeps a reconnect storm of thousands of nodes from being thousands of commits.

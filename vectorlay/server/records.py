@@ -37,6 +37,7 @@ class NodeRecord:
     generation: int = 0  # fencing generation of this node's desired state
     draining: bool = False  # its replicas move elsewhere (new copies ready first)
     isolation: tuple[str, ...] = ()  # isolation levels its container runtime offers
+    data_plane: str = "direct"  # how proxies reach its replicas: "tunnel" or "direct"
 
     def as_node(self, state: NodeState, gpus_healthy: bool = True) -> Node:
         return Node(self.id, self.name, self.gpus, self.address, state, self.schedulable, self.runtimes,

@@ -213,9 +213,11 @@ class Stack:
         return fresh
 
     def start_proxy(self, *extra: str) -> tuple[Proc, int]:
+        """A proxy accepting tunnels on a free loopback port (unless `extra` says otherwise)."""
         token = self.token("proxy", "--ttl", "0")
+        tunnel = [] if any(arg.startswith("--tunnel-listen") for arg in extra) else ["--tunnel-listen", "127.0.0.1:0"]
         proc = self._spawn(f"proxy-{len(self.procs)}", ["proxy", "--server", self.server_url, "--token", token,
-                                                        "--listen", "127.0.0.1:0", *extra])
+                                                        "--listen", "127.0.0.1:0", *tunnel, *extra])
         self.procs.append(proc)
         match = proc.wait_log(r"proxy listening on http://127\.0\.0\.1:(\d+)")
         return proc, int(match.group(1))

@@ -96,8 +96,9 @@ def spawn_proxy(root: Path, server_url: str, *extra: str, name: str = "proxy") -
     The port comes from the proxy's own log line, so `--listen 127.0.0.1:0` can pick a free one."""
     root.mkdir(parents=True, exist_ok=True)
     log_path = root / f"{name}.log"
+    tunnel = [] if any(arg.startswith("--tunnel-listen") for arg in extra) else ["--tunnel-listen", "127.0.0.1:0"]
     argv = [sys.executable, "-m", "vectorlay", "proxy", "--server", server_url, "--token", "scripted",
-            "--listen", "127.0.0.1:0", *extra]
+            "--listen", "127.0.0.1:0", *tunnel, *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "VECTORLAY_CONFIG": str(root / "client-config.json")}
     with log_path.open("ab") as handle:
         popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,

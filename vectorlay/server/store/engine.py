@@ -224,6 +224,7 @@ def _node(row: Any) -> NodeRecord:
         runtimes=tuple(json.loads(row.runtimes)), joined_at=row.joined_at, last_seen_at=row.last_seen_at,
         state=NodeState(row.state), schedulable=bool(row.schedulable), next_seq=row.next_seq,
         generation=row.generation, draining=bool(row.draining), isolation=tuple(json.loads(row.isolation)),
+        data_plane=row.data_plane,
     )
 
 
@@ -310,7 +311,7 @@ def _node_row(op: ops.PutNode) -> dict[str, Any]:
         "address": n.address, "runtimes": json.dumps(list(n.runtimes)), "joined_at": n.joined_at,
         "last_seen_at": n.last_seen_at, "state": n.state.value, "schedulable": n.schedulable,
         "next_seq": n.next_seq, "generation": n.generation, "draining": n.draining,
-        "isolation": json.dumps(list(n.isolation)),
+        "isolation": json.dumps(list(n.isolation)), "data_plane": n.data_plane,
     }
 
 

@@ -98,4 +98,11 @@ def _migration_4(conn: Connection) -> None:
     v4.create_all(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
+def _migration_5(conn: Connection) -> None:
+    """Nodes reached through their own tunnels: each node's data plane (nodes that joined before
+    it were all dialled directly)."""
+    conn.execute(text("ALTER TABLE vl_nodes ADD COLUMN data_plane VARCHAR(16) NOT NULL DEFAULT 'direct'"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
+                                                  _migration_5]

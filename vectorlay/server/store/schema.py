@@ -60,6 +60,7 @@ nodes = Table(
     Column("generation", Integer, nullable=False),
     Column("draining", Boolean, nullable=False, default=False),  # migration 2
     Column("isolation", Text, nullable=False, default="[]"),  # migration 3
+    Column("data_plane", String(16), nullable=False, default="direct"),  # migration 5
 )
 
 clusters = Table(
