@@ -180,3 +180,25 @@ async def test_corrupt_local_state_never_leaves_two_copies(tmp_path: Path, runti
         await trio.sleep(1)
         assert len(runtime.running("echo-a")) == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_the_tunnels_reach_only_replicas_running_here_now(tmp_path: Path, runtime: FakeRuntime,
+                                                                autojump_clock: trio.testing.MockClock) -> None:
+    identity = NodeIdentity("n-1", "n1", "127.0.0.1", data_plane="tunnel")
+    supervisor = Supervisor(runtime, tmp_path, identity, lambda report: None, probe=runtime.probe)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        assert supervisor.local_address("echo-a") is None  # not given to this node
+        supervisor.apply_command(start(1))
+        await trio.sleep(1)
+        [process] = runtime.running()
+        assert supervisor.local_address("echo-a") == ("127.0.0.1", process.request.host_port)
+        # Behind tunnels a process replica is told to listen on loopback only.
+        assert process.request.env["VECTORLAY_HOST"] == "127.0.0.1"
+        assert supervisor.local_address("echo-b") is None
+        supervisor.apply_command(stop(2))
+        assert supervisor.local_address("echo-a") is None  # being stopped: no new streams to it
+        await trio.sleep(1)
+        assert supervisor.local_address("echo-a") is None
+        nursery.cancel_scope.cancel()
+    assert NodeIdentity("n-1", "n1", "10.0.0.1", data_plane="direct").listen_host == "0.0.0.0"
