@@ -304,7 +304,8 @@ async def attack(frames: bytes, client_side_victim: bool = False, limits: Tunnel
 
 
 def goaway(heard: list[h2.events.Event]) -> h2.events.ConnectionTerminated:
-    return next(e for e in heard if isinstance(e, h2.events.ConnectionTerminated))
+    [terminated] = [e for e in heard if isinstance(e, h2.events.ConnectionTerminated)]  # one, not two
+    return terminated
 
 
 async def test_garbage_instead_of_http2_closes_the_connection(caplog: pytest.LogCaptureFixture) -> None:
@@ -397,3 +398,22 @@ async def test_one_bad_peer_leaves_the_others_working() -> None:
         await stream.send_all(b"fine")
         await stream.send_eof()
         assert await read_all(stream) == b"FINE"
+
+
+async def test_an_overlong_frame_is_refused_before_it_is_buffered() -> None:
+    # A DATA frame header announcing 16 MiB, then a trickle: h2 alone would wait for all of it.
+    header = (16 * 1024 * 1024 - 1).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
+    victim, heard = await attack(connect_headers(1) + header + b"x" * 1000)
+    assert "a frame of 16777215 bytes announced" in victim.close_reason
+    assert goaway(heard).error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+async def test_a_peer_breaking_the_rules_in_its_first_read_ends_the_handshake() -> None:
+    """SETTINGS and a flood in one read: the tunnel never counts as started (its opener gets
+    TunnelError, not an internal error)."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    victim = TunnelConnection(theirs, client_side=True)
+    await ours.send_all(settings() * 3000)
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(TunnelError, match="closed during the handshake: flood of control frames"):
+            await nursery.start(victim.run)

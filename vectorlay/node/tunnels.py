@@ -359,6 +359,11 @@ def _load(state_dir: Path | None) -> dict[str, Any]:
 def _reason(error: BaseException) -> str:
     if isinstance(error, trio.TooSlowError):
         return "timed out"
+    cause = error.__cause__
+    while isinstance(cause, BaseExceptionGroup):  # trio's "all attempts to connect failed"
+        cause = cause.exceptions[0]
+    if isinstance(cause, OSError):
+        error = cause
     if isinstance(error, OSError):
         return error.strerror or str(error)
     return str(error)

@@ -23,6 +23,9 @@ import time
 from collections.abc import Callable
 from functools import partial
 
+import h2.config
+import h2.connection
+import h2.errors
 import trio
 
 from vectorlay.core.protocol import AdmittedNodes, TunnelCredential
@@ -38,6 +41,7 @@ log = logging.getLogger("vectorlay.proxy")
 RESTART_GRACE_S = 10.0
 SWEEP_INTERVAL_S = 1.0  # restart graces, idle tunnels and expired certificates are checked this often
 ACCEPT_BACKOFF_S = 0.1
+REFUSE_TIMEOUT_S = 1.0
 ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -169,6 +173,7 @@ class TunnelHub:
         if node_id not in self.admitted:
             self.refused += 1
             log.warning("tunnel from %s refused: node %s is not admitted by the server", peer, node_id)
+            await _refuse(tls, f"node {node_id} is not admitted by the server")
             return
         connection = TunnelConnection(tls, client_side=True, limits=self.limits, peer=_peer(node_id))
         connection.on_control = partial(self._on_control, node_id, connection)
@@ -179,7 +184,8 @@ class TunnelHub:
                     await nursery.start(connection.run)
                 except TunnelError as error:
                     self.refused += 1
-                    log.warning("tunnel from %s (node %s) failed: %s", peer, node_id, error)
+                    if not connection.failure_logged:
+                        log.warning("tunnel from %s (node %s) failed: %s", peer, node_id, error)
                     return
                 self.accepted += 1
                 self._up(node_id, connection, peer)
@@ -309,6 +315,19 @@ class TunnelHub:
 
     def _live(self) -> list[TunnelConnection]:
         return [*self.tunnels.values(), *self._retired]
+
+
+async def _refuse(tls: trio.SSLStream[trio.SocketStream], reason: str) -> None:
+    """Say why in an HTTP/2 GOAWAY (the node logs it), then close."""
+    refusal = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    refusal.initiate_connection()
+    refusal.close_connection(h2.errors.ErrorCodes.REFUSED_STREAM, additional_data=reason.encode())
+    with trio.move_on_after(REFUSE_TIMEOUT_S):
+        try:
+            await tls.send_all(refusal.data_to_send())
+            await tls.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
 
 
 def _peer(node_id: str) -> str:

@@ -332,6 +332,27 @@ spec:
 """
 
 
+UPSTREAM_MANIFEST = """\
+apiVersion: vectorlay.dev/v1
+kind: Cluster
+metadata:
+  name: {name}
+spec:
+  replicas: {replicas}
+  runtime: process
+  command: [{python}, "-m", "vectorlay.testing.upstreams", "--port", "${{PORT}}", "--host", "{host}",
+            "--name", "${{VECTORLAY_REPLICA}}"]
+  port: 8000
+  health: {{path: /healthz, interval: 500ms, timeout: 400ms}}
+"""
+
+
+def upstream_manifest(name: str = "up", replicas: int = 1, host: str = "${VECTORLAY_HOST}") -> str:
+    """A cluster of scripted replicas (`vectorlay.testing.upstreams`): echoes with the request's
+    body size, `/stream` (SSE), `/bytes?n=N` (a large body)."""
+    return UPSTREAM_MANIFEST.format(name=name, replicas=replicas, python=json.dumps(sys.executable), host=host)
+
+
 def tinylm_manifest(name: str = "echo", replicas: int = 2, gpu: str = '{type: "RTX 4090", count: 1}',
                     reschedule_after: str = "30s", extra_args: Sequence[str] = ()) -> str:
     extra = "".join(f', "{a}"' for a in extra_args)

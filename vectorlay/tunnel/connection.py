@@ -98,9 +98,11 @@ class TunnelConnection:
         self.h2.max_inbound_frame_size = limits.max_frame_size
         self.h2.decoder.max_header_list_size = limits.max_header_list_size
         self.streams: dict[int, StreamState] = {}
-        self.ready = False
+        self.ready = False  # the peer's SETTINGS arrived
+        self.started = False  # ...and `run` told its caller so (nothing broke in that same read)
         self.closing = False
         self.close_reason = ""
+        self.failure_logged = False  # the peer broke a rule, and a line says so
         self.closed = trio.Event()
         self.draining = False  # no new streams: set by a `drain` control message (client) or `drain` (server)
         self.on_control: Callable[[str], None] | None = None  # control messages, client side
@@ -142,7 +144,7 @@ class TunnelConnection:
                     await self.transport.aclose()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
-        if not self.ready:
+        if not self.started:
             raise TunnelError(f"closed during the handshake: {self.close_reason}")
 
     async def _handshake_deadline(self) -> None:
@@ -151,7 +153,6 @@ class TunnelConnection:
             self._close(f"no HTTP/2 settings within {self.limits.handshake_timeout_s:g}s", ErrorCodes.SETTINGS_TIMEOUT)
 
     async def _read_loop(self, task_status: trio.TaskStatus[None]) -> None:
-        started = False
         while not self.closing:
             try:
                 data = await self.transport.receive_some(READ_SIZE)
@@ -166,6 +167,7 @@ class TunnelConnection:
                 events = self.h2.receive_data(data)
                 for event in events:
                     self._on_event(event)
+                self._check_partial_frame()
             except h2.exceptions.ProtocolError as error:
                 if self.closing:
                     return  # frames the peer sent before it saw our GOAWAY: nothing wrong
@@ -177,8 +179,8 @@ class TunnelConnection:
                 self._fail(str(abuse), ErrorCodes.ENHANCE_YOUR_CALM)
                 return
             self._wake_writer()
-            if self.ready and not started:
-                started = True
+            if self.ready and not self.started:
+                self.started = True
                 task_status.started()
                 if self.client_side:
                     self._open_control()
@@ -244,7 +246,9 @@ class TunnelConnection:
         self._close(reason, error_code)
 
     def _fail(self, reason: str, error_code: int) -> None:
-        log.warning("tunnel %s: %s; closing it", self.peer, reason)
+        if not self.closing:
+            log.warning("tunnel %s: %s; closing it", self.peer, reason)
+            self.failure_logged = True
         self._close(reason, error_code)
 
     def _close(self, reason: str, error_code: int = ErrorCodes.NO_ERROR, goaway: bool = True) -> None:
@@ -252,11 +256,12 @@ class TunnelConnection:
             return
         self.closing = True
         self.close_reason = reason
-        if goaway:
+        # h2 sends a GOAWAY itself for some errors it detects; one is enough.
+        if goaway and self.h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
             try:
                 self.h2.close_connection(error_code, additional_data=reason.encode()[:200])
             except h2.exceptions.ProtocolError:
-                pass  # already closed on the h2 side (the peer's GOAWAY)
+                pass
         for state in self.streams.values():
             state.break_(f"tunnel closed: {reason}")
         self._idle_lot.unpark_all()
@@ -308,6 +313,15 @@ class TunnelConnection:
             raise _Abuse(f"unexpected {type(event).__name__} on stream {event.stream_id}")
         elif isinstance(event, h2.events.PriorityUpdated | h2.events.UnknownFrameReceived):
             self._count_control(type(event).__name__)
+
+    def _check_partial_frame(self) -> None:
+        """h2 checks a frame's length only once the whole frame is buffered: a peer announcing a
+        16 MiB frame would make it buffer 16 MiB first. What h2 keeps after a read is the start of
+        the next frame: refuse it as soon as its header says it is too long."""
+        pending = getattr(self.h2.incoming_buffer, "_data", b"")
+        if len(pending) >= 9 and int.from_bytes(pending[:3], "big") > self.limits.max_frame_size:
+            raise _Abuse(f"a frame of {int.from_bytes(pending[:3], 'big')} bytes announced "
+                         f"(the limit is {self.limits.max_frame_size})")
 
     def _count_control(self, kind: str) -> None:
         allowed, self._budget = self._budget.take(trio.current_time())
