@@ -342,3 +342,23 @@ async def test_a_client_that_stops_reading_makes_the_node_stop_reading_its_repli
             got += len(await stream.receive_some(65536))
         await until(lambda: produced > stalled_at)  # reading lets it go on
         await stream.aclose()
+
+
+async def test_a_replaced_tunnel_is_closed_once_its_streams_are_done(tmp_path: Path) -> None:
+    """A second tunnel for the same node (its key in another program, or an agent that restarted
+    without closing its old one) becomes the current one; the old one is closed when idle."""
+    async with edge(tmp_path) as e:
+        await e.start_node("n-1", Ports({"r1": await serve_replica(e.nursery, FakeReplica("r1", delay_s=1))}))
+        await until(lambda: "n-1" in e.hub.tunnels)
+        first = e.hub.tunnels["n-1"]
+        busy = await e.hub.open_stream("n-1", "r1")  # a stream in flight on it
+        second = NodeTunnels("n-1", Ports())
+        second.set_credential(e.credential("n-1", second))
+        second.set_proxies(TunnelProxies((TunnelProxy(e.hub.proxy_id, e.hub.address),)))
+        e.nursery.start_soon(second.run)
+        await until(lambda: e.hub.tunnels.get("n-1") not in (None, first))
+        await trio.sleep(0.5)
+        assert not first.closing  # it still carries a stream
+        await busy.aclose()
+        await until(lambda: first.closing)
+        assert first.close_reason == "replaced by a newer tunnel from the same node"

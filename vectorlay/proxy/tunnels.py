@@ -39,6 +39,9 @@ log = logging.getLogger("vectorlay.proxy")
 # How long a restarting node's replicas stay routed without a tunnel: an agent restart (process
 # start, preflight checks, server hello, tunnel handshake) takes one to three seconds.
 RESTART_GRACE_S = 10.0
+# A tunnel replaced by a newer one from the same node finishes its streams, then the proxy closes
+# it; this long at most (the proxy's default upstream timeout: a streamed response may last that).
+RETIRE_MAX_S = 300.0
 SWEEP_INTERVAL_S = 1.0  # restart graces, idle tunnels and expired certificates are checked this often
 ACCEPT_BACKOFF_S = 0.1
 REFUSE_TIMEOUT_S = 1.0
@@ -65,6 +68,7 @@ class TunnelHub:
         self.on_drain: list[Callable[[str], None]] = []  # a node's tunnel stops taking new streams
         self._waiters: dict[str, trio.Event] = {}  # requests waiting for a node's tunnel
         self._retired: set[TunnelConnection] = set()  # replaced, finishing their streams
+        self._nursery: trio.Nursery | None = None
         # Metrics (totals over tunnels that closed, plus the live ones when rendered).
         self.accepted = 0
         self.refused = 0
@@ -116,6 +120,7 @@ class TunnelHub:
     async def serve(self, listeners: list[trio.SocketListener],
                     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._sweep)
             for listener in listeners:
                 nursery.start_soon(self._accept_loop, listener, nursery)
@@ -204,9 +209,11 @@ class TunnelHub:
         self.tunnels[node_id] = connection
         self.restarting.pop(node_id, None)
         if old is not None:
-            old.draining = True  # replaced: it finishes its streams and the node closes it
+            old.draining = True  # replaced: nothing new goes to it
             self._retired.add(old)
             self._drained(node_id)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._retire, old)
             log.info("tunnel from node %s (%s) replaced its previous one", node_id, peer)
         else:
             log.info("tunnel from node %s (%s) is up", node_id, peer)
@@ -225,6 +232,14 @@ class TunnelHub:
                      connection.close_reason)
             self._set_unreachable(node_id)
         self._wake(node_id)
+
+    async def _retire(self, connection: TunnelConnection) -> None:
+        """Close a replaced tunnel once its streams are done. The node closes it itself when it
+        renewed its certificate; another program holding its key (or an agent that restarted
+        without closing its old tunnel) learns this way that its tunnel is not the current one."""
+        with trio.move_on_after(RETIRE_MAX_S):
+            await connection.wait_idle()
+        connection.close("replaced by a newer tunnel from the same node")
 
     def _on_control(self, node_id: str, connection: TunnelConnection, message: str) -> None:
         if not message.startswith("drain"):

@@ -432,6 +432,11 @@ class TunnelConnection:
             return  # window exhausted (the client reads it at once) or stream gone
         self._wake_writer()
 
+    async def wait_idle(self) -> None:
+        """Return once no stream is open (or the connection is closing)."""
+        while self.streams and not self.closing:
+            await self._idle_lot.park()
+
     async def drain(self, message: str, timeout_s: float) -> None:
         """Tell the client to open no new streams (`message` says why), wait up to `timeout_s`
         for the streams in flight to finish, then close.
@@ -443,8 +448,7 @@ class TunnelConnection:
         self.send_control(message)
         with trio.move_on_after(timeout_s):
             await self._round_trip()
-            while self.streams and not self.closing:
-                await self._idle_lot.park()
+            await self.wait_idle()
         self.close("drained")
         with trio.move_on_after(CLOSE_FLUSH_S):
             await self.closed.wait()  # the message and the GOAWAY are out
