@@ -114,6 +114,7 @@ class Stack:
     admin_token: str = ""
     server: Proc | None = None
     tls: bool = False  # the server makes its own CA (--tls auto); every link is wss://, tokens pinned
+    listen_host: str = "127.0.0.1"  # where the server listens (the CLI always uses 127.0.0.1)
 
     @property
     def server_url(self) -> str:
@@ -147,7 +148,7 @@ class Stack:
     def start_server(self, port: int | None = None, env: dict[str, str] | None = None) -> Proc:
         """Start (or restart, keeping the state dir and port) the server."""
         listen_port = self.server_port if port is None else port
-        args = ["server", "--listen", f"127.0.0.1:{listen_port}", "--state-dir", str(self.root / "server"),
+        args = ["server", "--listen", f"{self.listen_host}:{listen_port}", "--state-dir", str(self.root / "server"),
                 "--heartbeat-interval", self.heartbeat, *self.extra_server_args]
         if self.db_url:
             args += ["--db", self.db_url]
@@ -156,7 +157,7 @@ class Stack:
         offset = len(self.server.log()) if self.server is not None else 0
         proc = self._spawn("server", args, env={**self.server_env, **(env or {})})
         self.procs.append(proc)
-        regex = re.compile(r"listening on wss?://127\.0\.0\.1:(\d+)")
+        regex = re.compile(rf"listening on wss?://{re.escape(self.listen_host)}:(\d+)")
         match = wait_for(lambda: regex.search(proc.log()[offset:]) if proc.alive else _exited(proc),
                          START_TIMEOUT_S, message="the server to listen")
         self.server_port = int(match.group(1))
