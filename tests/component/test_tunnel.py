@@ -417,3 +417,25 @@ async def test_a_peer_breaking_the_rules_in_its_first_read_ends_the_handshake() 
     async with trio.open_nursery() as nursery:
         with pytest.raises(TunnelError, match="closed during the handshake: flood of control frames"):
             await nursery.start(victim.run)
+
+
+async def test_a_stream_closed_with_unread_data_gives_its_window_back(autojump_clock: trio.testing.MockClock) -> None:
+    """Bytes received but never read still count against the connection's window until the
+    stream is released: a proxy dropping streams with unread answers must not starve the rest."""
+    limits = TunnelLimits(max_streams=2, stream_window=64 * 1024)  # a 128 KiB connection window
+
+    async def answer(incoming: IncomingStream) -> None:
+        stream = incoming.accept()
+        await stream.send_all(b"a" * (60 * 1024))
+        await stream.send_eof()
+
+    async with tunnel(answer, limits) as (proxy, _):
+        for _ in range(10):
+            stream = await proxy.open_stream("big")
+            with trio.fail_after(10):
+                while sum(len(c) for c in proxy.streams[stream.stream_id].chunks) < 60 * 1024:
+                    await trio.sleep(0.1)
+            await stream.aclose()  # nothing read
+        last = await proxy.open_stream("big")
+        with trio.fail_after(10):
+            assert len(await read_all(last)) == 60 * 1024

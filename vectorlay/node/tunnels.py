@@ -36,6 +36,7 @@ from vectorlay.errors import TunnelError
 from vectorlay.files import write_private
 from vectorlay.tunnel import IncomingStream, TunnelConnection, TunnelLimits, TunnelStream, identity
 from vectorlay.tunnel.connection import wait_any
+from vectorlay.tunnel.tls import TlsSocketStream
 
 log = logging.getLogger("vectorlay.node")
 
@@ -246,9 +247,9 @@ class NodeTunnels:
         host, _, port = proxy.address.rpartition(":")
         with trio.fail_after(self.limits.handshake_timeout_s):
             tcp = await trio.open_tcp_stream(host.strip("[]"), int(port))
-            tls = trio.SSLStream(tcp, credential.context, server_hostname=identity.proxy_hostname(proxy.id))
             try:
-                await tls.do_handshake()
+                tls = await TlsSocketStream.wrap(tcp, credential.context, server_side=False,
+                                                 server_hostname=identity.proxy_hostname(proxy.id))
             except trio.BrokenResourceError as error:
                 await tcp.aclose()
                 raise TunnelError(f"TLS failed: {error.__cause__ or error}") from None
@@ -256,13 +257,14 @@ class NodeTunnels:
                                       peer=f"proxy {proxy.id}", ping=True)
         assert self._nursery is not None
         await self._nursery.start(self._run_connection, connection)
+        # Up: from now on it must outlive the node's own cancellation long enough to drain (see
+        # `run`). Until now a stop simply abandoned it.
+        self._connection_scopes[connection].shield = True
         return connection
 
     async def _run_connection(self, connection: TunnelConnection,
                               *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run a tunnel in a shielded scope: on shutdown it must outlive the cancellation long
-        enough to drain (see `run`)."""
-        with trio.CancelScope(shield=True) as scope:
+        with trio.CancelScope() as scope:
             self._connection_scopes[connection] = scope
             try:
                 await connection.run(task_status=task_status)
@@ -314,11 +316,12 @@ async def check_proxies(state_dir: Path, timeout_s: float = 5.0) -> list[ProxyRe
         try:
             with trio.fail_after(timeout_s):
                 tcp = await trio.open_tcp_stream(host.strip("[]"), int(port))
-                tls = trio.SSLStream(tcp, context, server_hostname=identity.proxy_hostname(proxy.id))
                 try:
-                    await tls.do_handshake()
+                    tls = await TlsSocketStream.wrap(tcp, context, server_side=False,
+                                                     server_hostname=identity.proxy_hostname(proxy.id))
                 finally:
                     await tcp.aclose()
+                await tls.aclose()
         except trio.BrokenResourceError as error:
             results.append(ProxyReach(proxy, False, f"TLS failed: {error.__cause__ or error}"))
         except (OSError, ValueError, trio.TooSlowError) as error:

@@ -33,6 +33,7 @@ from vectorlay.errors import TunnelError
 from vectorlay.proxy.http import Proxy
 from vectorlay.proxy.routing import RouteTable
 from vectorlay.tunnel import TunnelConnection, TunnelLimits, TunnelStream, identity
+from vectorlay.tunnel.tls import TlsSocketStream
 
 log = logging.getLogger("vectorlay.proxy")
 
@@ -155,10 +156,9 @@ class TunnelHub:
             self.refused += 1
             log.warning("tunnel from %s refused: no tunnel certificate from the server yet", peer)
             return
-        tls = trio.SSLStream(raw, context, server_side=True)
         with trio.move_on_after(self.limits.handshake_timeout_s) as scope:
             try:
-                await tls.do_handshake()
+                tls = await TlsSocketStream.wrap(raw, context, server_side=True)
             except trio.BrokenResourceError as error:
                 self.refused += 1
                 log.warning("tunnel from %s refused: TLS failed (%s)", peer, error.__cause__ or error)
@@ -276,7 +276,9 @@ class TunnelHub:
                         self._set_unreachable(node_id)
             wall = self.wall_clock()
             for connection in [*self.tunnels.values(), *self._retired]:
-                if now - connection.last_received > self.limits.idle_timeout_s:
+                if connection.check_stall(now):
+                    log.warning("%s read nothing for %gs; closed it", connection.peer, self.limits.send_stall_s)
+                elif now - connection.last_received > self.limits.idle_timeout_s:
                     log.warning("%s said nothing for %gs; closing it", connection.peer, self.limits.idle_timeout_s)
                     connection.close("idle")
                 elif self.expiry.get(connection, float("inf")) <= wall:
@@ -332,7 +334,7 @@ class TunnelHub:
         return [*self.tunnels.values(), *self._retired]
 
 
-async def _refuse(tls: trio.SSLStream[trio.SocketStream], reason: str) -> None:
+async def _refuse(tls: TlsSocketStream, reason: str) -> None:
     """Say why in an HTTP/2 GOAWAY (the node logs it), then close."""
     refusal = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     refusal.initiate_connection()

@@ -9,6 +9,9 @@ tests can point a real proxy at it and steer it. What it answers depends on the 
 - ``/hold``: waits until `release` is set, then answers (a request in flight for as long as the
   test wants).
 - ``/bytes?n=N``: a body of N bytes (a large download).
+- ``/clock-stream?n=N&interval_ms=M``: N server-sent events M ms apart, each carrying the time it
+  was written (CLOCK_MONOTONIC in ns, one clock for every process on the machine), to measure how
+  late events arrive.
 - anything else: 200 (or `status`, changeable at any time) with a JSON echo of the request: the
   replica's name, method, path, headers and body size.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+import time
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -102,6 +106,13 @@ class ScriptedUpstream(BackgroundLoop):
             if await self._hold(stream):
                 await _send(conn, stream, h11.Data(data=b"data: last\n\n"))
                 await _send(conn, stream, h11.EndOfMessage())
+        elif url.path == "/clock-stream":
+            await _send(conn, stream, h11.Response(status_code=200, headers=[*base, *_SSE]))
+            for i in range(int(query.get("n", "10"))):
+                if i:
+                    await trio.sleep(float(query.get("interval_ms", "20")) / 1000)
+                await _send(conn, stream, h11.Data(data=b"data: %d\n\n" % time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
+            await _send(conn, stream, h11.EndOfMessage())
         elif url.path == "/bytes":
             size = int(query.get("n", "0"))
             headers = [*base, (b"content-type", b"application/octet-stream"), (b"content-length", str(size).encode())]

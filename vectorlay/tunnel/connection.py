@@ -46,6 +46,7 @@ READ_SIZE = 256 * 1024
 CONTROL_AUTHORITY = "control.vectorlay"  # replica ids are DNS labels: never one with a dot
 MAX_CONTROL_LINE = 256
 CLOSE_FLUSH_S = 1.0  # how long a closing connection may spend sending its GOAWAY
+ACK_BATCH = 16 * 1024
 ErrorCodes = h2.errors.ErrorCodes
 
 StreamHandler = Callable[["IncomingStream"], Awaitable[None]]
@@ -98,6 +99,9 @@ class TunnelConnection:
         self.h2.max_inbound_frame_size = limits.max_frame_size
         self.h2.decoder.max_header_list_size = limits.max_header_list_size
         self.streams: dict[int, StreamState] = {}
+        # Read bytes are acknowledged in batches this large; a quarter of the window at most, so
+        # the sender never waits on the batching.
+        self._ack_batch = min(ACK_BATCH, limits.stream_window // 4)
         self.ready = False  # the peer's SETTINGS arrived
         self.started = False  # ...and `run` told its caller so (nothing broke in that same read)
         self.closing = False
@@ -114,6 +118,7 @@ class TunnelConnection:
         self._control_buffer = b""
         self._budget = TokenBucket.full(limits.control_frames_per_s, limits.control_frame_burst, trio.current_time())
         self._writer_lot = trio.lowlevel.ParkingLot()
+        self.writing_since: float | None = None  # when the writer task began waiting on a write
         self._idle_lot = trio.lowlevel.ParkingLot()  # streams finished: for drain()
         self._pings: dict[bytes, trio.Event] = {}  # our pings waiting for an answer, by payload
         self._scope: trio.CancelScope | None = None
@@ -188,30 +193,46 @@ class TunnelConnection:
                     self._nursery.start_soon(self._ping_loop)
 
     async def _write_loop(self) -> None:
-        stall = self.limits.send_stall_s
+        """Send whatever h2 has queued, as one write: under load one write carries the frames of
+        many streams (one system call and one TLS record for several requests). A write that
+        makes no progress for send_stall_s ends the connection (`check_stall`)."""
         while True:
             data = self.h2.data_to_send()
             if data:
-                with trio.move_on_after(stall) as scope:
-                    try:
-                        await self.transport.send_all(data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-                        self._close(f"connection lost: {_describe(error)}", goaway=False)
-                        self._stop()
-                        return
-                if scope.cancelled_caught:
-                    self._close(f"the peer read nothing for {stall:g}s", goaway=False)
+                self.writing_since = trio.current_time()
+                try:
+                    await self.transport.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+                    self._close(f"connection lost: {_describe(error)}", goaway=False)
                     self._stop()
                     return
+                finally:
+                    self.writing_since = None
                 continue
             if self.closing:
                 self._stop()  # everything, the GOAWAY included, is sent
                 return
             await self._writer_lot.park()
 
+    def stalled_for(self, now: float) -> float:
+        """How long the current write has waited for the peer to read (0 if none waits)."""
+        return now - self.writing_since if self.writing_since is not None else 0.0
+
+    def check_stall(self, now: float) -> bool:
+        """Close the connection if a write has waited over send_stall_s (the peer stopped
+        reading): called by whoever watches the connection (the node's pings, the proxy's sweep),
+        rather than a timer around every write. True if it closed."""
+        if self.stalled_for(now) <= self.limits.send_stall_s:
+            return False
+        self._close(f"the peer read nothing for {self.limits.send_stall_s:g}s", goaway=False)
+        self._stop()
+        return True
+
     async def _ping_loop(self) -> None:
         while not self.closing:
             await trio.sleep(self.limits.ping_interval_s)
+            if self.check_stall(trio.current_time()):
+                return
             with trio.move_on_after(self.limits.ping_timeout_s):
                 await self._round_trip()
                 continue
@@ -265,7 +286,7 @@ class TunnelConnection:
         for state in self.streams.values():
             state.break_(f"tunnel closed: {reason}")
         self._idle_lot.unpark_all()
-        self._wake_writer()
+        self._wake_writer()  # to send what is left (the GOAWAY) and end the connection
         if self._scope is not None:
             self._scope.deadline = min(self._scope.deadline, trio.current_time() + CLOSE_FLUSH_S)
 
@@ -355,9 +376,12 @@ class TunnelConnection:
                 pass
 
     def consumed(self, state: StreamState, size: int) -> None:
-        """The stream's reader took `size` bytes: hand that much window back to the sender."""
-        if size and not self.closing:
-            self._ack(size, state.id)
+        """The stream's reader took `size` bytes: hand that much window back to the sender, a
+        batch at a time (h2's bookkeeping per call costs more than the bytes of a small response)."""
+        state.unacked += size
+        if state.unacked >= self._ack_batch and not self.closing:
+            self._ack(state.unacked, state.id)
+            state.unacked = 0
             self._wake_writer()
 
     def _window_opened(self, stream_id: int) -> None:
@@ -511,6 +535,13 @@ class TunnelConnection:
         """The stream's owner is done with it: reset it unless both sides ended it."""
         if self.streams.pop(state.id, None) is None:
             return
+        # What it received and nobody will acknowledge any more still counts against the
+        # connection's window: give it back.
+        leftover = state.unacked + sum(len(chunk) for chunk in state.chunks)
+        if leftover and not self.closing:
+            self._ack(leftover, state.id)
+        state.unacked = 0
+        state.chunks.clear()
         if not self.closing and state.broken is None and not (state.ended and state.local_ended):
             try:
                 self.h2.reset_stream(state.id, ErrorCodes.CANCEL)

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 class StreamState:
     """What the connection knows of one stream; shared by the connection and the stream's owner."""
 
-    __slots__ = ("broken", "chunks", "connection", "ended", "id", "local_ended", "response", "_lot", "_send_lot")
+    __slots__ = ("broken", "chunks", "connection", "ended", "id", "local_ended", "response", "unacked", "_lot",
+                 "_send_lot")
 
     def __init__(self, connection: TunnelConnection, stream_id: int) -> None:
         self.connection = connection
@@ -31,6 +32,7 @@ class StreamState:
         self.local_ended = False
         self.broken: str | None = None  # why the stream can no longer carry anything
         self.response: list[tuple[bytes, bytes]] | None = None  # the peer's answer (client side)
+        self.unacked = 0  # read, not yet acknowledged to the sender (see TunnelConnection.consumed)
         self._lot = trio.lowlevel.ParkingLot()  # the reader, or the opener waiting for an answer
         self._send_lot = trio.lowlevel.ParkingLot()  # the writer waiting for window
 
@@ -179,6 +181,18 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             return data
         finally:
             self._receiving = False
+
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        """What already arrived (b"" at the end), without waiting or yielding; None if nothing did
+        (or the stream broke: `receive_some` says how)."""
+        state = self._state
+        if self._closed or self._receiving:
+            return None
+        if state.chunks:
+            data = _take(state.chunks, max_bytes)
+            self.connection.consumed(state, len(data))
+            return data
+        return b"" if state.ended else None
 
     # ---- closing ----
 
