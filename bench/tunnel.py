@@ -7,7 +7,8 @@ tunnel a node process (`NodeTunnels`, the agent's own code) opened to the proxy.
 the machine's cores. Figures, side by side in each run:
 
 1. throughput: small responses from an nginx `return 200` replica, wrk -c50 keep-alive; the
-   tunnel's requests/s as a ratio of direct's.
+   tunnel's requests/s as a ratio of direct's, and the proxy's CPU time per request each way (on a
+   shared machine, 1 / CPU per request is the throughput of a worker with a core to itself).
 2. added latency at half saturation (half the tunnel's requests/s, wrk paced by a per-connection
    delay): p50/p99 of the tunnel over direct, and of both over calling the replica itself.
 3. SSE event delay: events the replica stamps with the monotonic clock when it writes them
@@ -60,6 +61,7 @@ from vectorlay.node.tunnels import NodeTunnels  # noqa: E402
 from vectorlay.server.tunnel_ca import NODE_CERT_VALID_S, TunnelCa  # noqa: E402
 from vectorlay.testing.processes import Proc  # noqa: E402
 from vectorlay.testing.route_server import StaticRouteServer, spawn_proxy  # noqa: E402
+from vectorlay.tunnel import TunnelLimits  # noqa: E402
 
 BENCH_NODE = "n-bench"
 SIM_PREFIX = "n-sim"
@@ -111,9 +113,13 @@ async def swarm(config: dict[str, Any]) -> None:
     ca = TunnelCa.in_state_dir(Path(config["ca_dir"]))
     proxies = TunnelProxies((TunnelProxy(config["proxy_id"], config["proxy_address"]),))
     nodes: list[NodeTunnels] = []
+    # They ping the proxy as real nodes do (every 10 s), but thousands in one process on one core
+    # answer late when its loop is busy: give the answers longer than a real node would, or the
+    # simulation measures its own lag (and reconnects in a storm).
+    limits = TunnelLimits(ping_timeout_s=25.0)
     async with trio.open_nursery() as nursery:
         for index in range(config["count"]):
-            tunnels = NodeTunnels(f"{SIM_PREFIX}{index:05d}", Ports({}))
+            tunnels = NodeTunnels(f"{SIM_PREFIX}{index:05d}", Ports({}), limits=limits)
             tunnels.set_credential(node_credential(ca, tunnels))
             tunnels.set_proxies(proxies)
             nodes.append(tunnels)
@@ -192,7 +198,13 @@ def throughput_and_latency(root: Path, seconds: float) -> dict[str, float]:
                 proxy.wait_log(f"tunnel from node {BENCH_NODE}")
                 for host in ("ok-direct", "ok-tunnel"):
                     load(port, 10, 1, f"{host}.localhost")  # warm up: pools filled, code hot
-                sat = {host: load(port, 50, seconds, f"{host}.localhost") for host in ("ok-direct", "ok-tunnel")}
+                sat = {}
+                cpu_us: dict[str, tuple[float, float]] = {}  # (proxy, node) CPU per request
+                for host in ("ok-direct", "ok-tunnel"):
+                    before = cpu_seconds(proxy.popen.pid), cpu_seconds(node.popen.pid)
+                    sat[host] = load(port, 50, seconds, f"{host}.localhost")
+                    cpu_us[host] = ((cpu_seconds(proxy.popen.pid) - before[0]) * 1e6 / sat[host].requests,
+                                    (cpu_seconds(node.popen.pid) - before[1]) * 1e6 / sat[host].requests)
                 rate = sat["ok-tunnel"].rps / 2
                 connections = max(1, round(rate * PACE_MS / 1000))
                 paced = {"replica": load(up_port, connections, seconds, "ok.localhost", paced=True)}
@@ -206,6 +218,10 @@ def throughput_and_latency(root: Path, seconds: float) -> dict[str, float]:
     return {
         "direct_rps": sat["ok-direct"].rps, "tunnel_rps": sat["ok-tunnel"].rps,
         "ratio": sat["ok-tunnel"].rps / sat["ok-direct"].rps,
+        # The proxy's CPU per request: what bounds one worker that has its core to itself.
+        "direct_proxy_cpu_us": cpu_us["ok-direct"][0], "tunnel_proxy_cpu_us": cpu_us["ok-tunnel"][0],
+        "cpu_ratio": cpu_us["ok-direct"][0] / cpu_us["ok-tunnel"][0],
+        "tunnel_node_cpu_us": cpu_us["ok-tunnel"][1],
         "paced_rps": tunnel.rps,
         "tunnel_added_p50_ms": tunnel.p50_ms - direct.p50_ms, "tunnel_added_p99_ms": tunnel.p99_ms - direct.p99_ms,
         "direct_over_replica_p50_ms": direct.p50_ms - replica.p50_ms,

@@ -37,11 +37,13 @@ class TlsSocketStream(trio.abc.Stream):
             raise trio.BrokenResourceError(error) from error
         tls.setblocking(False)
         wrapped = cls(tls)
+        done = False
         try:
             await wrapped._retry(tls.do_handshake)
-        except BaseException:
-            wrapped.close_now()
-            raise
+            done = True
+        finally:
+            if not done:  # failed, or cancelled (a handshake deadline)
+                wrapped.close_now()
         return wrapped
 
     def getpeercert(self) -> dict[str, Any] | None:
