@@ -5,7 +5,10 @@ from __future__ import annotations
 import random
 
 BACKOFF_INITIAL_S = 0.5
-BACKOFF_MAX_S = 30.0
+# Capped low on purpose: a restarted server must get its nodes and proxies back in seconds, not in
+# the tens of seconds a long cap lets the delays grow to while it was down. The jitter (each
+# delay drawn from [cap/2, cap]) still spreads a fleet's reconnects over a few seconds.
+BACKOFF_MAX_S = 5.0
 
 
 class Backoff:

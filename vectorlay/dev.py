@@ -18,6 +18,8 @@ import trio
 from vectorlay.client import commands, output
 from vectorlay.client.api import open_api
 from vectorlay.client.config import Context, save_context
+from vectorlay.errors import AuthError, RuntimeFailure, unwrap_group
+from vectorlay.lifecycle import CleanStop
 from vectorlay.node.agent import Agent, Credentials, join, load_credentials, run_node
 from vectorlay.node.gpu_health import NvmlMonitor
 from vectorlay.node.setup import NodeOptions, NodeSetup, prepare_node
@@ -43,7 +45,9 @@ class DevConfig:
     heartbeat_interval_s: float = 1.0
 
 
-async def run_dev(config: DevConfig, *, task_status: trio.TaskStatus[Context] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_dev(config: DevConfig, clean_stop: CleanStop | None = None, *,
+                  task_status: trio.TaskStatus[Context] = trio.TASK_STATUS_IGNORED) -> None:
+    """`clean_stop`, marked by the signal that stops dev, lets its nodes say goodbye as they go."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
     async with trio.open_nursery() as nursery:
         server = await nursery.start(run_server, ServerConfig(
@@ -55,7 +59,7 @@ async def run_dev(config: DevConfig, *, task_status: trio.TaskStatus[Context] = 
         log.info("dev nodes: %s", setup.preflight.gpu_note)
         supervisors = []
         for index in range(1, config.nodes + 1):
-            supervisors.append(await _start_node(nursery, config, url, admin, f"dev-{index}", setup))
+            supervisors.append(await _start_node(nursery, config, url, admin, f"dev-{index}", setup, clean_stop))
         async with open_api(url, admin) as api:
             proxy_token = (await api.call("token_create", {"role": "proxy", "description": "vectorlay dev"}))["token"]
         # The path every user takes: nodes reach the proxy only through the tunnels they open.
@@ -77,12 +81,20 @@ async def run_dev(config: DevConfig, *, task_status: trio.TaskStatus[Context] = 
 
 
 async def _start_node(nursery: trio.Nursery, config: DevConfig, url: str, admin: str, name: str,
-                      setup: NodeSetup) -> Agent:
+                      setup: NodeSetup, clean_stop: CleanStop | None) -> Agent:
     state_dir = config.state_dir / name
-    creds: Credentials
+    creds: Credentials | None = None
     if (state_dir / "node.json").exists():
         creds = load_credentials(state_dir)
-    else:
+        if not await _still_in_fleet(url, admin, creds.node_id):
+            # `node rm`'d in an earlier run (or the server's state was wiped): join afresh, and
+            # stop whatever that earlier node left running, which would otherwise outlive the stack.
+            log.info("%s is no longer in the fleet: joining it again", name)
+            await _stop_leftovers(setup, creds.node_id)
+            for stale in ("node.json", "agent-state.json"):
+                (state_dir / stale).unlink(missing_ok=True)
+            creds = None
+    if creds is None:
         async with open_api(url, admin) as api:
             token = (await api.call("token_create", {"role": "node", "ttl": "10m", "uses": 1}))["token"]
         creds = await join(url, token, name, setup.gpus, "127.0.0.1", setup.runtimes, state_dir, setup.isolation,
@@ -90,9 +102,38 @@ async def _start_node(nursery: trio.Nursery, config: DevConfig, url: str, admin:
     if creds.server != url:
         creds = Credentials(url, creds.node_id, creds.name, creds.credential, creds.address)
     agent: Agent = await nursery.start(partial(
-        run_node, creds, state_dir, setup.runtime, setup.gpus, setup.runtimes, isolation=setup.isolation,
-        publish_ip=setup.publish_ip, gpu_monitor=_monitor_for_node(setup), data_plane=setup.data_plane))
+        _run_dev_node, name, creds, state_dir, setup, clean_stop))
     return agent
+
+
+async def _run_dev_node(name: str, creds: Credentials, state_dir: Path, setup: NodeSetup,
+                        clean_stop: CleanStop | None,
+                        *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
+    """One dev node. Removed from the fleet (`vectorlay node rm`), it has stopped its replicas
+    and leaves; the rest of the stack keeps serving."""
+    try:
+        with unwrap_group():
+            await run_node(creds, state_dir, setup.runtime, setup.gpus, setup.runtimes, isolation=setup.isolation,
+                           publish_ip=setup.publish_ip, gpu_monitor=_monitor_for_node(setup), clean_stop=clean_stop,
+                           data_plane=setup.data_plane, task_status=task_status)
+    except AuthError as error:
+        output.stderr.print(f"vectorlay dev: {name} left the stack ({error}); its replicas are stopped, the "
+                            "other nodes keep serving", markup=False)
+
+
+async def _still_in_fleet(url: str, admin: str, node_id: str) -> bool:
+    async with open_api(url, admin) as api:
+        nodes = await api.call("get_nodes")
+    return any(node["id"] == node_id for node in nodes)
+
+
+async def _stop_leftovers(setup: NodeSetup, node_id: str) -> None:
+    for handle in await setup.runtime.list_owned(node_id):
+        log.info("stopping replica %s, left running by an earlier dev node", handle.replica_id)
+        try:
+            await setup.runtime.stop(handle, 10.0)
+        except RuntimeFailure as error:
+            log.warning("could not stop replica %s: %s", handle.replica_id, error)
 
 
 def _monitor_for_node(setup: NodeSetup) -> NvmlMonitor | None:

@@ -63,8 +63,34 @@ class StoreError(VectorlayError):
     """The database failed (unreachable, locked, schema too new)."""
 
 
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or cannot take writes now (refused, stalled, disk full):
+    weather, not death. Nothing was changed by the statement that failed."""
+
+
+class StoreInDoubt(StoreUnavailable):
+    """The database did not answer in time while a change was being committed: whether it was
+    stored is known only later (`outcome`)."""
+
+    def __init__(self, message: str, outcome: object) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class StoreFatal(StoreError):
+    """A database failure that waiting cannot heal (a schema newer than this vectorlay)."""
+
+
 class RuntimeFailure(VectorlayError):
-    """A replica runtime could not start, stop or inspect a workload."""
+    """A replica runtime could not start, stop or inspect a workload.
+
+    `node_fault` says the cause lies with this node rather than the cluster (an image it lacks
+    under `image_pull: never`, an isolation level, runtime or GPU it cannot give): the same
+    replica may well start on another node."""
+
+    def __init__(self, message: str, *, node_fault: bool = False) -> None:
+        super().__init__(message)
+        self.node_fault = node_fault
 
 
 @contextmanager

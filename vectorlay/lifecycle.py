@@ -1,10 +1,11 @@
-"""Running a long-lived role: logging set up once, SIGINT/SIGTERM turn into a clean cancel."""
+"""Running a long-lived role: logging set up once, SIGINT/SIGTERM turn into a clean cancel (and say so)."""
 
 from __future__ import annotations
 
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -19,8 +20,23 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("trio-websocket").setLevel(logging.WARNING)
 
 
-async def until_signalled(main: Callable[[], Awaitable[None]]) -> None:
-    """Run `main` until it returns or SIGINT/SIGTERM arrives; either way, cancel cleanly."""
+@dataclass
+class CleanStop:
+    """Whether a role was asked to stop (SIGINT, SIGTERM), set before its tasks are cancelled.
+
+    A clean stop and a crash reach a task as the same cancellation; this tells them apart. The
+    node agent tells the server it is restarting (keep my replicas routed) only on a clean stop:
+    an agent dying of an error must leave routing at once."""
+
+    requested: bool = False
+
+    def request(self) -> None:
+        self.requested = True
+
+
+async def until_signalled(main: Callable[[], Awaitable[None]], clean_stop: CleanStop | None = None) -> None:
+    """Run `main` until it returns or SIGINT/SIGTERM arrives; either way, cancel cleanly. A signal
+    marks `clean_stop` before anything is cancelled."""
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
@@ -31,5 +47,7 @@ async def until_signalled(main: Callable[[], Awaitable[None]]) -> None:
             nursery.start_soon(run_main)
             async for signum in signals:
                 logging.getLogger("vectorlay").info("received %s, shutting down", signal.Signals(signum).name)
+                if clean_stop is not None:
+                    clean_stop.request()
                 nursery.cancel_scope.cancel()
                 break

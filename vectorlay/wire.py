@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -38,6 +38,7 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY = 1008  # authentication or authorisation failed
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013  # the server cannot serve this now (its database is away): come back later
 CONNECT_TIMEOUT_S = 10.0
 # How long one message may take to leave once its send has begun. Sends are not cancellable
 # (see Link.send), so this bounds how long a peer that stopped reading can hold us up.
@@ -218,9 +219,13 @@ async def serve(
     paths: frozenset[str],
     ssl_context: ssl.SSLContext | None = None,
     *,
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
     task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept WebSockets on `paths`; call `handler(path, link)` for each in its own task."""
+    """Accept WebSockets on `paths`; call `handler(path, link)` for each in its own task.
+
+    `listeners`, when given, are used instead of a TCP listener on host:port (tests pass
+    in-memory ones, as trio-websocket's own tests do)."""
 
     async def accept(request: WebSocketRequest) -> None:
         path = urlsplit(request.path).path
@@ -235,6 +240,11 @@ async def serve(
             log.exception("internal error while serving %s on %s", link.remote, path)
             await link.close(CLOSE_INTERNAL, "internal server error")
 
+    if listeners is not None:
+        server = WebSocketServer(accept, listeners, max_message_size=MAX_MESSAGE_BYTES,  # type: ignore[arg-type]
+                                 connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=2)
+        await server.run(task_status=task_status)
+        return
     await serve_websocket(
         accept, host, port, ssl_context, max_message_size=MAX_MESSAGE_BYTES,
         connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=2, task_status=task_status,

@@ -148,15 +148,17 @@ async def test_an_exit_gives_its_code_and_leaves_nothing_behind(tmp_path: Path, 
 
 async def test_pull_policies_and_pull_failures_give_reasons(tmp_path: Path, image: str, node_id: str) -> None:
     rt = runtime()
-    # `never` with an image that is not here.
+    # `never` with an image that is not here: this node's fault, another node may have it.
     with pytest.raises(RuntimeFailure, match=r"image localhost/vectorlay/absent:1 is not on this node and "
-                                             r"image_pull is never"):
+                                             r"image_pull is never") as missing:
         await rt.launch(request(tmp_path, node_id, "localhost/vectorlay/absent:1", pull=PullPolicy.NEVER))
+    assert missing.value.node_fault
     # A registry that is not there (a closed port on loopback): the pull fails, with podman's reason.
     notes: list[str] = []
     with pytest.raises(RuntimeFailure, match=r"pulling image 127\.0\.0\.1:9/vectorlay/absent:1 failed: .+") as failed:
         await rt.launch(request(tmp_path, node_id, "127.0.0.1:9/vectorlay/absent:1", progress=notes))
     assert "\n" not in str(failed.value)
+    assert not failed.value.node_fault  # the same registry is as far from every node
     assert notes == ["pulling image 127.0.0.1:9/vectorlay/absent:1"]
     # `always` pulls even a local image: the locally built one has no registry behind it.
     with pytest.raises(RuntimeFailure, match="pulling image localhost/vectorlay/busybox-httpd:test failed"):
@@ -179,6 +181,7 @@ async def test_a_start_failure_is_podmans_reason_in_one_line(tmp_path: Path, ima
                                              r"GPU-00000000-0000-0000-0000-000000000000") as failed:
         await rt.launch(req)
     assert "\n" not in str(failed.value)
+    assert failed.value.node_fault  # a GPU this node's CDI spec does not map: another node may
     assert await rt.list_owned(node_id) == []  # the half-created container was removed
 
 
@@ -191,12 +194,14 @@ async def test_ulimits_the_host_refuses_are_a_reason_not_a_crash(tmp_path: Path,
 
 async def test_missing_podman_and_missing_isolation_are_clear_failures(tmp_path: Path, node_id: str) -> None:
     absent = ContainerRuntime(ContainerCli("/nonexistent/podman"), ("runc",))
-    with pytest.raises(RuntimeFailure, match="/nonexistent/podman is not installed on this node"):
+    with pytest.raises(RuntimeFailure, match="/nonexistent/podman is not installed on this node") as no_podman:
         await absent.launch(request(tmp_path, node_id))
+    assert no_podman.value.node_fault
     with pytest.raises(RuntimeFailure, match="is not installed"):
         await absent.list_owned(node_id)
-    with pytest.raises(RuntimeFailure, match=r"this node offers no microvm isolation \(its OCI runtimes: runc\)"):
+    with pytest.raises(RuntimeFailure, match=r"this node offers no microvm isolation \(its OCI runtimes: runc\)") as no_vm:
         await runtime("runc").launch(request(tmp_path, node_id, isolation=Isolation.MICROVM))
+    assert no_vm.value.node_fault
 
 
 async def test_a_container_someone_else_made_is_never_touched(tmp_path: Path, image: str, node_id: str) -> None:

@@ -11,7 +11,7 @@ import trio
 from vectorlay.core.model import Assignment, ClusterSpec, HealthCheck, ReplicaState, Runtime
 from vectorlay.core.protocol import Command, ReplicaReport
 from vectorlay.node.selector import RuntimeSelector
-from vectorlay.node.supervisor import NodeIdentity, Supervisor
+from vectorlay.node.supervisor import STOP_RETRY_MAX_S, NodeIdentity, Supervisor
 from vectorlay.testing.fakes import FakeRuntime
 
 DIGEST = "sha256:" + "d" * 64
@@ -85,6 +85,7 @@ async def test_a_node_without_allow_process_runtime_refuses_process_replicas(
         failed = node.last("tiny-a")
         assert failed.state is ReplicaState.FAILED
         assert "--allow-process-runtime" in failed.reason and "not isolated" in failed.reason
+        assert failed.node_fault  # a node that allows process replicas would run it
         assert node.process.launches == []
         nursery.cancel_scope.cancel()
 
@@ -123,13 +124,20 @@ async def test_a_failing_runtime_never_takes_the_supervisor_down(tmp_path: Path,
         container.broken = "podman is not installed on this node"  # stop fails from now on
         node.supervisor.apply_command(Command(3, "stop", 3, "web-b"))
         await trio.sleep(1)
-        assert node.last("web-b").state is ReplicaState.STOPPED
+        # Not reported stopped while it may still run (and hold its GPUs): it is tried again.
+        stopping = node.last("web-b")
+        assert stopping.state is ReplicaState.FAILED
+        assert stopping.reason.startswith("stopping it failed: podman is not installed on this node; trying again")
         node.supervisor.apply_command(start(4, "web-c", CONTAINER_SPEC))
         await trio.sleep(2)
         assert node.last("web-c").state is ReplicaState.READY  # still converging
+        container.broken = None  # podman is back: the next try stops it
+        await trio.sleep(STOP_RETRY_MAX_S)
+        assert node.last("web-b").state is ReplicaState.STOPPED and container.running("web-b") == []
         nursery.cancel_scope.cancel()
 
     # A restart while the runtime cannot even list what it runs: the agent still comes up.
+    container.broken = "podman is not installed on this node"
     again = Node(tmp_path, ("container",), container=container)
     await again.supervisor.reattach()
     assert {r.replica_id for r in again.supervisor.current_reports()} == {"web-c"}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from vectorlay.core.launch_inputs import MAX_ARG_BYTES
 from vectorlay.core.model import Assignment, ClusterSpec
 from vectorlay.errors import RuntimeFailure
 from vectorlay.node.process_runtime import ProcessRuntime, expand_command, process_start_time
@@ -97,3 +98,14 @@ async def test_a_reused_pid_is_not_mistaken_for_the_replica(tmp_path: Path) -> N
     impostor = type(handle)(handle.replica_id, handle.runtime, pid=handle.pid, start_time=(handle.start_time or 0) + 1)
     assert not runtime.is_running(impostor)
     await runtime.stop(handle, grace_s=5)
+
+
+async def test_the_longest_argument_the_manifest_allows_is_the_longest_linux_takes(tmp_path: Path) -> None:
+    # core.launch_inputs.MAX_ARG_BYTES is Linux's own limit (MAX_ARG_STRLEN less the NUL): an
+    # argument that long starts, one byte more is refused by execve (E2BIG).
+    runtime = ProcessRuntime()
+    handle = await runtime.launch(request(tmp_path, ("true", "x" * MAX_ARG_BYTES)))
+    with trio.fail_after(10):
+        assert await runtime.wait(handle) == 0
+    with pytest.raises(RuntimeFailure, match="Argument list too long"):
+        await runtime.launch(request(tmp_path, ("true", "x" * (MAX_ARG_BYTES + 1))))

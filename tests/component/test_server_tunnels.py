@@ -19,6 +19,8 @@ from vectorlay.core.model import Replica, ReplicaState
 from vectorlay.core.protocol import (
     PROTOCOL_VERSION,
     AdmittedNodes,
+    LogsData,
+    LogsEnd,
     Message,
     NodeHello,
     ProxyHello,
@@ -27,10 +29,10 @@ from vectorlay.core.protocol import (
     TunnelProxy,
 )
 from vectorlay.errors import ProtocolError
-from vectorlay.server.controller import Controller
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.records import NodeRecord
 from vectorlay.server.route_feed import ProxyConnection, RouteFeed
+from vectorlay.server.signals import Signals
 from vectorlay.server.tunnel_ca import NODE_CERT_VALID_S, TunnelCa
 from vectorlay.server.tunnels import TunnelService, reachable_address
 from vectorlay.tunnel import identity
@@ -47,25 +49,31 @@ class Session:
     def close_soon(self, reason: str, code: int = 1001) -> None:
         raise AssertionError("not expected")
 
+    def open_logs(self, replica_id: str, tail: int,
+                  follow: bool) -> tuple[int, trio.MemoryReceiveChannel[LogsData | LogsEnd]]:
+        raise AssertionError("not expected")
+
+    def close_logs(self, stream_id: int) -> None:
+        raise AssertionError("not expected")
+
     def of(self, kind: type[Any]) -> list[Any]:
         return [m for m in self.sent if isinstance(m, kind)]
 
 
 class FakeController:
+    """The parts of the control plane the tunnel service uses: the fleet and its signals."""
+
     def __init__(self) -> None:
         self.fleet = Fleet()
-        self.changed = trio.Event()
-        self.routes_marked: list[str] = []
-
-    def mark_route(self, cluster: str) -> None:
-        self.routes_marked.append(cluster)
-
-    async def wait_changed(self) -> None:
-        await self.changed.wait()
+        self.signals = Signals()
 
     def announce(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+        self.signals.announce()
+
+    async def routes_marked(self) -> set[str]:
+        with trio.move_on_after(1):
+            return await self.signals.next_routes()
+        return set()
 
 
 class FakeFeed:
@@ -102,8 +110,8 @@ def add_node(fleet: Fleet, node_id: str) -> None:
 @pytest.fixture
 def service(tmp_path: Path) -> tuple[TunnelService, FakeController, FakeFeed]:
     controller, feed = FakeController(), FakeFeed()
-    tunnels = TunnelService(TunnelCa.in_state_dir(tmp_path), cast(Controller, controller), cast(RouteFeed, feed),
-                            time.time)
+    tunnels = TunnelService(TunnelCa.in_state_dir(tmp_path), controller.fleet, controller.signals,
+                            cast(RouteFeed, feed), time.time)
     return tunnels, controller, feed
 
 
@@ -205,16 +213,16 @@ async def test_proxies_admit_the_nodes_the_fleet_knows_and_drop_removed_ones(
         nursery.cancel_scope.cancel()
 
 
-def test_a_node_changing_its_data_plane_changes_its_routes(
-        service: tuple[TunnelService, FakeController, FakeFeed]) -> None:
+async def test_a_node_changing_its_data_plane_changes_its_routes(
+        service: tuple[TunnelService, FakeController, FakeFeed], autojump_clock: trio.testing.MockClock) -> None:
     tunnels, controller, _ = service
     add_node(controller.fleet, "n-1")
     controller.fleet.put_replica(Replica("echo-a", "echo", "n-1", (), ReplicaState.READY, "", "127.0.0.1:9", 1,
                                          False, "r"), 0.0)
     tunnels.node_connected("n-1", Session(), None, data_plane_changed=False)
-    assert controller.routes_marked == []
+    assert await controller.routes_marked() == set()
     tunnels.node_connected("n-1", Session(), None, data_plane_changed=True)
-    assert controller.routes_marked == ["echo"]  # its endpoints are reached another way now
+    assert await controller.routes_marked() == {"echo"}  # its endpoints are reached another way now
     tunnels.heartbeat("n-1", 2)
     assert controller.fleet.tunnels == {"n-1": 2}
     tunnels.node_connected("n-1", Session(), None, data_plane_changed=False)  # back to direct

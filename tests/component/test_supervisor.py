@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,6 +13,8 @@ import trio
 
 from vectorlay.core.model import Assignment, ClusterSpec, HealthCheck, ReplicaState
 from vectorlay.core.protocol import Command, ReplicaReport, Sync
+from vectorlay.errors import RuntimeFailure, UserError
+from vectorlay.node.faults import FaultPoints, InjectedFault
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
 from vectorlay.testing.fakes import FakeRuntime
 
@@ -180,6 +186,185 @@ async def test_corrupt_local_state_never_leaves_two_copies(tmp_path: Path, runti
         await trio.sleep(1)
         assert len(runtime.running("echo-a")) == 1
         nursery.cancel_scope.cancel()
+
+
+# --- a replica's failure is that replica's ------------------------------------------------------
+
+ERRORS: dict[str, Exception] = {
+    "value": ValueError("embedded null byte"),
+    "os": OSError(errno.EMFILE, "Too many open files"),
+    "key": KeyError("Id"),
+    "runtime": RuntimeFailure("podman is not installed on this node"),
+}
+SAID = {"value": "ValueError: embedded null byte", "os": "OSError: [Errno 24] Too many open files",
+        "key": "KeyError: 'Id'", "runtime": "podman is not installed on this node"}
+
+
+class Fleet:
+    """Commands with a sequence and generation that only grow, as the server sends them."""
+
+    def __init__(self, harness: Harness) -> None:
+        self.h = harness
+        self.seq = 0
+
+    def start(self, replica_id: str, spec: ClusterSpec = SPEC) -> None:
+        self.seq += 1
+        assert self.h.supervisor.apply_command(
+            Command(self.seq, "start", self.seq, replica_id, Assignment(replica_id, "echo", self.seq, spec)))
+
+    def stop(self, replica_id: str) -> None:
+        self.seq += 1
+        assert self.h.supervisor.apply_command(Command(self.seq, "stop", self.seq, replica_id))
+
+    def last(self, replica_id: str) -> ReplicaReport:
+        return [r for r in self.h.reports if r.replica_id == replica_id][-1]
+
+
+async def test_every_way_a_replica_can_fail_fails_only_that_replica(
+        tmp_path: Path, runtime: FakeRuntime, autojump_clock: trio.testing.MockClock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="vectorlay.node")
+    for kind, error in ERRORS.items():
+        for method in ("launch", "wait", "probe"):
+            runtime.raises[(f"{method}-{kind}", method)] = error
+    runtime.raises[("launch-node", "launch")] = RuntimeFailure("image localhost/x:1 is not on this node and "
+                                                               "image_pull is never", node_fault=True)
+    runtime.raises[("launch-ugly", "launch")] = ValueError("cannot use 'a\x00b\ud800'" + "x" * 5000)
+    runtime.hanging_launches.add("hang")
+    runtime.exiting_at_once["crashloop"] = 3
+    poison = replace(SPEC, command=("sh", "-c", "sleep 100 # \x00"))  # what apply refuses, delivered anyway
+    h = Harness(tmp_path, runtime)
+    fleet = Fleet(h)
+    doomed = [*(f"{m}-{k}" for m in ("launch", "wait", "probe") for k in ERRORS), "launch-node", "launch-ugly"]
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.supervisor.run)
+        fleet.start("healthy")
+        for replica_id in [*doomed, "hang", "crashloop", *(f"stop-{k}" for k in ERRORS)]:
+            fleet.start(replica_id)
+        fleet.start("poison", poison)
+        await trio.sleep(3)
+
+        # Each failed with its own reason; the healthy one is ready.
+        assert fleet.last("healthy").state is ReplicaState.READY
+        for kind in ERRORS:
+            assert (fleet.last(f"launch-{kind}").state, fleet.last(f"launch-{kind}").reason) == (
+                ReplicaState.FAILED, SAID[kind] if kind == "runtime" else f"failed to start: {SAID[kind]}")
+            assert (fleet.last(f"wait-{kind}").state, fleet.last(f"wait-{kind}").reason) == (
+                ReplicaState.FAILED, f"lost track of it: {SAID[kind]}")
+            assert (fleet.last(f"probe-{kind}").state, fleet.last(f"probe-{kind}").reason) == (
+                ReplicaState.FAILED, f"health probe failed: {SAID[kind]}")
+        assert not any(fleet.last(r).node_fault for r in doomed if r != "launch-node")
+        node_fault = fleet.last("launch-node")
+        assert node_fault.state is ReplicaState.FAILED and node_fault.node_fault
+        ugly = fleet.last("launch-ugly")
+        assert ugly.state is ReplicaState.FAILED and ugly.reason.startswith("failed to start: ValueError: cannot use")
+        assert "\x00" not in ugly.reason and "\ud800" not in ugly.reason and len(ugly.reason) <= 500
+        poisoned = fleet.last("poison")
+        assert poisoned.state is ReplicaState.FAILED
+        assert poisoned.reason == ("cannot be launched: spec.command[2]: contains a NUL byte (\\0), which no "
+                                   "argument, environment variable or path can hold")
+        assert "poison" not in {r.assignment.replica_id for r in runtime.launches}  # never reached the runtime
+        assert (fleet.last("hang").state, fleet.last("hang").reason) == (ReplicaState.STARTING, "launching")
+        assert any(r.reason.startswith("exited with code 3; restarting in") for r in h.reports
+                   if r.replica_id == "crashloop")
+        # Each failure is logged with the replica and, at debug level, its traceback.
+        traced = [r for r in caplog.records if r.levelno == logging.DEBUG and "launch-value" in r.getMessage()]
+        assert traced and traced[0].exc_info is not None
+        assert "embedded null byte" in "".join(traceback.format_exception(*traced[0].exc_info))
+
+        # The server replaces them and stops these copies: what still ran is stopped, a hung
+        # launch is abandoned; nothing of theirs is left.
+        for replica_id in [*doomed, "hang", "poison"]:
+            fleet.stop(replica_id)
+        await trio.sleep(1)
+        for replica_id in [*doomed, "hang", "poison"]:
+            assert fleet.last(replica_id).state is ReplicaState.STOPPED, replica_id
+            assert runtime.running(replica_id) == [], replica_id
+
+        # A stop that fails is not reported as done (the workload may hold its GPUs): tried again
+        # with backoff, and reported stopped once it worked.
+        for kind, error in ERRORS.items():
+            runtime.raises[(f"stop-{kind}", "stop")] = error
+            fleet.stop(f"stop-{kind}")
+        await trio.sleep(2.5)
+        for kind in ERRORS:
+            failing = fleet.last(f"stop-{kind}")
+            assert failing.state is ReplicaState.FAILED
+            assert failing.reason == f"stopping it failed: {SAID[kind]}; trying again in 2s"
+            assert len(runtime.running(f"stop-{kind}")) == 1
+            del runtime.raises[(f"stop-{kind}", "stop")]
+        await trio.sleep(4.5)
+        for kind in ERRORS:
+            assert fleet.last(f"stop-{kind}").state is ReplicaState.STOPPED
+            assert runtime.running(f"stop-{kind}") == []
+
+        # The crash loop backs off (1, 2, 4, 8 s ...) and never takes anything else with it.
+        restarts = [r.reason for r in h.reports if r.replica_id == "crashloop" and r.reason.startswith("exited")]
+        assert restarts[:4] == [f"exited with code 3; restarting in {d}s (restart {n})"
+                                for n, d in enumerate((1, 2, 4, 8), start=1)]
+        fleet.stop("crashloop")
+
+        # The supervisor still converges: a new replica starts and gets ready.
+        fleet.start("late")
+        await trio.sleep(2)
+        assert fleet.last("late").state is ReplicaState.READY
+        nursery.cancel_scope.cancel()
+
+    # Through all of it the healthy replica ran once and stayed ready.
+    healthy = [r.state for r in h.reports if r.replica_id == "healthy"]
+    assert healthy[healthy.index(ReplicaState.READY):] == [ReplicaState.READY]
+    assert len(runtime.running("healthy")) == 1
+    assert [r.assignment.replica_id for r in runtime.launches].count("healthy") == 1
+
+    # An agent restart where the runtime cannot tell whether a replica still runs: re-attached
+    # (unknown counts as alive), never started twice, and the others are untouched.
+    # A probe that raises as the agent comes back fails only its own replica, once it runs.
+    runtime.raises[("healthy", "is_alive")] = OSError(errno.EIO, "Input/output error")
+    runtime.raises[("late", "is_alive")] = KeyError("State")
+    runtime.raises[("late", "probe")] = ValueError("Illegal target characters")
+    probe_failed = "health probe failed: ValueError: Illegal target characters"
+    again = Harness(tmp_path, runtime)
+    await again.supervisor.reattach()
+    assert {r.replica_id: (r.state, r.reason) for r in again.supervisor.current_reports()} == {
+        "healthy": (ReplicaState.READY, ""), "late": (ReplicaState.STARTING, probe_failed)}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(again.supervisor.run)
+        await trio.sleep(3)
+        nursery.cancel_scope.cancel()
+    assert [r.assignment.replica_id for r in runtime.launches].count("healthy") == 1
+    assert [r.state for r in again.reports if r.replica_id == "healthy"] == [ReplicaState.READY]
+    late = [r for r in again.reports if r.replica_id == "late"][-1]
+    assert (late.state, late.reason) == (ReplicaState.FAILED, probe_failed)
+
+
+async def test_a_state_file_that_is_not_even_text_is_set_aside(tmp_path: Path, runtime: FakeRuntime,
+                                                                autojump_clock: trio.testing.MockClock) -> None:
+    (tmp_path / "agent-state.json").write_bytes(b"\xff\xfe{\x00")
+    h = Harness(tmp_path, runtime)
+    await h.supervisor.reattach()  # must not raise: the agent comes up and recovers from the runtime
+    assert (tmp_path / "agent-state.json.corrupt").exists()
+    assert h.supervisor.state.applied_seq == 0
+
+
+async def test_the_converge_fault_point_kills_the_supervisor_as_a_bug_would(
+        tmp_path: Path, runtime: FakeRuntime, autojump_clock: trio.testing.MockClock) -> None:
+    # What the fault-injection test of the real agent relies on: outside any replica's run, so
+    # nothing contains it, and raised only once there is something to start.
+    supervisor = Supervisor(runtime, tmp_path, IDENTITY, lambda report: None, probe=runtime.probe,
+                            faults=FaultPoints.parse("converge"))
+    idle_survived = False
+    with pytest.RaisesGroup(pytest.RaisesExc(InjectedFault, match="fault point 'converge' reached"),
+                            flatten_subgroups=True):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            await trio.sleep(1)  # nothing desired yet: nothing happens
+            idle_survived = True
+            supervisor.apply_command(start(1))
+            await trio.sleep(1)
+    assert idle_survived and runtime.launches == []
+    with pytest.raises(UserError, match="unknown VECTORLAY_NODE_FAULTS point"):
+        FaultPoints.parse("converge,convergee")
 
 
 async def test_the_tunnels_reach_only_replicas_running_here_now(tmp_path: Path, runtime: FakeRuntime,

@@ -6,12 +6,20 @@ import json
 import signal
 import subprocess
 import time
+import urllib.request
+from dataclasses import replace
+from typing import Any
 
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from vectorlay.testing.processes import Stack, tinylm_manifest
+from vectorlay.client.api import open_api
+from vectorlay.core.model import Assignment, ClusterSpec, HealthCheck, ReplicaState, Runtime
+from vectorlay.core.protocol import LogsEnd, LogsOpen
+from vectorlay.errors import UserError
+from vectorlay.testing.node_server import ScriptedNodeServer
+from vectorlay.testing.processes import REPO_ROOT, Stack, replica_pids, tinylm_manifest, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +30,8 @@ BAD_MANIFESTS = {
     "bad name": (tinylm_manifest("Echo_1"), "metadata.name (line 4): 'Echo_1' is not a valid name"),
     "bad duration": (tinylm_manifest(reschedule_after="soon"), "spec.reschedule_after (line 12)"),
     "not yaml": ("apiVersion: [unclosed", "invalid YAML"),
+    "NUL in command": (tinylm_manifest(extra_args=["x\\0"]), "spec.command[4] (line 9): contains a NUL byte"),
+    "surrogate in command": (tinylm_manifest(extra_args=["\\ud800"]), "spec.command[4] (line 9): contains U+D800"),
 }
 
 
@@ -140,3 +150,95 @@ def test_garbage_after_hello_closes_only_that_node(stack: Stack) -> None:
     # The real agent reconnects (its session was replaced by the rogue one) and stays healthy.
     stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1), timeout_s=60)
     assert [(n["name"], n["state"]) for n in stack.cli_json("get", "nodes")] == [("n1", "ready")]
+
+
+def test_secret_values_no_process_can_take_are_refused_before_contacting_the_server(stack: Stack) -> None:
+    # No server listens there: `secret set` refuses these itself (a secret becomes an environment
+    # variable), before it tries to connect.
+    nowhere = ("--server", "ws://127.0.0.1:1", "--token", "abcdef.0123456789abcdef01")
+    nul = stack.cli("secret", "set", "default", "hf-token", *nowhere, check=False, input_text="hf_\x00abc")
+    assert "invalid secret 'hf-token': the value contains a NUL byte" in _one_line_error(nul)
+    not_utf8 = subprocess.run([*stack.cli_argv(), "secret", "set", "default", "hf-token", *nowhere],
+                              input=b"hf_\xff\xfe",
+                              capture_output=True, env=stack.env(), cwd=REPO_ROOT, timeout=60)
+    result = subprocess.CompletedProcess(not_utf8.args, not_utf8.returncode, not_utf8.stdout.decode(),
+                                         not_utf8.stderr.decode())
+    assert "the secret read from stdin is not valid UTF-8" in _one_line_error(result)
+
+
+async def _call_refused(url: str, token: str, method: str, params: dict[str, Any]) -> str:
+    async with open_api(url, token) as api:
+        with pytest.raises(UserError) as refused:
+            await api.call(method, params)
+    return str(refused.value)
+
+
+def test_the_server_refuses_what_no_process_can_take_from_a_client_that_does_not_check(stack: Stack) -> None:
+    stack.start_server()
+    manifest = tinylm_manifest(extra_args=["x\\0"])
+    refused = trio.run(_call_refused, stack.server_url, stack.admin_token, "apply", {"manifest": manifest})
+    assert refused == "spec.command[4] (line 9): contains a NUL byte (\\0), which no argument, environment " \
+                      "variable or path can hold"
+    for value in ("hf_\x00abc", "hf_\ud800"):
+        refused = trio.run(_call_refused, stack.server_url, stack.admin_token, "secret_set",
+                           {"project": "default", "name": "hf-token", "value": value})
+        assert refused.startswith("invalid secret 'hf-token': the value contains")
+    # Nothing changed, and the server serves on.
+    assert stack.cli_json("get", "clusters") == []
+    assert stack.cli_json("secret", "list", "default") == []
+
+
+TINYLM = ClusterSpec("web", 1, runtime=Runtime.PROCESS,
+                     command=("python3", "examples/tinylm/serve.py", "--port", "${PORT}"),
+                     health=HealthCheck(path="/healthz", interval_s=0.5, timeout_s=0.4))
+SLEEPER = ClusterSpec("bad", 1, runtime=Runtime.PROCESS, command=("sleep", "100"), health=None)
+NUL_REASON = "contains a NUL byte (\\0), which no argument, environment variable or path can hold"
+POISON = {
+    # The poison pill: this killed every agent it landed on.
+    "nul-command": (Assignment("nul-command", "bad", 1, replace(SLEEPER, command=("sh", "-c", "sleep 100 # \0"))),
+                    f"spec.command[2]: {NUL_REASON}"),
+    "nul-env": (Assignment("nul-env", "bad", 1, replace(SLEEPER, env={"A": "x\0y"})), f"spec.env.A: {NUL_REASON}"),
+    "nul-workdir": (Assignment("nul-workdir", "bad", 1, replace(SLEEPER, workdir="/tmp\0")),
+                    f"spec.workdir: {NUL_REASON}"),
+    "nul-secret": (Assignment("nul-secret", "bad", 1, SLEEPER, secret_env={"HF_TOKEN": "hf\0"}),
+                   f"spec.env_from_secret.HF_TOKEN: {NUL_REASON}"),
+    "surrogate-env": (Assignment("surrogate-env", "bad", 1, replace(SLEEPER, env={"A": "\ud800"})),
+                      "spec.env.A: contains U+D800, a lone surrogate that cannot be encoded as UTF-8"),
+    "space-in-probe": (Assignment("space-in-probe", "bad", 1, replace(SLEEPER, health=HealthCheck(path="/a b"))),
+                       "spec.health.path: '/a b' is not a valid URL path"),
+}
+
+
+def test_an_assignment_no_process_can_take_fails_that_replica_and_the_agent_serves_on(stack: Stack) -> None:
+    # A server that does not check (an older version, or a hostile one) sends a real agent with the
+    # process runtime what `apply` refuses, beside a healthy replica.
+    good = Assignment("web-good1", "web", 1, TINYLM)
+    with ScriptedNodeServer([good, *(assignment for assignment, _ in POISON.values())]) as server:
+        server.write_credentials(stack.root / "n1", "n1")
+        node = stack.start_node("n1", "--allow-process-runtime")
+        wait_for(lambda: server.state("web-good1") is ReplicaState.READY
+                 and all(server.state(replica) is ReplicaState.FAILED for replica in POISON), 30,
+                 message="the good replica ready and each poisoned one failed")
+        for replica, (_, reason) in POISON.items():
+            report = server.report(replica)
+            assert report is not None and report.reason.startswith(f"cannot be launched: {reason}"), report
+            assert not report.node_fault  # the cluster's fault: no other node would do better
+            assert not replica_pids(replica=replica)
+
+        # A hostile log request, and a log that cannot be read, end only their own streams.
+        (stack.root / "n1" / "logs" / "odd-1.log").mkdir(parents=True)
+        server.send(LogsOpen(7, "../../etc/passwd"))
+        server.send(LogsOpen(8, "odd-1"))
+        wait_for(lambda: len([m for m in server.logs() if isinstance(m, LogsEnd)]) == 2, 10,
+                 message="both log requests to end")
+        ends = {m.stream_id: m.error for m in server.logs() if isinstance(m, LogsEnd)}
+        assert ends[7] == "replica id '../../etc/passwd' is not a valid file name"
+        assert ends[8].startswith("cannot read the log of odd-1: [Errno 21] Is a directory")
+
+        time.sleep(2)  # a while later: the agent is up, connected once, and still serving
+        assert node.alive and server.hellos == 1, node.log()[-3000:]
+        assert "Traceback" not in node.log()
+        good_report = server.report("web-good1")
+        assert good_report is not None and good_report.state is ReplicaState.READY and good_report.address
+        with urllib.request.urlopen(f"http://{good_report.address}/healthz", timeout=5) as answer:
+            assert answer.status == 200

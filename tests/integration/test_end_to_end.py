@@ -166,3 +166,42 @@ def test_node_restart_reattaches_without_restarting_replicas(stack: Stack) -> No
     time.sleep(1.0)
     assert stack.cli_json("get", "replicas")[0]["state"] == "ready"
     assert http_request(proxy_port, "echo.localhost", "/healthz").status == 200
+
+
+def test_dev_survives_node_rm_and_starts_again_after_it(tmp_path: Path) -> None:
+    """`node rm` of a dev node used to end the whole stack, and the next `vectorlay dev` could not
+    start (its saved credential was gone) while the old replicas ran on with parent 1."""
+    stack = Stack(tmp_path)
+    args = ["dev", "--state-dir", str(tmp_path / "dev"), "--server-port", "0", "--proxy-port", "0",
+            "--apply", "examples/tinylm.yaml"]
+    try:
+        proc = stack._spawn("dev", args)
+        stack.procs.append(proc)
+        port = int(proc.wait_log(r"curl -s http://tinylm\.localhost:(\d+)/v1/completions", timeout_s=60).group(1))
+        removed = json.loads((tmp_path / "dev" / "dev-1" / "node.json").read_text())["node_id"]
+        stack.cli("node", "rm", "dev-1")
+        proc.wait_log(r"dev-1 left the stack", timeout_s=20)
+        wait_for(lambda: not replica_pids(node_id=removed), 15, message="the removed node's replicas to stop")
+        wait_for(lambda: http_request(port, "tinylm.localhost", "/healthz").status == 200, 30,
+                 message="the stack to serve from dev-2")
+        assert proc.alive
+        proc.stop()
+        assert not replica_pids(node_id=removed)
+
+        again = stack._spawn("dev-again", args)
+        stack.procs.append(again)
+        port = int(again.wait_log(r"curl -s http://tinylm\.localhost:(\d+)/v1/completions", timeout_s=60).group(1))
+        assert "dev-1 is no longer in the fleet: joining it again" in again.log()
+
+        def serving_nodes() -> set[str]:
+            return {http_request(port, "tinylm.localhost", "/v1/completions", "POST",
+                                 b'{"prompt": "x", "max_tokens": 4}').json()["node"] for _ in range(20)}
+
+        # Both replicas ran on dev-2 since dev-1 was removed: with dev-1 back, one moves there.
+        wait_for(lambda: serving_nodes() == {"dev-1", "dev-2"}, 40, interval_s=1.0, message="the spread again")
+        node_ids = [json.loads((tmp_path / "dev" / name / "node.json").read_text())["node_id"]
+                    for name in ("dev-1", "dev-2")]
+        again.stop()
+        wait_for(lambda: not any(replica_pids(node_id=n) for n in node_ids), 15, message="dev replicas to stop")
+    finally:
+        stack.close()

@@ -131,6 +131,24 @@ def test_agent_restarts_do_not_restart_replicas_or_drop_requests(stack: Stack) -
     assert stack.cli_json("get", "replicas")[0]["state"] == "ready"
 
 
+def test_an_agent_that_dies_of_an_error_is_suspect_at_once_not_restarting(stack: Stack) -> None:
+    stack.start_server()
+    # The agent raises in its supervisor as soon as it has a replica to start: a bug, not a stop.
+    node = stack.join_node("n1", gpus=["RTX 4090:24"], env={"VECTORLAY_NODE_FAULTS": "converge"})
+    assert [n["state"] for n in stack.cli_json("get", "nodes")] == ["ready"]
+    stack.cli("apply", "-", "--no-wait", input_text=tinylm_manifest("echo", replicas=1))
+    wait_for(lambda: not node.alive, 20, message="the agent to die of the injected error")
+    died_at = time.monotonic()
+    assert node.popen.returncode == 1 and "fault point 'converge' reached" in node.log()
+    # It said no goodbye, so the server does not hold it ready through a restart grace (10 s):
+    # its link closed without one, which makes it suspect at once.
+    [after] = wait_for(lambda: [n for n in stack.cli_json("get", "nodes") if n["state"] == "suspect"], 5,
+                       message="the node to be suspect")
+    assert time.monotonic() - died_at < 5
+    assert after["name"] == "n1" and not after["connected"]
+    assert stack.server is not None and "n1 is restarting" not in stack.server.log()
+
+
 def test_a_node_with_a_skewed_clock_stays_healthy(stack: Stack) -> None:
     if not faketime_available():
         missing_service("faketime (Debian package faketime)")

@@ -59,6 +59,7 @@ def test_dump_produces_plain_json_values() -> None:
         "endpoint": {"auth": "none", "rate_limit": None, "per_client_rate_limit": None},
         "project": "default",
         "env_from_secret": {},
+        "update": {"max_surge": None, "max_unavailable": None},
     }
 
 

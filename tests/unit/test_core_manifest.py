@@ -9,8 +9,9 @@ from core_strategies import MEDIUM
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from vectorlay.core.launch_inputs import MAX_ARG_BYTES, MAX_HEALTH_PATH, launch_problem
 from vectorlay.core.manifest import MAX_DEPTH, MAX_MANIFEST_BYTES, MAX_NODES, is_dns_label, parse_manifest
-from vectorlay.core.model import ClusterSpec, GpuRequest, HealthCheck, Runtime
+from vectorlay.core.model import Assignment, ClusterSpec, GpuRequest, HealthCheck, Runtime
 from vectorlay.errors import ManifestError, UserError
 
 FULL = """\
@@ -287,6 +288,81 @@ def test_a_name_with_a_trailing_newline_is_rejected() -> None:
     assert error.path == "metadata.name"
 
 
+# --- what no process can take: refused at the door --------------------------------------------------
+
+NUL = "contains a NUL byte"
+LONG_NAME = "A" * 1025
+SURROGATE = "a lone surrogate"
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "line", "words"),
+    [
+        # A NUL byte (YAML's "\0" and "\x00" escapes) in anything that reaches a process or a path.
+        ('  command: ["sh", "-c", "sleep 100 # \\0"]\n', "spec.command[2]", 6, NUL),
+        ('  command: ["sleep\\x00", "1"]\n', "spec.command[0]", 6, NUL),
+        ('  command: [run]\n  env: {A: "x\\0y"}\n', "spec.env.A", 7, NUL),
+        ('  command: [run]\n  env:\n    "A\\0": x\n', "spec.env", 8, NUL),
+        ('  command: [run]\n  env:\n    "A=B": x\n', "spec.env.A=B", 8, "not a valid environment variable name"),
+        ('  command: [run]\n  env_from_secret:\n    "A=B": s\n', "spec.env_from_secret.A=B", 8,
+         "not a valid environment variable name"),
+        ('  command: [run]\n  env_from_secret: {A: "hf\\0"}\n', "spec.env_from_secret.A", 7, NUL),
+        ('  command: [run]\n  workdir: "/srv\\0"\n', "spec.workdir", 7, NUL),
+        ('  image: "busybox\\0"\n  runtime: container\n', "spec.image", 6, NUL),
+        ('  command: [run]\n  health: {path: "/h\\0"}\n', "spec.health.path", 7, NUL),
+        ('  command: [run]\n  gpu: {type: "RTX 4090\\0"}\n', "spec.gpu.type", 7, NUL),
+        # A lone surrogate cannot be encoded as UTF-8: not for execve, not for the database.
+        ('  command: ["run", "\\ud800"]\n', "spec.command[1]", 6, SURROGATE),
+        ('  command: [run]\n  env: {A: "\\udcff"}\n', "spec.env.A", 7, SURROGATE),
+        ('  command: [run]\n  workdir: "/srv/\\ud83d"\n', "spec.workdir", 7, SURROGATE),
+        # Control characters and spaces in an image reference or a health check's URL path.
+        ('  image: "busybox\\e[31m"\n  runtime: container\n', "spec.image", 6, "not a valid image reference"),
+        ('  image: "busybox\\n:latest"\n  runtime: container\n', "spec.image", 6, "not a valid image reference"),
+        ('  image: "busybox\\t"\n  runtime: container\n', "spec.image", 6, "not a valid image reference"),
+        ('  command: [run]\n  health: {path: "/a b"}\n', "spec.health.path", 7, "not a valid URL path"),
+        ('  command: [run]\n  health: {path: "/ok\\r\\nX-Evil: 1"}\n', "spec.health.path", 7, "not a valid URL path"),
+        ('  command: [run]\n  health: {path: "/caf\\u00e9"}\n', "spec.health.path", 7, "not a valid URL path"),
+        # More than Linux passes: one argument or environment entry, a path, a file name.
+        (f'  command: ["{"x" * (MAX_ARG_BYTES + 1)}"]\n', "spec.command[0]", 6, "longer than 131071 bytes"),
+        (f'  command: [run]\n  env: {{A: "{"é" * (MAX_ARG_BYTES // 2)}"}}\n', "spec.env.A", 7,
+         "longer than 131071 bytes"),
+        # (YAML's own limit on a plain key is 1024 characters: a longer one needs the explicit `? ` form.)
+        (f'  command: [run]\n  env_from_secret:\n    ? {LONG_NAME}\n    : hf-token\n',
+         f"spec.env_from_secret.{'A' * 64}...", 9, "longer than 1024 characters"),
+        (f'  command: [run]\n  workdir: "{"/abc" * 1100}"\n', "spec.workdir", 7, "PATH_MAX"),
+        (f'  command: [run]\n  workdir: "/srv/{"a" * 256}"\n', "spec.workdir", 7, "NAME_MAX"),
+        (f'  image: "{"a" * 256}"\n  runtime: container\n', "spec.image", 6, "longer than 255 characters"),
+        (f'  image: "{"a" * 100_000}"\n  runtime: container\n', "spec.image", 6, "not a valid image reference"),
+        (f'  command: [run]\n  health: {{path: "/{"a" * MAX_HEALTH_PATH}"}}\n', "spec.health.path", 7,
+         "longer than 2048"),
+    ],
+)
+def test_what_no_process_can_take_is_refused_with_path_and_line(body: str, path: str, line: int,
+                                                                  words: str) -> None:
+    error = reject(doc(body))
+    assert (error.path, error.line) == (path, line)
+    assert words in error.message
+    assert len(str(error)) < 300  # a hostile megabyte never becomes a megabyte of error
+
+
+def test_a_hostile_key_makes_a_short_error() -> None:
+    # An explicit key (`? `) may be as long as the whole manifest; the error quotes a little of it.
+    error = reject(doc(f"  command: [run]\n  ? {'z' * 500_000}\n  : 1\n"))
+    assert error.path == f"spec.{'z' * 64}..." and error.line == 7
+    assert "unknown key 'zzz" in error.message and len(str(error)) < 400
+
+
+def test_the_largest_values_a_process_can_take_are_accepted() -> None:
+    longest = "x" * MAX_ARG_BYTES
+    entry = "y" * (MAX_ARG_BYTES - len("A="))
+    [spec] = parse_manifest(doc(f'  command: ["{longest}"]\n  env: {{A: "{entry}"}}\n'
+                                f'  workdir: "/srv/{"a" * 255}"\n  health: {{path: "/{"b" * (MAX_HEALTH_PATH - 1)}"}}\n'))
+    assert spec.command == (longest,) and spec.env == {"A": entry}
+    # Newlines and tabs are fine in arguments and values (a shell script, a PEM certificate).
+    [spec] = parse_manifest(doc('  command: ["sh", "-c", "echo a\\n\\techo b"]\n  env: {PEM: "-----\\nMII\\n"}\n'))
+    assert spec.command[2] == "echo a\n\techo b" and spec.env["PEM"] == "-----\nMII\n"
+
+
 # --- resource limits ---------------------------------------------------------------------------
 
 
@@ -405,6 +481,8 @@ def _check_result(specs: list[ClusterSpec]) -> None:
         assert spec.runtime is not Runtime.CONTAINER or spec.image is not None
         if spec.health is not None:
             assert 0 < spec.health.timeout_s <= spec.health.interval_s
+        # What the door accepts, a node can launch: its own check never refuses it.
+        assert launch_problem(Assignment(f"{spec.name}-abcde", spec.key, 1, spec)) is None
 
 
 def _parse_only_manifest_errors(text: str) -> None:

@@ -197,6 +197,12 @@ def test_the_size_limit_counts_utf8_bytes_not_characters() -> None:
         ('{"type": "ack", "seq": 1, "extra": 2}', "extra"),
         ('{"type": "heartbeat", "sent_at": "now"}', "sent_at"),
         ('{"type": "replica_status", "report": {"replica_id": "r", "generation": 1, "state": "sleepy"}}', "state"),
+        ('{"type": "replica_status", "report": {"replica_id": "r", "generation": 1, "state": "failed", '
+         '"node_fault": "yes"}}', "report.node_fault: expected true or false"),
+        ('{"type": "replica_status", "report": {"replica_id": "r", "generation": 1, "state": "failed", '
+         '"node_fault": 1}}', "report.node_fault: expected true or false"),
+        ('{"type": "replica_status", "report": {"replica_id": "r", "generation": 1, "state": "failed", '
+         '"node_fault": null}}', "report.node_fault: expected true or false"),
         ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
     ],
 )
@@ -411,3 +417,14 @@ def test_gpu_report_round_trips_with_unknown_memory() -> None:
     hello = p.NodeHello(p.PROTOCOL_VERSION, "cred", gpus=(Gpu("u0", "RTX 4090", None, 0),),
                         replicas=(p.ReplicaReport("r", 3, ReplicaState.READY, address="1.2.3.4:9000"),))
     assert p.decode(p.encode(hello), p.NODE_FIRST) == hello
+
+
+def test_a_failure_says_whether_it_is_the_nodes() -> None:
+    report = p.ReplicaReport("r", 3, ReplicaState.FAILED, "image x is not on this node", node_fault=True)
+    status = p.ReplicaStatus(report)
+    assert json.loads(p.encode(status))["report"]["node_fault"] is True
+    assert p.decode(p.encode(status), p.NODE_TO_SERVER) == status
+    # An agent from before the field existed sends none: its failures are the cluster's.
+    old = '{"type":"replica_status","report":{"replica_id":"r","generation":3,"state":"failed"}}'
+    decoded = p.decode(old, p.NODE_TO_SERVER)
+    assert isinstance(decoded, p.ReplicaStatus) and decoded.report.node_fault is False

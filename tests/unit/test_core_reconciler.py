@@ -19,7 +19,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from reconcile_sim import Loop, apply_plan, check_well_formed, confirm_stops
 
-from vectorlay.core.model import ClusterSpec, Gpu, GpuRequest, Node, NodeState, Replica, ReplicaState, template_revision
+from vectorlay.core.model import (
+    ClusterSpec,
+    Gpu,
+    GpuRequest,
+    Node,
+    NodeState,
+    Replica,
+    ReplicaState,
+    UpdateStrategy,
+    template_revision,
+)
 from vectorlay.core.reconciler import ClusterPlan, Stop, plan_cluster
 
 NOW = 1000.0
@@ -427,3 +437,87 @@ def test_the_control_loop_converges(loop: Loop) -> None:
             for g in r.gpus:
                 assert (r.node_id, g) not in held
                 held.add((r.node_id, g))
+
+
+# --- blast radius: quarantine and nodes to avoid -------------------------------------------------
+
+
+def test_a_quarantined_cluster_is_placed_nowhere_and_its_unready_copies_stop() -> None:
+    s = web(3)
+    replicas = [replica("a", "n0", s), replica("b", "n1", s, ReplicaState.STARTING), replica("c", None, s,
+                                                                                                  ReplicaState.PENDING)]
+    result = plan_cluster(s, "web", replicas, fleet(3), {}, replicas, NOW, quarantined=True)
+    check_well_formed(replicas, result)
+    assert stopped(result) == ["b"]  # the ready one keeps serving
+    assert result.forget == ("c",)
+    assert not result.create and not result.assign and result.create_unplaced == 0
+
+
+def test_nodes_to_avoid_are_used_only_when_nothing_else_fits() -> None:
+    s = web(1)
+    result = plan_cluster(s, "web", [], fleet(2), {}, [], NOW, avoid_nodes=frozenset({"n0"}))
+    assert [p.node_id for p in result.create] == ["n1"]
+    only = plan_cluster(s, "web", [], fleet(1), {}, [], NOW, avoid_nodes=frozenset({"n0"}))
+    assert [p.node_id for p in only.create] == ["n0"]  # preferred against, not forbidden
+
+
+# --- spec.update, spread kept while rolling, spread again when room appears -----------------------
+
+
+def test_max_surge_limits_new_copies_beyond_the_desired_count() -> None:
+    v1 = web(3)
+    v2 = replace(v1, env={"MODEL": "v2"}, update=UpdateStrategy(max_surge=1))
+    old = [replica(f"old-{i}", f"n{i}", v1, generation=i + 1) for i in range(3)]
+    first = plan(v2, old, fleet(3, gpus_each=2))
+    assert len(first.create) == 1 and first.stop == ()
+
+
+def test_max_unavailable_stops_old_copies_before_new_ones_are_ready() -> None:
+    v1 = web(2)
+    v2 = replace(v1, env={"MODEL": "v2"}, update=UpdateStrategy(max_surge=0, max_unavailable=1))
+    old = [replica("old-a", "n0", v1, generation=1), replica("old-b", "n1", v1, generation=2)]
+    first = plan(v2, old, fleet(2))
+    assert len(first.stop) == 1 and first.create == ()  # one down at once, never both
+
+
+def test_max_unavailable_zero_on_a_full_fleet_waits_instead_of_dropping_a_copy() -> None:
+    v1 = web(2)
+    v2 = replace(v1, env={"MODEL": "v2"}, update=UpdateStrategy(max_unavailable=0))
+    old = [replica("old-a", "n0", v1, generation=1), replica("old-b", "n1", v1, generation=2)]
+    waiting = [replica("new-a", None, v2, ReplicaState.PENDING, generation=3),
+               replica("new-b", None, v2, ReplicaState.PENDING, generation=4)]
+    assert plan(v2, old + waiting, fleet(2)).stop == ()  # the operator asked for no loss of capacity
+
+
+def test_a_roll_keeps_copies_on_different_nodes() -> None:
+    """New copies spread as if the old ones were gone already (issue: both on one node after a roll)."""
+    cpu = spec("web", 2, GpuRequest((), 0))
+    v2 = replace(cpu, env={"MODEL": "v2"}, update=UpdateStrategy(max_surge=1))
+    old = [replace(replica("old-a", "n0", cpu, generation=1), gpus=()),
+           replace(replica("old-b", "n1", cpu, generation=2), gpus=())]
+    nodes = {k: replace(n, gpus=()) for k, n in fleet(2).items()}
+    loop = Loop(v2, "web", nodes, old)
+    loop.run(max_rounds=20)
+    assert sorted(r.node_id or "" for r in loop.replicas) == ["n0", "n1"]
+    assert {r.revision for r in loop.replicas} == {template_revision(v2)}
+
+
+def test_a_cluster_packed_on_one_node_spreads_when_another_node_can_take_a_copy() -> None:
+    s = web(2)
+    packed = [replica("a", "n0", s, generation=1, gpu=0), replica("b", "n0", s, generation=2, gpu=1)]
+    nodes = fleet(2, gpus_each=2)
+    first = plan(s, packed, nodes)
+    assert [p.node_id for p in first.create] == ["n1"] and first.stop == ()  # new copy first
+    moved = [*packed, replica("c", "n1", s, ReplicaState.STARTING, generation=3)]
+    assert plan(s, moved, nodes).empty  # the old copy keeps serving while the new one starts
+    moved[2] = replace(moved[2], state=ReplicaState.READY)
+    third = plan(s, moved, nodes)
+    assert [x.replica_id for x in third.stop] == ["b"] and "spreads over more nodes" in third.stop[0].reason
+    assert plan(s, [packed[0], moved[2]], nodes).empty  # spread: nothing more to do
+
+
+def test_no_move_when_no_other_node_could_take_a_copy() -> None:
+    s = web(2)
+    packed = [replica("a", "n0", s, generation=1, gpu=0), replica("b", "n0", s, generation=2, gpu=1)]
+    assert plan(s, packed, fleet(2, gpus_each=2, n1=NodeState.DOWN)).empty
+    assert plan(s, packed, fleet(1, gpus_each=2)).empty

@@ -344,3 +344,16 @@ def test_free_matching_reference_agrees_on_a_simple_case() -> None:
     assert is_eligible(n)
     assert free_matching(n, set(), GpuRequest(("rtx 4090",), 1)) == 1
     assert free_matching(n, {("a", "a-g0")}, GpuRequest(("rtx 4090",), 1)) == 0
+
+
+def test_avoided_nodes_come_last_even_before_spread() -> None:
+    """A node where the cluster failed for a node-bound reason (its image missing there) is used
+    only when no other node fits, even if that means two replicas share a node."""
+    gpu = GpuRequest((), 0)
+    nodes = [Node(f"n{i}", f"n{i}", (), "10.0.0.1", runtimes=("process",)) for i in range(2)]
+    the_spec = spec("web", gpu=gpu)
+    running = [Replica("web-1", "web", "n1", (), ReplicaState.READY)]
+    plan = place(nodes, running, [(the_spec, 1)], {"web": frozenset({"n0"})})
+    assert [p.node_id for p in plan.placements] == ["n1"]
+    plan = place(nodes, running, [(the_spec, 1)])
+    assert [p.node_id for p in plan.placements] == ["n0"]

@@ -13,6 +13,7 @@ from vectorlay.cli.common import Format, OutputOpt, ProjectOpt, ServerOpt, Token
 from vectorlay.client import commands
 from vectorlay.client.config import config_path, list_contexts, resolve, use_context
 from vectorlay.client.output import stderr, stdout
+from vectorlay.errors import UserError
 
 token_app = typer.Typer(help="Create tokens for nodes, proxies and admins.", no_args_is_help=True)
 context_app = typer.Typer(help="Client contexts (server URL + token) in the config file.", no_args_is_help=True)
@@ -21,6 +22,7 @@ key_app = typer.Typer(help="API keys for a cluster's endpoint (with spec.endpoin
 secret_app = typer.Typer(help="Secrets of a project, stored encrypted, given to replicas as env vars.",
                          no_args_is_help=True)
 describe_app = typer.Typer(help="Show one object in detail, with its recent events.", no_args_is_help=True)
+cluster_app = typer.Typer(help="Act on one cluster (its manifest is changed with `apply`).", no_args_is_help=True)
 
 
 class Kind(StrEnum):
@@ -98,6 +100,12 @@ def version() -> None:
     print(__version__)
 
 
+def status(output_format: OutputOpt = Format.table, server_url: ServerOpt = None, token: TokenOpt = None) -> None:
+    """How the server is: its database (available, or unavailable since when and why), nodes
+    and clusters. Exits 1 while the database is unavailable, so scripts can wait on it."""
+    run(commands.status, resolve(server_url, token), output_format is Format.json)
+
+
 @token_app.command("create")
 def token_create(
     role: Annotated[TokenRole, typer.Option(
@@ -142,7 +150,11 @@ def secret_set(
 ) -> None:
     """Create or replace a secret; clusters use it with spec.env_from_secret. Stored encrypted."""
     if value is None:
-        value = sys.stdin.read().rstrip("\n")
+        try:
+            value = sys.stdin.buffer.read().decode("utf-8").rstrip("\n")
+        except UnicodeDecodeError as error:
+            raise UserError(f"the secret read from stdin is not valid UTF-8 ({error.reason} at byte "
+                            f"{error.start})") from None
     run(commands.secret, resolve(server_url, token), "set", project, name, value, False)
 
 
@@ -219,6 +231,19 @@ def describe_cluster(
 ) -> None:
     """A cluster, each replica (node, state, image digest) with its last events, and recent events."""
     run(commands.describe, resolve(server_url, token, project), name, output_format is Format.json)
+
+
+@cluster_app.command("unquarantine")
+def cluster_unquarantine(
+    name: Annotated[str, typer.Argument()],
+    project: ProjectOpt = None,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Place a quarantined cluster again (and forget its failures). A cluster is quarantined when
+    the agents of nodes die right after receiving its replicas; applying a changed manifest lifts
+    the quarantine too."""
+    run(commands.unquarantine, resolve(server_url, token, project), name)
 
 
 @context_app.command("list")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 from dataclasses import replace
@@ -19,10 +20,11 @@ from vectorlay.client.config import resolve
 from vectorlay.client.output import stderr, stdout
 from vectorlay.errors import UserError
 from vectorlay.files import write_private
-from vectorlay.lifecycle import setup_logging, until_signalled
+from vectorlay.lifecycle import CleanStop, setup_logging, until_signalled
 
 if TYPE_CHECKING:
     from vectorlay.node.agent import Credentials
+    from vectorlay.node.faults import FaultPoints
     from vectorlay.node.setup import NodeOptions, NodeSetup
 
 node_app = typer.Typer(help="Run this machine as a node: [bold]join[/bold] once, then plain "
@@ -63,7 +65,8 @@ def node(
     creds = load_credentials(directory)
     options = _options(_load_node_settings(directory), allow_process_runtime, container_cli, oci_runtime, None)
     _save_node_settings(directory, options.settings())
-    run(partial(until_signalled, partial(_run_node, creds, directory, options)))
+    clean_stop = CleanStop()
+    run(partial(until_signalled, partial(_run_node, creds, directory, options, clean_stop, _faults()), clean_stop))
 
 
 @node_app.command("join")
@@ -103,6 +106,8 @@ def node_join(
         raise UserError("--advertise is only for --data-plane direct: behind tunnels no one dials this node")
     address = advertise or "127.0.0.1"
     options = replace(_options({}, allow_process_runtime, container_cli, oci_runtime, gpu), data_plane=data_plane)
+    clean_stop = CleanStop()
+    faults = _faults()
 
     async def main() -> None:
         setup = await prepare_node(options, address)
@@ -113,9 +118,9 @@ def node_join(
                            setup.isolation, data_plane)
         _save_node_settings(directory, options.settings())
         stderr.print(f"joined as {creds.name} ({creds.node_id}); credential saved in {directory}")
-        await _run_setup(creds, directory, setup)
+        await _run_setup(creds, directory, setup, clean_stop, faults)
 
-    run(partial(until_signalled, main))
+    run(partial(until_signalled, main, clean_stop))
 
 
 @node_app.command("check")
@@ -233,19 +238,29 @@ def _options(saved: dict[str, Any], allow_process: bool | None, container_cli: s
     )
 
 
-async def _run_node(creds: Credentials, directory: Path, options: NodeOptions) -> None:
+def _faults() -> FaultPoints:
+    """Fault points named in VECTORLAY_NODE_FAULTS, for fault-injection tests; never set it in production."""
+    from vectorlay.node.faults import ENV_VAR, FaultPoints
+
+    return FaultPoints.parse(os.environ.get(ENV_VAR, ""))
+
+
+async def _run_node(creds: Credentials, directory: Path, options: NodeOptions, clean_stop: CleanStop,
+                    faults: FaultPoints) -> None:
     from vectorlay.node.setup import prepare_node
 
-    await _run_setup(creds, directory, await prepare_node(options, creds.address))
+    await _run_setup(creds, directory, await prepare_node(options, creds.address), clean_stop, faults)
 
 
-async def _run_setup(creds: Credentials, directory: Path, setup: NodeSetup) -> None:
+async def _run_setup(creds: Credentials, directory: Path, setup: NodeSetup, clean_stop: CleanStop,
+                     faults: FaultPoints) -> None:
     from vectorlay.node.agent import run_node
 
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(run_node, creds, directory, setup.runtime, setup.gpus, setup.runtimes,
                                     isolation=setup.isolation, publish_ip=setup.publish_ip,
-                                    gpu_monitor=setup.gpu_monitor, data_plane=setup.data_plane))
+                                    gpu_monitor=setup.gpu_monitor, clean_stop=clean_stop, faults=faults,
+                                    data_plane=setup.data_plane))
 
 
 def _load_node_settings(directory: Path) -> dict[str, Any]:

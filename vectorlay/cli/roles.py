@@ -15,7 +15,7 @@ from vectorlay.cli.common import ServerOpt, TokenOpt, VerboseOpt, data_dir, dura
 from vectorlay.client.config import Context, resolve, save_context
 from vectorlay.client.output import stderr
 from vectorlay.errors import UserError
-from vectorlay.lifecycle import setup_logging, until_signalled
+from vectorlay.lifecycle import CleanStop, setup_logging, until_signalled
 
 TUNNEL_ADVERTISE = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?")
 
@@ -36,6 +36,9 @@ def server(
         help="The CA that issued --tls-cert; tokens pin it (default: the certificate's own key).")] = None,
     tls_san: Annotated[list[str] | None, typer.Option(
         help="Extra names or addresses the --tls auto certificate covers (repeat).")] = None,
+    metrics_listen: Annotated[str | None, typer.Option(
+        help="Serve Prometheus metrics (the database's health, nodes, clusters) at http://HOST:PORT/metrics.")]
+    = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the control plane. The first start creates an admin token, prints it and saves it."""
@@ -57,7 +60,8 @@ def server(
         server_tls = auto_tls(directory / "tls", [host, *(tls_san or [])])
     # VECTORLAY_FAULTS names crash points for fault-injection tests; never set it in production.
     faults = frozenset(f for f in os.environ.get("VECTORLAY_FAULTS", "").split(",") if f)
-    config = ServerConfig(directory, host, port, db, interval, crash_points=faults, tls=server_tls)
+    config = ServerConfig(directory, host, port, db, interval, crash_points=faults, tls=server_tls,
+                          metrics_listen=parse_listen(metrics_listen, 9091) if metrics_listen else None)
     scheme = "wss" if server_tls else "ws"
 
     async def main() -> None:
@@ -166,9 +170,10 @@ def dev(
 
     setup_logging(verbose)
     config = DevConfig(state_dir, nodes, server_port, proxy_port, domain, tuple(gpu or ()), apply_file)
+    clean_stop = CleanStop()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_dev, config)
+            await nursery.start(run_dev, config, clean_stop)
 
-    run(partial(until_signalled, main))
+    run(partial(until_signalled, main, clean_stop))

@@ -7,6 +7,8 @@ from contextlib import asynccontextmanager
 from itertools import count
 from typing import Any
 
+import trio
+
 from vectorlay.core.protocol import (
     PROTOCOL_VERSION,
     SERVER_TO_CLIENT,
@@ -17,8 +19,20 @@ from vectorlay.core.protocol import (
     Ready,
     Result,
 )
-from vectorlay.errors import AuthError, ConflictError, NotFoundError, PeerError, ProtocolError, UserError
-from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect, secure_context
+from vectorlay.errors import (
+    AuthError,
+    ConflictError,
+    ConnectError,
+    NotFoundError,
+    PeerError,
+    ProtocolError,
+    UserError,
+    unwrap_group,
+)
+from vectorlay.wire import CLOSE_POLICY, CONNECT_TIMEOUT_S, Link, LinkClosed, connect, secure_context
+
+PING_INTERVAL_S = 5.0
+PING_TIMEOUT_S = 10.0
 
 
 class ApiClient:
@@ -59,13 +73,28 @@ def _error(failure: Failure) -> Exception:
 
 @asynccontextmanager
 async def open_api(server: str, token: str) -> AsyncIterator[ApiClient]:
+    """A link to the server's API. It is pinged while in use: a server that stops answering
+    (paused, or behind a dead path) ends the command with an error instead of a hang."""
     url = server.rstrip("/") + "/v1/api"
     async with connect(url, await secure_context(url, token)) as link:
-        await link.send(ClientHello(PROTOCOL_VERSION, token))
-        try:
-            await link.receive_one(Ready)
-        except LinkClosed as closed:
-            if closed.code == CLOSE_POLICY:
-                raise AuthError(f"the server refused the token: {closed.reason}") from None
-            raise PeerError(f"the server closed the connection: {closed.reason or closed.code}") from None
-        yield ApiClient(link)
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            await link.send(ClientHello(PROTOCOL_VERSION, token))
+            try:
+                await link.receive_one(Ready)
+            except LinkClosed as closed:
+                if closed.code == CLOSE_POLICY:
+                    raise AuthError(f"the server refused the token: {closed.reason}") from None
+                raise PeerError(f"the server closed the connection: {closed.reason or closed.code}") from None
+        with unwrap_group():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch, link, server)
+                yield ApiClient(link)
+                nursery.cancel_scope.cancel()
+
+
+async def _watch(link: Link, server: str) -> None:
+    try:
+        await link.keepalive(PING_INTERVAL_S, PING_TIMEOUT_S)
+    except ConnectError:
+        raise PeerError(f"the server at {server} stopped answering (no reply to a ping within "
+                        f"{PING_TIMEOUT_S:g}s); what was asked may or may not have been done") from None

@@ -12,12 +12,21 @@ from rich.text import Text
 from vectorlay.client import output
 from vectorlay.client.api import ApiClient, open_api
 from vectorlay.client.config import Context
+from vectorlay.core.launch_inputs import secret_value_problem
 from vectorlay.core.manifest import parse_manifest
 from vectorlay.errors import UserError, VectorlayError
 
 
 class WaitTimedOut(VectorlayError):
     """`apply` or `delete` gave up waiting; the change itself was made."""
+
+
+class DatabaseUnavailable(VectorlayError):
+    """`status`: the server runs, its database does not answer (exit 1 for scripts)."""
+
+
+class ClusterFailing(VectorlayError):
+    """`apply` stopped waiting early: a cluster cannot get ready by itself (crash loop, quarantine)."""
 
 
 def read_manifest(path: str) -> str:
@@ -43,12 +52,18 @@ async def apply(ctx: Context, text: str, dry_run: bool, wait: bool, timeout_s: f
             verb = "would be " if dry_run else ""
             for change in result["changes"]:
                 detail = f" ({change['detail']})" if change["detail"] else ""
-                output.stdout.print(f"cluster/{change['cluster']} {verb}{change['action']}{detail}")
+                output.stdout.print(f"cluster/{change['cluster']} {verb}{change['action']}{detail}", markup=False)
+                if dry_run:
+                    for line in change.get("fields", []):
+                        output.stdout.print(f"  {line}", markup=False, highlight=False)
         if dry_run or not wait:
             return
         final = await _wait_ready(api, keys, timeout_s, quiet=as_json)
         if as_json:
-            output.print_json({**result, "ready": final["ready"], "clusters": final["clusters"]})
+            output.print_json({**result, "ready": final["ready"], "clusters": final["clusters"],
+                               "failed": final.get("failed", [])})
+        if final.get("failed"):
+            raise ClusterFailing("; ".join(f"cluster/{f['cluster']} {f['reason']}" for f in final["failed"]))
         if not final["ready"]:
             raise WaitTimedOut(f"timed out after {timeout_s:g}s waiting for replicas to be ready; "
                                "see `vectorlay get replicas`")
@@ -74,12 +89,28 @@ async def _wait_ready(api: ApiClient, names: list[str], timeout_s: float | None,
             if interactive:
                 live.update(Text(output.cluster_table(value)), refresh=True)
             elif not quiet:
-                line = "; ".join(f"{c['name']}: {c['ready']}/{c['replicas']} ready"
-                                 + (f" ({c['reasons'][0]})" if c["reasons"] else "") for c in value)
+                line = "; ".join(f"{c['name']}: {_progress(c)}" + _why(c) for c in value)
                 if line != last_line:
                     output.stderr.print(f"waiting: {line}")
                     last_line = line
     return result
+
+
+def _progress(cluster: dict[str, Any]) -> str:
+    """`1/2 ready`; while a roll replaces old copies: `2 serving, 0/2 updated`, so a roll in
+    progress does not read like an outage."""
+    rolling = cluster.get("up_to_date", cluster["replicas"]) < cluster["replicas"] or cluster.get("stopping") \
+        or sum(cluster["states"].values()) > cluster["replicas"]
+    if rolling and "serving" in cluster:
+        return f"{cluster['serving']} serving, {cluster['ready']}/{cluster['replicas']} updated"
+    return f"{cluster['ready']}/{cluster['replicas']} ready"
+
+
+def _why(cluster: dict[str, Any]) -> str:
+    health = (cluster.get("health") or {}).get("message")
+    if health:
+        return f" ({health})"
+    return f" ({cluster['reasons'][0]})" if cluster["reasons"] else ""
 
 
 class _Null:
@@ -151,6 +182,15 @@ async def logs(ctx: Context, cluster: str, follow: bool, tail: int, prefix: bool
                 continue
             sys.stdout.write("".join(f"{label}{line}\n" for line in value["lines"]))
             sys.stdout.flush()
+
+
+async def unquarantine(ctx: Context, name: str) -> None:
+    async with open_api(ctx.server, ctx.token) as api:
+        result = await api.call("cluster_unquarantine", {"name": name, **_scope(ctx)})
+    if result["lifted"]:
+        output.stdout.print(f"cluster/{name} unquarantined: it is placed again")
+    else:
+        output.stdout.print(f"cluster/{name} was not quarantined; nothing changed")
 
 
 async def node_action(ctx: Context, action: str, name: str, wait: bool = True, timeout_s: float | None = None) -> None:
@@ -241,6 +281,8 @@ async def token_revoke(ctx: Context, token_id: str) -> None:
 
 
 async def secret(ctx: Context, action: str, project: str, name: str | None, value: str | None, as_json: bool) -> None:
+    if value is not None and (problem := secret_value_problem(value)) is not None:
+        raise UserError(f"invalid secret {name!r}: {problem}")  # before any connection is made
     async with open_api(ctx.server, ctx.token) as api:
         if action == "set":
             result = await api.call("secret_set", {"project": project, "name": name, "value": value})
@@ -266,6 +308,18 @@ async def audit(ctx: Context, limit: int, as_json: bool) -> None:
         output.print_json(records)
     else:
         sys.stdout.write(output.audit_table(records))
+
+
+async def status(ctx: Context, as_json: bool) -> None:
+    async with open_api(ctx.server, ctx.token) as api:
+        info = await api.call("status")
+    database = info["database"]
+    if as_json:
+        output.print_json(info)
+    else:
+        output.stdout.print(output.status_text(ctx.server, info), markup=False)
+    if not database["available"]:
+        raise DatabaseUnavailable(f"the server's database is unavailable: {database['reason'] or 'no answer'}")
 
 
 async def check_server(ctx: Context) -> dict[str, Any]:

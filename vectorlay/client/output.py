@@ -64,6 +64,9 @@ def cluster_status(c: dict[str, Any]) -> str:
     if c.get("stopping"):
         parts.append(f"{c['stopping']} stopping")
     text = ", ".join(parts) if parts else ("ready" if c["replicas"] else "scaled to zero")
+    trouble = (c.get("health") or {}).get("message")
+    if trouble:
+        return f"{trouble}; {text}"
     if c["reasons"]:
         text += f" ({c['reasons'][0]})"
     return text
@@ -94,8 +97,8 @@ def _data_plane(node: dict[str, Any]) -> str:
 
 def replica_table(replicas: list[dict[str, Any]]) -> str:
     return columns(("ID", "CLUSTER", "NODE", "STATE", "ADDRESS", "AGE", "REASON"), [
-        (r["id"], r["cluster"], r["node"] or "-", r["state"], r["address"] or "-", age(r.get("created_at")),
-         r["reason"] or "") for r in replicas])
+        (r["id"], r["cluster"], r["node"] or "-", "stopping" if r.get("stopping") else r["state"], r["address"] or "-",
+         age(r.get("created_at")), r["reason"] or "") for r in replicas])
 
 
 def key_table(keys: list[dict[str, Any]]) -> str:
@@ -123,6 +126,24 @@ def audit_table(records: list[dict[str, Any]]) -> str:
          r["detail"]) for r in records])
 
 
+def status_text(server: str, info: dict[str, Any]) -> str:
+    """`vectorlay status`: the server, its database (the line that matters in an outage), the fleet."""
+    database = info["database"]
+    if database["available"]:
+        db = "available"
+    else:
+        since = _clock(database["since"]) if database.get("since") else "?"
+        db = f"unavailable since {since} ({database['reason'] or 'no answer'})"
+    if database.get("pending_writes"):
+        db += f"; {database['pending_writes']} observation(s) waiting to be stored"
+    return "\n".join([
+        f"server:    {server} (vectorlay {info['version']})",
+        f"database:  {db}",
+        f"nodes:     {info['nodes_connected']} connected of {info['nodes']}",
+        f"clusters:  {info['clusters']}",
+    ])
+
+
 def summary_line(kind: str, summary: dict[str, Any]) -> str:
     """`5000 nodes: 4999 ready, 1 suspect` above a long listing."""
     counts = summary["nodes"] if kind == "nodes" else summary["replicas"]
@@ -144,6 +165,7 @@ def print_description(info: dict[str, Any]) -> None:
         f"Endpoint:    {cluster['endpoint'] or '-'}",
         f"Replicas:    {cluster['ready']}/{cluster['replicas']} ready, {cluster['up_to_date']} up to date"
         + (f", {cluster['stopping']} stopping" if cluster["stopping"] else ""),
+        f"Health:      {(cluster.get('health') or {}).get('message') or 'ok'}",
     ]
     if spec:
         gpu = spec["gpu"]

@@ -3,7 +3,9 @@
 Validation is strict: unknown or duplicate keys, wrong types, out-of-range numbers and bad names
 or durations raise `ManifestError` with the YAML path and line. YAML is composed into nodes and
 walked here rather than loaded, which keeps line numbers and rejects aliases outright, so an
-"billion laughs" document can't expand.
+"billion laughs" document can't expand. Every string that reaches a process, a path or a command
+line on a node must be one the OS can take (`core.launch_inputs`): no NUL byte anywhere, nothing
+that cannot be encoded, nothing longer than Linux accepts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,16 @@ from typing import Any, TypeVar
 import yaml
 
 from vectorlay.core.durations import parse_duration
+from vectorlay.core.launch_inputs import (
+    argument_problem,
+    encoding_problem,
+    env_name_problem,
+    env_problem,
+    health_path_problem,
+    image_problem,
+    path_problem,
+    shown,
+)
 from vectorlay.core.model import (
     DEFAULT_PROJECT,
     ClusterSpec,
@@ -29,6 +41,7 @@ from vectorlay.core.model import (
     RateLimit,
     Resources,
     Runtime,
+    UpdateStrategy,
 )
 from vectorlay.errors import ManifestError
 
@@ -36,15 +49,11 @@ API_VERSION = "vectorlay.dev/v1"
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_DEPTH = 20
 MAX_NODES = 20_000
+MAX_PATH_KEY = 64  # characters of a key shown in an error's YAML path
 RESERVED_ENV_PREFIX = "VECTORLAY_"
 RESERVED_ENV = frozenset({"PORT"})
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# name[:tag][@digest], each name component lowercase; loose on purpose (registries vary), strict
-# enough to refuse spaces, uppercase names and shell metacharacters.
-_IMAGE = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-]{1,2}[a-z0-9]+)*)*"
-                    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?")
 E = TypeVar("E", bound=Enum)
 
 
@@ -138,6 +147,8 @@ class _Value:
         return ManifestError(message, self.path, self.line)
 
     def child(self, key: str | int, node: yaml.Node) -> _Value:
+        if isinstance(key, str) and len(key) > MAX_PATH_KEY:
+            key = key[:MAX_PATH_KEY] + "..."  # a hostile key must not make a megabyte of error
         path = f"{self.path}[{key}]" if isinstance(key, int) else (f"{self.path}.{key}" if self.path else key)
         return _Value(node, path)
 
@@ -148,11 +159,16 @@ class _Value:
         if construct is None:
             raise self.fail(f"unsupported YAML tag {self.node.tag}")
         try:
-            return construct(self.node)
+            value = construct(self.node)
         except (ValueError, IndexError, KeyError, TypeError) as error:
             # An explicit tag on a value that does not fit it (`!!int abc`), or an integer too
             # long for Python to convert.
             raise self.fail(f"invalid {self.node.tag.rsplit(':', 1)[-1]} {self.node.value[:40]!r} ({error})") from None
+        # YAML's "\0" and "\ud800" escapes make strings that no process, path, database or
+        # UTF-8 encoder can take: refused wherever they appear, keys included.
+        if isinstance(value, str) and (problem := encoding_problem(value)) is not None:
+            raise self.fail(problem)
+        return value
 
     def mapping(self, allowed: set[str]) -> dict[str, _Value]:
         if not isinstance(self.node, yaml.MappingNode):
@@ -164,10 +180,11 @@ class _Value:
                 raise _Value(key_node, self.path).fail(f"keys must be strings, got {key!r}")
             child = self.child(key, value_node)
             if key in result:
-                raise ManifestError(f"duplicate key {key!r}", child.path, _Value(key_node, "").line)
+                raise ManifestError(f"duplicate key {shown(key)}", child.path, _Value(key_node, "").line)
             if key not in allowed:
                 hint = ", ".join(sorted(allowed))
-                raise ManifestError(f"unknown key {key!r} (allowed: {hint})", child.path, _Value(key_node, "").line)
+                raise ManifestError(f"unknown key {shown(key)} (allowed: {hint})", child.path,
+                                    _Value(key_node, "").line)
             result[key] = child
         return result
 
@@ -269,7 +286,7 @@ def _parse_cluster(doc: _Value, default_project: str) -> ClusterSpec:
 
 
 _SPEC_KEYS = {"replicas", "gpu", "runtime", "image", "command", "env", "port", "health", "workdir",
-              "reschedule_after", "isolation", "image_pull", "resources", "endpoint", "env_from_secret"}
+              "reschedule_after", "isolation", "image_pull", "resources", "endpoint", "env_from_secret", "update"}
 
 
 def _parse_spec(name: str, value: _Value) -> ClusterSpec:
@@ -277,13 +294,13 @@ def _parse_spec(name: str, value: _Value) -> ClusterSpec:
     replicas = spec["replicas"].integer(minimum=0, maximum=10_000) if "replicas" in spec else 1
     runtime = spec["runtime"].choice(Runtime) if "runtime" in spec else Runtime.CONTAINER
     image = spec["image"].string() if "image" in spec else None
-    command = tuple(item.string(allow_empty=True) for item in spec["command"].sequence()) if "command" in spec else ()
+    command = tuple(_argument(item) for item in spec["command"].sequence()) if "command" in spec else ()
     if runtime is Runtime.PROCESS and not command:
         raise (spec["command"] if "command" in spec else value).fail("the process runtime needs a non-empty 'command'")
     if runtime is Runtime.CONTAINER and image is None:
         raise value.fail("the container runtime (the default) needs an 'image'; or set 'runtime: process'")
-    if image is not None and not _IMAGE.fullmatch(image):
-        raise spec["image"].fail(f"{image!r} is not a valid image reference")
+    if image is not None and (problem := image_problem(image)) is not None:
+        raise spec["image"].fail(problem)
     env = _parse_env(spec["env"]) if "env" in spec else {}
     return ClusterSpec(
         name=name,
@@ -295,14 +312,38 @@ def _parse_spec(name: str, value: _Value) -> ClusterSpec:
         env=env,
         port=spec["port"].integer(minimum=1, maximum=65535) if "port" in spec else 8000,
         health=_parse_health(spec["health"]) if "health" in spec else HealthCheck(),
-        workdir=spec["workdir"].string() if "workdir" in spec else None,
+        workdir=_path(spec["workdir"]) if "workdir" in spec else None,
         reschedule_after_s=spec["reschedule_after"].duration() if "reschedule_after" in spec else 30.0,
         isolation=spec["isolation"].choice(Isolation) if "isolation" in spec else Isolation.CONTAINER,
         image_pull=spec["image_pull"].choice(PullPolicy) if "image_pull" in spec else PullPolicy.IF_NOT_PRESENT,
         resources=_parse_resources(spec["resources"]) if "resources" in spec else Resources(),
         endpoint=_parse_endpoint(spec["endpoint"]) if "endpoint" in spec else EndpointConfig(),
         env_from_secret=_parse_secret_env(spec["env_from_secret"], env) if "env_from_secret" in spec else {},
+        update=_parse_update(spec["update"]) if "update" in spec else UpdateStrategy(),
     )
+
+
+def _parse_update(value: _Value) -> UpdateStrategy:
+    update = value.mapping({"max_surge", "max_unavailable"})
+    surge = update["max_surge"].integer(minimum=0, maximum=10_000) if "max_surge" in update else None
+    unavailable = update["max_unavailable"].integer(minimum=0, maximum=10_000) if "max_unavailable" in update else None
+    if surge == 0 and unavailable == 0:
+        raise value.fail("max_surge and max_unavailable cannot both be 0: a rolling update could never start")
+    return UpdateStrategy(surge, unavailable)
+
+
+def _argument(value: _Value) -> str:
+    argument = value.string(allow_empty=True)
+    if (problem := argument_problem(argument)) is not None:
+        raise value.fail(problem)
+    return argument
+
+
+def _path(value: _Value) -> str:
+    path = value.string()
+    if (problem := path_problem(path)) is not None:
+        raise value.fail(problem)
+    return path
 
 
 def _parse_secret_env(value: _Value, env: dict[str, str]) -> dict[str, str]:
@@ -402,13 +443,15 @@ def _parse_env(value: _Value) -> dict[str, str]:
         raw = item.scalar()
         if isinstance(raw, bool) or raw is None or not isinstance(raw, str | int | float):
             raise item.fail(f"expected a string or number, got {_describe_value(raw)} (quote it)")
+        if (problem := env_problem(key, str(raw))) is not None:
+            raise item.fail(problem)
         env[key] = str(raw)
     return env
 
 
 def _check_env_name(key: str, item: _Value) -> None:
-    if not _ENV_NAME.fullmatch(key):
-        raise item.fail(f"{key!r} is not a valid environment variable name")
+    if (problem := env_name_problem(key)) is not None:
+        raise item.fail(problem)
     if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIX):
         raise item.fail(f"{key!r} is set by vectorlay and cannot be overridden")
 
@@ -419,8 +462,8 @@ def _parse_health(value: _Value) -> HealthCheck | None:
     health = value.mapping({"path", "interval", "timeout", "failure_threshold", "startup_timeout",
                             "unready_timeout"})
     path = health["path"].string() if "path" in health else "/healthz"
-    if not path.startswith("/"):
-        raise health["path"].fail(f"must start with '/', got {path!r}")
+    if (problem := health_path_problem(path)) is not None:
+        raise health["path"].fail(problem)
     interval = health["interval"].duration(minimum_s=0.1) if "interval" in health else 2.0
     timeout = health["timeout"].duration(minimum_s=0.05) if "timeout" in health else 1.0
     if timeout > interval:

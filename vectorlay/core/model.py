@@ -139,6 +139,22 @@ class EndpointConfig:
 
 
 @dataclass(frozen=True)
+class UpdateStrategy:
+    """How a change of what replicas run is rolled out (Kubernetes' names).
+
+    `max_surge`: new replicas that may exist beyond `replicas` while old ones still run (None:
+    as many as fit, so a fleet with room rolls in one step). `max_unavailable`: how far below `replicas` serving
+    copies may drop (None: 0 while the fleet has room for a new copy, 1 when it has none, so a
+    roll on a full GPU fleet replaces one copy at a time instead of waiting forever)."""
+
+    max_surge: int | None = None
+    max_unavailable: int | None = None
+
+    def surge(self, replicas: int) -> int:
+        return self.max_surge if self.max_surge is not None else replicas
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     """A validated cluster manifest: everything needed to run and route its replicas."""
 
@@ -159,6 +175,7 @@ class ClusterSpec:
     endpoint: EndpointConfig = EndpointConfig()
     project: str = DEFAULT_PROJECT  # the tenant it belongs to
     env_from_secret: dict[str, str] = field(default_factory=dict)  # env var -> secret name in the project
+    update: UpdateStrategy = UpdateStrategy()
 
     @property
     def key(self) -> str:
@@ -218,7 +235,7 @@ class Assignment:
 
 # Fields of a spec that say how many replicas exist, how patiently they are replaced or how the
 # proxy guards them; changing any other field changes what a replica runs: a new revision.
-_SCALING_FIELDS = frozenset({"replicas", "reschedule_after_s", "endpoint", "project"})
+_SCALING_FIELDS = frozenset({"replicas", "reschedule_after_s", "endpoint", "project", "update"})
 
 
 def template_revision(spec: ClusterSpec) -> str:

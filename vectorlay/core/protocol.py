@@ -74,6 +74,9 @@ class ReplicaReport:
     reason: str = ""
     address: str | None = None
     image_digest: str | None = None  # what the node resolved the image to (containers)
+    # With a failure: its cause is this node, not the cluster (an image missing under `image_pull:
+    # never`, an isolation level, runtime or GPU the node cannot give); another node may succeed.
+    node_fault: bool = False
 
 
 @dataclass(frozen=True)

@@ -88,8 +88,12 @@ def place(
     nodes: Sequence[Node],
     replicas: Iterable[Replica],
     demand: Sequence[tuple[ClusterSpec, int]],
+    avoid: Mapping[str, frozenset[str]] | None = None,
 ) -> Plan:
-    """Place `count` new replicas for each (spec, count) in `demand`, given what already runs."""
+    """Place `count` new replicas for each (spec, count) in `demand`, given what already runs.
+
+    `avoid` maps a cluster to nodes where its replicas failed for a reason tied to the node (an
+    image missing there, say): those are used only when no other node fits."""
     replicas = list(replicas)
     by_id = {node.id: node for node in nodes}
     free = free_gpus(nodes, replicas)
@@ -103,7 +107,7 @@ def place(
         if count <= 0:
             continue
         spread = per_cluster.setdefault(spec.key, Counter())
-        placed = _place_one_cluster(spec, count, by_id, free, spread)
+        placed = _place_one_cluster(spec, count, by_id, free, spread, (avoid or {}).get(spec.key, frozenset()))
         placements.extend(placed)
         if len(placed) < count:
             reason = _why_unplaced(spec, nodes, bool(placed))
@@ -117,19 +121,20 @@ def _place_one_cluster(
     nodes: Mapping[str, Node],
     free: dict[str, list[Gpu]],
     spread: Counter[str],
+    avoid: frozenset[str] = frozenset(),
 ) -> list[Placement]:
     request = spec.gpu
-    heap: list[tuple[int, int, str, str]] = []
+    heap: list[tuple[bool, int, int, str, str]] = []
     for node_id, gpus in free.items():
         if not offers(nodes[node_id], spec):
             continue
         fitting = sum(1 for g in gpus if gpu_matches(g, request))
         if fitting >= request.count:
-            heap.append((spread[node_id], fitting, nodes[node_id].name, node_id))
+            heap.append((node_id in avoid, spread[node_id], fitting, nodes[node_id].name, node_id))
     heapq.heapify(heap)
     placements: list[Placement] = []
     while heap and len(placements) < count:
-        on_node, fitting, name, node_id = heapq.heappop(heap)
+        avoided, on_node, fitting, name, node_id = heapq.heappop(heap)
         taken = [g for g in free[node_id] if gpu_matches(g, request)][: request.count]
         taken_ids = {g.uuid for g in taken}
         free[node_id] = [g for g in free[node_id] if g.uuid not in taken_ids]
@@ -138,7 +143,7 @@ def _place_one_cluster(
         left = fitting - request.count
         # A CPU-only request (count 0) always fits again; a GPU request only while GPUs remain.
         if left >= request.count:
-            heapq.heappush(heap, (on_node + 1, left, name, node_id))
+            heapq.heappush(heap, (avoided, on_node + 1, left, name, node_id))
     return placements
 
 

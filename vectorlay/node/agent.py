@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import trio
 
 from vectorlay.backoff import Backoff
+from vectorlay.core.launch_inputs import replica_id_problem
 from vectorlay.core.model import Gpu, GpuStatus
 from vectorlay.core.protocol import (
     DIRECT,
@@ -44,7 +44,9 @@ from vectorlay.core.protocol import (
 )
 from vectorlay.errors import AuthError, ConnectError, ProtocolError, UserError, unwrap_group
 from vectorlay.files import write_private
+from vectorlay.lifecycle import CleanStop
 from vectorlay.node import logs
+from vectorlay.node.faults import FaultPoints
 from vectorlay.node.gpu_health import NvmlMonitor, watch_gpus
 from vectorlay.node.runtime import ReplicaRuntime
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
@@ -109,8 +111,13 @@ async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str
 
 class Agent:
     def __init__(self, creds: Credentials, supervisor: Supervisor, gpus: list[Gpu], runtimes: tuple[str, ...],
-                 isolation: tuple[str, ...] = (), tunnels: NodeTunnels | None = None) -> None:
+                 isolation: tuple[str, ...] = (), clean_stop: CleanStop | None = None,
+                 tunnels: NodeTunnels | None = None) -> None:
         self.creds = creds
+        # Set by whoever stops the agent on purpose (a signal, `vectorlay dev` exiting); only then
+        # does it say goodbye. Any other end (an exception anywhere in the node) closes the link
+        # without one, and the server takes the node out of routing at once.
+        self.clean_stop = clean_stop if clean_stop is not None else CleanStop()
         self.supervisor = supervisor
         self.tunnels = tunnels  # None: the direct data plane (proxies dial the advertised address)
         self.gpus = gpus
@@ -200,7 +207,7 @@ class Agent:
             for scope in self._log_scopes.values():
                 scope.cancel()
             self._log_scopes.clear()
-            if trio.current_effective_deadline() == -math.inf:
+            if self.clean_stop.requested:
                 await _say_goodbye(link)
 
     async def _writer(self, link: Link) -> None:
@@ -251,25 +258,34 @@ class Agent:
                 raise ProtocolError("a second welcome on one link")
 
     async def _stream_logs(self, request: LogsOpen, scope: trio.CancelScope) -> None:
-        path = logs.log_path(self.supervisor.log_dir, request.replica_id)
         with scope:
+            # The id becomes a file name: never one that leaves the log directory or holds a NUL.
+            problem = replica_id_problem(request.replica_id)
+            if problem is not None:
+                await self._send(LogsEnd(request.stream_id, problem))
+                return
+            path = logs.log_path(self.supervisor.log_dir, request.replica_id)
             if not path.exists():
                 await self._send(LogsEnd(request.stream_id, f"no log for replica {request.replica_id} on this node"))
                 return
-            lines, offset = await trio.to_thread.run_sync(logs.tail_lines, path, request.tail)
-            for start in range(0, len(lines), logs.MAX_LINES_PER_BATCH):
-                await self._send(LogsData(request.stream_id, tuple(lines[start:start + logs.MAX_LINES_PER_BATCH])))
-            if request.follow:
-                async for batch in logs.follow(path, offset):
-                    await self._send(LogsData(request.stream_id, tuple(batch)))
+            try:
+                lines, offset = await trio.to_thread.run_sync(logs.tail_lines, path, request.tail)
+                for start in range(0, len(lines), logs.MAX_LINES_PER_BATCH):
+                    await self._send(LogsData(request.stream_id, tuple(lines[start:start + logs.MAX_LINES_PER_BATCH])))
+                if request.follow:
+                    async for batch in logs.follow(path, offset):
+                        await self._send(LogsData(request.stream_id, tuple(batch)))
+            except OSError as error:  # one unreadable log ends its stream, not the node's link
+                await self._send(LogsEnd(request.stream_id, f"cannot read the log of {request.replica_id}: {error}"))
+                return
             await self._send(LogsEnd(request.stream_id))
         if self._log_scopes.get(request.stream_id) is scope:
             del self._log_scopes[request.stream_id]
 
 
 async def _say_goodbye(link: Link) -> None:
-    """We are being cancelled (the agent is stopping): tell the server our replicas stay up, so it
-    keeps routing to them instead of treating the closed link as a lost node."""
+    """The agent is stopping on purpose: tell the server our replicas stay up, so it keeps routing
+    to them instead of treating the closed link as a lost node."""
     with trio.CancelScope(shield=True), trio.move_on_after(1):
         try:
             await link.send(Goodbye("agent stopping; replicas keep running"))
@@ -287,17 +303,21 @@ async def run_node(
     isolation: tuple[str, ...] = (),
     publish_ip: str = "127.0.0.1",
     gpu_monitor: NvmlMonitor | None = None,
+    clean_stop: CleanStop | None = None,
+    faults: FaultPoints = FaultPoints(),
     data_plane: str = TUNNEL,
     task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Re-attach to running replicas, then run the supervisor, the GPU monitor, the tunnels to the
-    proxies (tunnel data plane) and the server link."""
+    proxies (tunnel data plane) and the server link. `clean_stop`: see `Agent`; `faults`:
+    fault-injection tests only."""
     if data_plane == TUNNEL:
         publish_ip = "127.0.0.1"  # nothing but the agent's tunnels reaches the replicas
+    clean_stop = clean_stop if clean_stop is not None else CleanStop()
     identity = NodeIdentity(creds.node_id, creds.name, creds.address, publish_ip=publish_ip, data_plane=data_plane)
-    supervisor = Supervisor(runtime, state_dir, identity, on_report=lambda report: None)
-    tunnels = NodeTunnels(creds.node_id, supervisor, state_dir) if data_plane == TUNNEL else None
-    agent = Agent(creds, supervisor, gpus, runtimes, isolation, tunnels)
+    supervisor = Supervisor(runtime, state_dir, identity, on_report=lambda report: None, faults=faults)
+    tunnels = NodeTunnels(creds.node_id, supervisor, state_dir, clean_stop=clean_stop) if data_plane == TUNNEL else None
+    agent = Agent(creds, supervisor, gpus, runtimes, isolation, clean_stop, tunnels)
     supervisor.on_report = agent.on_report
     await supervisor.reattach()
     async with trio.open_nursery() as nursery:

@@ -35,6 +35,9 @@ CLI_TIMEOUT_S = 120.0  # any call but pull and wait; podman can hang on a stuck 
 PULL_TIMEOUT_S = 3600.0  # inference images are large
 FOLLOW_DRAIN_S = 2.0
 NPROC_CAP = 32768  # higher values are refused by runc on some hosts even where the agent has more
+# What podman (4 and 5) and docker's CDI support say when no CDI spec on this node names a GPU the
+# replica was given: the node's fault (its CDI spec is missing or stale), not the cluster's.
+CDI_UNRESOLVABLE = "unresolvable cdi devices"
 
 
 def host_ulimits() -> Ulimits:
@@ -66,7 +69,7 @@ class ContainerRuntime:
                 return await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False,
                                               stdin=b"")
         except FileNotFoundError:
-            raise RuntimeFailure(f"{self.cli.executable} is not installed on this node") from None
+            raise RuntimeFailure(f"{self.cli.executable} is not installed on this node", node_fault=True) from None
         except OSError as error:
             raise RuntimeFailure(f"cannot run {self.cli.executable}: {error.strerror or error}") from None
         except trio.TooSlowError:
@@ -92,7 +95,7 @@ class ContainerRuntime:
         if not found:
             if policy is PullPolicy.NEVER:
                 raise RuntimeFailure(f"image {ref} is not on this node and image_pull is never "
-                                     f"({args.one_line(error)})")
+                                     f"({args.one_line(error)})", node_fault=True)
             await self._pull(ref, progress)
             found, error = await self._inspect("image", ref)
             if not found:
@@ -117,7 +120,7 @@ class ContainerRuntime:
         oci_runtime = runtime_for(spec.isolation, self.oci_runtimes)
         if oci_runtime is None:
             raise RuntimeFailure(f"this node offers no {spec.isolation.value} isolation "
-                                 f"(its OCI runtimes: {', '.join(self.oci_runtimes) or 'none'})")
+                                 f"(its OCI runtimes: {', '.join(self.oci_runtimes) or 'none'})", node_fault=True)
         image_id, digest = await self.resolve_image(spec.image, spec.image_pull, request.progress)
         name = args.container_name(request.assignment.replica_id)
         await self._remove_leftover(name, request.node_id)
@@ -125,7 +128,8 @@ class ContainerRuntime:
         error = await self._start(argv[1:], request.log_path)
         if error is not None:
             await self._remove(name)  # it may exist in state "created"
-            raise RuntimeFailure(f"starting the container failed: {error}")
+            raise RuntimeFailure(f"starting the container failed: {error}",
+                                 node_fault=CDI_UNRESOLVABLE in error.lower())
         found, inspect_error = await self._inspect("container", name)
         if not found:
             raise RuntimeFailure(f"the container vanished right after it started: {args.one_line(inspect_error)}")
@@ -153,7 +157,7 @@ class ContainerRuntime:
                 done = await trio.run_process([self.cli.executable, *argv], stdin=subprocess.DEVNULL,
                                               stdout=log_fd, stderr=log_fd, check=False)
         except FileNotFoundError:
-            raise RuntimeFailure(f"{self.cli.executable} is not installed on this node") from None
+            raise RuntimeFailure(f"{self.cli.executable} is not installed on this node", node_fault=True) from None
         except OSError as error:
             raise RuntimeFailure(f"cannot run {self.cli.executable}: {error.strerror or error}") from None
         except trio.TooSlowError:

@@ -58,11 +58,11 @@ def save(path: Path, state: AgentState) -> None:
 def load(path: Path) -> AgentState:
     """The saved state; an empty one if there is none; CorruptState if it cannot be trusted."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return AgentState()
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode("utf-8"))  # a torn or overwritten file need not even be text
         checksum = data.pop("checksum")
         if checksum != _checksum(data):
             raise CorruptState("checksum mismatch")

@@ -37,7 +37,8 @@ class RuntimeSelector:
         wanted = request.assignment.spec.runtime.value
         runtime = self._for(wanted)
         if runtime is None:
-            raise RuntimeFailure(REFUSALS.get(wanted, f"this node does not offer the {wanted} runtime"))
+            raise RuntimeFailure(REFUSALS.get(wanted, f"this node does not offer the {wanted} runtime"),
+                                 node_fault=True)
         return await runtime.launch(request)
 
     async def wait(self, handle: Handle) -> int | None:

@@ -3,6 +3,10 @@
 One task per replica launches it, probes it, restarts it with backoff when it exits, and stops it
 when it is no longer wanted. Each change is reported as a `ReplicaReport`; the agent forwards
 the latest report per replica to the server.
+
+A replica's failure is that replica's: whatever goes wrong while launching, watching, probing or
+stopping one (a runtime error, a bug, an assignment no process can take) fails that replica with
+the reason, and the agent goes on serving the others. Only cancellation passes through.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from pathlib import Path
 import trio
 
 from vectorlay.core import health
+from vectorlay.core.launch_inputs import encoding_problem, launch_problem, replica_id_problem
 from vectorlay.core.model import Assignment, ReplicaState, Runtime
 from vectorlay.core.protocol import TUNNEL, Command, ReplicaReport, Sync
-from vectorlay.errors import RuntimeFailure
+from vectorlay.errors import RuntimeFailure, VectorlayError
 from vectorlay.node import local_state, logs
+from vectorlay.node.faults import POISON_ENV, FaultPoints
 from vectorlay.node.local_state import AgentState, RunningRecord
 from vectorlay.node.probe import http_probe
 from vectorlay.node.runtime import Handle, LaunchRequest, ReplicaRuntime
@@ -33,6 +39,12 @@ RESTART_BACKOFF_INITIAL_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
 STABLE_RUN_S = 60.0  # a replica up this long has its restart backoff reset
 ROTATE_CHECK_S = 5.0
+STOP_RETRY_INITIAL_S = 1.0  # a stop that failed is tried again: the workload may still hold its GPUs
+STOP_RETRY_MAX_S = 30.0
+# Longer than any runtime needs on its own (the container runtime allows the grace plus 120 s for
+# `stop` and 120 s for `rm`): a stop that hangs past this counts as failed and is tried again.
+STOP_ATTEMPT_TIMEOUT_S = STOP_GRACE_S + 300.0
+MAX_REASON_CHARS = 500  # a reason is one line in `get replicas`, not an exception's whole repr
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,38 @@ class _Runner:
     image_digest: str | None = None
     restart_requested: bool = False
     done: trio.Event = field(default_factory=trio.Event)
+
+
+class _Failed(Exception):
+    """Ends one replica's run: the reason it failed, as reported to the server."""
+
+    def __init__(self, reason: str, node_fault: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.node_fault = node_fault
+
+
+def describe(error: BaseException) -> str:
+    """One line for a failure: a runtime's own reason as it is; anything else (a bug, an OS error)
+    with its type, which is most of what it says."""
+    if isinstance(error, VectorlayError):
+        return str(error)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The failure inside the exception groups a nursery wraps it in."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
+
+
+def _clean_reason(reason: str) -> str:
+    """A reason goes to the server and into its database: never a NUL or a lone surrogate (say an
+    exception quoted the bad value), never a page of text."""
+    if encoding_problem(reason) is not None:
+        reason = reason.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\\0")
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 3] + "..."
 
 
 def pick_free_port(host: str = "0.0.0.0") -> int:
@@ -91,8 +135,10 @@ def cuda_visible_devices(gpu_uuids: tuple[str, ...]) -> str:
 
 class Supervisor:
     def __init__(self, runtime: ReplicaRuntime, state_dir: Path, identity: NodeIdentity,
-                 on_report: Callable[[ReplicaReport], None], probe: Probe = http_probe) -> None:
+                 on_report: Callable[[ReplicaReport], None], probe: Probe = http_probe,
+                 faults: FaultPoints = FaultPoints()) -> None:
         self.runtime = runtime
+        self.faults = faults
         self.probe = probe
         self.identity = identity
         self.state_path = state_dir / "agent-state.json"
@@ -163,9 +209,11 @@ class Supervisor:
         for replica_id, record in list(self.state.running.items()):
             try:
                 alive = await self.runtime.is_alive(record.handle)
-            except RuntimeFailure as error:
+            except Exception as error:
                 # Unknown is treated as alive: watching it will tell, and it never runs twice.
-                log.warning("cannot tell whether replica %s still runs (%s); re-attaching", replica_id, error)
+                log.warning("cannot tell whether replica %s still runs (%s); re-attaching", replica_id,
+                            describe(error))
+                log.debug("replica %s: is_alive failed", replica_id, exc_info=error)
                 alive = True
             if alive:
                 runner = _Runner(record.assignment, handle=record.handle, host_port=record.host_port,
@@ -178,8 +226,9 @@ class Supervisor:
                 del self.state.running[replica_id]
         try:
             leftovers = await self.runtime.list_owned(self.identity.node_id)
-        except RuntimeFailure as error:
-            log.warning("cannot list the replicas left on this node: %s", error)
+        except Exception as error:
+            log.warning("cannot list the replicas left on this node: %s", describe(error))
+            log.debug("list_owned failed", exc_info=error)
             leftovers = []
         for handle in leftovers:
             if handle.replica_id not in adopted:
@@ -196,7 +245,10 @@ class Supervisor:
         state = ReplicaState.READY
         reason = ""
         if check is not None:
-            ok, reason = await self.probe(self._probe_host(runner), port, check.path, check.timeout_s)
+            try:
+                ok, reason = await self.probe(self._probe_host(runner), port, check.path, check.timeout_s)
+            except Exception as error:  # its probe loop will meet this again and fail it
+                ok, reason = False, f"health probe failed: {describe(error)}"
             state = ReplicaState.READY if ok else ReplicaState.STARTING
         return self._make_report(runner, state, reason)
 
@@ -210,6 +262,10 @@ class Supervisor:
             nursery.start_soon(self._rotate_logs)
             task_status.started()
             while True:
+                if self.desired:
+                    self.faults.hit("converge")
+                if any(POISON_ENV in a.spec.env for a in self.desired.values()):
+                    self.faults.hit("poison")
                 self._converge(nursery)
                 await self._changed.wait()
                 self._changed = trio.Event()
@@ -228,14 +284,18 @@ class Supervisor:
                 nursery.start_soon(self._run_replica, runner)
 
     async def _run_replica(self, runner: _Runner) -> None:
-        """Run one replica until it is unwanted. If the agent itself is shutting down, the
-        cancellation is not our scope's: it propagates and the workload is left running."""
+        """Run one replica until it is unwanted; any failure fails it, never the agent. If the
+        agent itself is shutting down, the cancellation is not our scope's: it propagates and the
+        workload is left running."""
         replica_id = runner.assignment.replica_id
         while True:
             with runner.scope:
-                await self._keep_running(runner)
-            with trio.CancelScope(shield=True):
-                await self._stop(runner)
+                try:
+                    await self._keep_running(runner)
+                except Exception as error:
+                    self._fail(runner, error)
+                    await trio.sleep_forever()  # the server replaces it and stops this copy
+            await self._stop_until_stopped(runner)
             if self.desired.get(replica_id) is runner.assignment:
                 runner.scope = trio.CancelScope()  # a restart was requested: launch a new copy
                 continue
@@ -251,8 +311,7 @@ class Supervisor:
         restarts = 0
         while True:
             if runner.handle is None:
-                if not await self._launch(runner):
-                    await trio.sleep_forever()  # failed: the server replaces it and stops us
+                await self._launch(runner)
             started = trio.current_time()
             exit_code = await self._watch(runner)
             runner.handle = None
@@ -267,8 +326,14 @@ class Supervisor:
             await trio.sleep(backoff)
             backoff = min(RESTART_BACKOFF_MAX_S, backoff * 2)
 
-    async def _launch(self, runner: _Runner) -> bool:
+    async def _launch(self, runner: _Runner) -> None:
+        """Start the workload, or raise `_Failed` with the reason it cannot start."""
         assignment = runner.assignment
+        # Checked again here, not only at `apply`: this may come from an older server, or from
+        # a state file, and must fail this replica rather than crash the agent in the runtime.
+        problem = launch_problem(assignment)
+        if problem is not None:
+            raise _Failed(f"cannot be launched: {problem}")
         if runner.host_port is None:
             runner.host_port = pick_free_port()
         env = replica_env(assignment, self.identity, runner.host_port, cuda_visible_devices(assignment.gpus))
@@ -283,14 +348,13 @@ class Supervisor:
         try:
             runner.handle = await self.runtime.launch(request)
         except RuntimeFailure as error:
-            log.warning("replica %s failed to start: %s", assignment.replica_id, error)
-            self._report(runner, self._make_report(runner, ReplicaState.FAILED, str(error)))
-            return False
+            raise _Failed(str(error), error.node_fault) from error
+        except Exception as error:
+            raise _Failed(f"failed to start: {describe(error)}") from error
         runner.image_digest = runner.handle.image_digest
         self.state.running[assignment.replica_id] = RunningRecord(assignment, runner.handle, runner.host_port)
         self._save()
         log.info("replica %s started on port %d", assignment.replica_id, runner.host_port)
-        return True
 
     async def _watch(self, runner: _Runner) -> int | None:
         """Probe until the workload exits; return its exit code."""
@@ -300,9 +364,9 @@ class Supervisor:
             nursery.start_soon(self._probe_loop, runner)
             try:
                 exit_code = await self.runtime.wait(handle)
-            except RuntimeFailure as error:
-                log.warning("lost track of replica %s: %s", runner.assignment.replica_id, error)
-                exit_code = None
+            except Exception as error:
+                # Whether it still runs is unknown: failed, and stopped (not started twice).
+                raise _Failed(f"lost track of it: {describe(error)}") from error
             nursery.cancel_scope.cancel()
         return exit_code
 
@@ -317,7 +381,11 @@ class Supervisor:
             current = health.ProbeState(ReplicaState.READY, since=trio.current_time())  # re-attached, serving
         interval = check.interval_s
         while True:
-            ok, detail = await self.probe(self._probe_host(runner), runner.host_port or 0, check.path, check.timeout_s)
+            try:
+                ok, detail = await self.probe(self._probe_host(runner), runner.host_port or 0, check.path,
+                                              check.timeout_s)
+            except Exception as error:
+                raise _Failed(f"health probe failed: {describe(error)}") from error
             current = health.on_probe(current, ok, detail, check, trio.current_time())
             self._report(runner, self._make_report(runner, current.state, current.reason))
             if current.state is ReplicaState.FAILED:
@@ -333,17 +401,37 @@ class Supervisor:
             return publish_ip
         return self.identity.probe_host
 
+    async def _stop_until_stopped(self, runner: _Runner) -> None:
+        """Stop the workload, trying again with backoff until it is gone: until then it may still
+        hold its GPUs and port, so it is not reported stopped (and the server keeps it as stopping)."""
+        backoff = STOP_RETRY_INITIAL_S
+        while True:
+            with trio.CancelScope(shield=True):  # a stop once begun is finished, even by an agent shutting down
+                try:
+                    with trio.fail_after(STOP_ATTEMPT_TIMEOUT_S):
+                        await self._stop(runner)
+                    return
+                except Exception as error:
+                    reason = _clean_reason(f"stopping it failed: {describe(error)}; trying again in {backoff:g}s")
+                    log.warning("replica %s: %s", runner.assignment.replica_id, reason)
+                    log.debug("replica %s: stop failed", runner.assignment.replica_id, exc_info=error)
+                    self._report(runner, self._make_report(runner, ReplicaState.FAILED, reason))
+            await trio.sleep(backoff)
+            backoff = min(STOP_RETRY_MAX_S, backoff * 2)
+
     async def _stop(self, runner: _Runner) -> None:
         if runner.handle is not None:
-            await self._stop_handle(runner.handle)
+            await self.runtime.stop(runner.handle, STOP_GRACE_S)
             runner.handle = None
         self._forget_handle(runner)
 
     async def _stop_handle(self, handle: Handle) -> None:
+        """Stop a workload no replica of ours accounts for; the next start tries again if this fails."""
         try:
             await self.runtime.stop(handle, STOP_GRACE_S)
-        except RuntimeFailure as error:
-            log.warning("stopping replica %s failed: %s", handle.replica_id, error)
+        except Exception as error:
+            log.warning("stopping replica %s failed: %s", handle.replica_id, describe(error))
+            log.debug("replica %s: stop failed", handle.replica_id, exc_info=error)
 
     def _forget_handle(self, runner: _Runner) -> None:
         if self.state.running.pop(runner.assignment.replica_id, None) is not None:
@@ -353,19 +441,42 @@ class Supervisor:
         while True:
             await trio.sleep(ROTATE_CHECK_S)
             for replica_id in list(self.runners):
-                await trio.to_thread.run_sync(logs.rotate_if_large, logs.log_path(self.log_dir, replica_id))
+                if replica_id_problem(replica_id) is not None:
+                    continue  # never launched (so no log), and not a name to build a path from
+                try:
+                    await trio.to_thread.run_sync(logs.rotate_if_large, logs.log_path(self.log_dir, replica_id))
+                except OSError as error:
+                    log.warning("cannot rotate the log of replica %s: %s", replica_id, error)
 
     async def stop_all(self) -> None:
-        """Stop every replica now; for `vectorlay dev`, whose replicas should not outlive it."""
+        """Stop every replica now; for `vectorlay dev`, whose replicas should not outlive it.
+        One that cannot be stopped does not keep the others running."""
         for runner in list(self.runners.values()):
-            await self._stop(runner)
+            try:
+                with trio.fail_after(STOP_ATTEMPT_TIMEOUT_S):
+                    await self._stop(runner)
+            except Exception as error:
+                log.warning("stopping replica %s failed: %s", runner.assignment.replica_id, describe(error))
 
     # --- reports ----------------------------------------------------------------------------
 
-    def _make_report(self, runner: _Runner, state: ReplicaState, reason: str) -> ReplicaReport:
+    def _fail(self, runner: _Runner, error: Exception) -> None:
+        failure = _innermost(error)
+        if isinstance(failure, _Failed):
+            reason, node_fault = failure.reason, failure.node_fault
+        else:
+            reason, node_fault = describe(failure), False
+        reason = _clean_reason(reason)
+        replica_id = runner.assignment.replica_id
+        log.warning("replica %s failed: %s", replica_id, reason)
+        log.debug("replica %s failed here", replica_id, exc_info=failure)
+        self._report(runner, self._make_report(runner, ReplicaState.FAILED, reason, node_fault))
+
+    def _make_report(self, runner: _Runner, state: ReplicaState, reason: str,
+                     node_fault: bool = False) -> ReplicaReport:
         address = f"{self.identity.address}:{runner.host_port}" if runner.host_port else None
-        return ReplicaReport(runner.assignment.replica_id, runner.assignment.generation, state, reason, address,
-                             runner.image_digest)
+        return ReplicaReport(runner.assignment.replica_id, runner.assignment.generation, state,
+                             _clean_reason(reason), address, runner.image_digest, node_fault)
 
     def _report(self, runner: _Runner, report: ReplicaReport) -> None:
         if self.reports.get(report.replica_id) == report:

@@ -12,9 +12,10 @@ drops. A renewed certificate makes each keeper open a new tunnel before it retir
 leaves the server's list keeps its established tunnel (it may still be serving from its last
 route table while it cannot reach the server) but is not dialled again once it drops.
 
-On shutdown the tunnels say `drain restart`: the proxies keep this node's replicas routed for a
-grace and send nothing new; the streams in flight finish, then the tunnels close. Connections run
-in shielded scopes so that this drain can happen after the agent has been told to stop.
+On a clean stop (a signal: an upgrade, a restart) the tunnels say `drain restart`: the proxies keep
+this node's replicas routed for a grace and send nothing new; the streams in flight finish, then
+the tunnels close. Tunnels that are up run in shielded scopes so that this drain can happen after
+the agent has been told to stop. An agent dying of an error closes them at once instead.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from vectorlay.backoff import Backoff
 from vectorlay.core.protocol import TunnelCredential, TunnelProxies, TunnelProxy
 from vectorlay.errors import TunnelError
 from vectorlay.files import write_private
+from vectorlay.lifecycle import CleanStop
 from vectorlay.tunnel import IncomingStream, TunnelConnection, TunnelLimits, TunnelStream, identity
 from vectorlay.tunnel.connection import wait_any
 from vectorlay.tunnel.tls import TlsSocketStream
@@ -68,8 +70,12 @@ class _Credential:
 
 class NodeTunnels:
     def __init__(self, node_id: str, replicas: ReplicaPorts, state_dir: Path | None = None,
-                 limits: TunnelLimits = TunnelLimits(), wall_clock: Callable[[], float] = time.time) -> None:
+                 limits: TunnelLimits = TunnelLimits(), wall_clock: Callable[[], float] = time.time,
+                 clean_stop: CleanStop | None = None) -> None:
         self.node_id = node_id
+        # Drain (`drain restart`) on shutdown only on a clean stop; an agent dying of an error
+        # closes its tunnels at once, so proxies stop routing to it at once. None: always drain.
+        self.clean_stop = clean_stop
         self.replicas = replicas
         self.state_dir = state_dir
         self.limits = limits
@@ -160,7 +166,11 @@ class NodeTunnels:
                 await trio.sleep_forever()
             finally:
                 with trio.CancelScope(shield=True):
-                    await self._drain_all()
+                    if self.clean_stop is None or self.clean_stop.requested:
+                        await self._drain_all()
+                    else:
+                        for connection in list(self._connection_scopes):
+                            connection.close("the agent stopped")
                     for scope in self._connection_scopes.values():
                         scope.cancel()
 

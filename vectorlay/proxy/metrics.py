@@ -13,15 +13,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import h11
 import trio
+
+from vectorlay import metrics_http
 
 log = logging.getLogger("vectorlay.proxy")
 
 UNKNOWN = "_unknown"  # requests for hosts that are not a known cluster
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-SCRAPE_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -129,38 +128,4 @@ class Metrics:
 
 async def serve_metrics(metrics: Metrics, listeners: list[trio.SocketListener],
                         *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    async def handle(stream: trio.SocketStream) -> None:
-        try:
-            with trio.move_on_after(SCRAPE_TIMEOUT_S):
-                await _answer_scrape(stream, metrics)
-        finally:
-            await stream.aclose()
-
-    task_status.started()
-    await trio.serve_listeners(handle, listeners)
-
-
-async def _answer_scrape(stream: trio.SocketStream, metrics: Metrics) -> None:
-    conn = h11.Connection(h11.SERVER)
-    try:
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(16 * 1024))
-                continue
-            break
-        if not isinstance(event, h11.Request):
-            return
-        path = event.target.split(b"?", 1)[0]
-        if event.method in (b"GET", b"HEAD") and path == b"/metrics":
-            status, body, kind = 200, metrics.render(), CONTENT_TYPE
-        else:
-            status, body, kind = 404, b"not found; metrics are at /metrics\n", b"text/plain"
-        headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
-        data = conn.send(h11.Response(status_code=status, headers=headers))
-        if event.method != b"HEAD":
-            data += conn.send(h11.Data(data=body))
-        data += conn.send(h11.EndOfMessage())
-        await stream.send_all(data)
-    except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        return
+    await metrics_http.serve_metrics(metrics.render, listeners, task_status=task_status)

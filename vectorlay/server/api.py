@@ -10,25 +10,38 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
+from vectorlay import __version__
 from vectorlay.core import codec
 from vectorlay.core.durations import parse_duration
+from vectorlay.core.launch_inputs import secret_value_problem
 from vectorlay.core.manifest import is_dns_label, parse_manifest
 from vectorlay.core.model import DEFAULT_PROJECT, Role, cluster_key, split_key
 from vectorlay.core.protocol import CLIENT_TO_SERVER, Call, Cancel, Event, Failure, LogsData, LogsEnd, Result
 from vectorlay.core.token_bucket import TokenBucket
-from vectorlay.errors import AuthError, ConflictError, NotFoundError, ProtocolError, UserError, VectorlayError
+from vectorlay.errors import (
+    AuthError,
+    ConflictError,
+    NotFoundError,
+    ProtocolError,
+    StoreInDoubt,
+    StoreUnavailable,
+    UserError,
+    VectorlayError,
+)
 from vectorlay.server import views
+from vectorlay.server.admin import Admin
 from vectorlay.server.auth import Authenticator, Principal
-from vectorlay.server.controller import Controller
-from vectorlay.server.node_session import NodeConnection
+from vectorlay.server.fleet import Fleet
 from vectorlay.server.route_feed import RouteFeed
+from vectorlay.server.sessions import Sessions
+from vectorlay.server.signals import Signals
 from vectorlay.server.views import audit_view, token_view
+from vectorlay.server.write_behind import DatabaseStatus
 from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed
 
 log = logging.getLogger("vectorlay.server")
@@ -42,16 +55,23 @@ CLIENT_MESSAGE_BURST = 200
 
 
 class Api:
-    def __init__(self, controller: Controller, auth: Authenticator, feed: RouteFeed) -> None:
-        self.controller = controller
-        self.fleet = controller.fleet
+    def __init__(self, fleet: Fleet, admin: Admin, sessions: Sessions, signals: Signals, auth: Authenticator,
+                 feed: RouteFeed, database: DatabaseStatus, pending_writes: Callable[[], int]) -> None:
+        self.fleet = fleet
+        self.database = database
+        self.pending_writes = pending_writes
+        self.admin = admin
+        self.sessions = sessions
+        self.signals = signals
         self.auth = auth
         self.feed = feed
         # method -> (handler, admin only)
         self.methods: dict[str, tuple[Method, bool]] = {
             "whoami": (self.whoami, False),
+            "status": (self.status, False),
             "apply": (self.apply, False),
             "delete": (self.delete, False),
+            "cluster_unquarantine": (self.cluster_unquarantine, False),
             "get_clusters": (self.get_clusters, False),
             "get_replicas": (self.get_replicas, False),
             "describe_cluster": (self.describe_cluster, False),
@@ -124,7 +144,7 @@ class Api:
             pass
         except VectorlayError as error:
             try:
-                await link.send(Failure(call.id, _kind(error), str(error)))
+                await link.send(Failure(call.id, _kind(error), _explain(error, call.method)))
             except LinkClosed:
                 pass
         finally:
@@ -159,6 +179,12 @@ class Api:
     async def whoami(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         return {"role": principal.role.value, "token": principal.token_id, "project": principal.project or None}
 
+    async def status(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        """How this server is: its database above all (unavailable since when, and why)."""
+        connected = sum(1 for live in self.fleet.liveness.values() if live.connected)
+        return {"version": __version__, "database": views.database_view(self.database, self.pending_writes()),
+                "nodes": len(self.fleet.nodes), "nodes_connected": connected, "clusters": len(self.fleet.clusters)}
+
     async def apply(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         specs = parse_manifest(_param(params, "manifest", str), principal.project or DEFAULT_PROJECT)
         for spec in specs:
@@ -166,23 +192,28 @@ class Api:
                 raise AuthError(f"a deployer token for project {principal.project!r} cannot change project "
                                 f"{spec.project!r}")
         dry_run = bool(params.get("dry_run", False))
-        changes = await self.controller.apply(specs, dry_run, principal.actor)
+        changes = await self.admin.apply(specs, dry_run, principal.actor)
         return {"dry_run": dry_run, "changes": [
-            {"cluster": c.cluster, "action": c.action, "detail": c.detail} for c in changes
+            {"cluster": c.cluster, "action": c.action, "detail": c.detail, "fields": list(c.fields)} for c in changes
         ]}
 
     async def delete(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         key = self._cluster(principal, params)
-        if not await self.controller.delete(key, principal.actor):
+        if not await self.admin.delete(key, principal.actor):
             raise NotFoundError(f"cluster {params.get('name')!r} not found")
         return {"deleted": key}
+
+    async def cluster_unquarantine(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        key = self._cluster(principal, params)
+        return {"cluster": key, "lifted": await self.admin.unquarantine(key, principal.actor)}
 
     async def get_clusters(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         if params.get("name") is not None:
             keys = [self._cluster(principal, params)]
         else:
             keys = sorted(k for k in self.fleet.clusters if self._visible(principal, k))
-        return [views.cluster_view(self.fleet, k, self.feed.endpoint_url(k)) for k in keys]
+        now = trio.current_time()
+        return [views.cluster_view(self.fleet, k, self.feed.endpoint_url(k), now) for k in keys]
 
     async def get_replicas(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         if params.get("cluster") is not None:
@@ -195,13 +226,13 @@ class Api:
     async def describe_cluster(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         key = self._cluster(principal, params)
         record = self.fleet.clusters.get(key)
-        events = await self.controller.store.events(key, 200)
+        events = await self.admin.events(key, 200)
         replicas = []
         for replica in self.fleet.replicas_of_cluster(key):
             mine = [views.event_view(e) for e in events if e.replica_id == replica.id][-5:]
             replicas.append({**views.replica_view(self.fleet, replica.id), "events": mine})
         return {
-            "cluster": views.cluster_view(self.fleet, key, self.feed.endpoint_url(key)),
+            "cluster": views.cluster_view(self.fleet, key, self.feed.endpoint_url(key), trio.current_time()),
             "spec": codec.dump(record.spec) if record else None,
             "replicas": replicas,
             "events": [views.event_view(e) for e in events[-20:]],
@@ -213,7 +244,8 @@ class Api:
         timeout = _timeout(params)
 
         def statuses() -> list[dict[str, Any]]:
-            return [views.cluster_view(self.fleet, k, self.feed.endpoint_url(k)) for k in keys]
+            now = trio.current_time()
+            return [views.cluster_view(self.fleet, k, self.feed.endpoint_url(k), now) for k in keys]
 
         with trio.move_on_after(timeout):
             while True:
@@ -221,8 +253,12 @@ class Api:
                 await emit(current)
                 if all(views.is_cluster_ready(s) for s in current):
                     return {"ready": True, "clusters": current}
+                blocked = [(s["key"], reason) for s in current if (reason := views.blocked_reason(s))]
+                if blocked:  # it will not get ready by waiting: say why now, not at the timeout
+                    return {"ready": False, "clusters": current,
+                            "failed": [{"cluster": key, "reason": reason} for key, reason in blocked]}
                 with trio.move_on_after(1.0):
-                    await self.controller.wait_changed()
+                    await self.signals.wait_changed()
         return {"ready": False, "clusters": statuses()}
 
     async def wait_deleted(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
@@ -231,7 +267,7 @@ class Api:
             while self.fleet.by_cluster.get(key):
                 await emit({"stopping": len(self.fleet.by_cluster.get(key, ()))})
                 with trio.move_on_after(1.0):
-                    await self.controller.wait_changed()
+                    await self.signals.wait_changed()
             return {"gone": True}
         return {"gone": False, "left": len(self.fleet.by_cluster.get(key, ()))}
 
@@ -250,12 +286,11 @@ class Api:
     async def _replica_logs(self, replica_id: str, node_id: str | None, tail: int, follow: bool,
                             emit: Emit) -> None:
         node = self.fleet.nodes.get(node_id or "")
-        session = self.controller.sessions.get(node_id or "")
         header = {"replica": replica_id, "node": node.name if node else None}
-        if not isinstance(session, NodeConnection):
-            await emit({**header, "error": "its node is not connected; logs are unavailable now"})
-            return
-        async with _log_stream(session, replica_id, tail, follow) as stream:
+        async with self.sessions.logs(node_id or "", replica_id, tail, follow) as stream:
+            if stream is None:
+                await emit({**header, "error": "its node is not connected; logs are unavailable now"})
+                return
             async for message in stream:
                 if isinstance(message, LogsData):
                     await emit({**header, "lines": list(message.lines)})
@@ -268,7 +303,7 @@ class Api:
 
     async def key_create(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         key = self._cluster(principal, params, "cluster")
-        record, secret = await self.controller.create_api_key(key, str(params.get("name") or ""), principal.actor)
+        record, secret = await self.admin.create_api_key(key, str(params.get("name") or ""), principal.actor)
         auth = self.fleet.clusters[record.cluster].spec.endpoint.auth
         return {**views.key_view(record), "key": secret, "enforced": auth == "api-key"}
 
@@ -279,7 +314,7 @@ class Api:
 
     async def key_revoke(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         key = self._cluster(principal, params, "cluster")
-        record = await self.controller.revoke_api_key(key, _param(params, "id", str), principal.actor)
+        record = await self.admin.revoke_api_key(key, _param(params, "id", str), principal.actor)
         return views.key_view(record)
 
     async def secret_set(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
@@ -288,9 +323,11 @@ class Api:
         value = _param(params, "value", str)
         if not is_dns_label(name):
             raise UserError(f"invalid secret name {name!r}: use lowercase letters, digits and '-'")
+        if (problem := secret_value_problem(value)) is not None:
+            raise UserError(f"invalid secret {name!r}: {problem}")
         if len(value.encode()) > MAX_SECRET_BYTES:
             raise UserError(f"secret is larger than {MAX_SECRET_BYTES // 1024} KiB")
-        existed = await self.controller.set_secret(project, name, value, principal.actor)
+        existed = await self.admin.set_secret(project, name, value, principal.actor)
         return {"project": project, "name": name, "updated": existed}
 
     async def secret_list(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
@@ -301,7 +338,7 @@ class Api:
     async def secret_delete(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         project = self._scoped_project(principal, params)
         name = _param(params, "name", str)
-        await self.controller.delete_secret(project, name, principal.actor)
+        await self.admin.delete_secret(project, name, principal.actor)
         return {"project": project, "name": name, "deleted": True}
 
     def _scoped_project(self, principal: Principal, params: dict[str, Any]) -> str:
@@ -315,7 +352,7 @@ class Api:
         if not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise UserError("limit must be between 1 and 10000")
         project = None if principal.is_admin and not params.get("project") else self._scoped_project(principal, params)
-        return [audit_view(r) for r in await self.controller.store.audit(limit, project)]
+        return [audit_view(r) for r in await self.admin.audit_log(limit, project)]
 
     # --- fleet (admin) ----------------------------------------------------------------------
 
@@ -335,19 +372,19 @@ class Api:
         return views.fleet_summary(self.fleet)
 
     async def node_cordon(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=False, draining=False,
+        record = await self.admin.set_node_flags(_param(params, "name", str), schedulable=False, draining=False,
                                                       actor=principal.actor)
         return {"node": record.name, "schedulable": False}
 
     async def node_uncordon(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=True, draining=False,
+        record = await self.admin.set_node_flags(_param(params, "name", str), schedulable=True, draining=False,
                                                       actor=principal.actor)
         return {"node": record.name, "schedulable": True}
 
     async def node_drain(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         """Cordon the node and move its replicas (new copies ready elsewhere first); stream the
         count left until none is, or the timeout passes."""
-        record = await self.controller.set_node_flags(_param(params, "name", str), schedulable=False, draining=True,
+        record = await self.admin.set_node_flags(_param(params, "name", str), schedulable=False, draining=True,
                                                       actor=principal.actor)
         with trio.move_on_after(_timeout(params)):
             while True:
@@ -356,13 +393,13 @@ class Api:
                 if not left or not params.get("wait", True):
                     return {"node": record.name, "drained": not left, "replicas_left": len(left)}
                 with trio.move_on_after(1.0):
-                    await self.controller.wait_changed()
+                    await self.signals.wait_changed()
         left = [r.id for r in self.fleet.replicas_on_node(record.id)]
         return {"node": record.name, "drained": not left, "replicas_left": len(left)}
 
     async def node_rm(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
         name = _param(params, "name", str)
-        lost = await self.controller.remove_node(name, principal.actor)
+        lost = await self.admin.remove_node(name, principal.actor)
         return {"node": name, "replicas_replaced": lost}
 
     async def token_create(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
@@ -385,7 +422,7 @@ class Api:
         elif project:
             raise UserError("--project applies only to deployer tokens")
         description = str(params.get("description", ""))[:200]
-        audit = self.controller.audit(principal.actor, "token.create", "", project, f"{role.value} {description}")
+        audit = self.admin.audit_op(principal.actor, "token.create", "", project, f"{role.value} {description}")
         record, token = await self.auth.create_token(role, ttl_s or None, uses, description, project, [audit])
         return {**token_view(record), "token": token}
 
@@ -396,7 +433,7 @@ class Api:
         token_id = _param(params, "id", str)
         if token_id == principal.token_id:
             raise ConflictError("refusing to revoke the token this command runs with")
-        audit = self.controller.audit(principal.actor, "token.revoke", token_id)
+        audit = self.admin.audit_op(principal.actor, "token.revoke", token_id)
         return token_view(await self.auth.revoke_token(token_id, [audit]))
 
 
@@ -411,16 +448,6 @@ async def _paged(params: dict[str, Any], emit: Emit, ids: list[str], view: Calla
     for start in range(0, len(ids), size):
         await emit([view(i) for i in ids[start:start + size]])
     return {"total": len(ids)}
-
-
-@asynccontextmanager
-async def _log_stream(session: NodeConnection, replica_id: str, tail: int,
-                      follow: bool) -> AsyncIterator[trio.MemoryReceiveChannel[LogsData | LogsEnd]]:
-    stream_id, channel = session.open_logs(replica_id, tail, follow)
-    try:
-        yield channel
-    finally:
-        session.close_logs(stream_id)
 
 
 def _param(params: dict[str, Any], name: str, kind: type) -> Any:
@@ -439,6 +466,22 @@ def _timeout(params: dict[str, Any]) -> float:
     return float(value)
 
 
+# Calls that change nothing: a database error there needs no word on what was changed.
+READ_ONLY = frozenset({"whoami", "get_clusters", "get_replicas", "describe_cluster", "wait_ready", "wait_deleted",
+                       "logs", "key_list", "secret_list", "audit", "get_nodes", "fleet_summary", "token_list",
+                       "status"})
+
+
+def _explain(error: VectorlayError, method: str) -> str:
+    """The caller's one line: for a database away, whether their change was made."""
+    if isinstance(error, StoreInDoubt):
+        return (f"{error}: the change may or may not have been stored; look again in a moment "
+                "(`vectorlay get clusters`, `vectorlay status`)")
+    if isinstance(error, StoreUnavailable) and method not in READ_ONLY:
+        return f"{error}; nothing was changed"
+    return str(error)
+
+
 def _kind(error: VectorlayError) -> str:
     if isinstance(error, NotFoundError):
         return "not_found"
@@ -448,4 +491,6 @@ def _kind(error: VectorlayError) -> str:
         return "auth"
     if isinstance(error, UserError):
         return "user"
+    if isinstance(error, StoreUnavailable):
+        return "unavailable"
     return "internal"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,22 +27,25 @@ from vectorlay.core.protocol import (
     Ready,
 )
 from vectorlay.core.tokens import parse_token
-from vectorlay.errors import AuthError, ProtocolError
+from vectorlay.errors import AuthError, ProtocolError, StoreUnavailable
 from vectorlay.files import write_private
+from vectorlay.metrics_http import serve_metrics
+from vectorlay.server import metrics
 from vectorlay.server.api import Api
 from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.controller import Controller
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.node_session import handle_hello, handle_join
-from vectorlay.server.records import TokenRecord
+from vectorlay.server.records import TokenRecord, health_from_record
 from vectorlay.server.route_feed import RouteFeed
 from vectorlay.server.secrets_box import SecretBox
 from vectorlay.server.store import Store, open_store, ops
 from vectorlay.server.store.engine import describe_url, sqlite_url
 from vectorlay.server.tunnel_ca import TunnelCa
 from vectorlay.server.tunnels import TunnelService
+from vectorlay.server.write_behind import retry_delay
 from vectorlay.tls import ServerTls
-from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, serve
+from vectorlay.wire import CLOSE_POLICY, CLOSE_TRY_AGAIN, Link, LinkClosed, serve
 
 log = logging.getLogger("vectorlay.server")
 
@@ -59,6 +63,7 @@ class ServerConfig:
     failover_grace_s: float | None = None  # after a restart; default: the down threshold
     crash_points: frozenset[str] = frozenset()  # fault-injection tests only
     tls: ServerTls | None = None  # None: plain ws:// (loopback development)
+    metrics_listen: tuple[str, int] | None = None  # Prometheus text format at http://HOST:PORT/metrics
 
     @property
     def database_url(self) -> str:
@@ -80,17 +85,40 @@ async def run_server(
     config: ServerConfig,
     wall_clock: Callable[[], float] = time.time,
     *,
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
+    store: Store | None = None,
     task_status: trio.TaskStatus[ServerStarted] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Serve until cancelled. Tests may pass in-memory `listeners` instead of host:port, and a
+    `store` of their own (which they then close)."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    store = await trio.to_thread.run_sync(open_store, config.database_url)
+    if store is not None:
+        await _serve(config, store, wall_clock, listeners, task_status)
+        return
+    opened = await _open_store_patiently(config.database_url)
     try:
-        await _serve(config, store, wall_clock, task_status)
+        await _serve(config, opened, wall_clock, listeners, task_status)
     finally:
-        store.close()
+        opened.close()
+
+
+async def _open_store_patiently(url: str) -> Store:
+    """Open the database, waiting for it with capped backoff if it is not there yet (a server
+    started with its database, or before it, must not give up); a failure that waiting cannot
+    heal (a bad URL, a schema newer than this vectorlay) stops the start with its one line."""
+    attempt = 0
+    while True:
+        try:
+            return await trio.to_thread.run_sync(open_store, url)
+        except StoreUnavailable as error:
+            delay = retry_delay(attempt, random.random())
+            attempt += 1
+            log.warning("%s at %s; trying again in %.1fs", error, describe_url(url), delay)
+            await trio.sleep(delay)
 
 
 async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], float],
+                 listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None,
                  task_status: trio.TaskStatus[ServerStarted]) -> None:
     snapshot = await store.load()
     fleet = Fleet()
@@ -107,6 +135,9 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
     for secret in snapshot.secrets:
         fleet.secrets[(secret.project, secret.name)] = secret
     fleet.generation = int(snapshot.meta.get("generation", "0"))
+    now, wall = trio.current_time(), wall_clock()
+    for health in snapshot.health:
+        fleet.health[health.cluster] = health_from_record(health, now, wall)
 
     policy = config.policy
     secret_box = await trio.to_thread.run_sync(SecretBox.in_state_dir, config.state_dir)
@@ -114,12 +145,13 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
     # Nodes get this long to reconnect after a server restart before silence counts against them;
     # a fleet of thousands reconnecting with jittered backoff needs most of a minute.
     grace = config.failover_grace_s if config.failover_grace_s is not None else max(60.0, 2 * policy.down_after_s)
-    await controller.restore_liveness(grace)
+    controller.intake.restore_liveness(grace)
     auth = Authenticator(store, fleet, wall_clock, config.tls.pin if config.tls else None)
-    feed = RouteFeed(controller)
+    feed = RouteFeed(fleet, controller.signals)
     tunnel_ca = await trio.to_thread.run_sync(TunnelCa.in_state_dir, config.state_dir)
-    tunnels = TunnelService(tunnel_ca, controller, feed, wall_clock)
-    api = Api(controller, auth, feed)
+    tunnels = TunnelService(tunnel_ca, fleet, controller.signals, feed, wall_clock)
+    api = Api(fleet, controller.admin, controller.sessions, controller.signals, auth, feed,
+              controller.writer.database, lambda: len(controller.writer.journal))
     admin_token, created = await _bootstrap_admin_token(config, store, auth, snapshot.meta)
     log.info("state: %s; %d node(s), %d cluster(s), %d replica(s)", describe_url(config.database_url),
              len(fleet.nodes), len(fleet.clusters), len(fleet.replicas))
@@ -145,9 +177,9 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
             return
         try:
             if isinstance(first, Join):
-                await handle_join(link, first, auth, controller)
+                await handle_join(link, first, auth, controller.admin)
             elif isinstance(first, NodeHello):
-                await handle_hello(link, first, auth, controller, config.heartbeat_interval_s, tunnels)
+                await handle_hello(link, first, auth, controller.intake, config.heartbeat_interval_s, tunnels)
             elif isinstance(first, ProxyHello):
                 record = await auth.check_token(first.token, frozenset({Role.PROXY, Role.ADMIN}))
                 credential = tunnels.proxy_credential(first)
@@ -164,6 +196,8 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
         except AuthError as error:
             log.warning("refused %s on %s: %s", link.remote, path, error)
             await link.close(CLOSE_POLICY, str(error))
+        except StoreUnavailable as error:  # a peer to tell, not a bug: no traceback
+            await link.close(CLOSE_TRY_AGAIN, f"{error}; try again shortly")
         except ProtocolError as error:  # a tunnel certificate request we will not sign
             log.warning("refused %s on %s: %s", link.remote, path, error)
             await link.reject(error)
@@ -176,8 +210,16 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
         await nursery.start(feed.run)
         await nursery.start(tunnels.run)
         ssl_context = config.tls.context() if config.tls else None
-        server = await nursery.start(serve, handle, config.host, config.port, PATHS, ssl_context)
-        port = server.port
+        if config.metrics_listen is not None:
+            metrics_host, metrics_port = config.metrics_listen
+            metrics_listeners = await trio.open_tcp_listeners(metrics_port, host=metrics_host)
+            render = partial(metrics.render, fleet, controller.writer, controller.sessions)
+            await nursery.start(serve_metrics, render, metrics_listeners)
+            log.info("metrics on http://%s:%d/metrics", metrics_host,
+                     metrics_listeners[0].socket.getsockname()[1])
+        server = await nursery.start(partial(serve, handle, config.host, config.port, PATHS, ssl_context,
+                                             listeners=listeners))
+        port = server.port if listeners is None else 0
         scheme = "wss" if config.tls else "ws"
         log.info("listening on %s://%s:%d", scheme, config.host, port)
         if config.tls is None and not _is_loopback(config.host):

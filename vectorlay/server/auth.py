@@ -13,7 +13,7 @@ import trio
 
 from vectorlay.core.model import Role
 from vectorlay.core.tokens import format_token, hash_secret, parse_token, secret_matches
-from vectorlay.errors import AuthError, NotFoundError
+from vectorlay.errors import AuthError, NotFoundError, StoreUnavailable
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.ids import random_id
 from vectorlay.server.records import NodeRecord, TokenRecord
@@ -23,6 +23,8 @@ log = logging.getLogger("vectorlay.server")
 
 TOKEN_ID_LENGTH = 6
 EXPIRY_CHECK_S = 2.0
+TOKEN_CACHE_S = 3600.0  # how old a token read may be, to let its holder in while the database is away
+TOKEN_CACHE_MAX = 10_000
 
 
 def new_secret() -> str:
@@ -93,6 +95,7 @@ class Authenticator:
         self.wall_clock = wall_clock
         self.ca_pin = ca_pin  # SHA-256 of the CA's public key, carried in every token when TLS is on
         self.sessions = OpenSessions()
+        self._recent: dict[str, tuple[TokenRecord, float]] = {}  # token id -> (record, when read)
 
     async def create_token(self, role: Role, ttl_s: float | None, uses: int | None = None,
                            description: str = "", project: str = "",
@@ -117,6 +120,7 @@ class Authenticator:
         if not record.revoked:
             record = replace(record, revoked=True)
             await self.store.apply([ops.PutToken(record), *extra])
+        self._recent.pop(token_id, None)
         closed = self.sessions.close_all(token_id, "token has been revoked")
         if closed:
             log.info("token %s revoked: closed %d open connection(s)", token_id, closed)
@@ -129,7 +133,7 @@ class Authenticator:
             raise AuthError("malformed token: expected <id>.<secret>")
         if parsed.pin is not None and self.ca_pin is not None and parsed.pin != self.ca_pin:
             raise AuthError("this token was issued by another server (its CA pin does not match)")
-        record = await self.store.get_token(parsed.id)
+        record = await self._token_record(parsed.id, spend_use)
         if record is None or not secret_matches(parsed.secret, record.secret_hash):
             raise AuthError("invalid token")
         if record.revoked:
@@ -141,6 +145,25 @@ class Authenticator:
             raise AuthError(f"a {record.role.value} token cannot do this (needs a {wanted} token)")
         if spend_use and record.uses_left is not None and not await self.store.consume_token_use(record.id):
             raise AuthError("token has no uses left")
+        return record
+
+    async def _token_record(self, token_id: str, spend_use: bool) -> TokenRecord | None:
+        """The stored token; while the database is away, the copy read within the last
+        TOKEN_CACHE_S (a proxy or CLI reconnecting during an outage must not be locked out; a
+        join, which spends a use, still needs the database)."""
+        try:
+            record = await self.store.get_token(token_id)
+        except StoreUnavailable:
+            cached = self._recent.get(token_id)
+            if spend_use or cached is None or self.wall_clock() - cached[1] > TOKEN_CACHE_S:
+                raise
+            return cached[0]
+        if record is not None:
+            if len(self._recent) >= TOKEN_CACHE_MAX:
+                self._recent.clear()
+            self._recent[token_id] = (record, self.wall_clock())
+        else:
+            self._recent.pop(token_id, None)
         return record
 
     def check_node_credential(self, text: str) -> NodeRecord:

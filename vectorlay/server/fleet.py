@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
+from vectorlay.core.cluster_health import ClusterHealth
 from vectorlay.core.health import Liveness
 from vectorlay.core.model import Assignment, GpuStatus, Node, NodeState, Replica
 from vectorlay.server.records import ApiKeyRecord, ClusterRecord, CommandRecord, NodeRecord, SecretRecord
@@ -32,6 +33,10 @@ class Fleet:
         self.unplaced: set[str] = set()  # ids of replicas waiting for a node
         self.secrets: dict[tuple[str, str], SecretRecord] = {}  # (project, name) -> encrypted value
         self.generation = 0  # the fencing counter: only grows, persisted in meta
+        self.health: dict[str, ClusterHealth] = {}  # clusters that failed lately (crash loop, quarantine)
+        # cluster -> nodes where its replicas failed for a reason tied to the node: placed there last
+        self.avoid: dict[str, set[str]] = {}
+        self.delivered_at: dict[str, float] = {}  # replica id -> when its start reached its node (monotonic)
 
     # --- nodes ---
 
@@ -92,6 +97,7 @@ class Fleet:
     def remove_replica(self, replica_id: str) -> None:
         replica = self.replicas.pop(replica_id, None)
         self.replica_created.pop(replica_id, None)
+        self.delivered_at.pop(replica_id, None)
         self.unplaced.discard(replica_id)
         if replica is None:
             return
@@ -119,6 +125,27 @@ class Fleet:
                 continue
             assignments.append(Assignment(replica.id, replica.cluster, replica.generation, record.spec, replica.gpus))
         return assignments
+
+    def clusters_waiting(self) -> set[str]:
+        """Clusters with replicas waiting for a node: worth another try when capacity frees up."""
+        return {self.replicas[i].cluster for i in self.unplaced}
+
+    def clusters_to_spread(self) -> set[str]:
+        """Clusters with two or more live copies on one node: worth another look when a node
+        becomes available (they may spread over it)."""
+        return {cluster for cluster in self.by_cluster if self.is_packed(cluster)}
+
+    def is_packed(self, cluster: str) -> bool:
+        """Whether two or more live copies of the cluster share a node."""
+        seen: set[str] = set()
+        for replica_id in self.by_cluster.get(cluster, ()):
+            replica = self.replicas[replica_id]
+            if replica.node_id is None or replica.stopping:
+                continue
+            if replica.node_id in seen:
+                return True
+            seen.add(replica.node_id)
+        return False
 
     def all_cluster_names(self) -> Iterable[str]:
         return set(self.clusters) | set(self.by_cluster)

@@ -34,9 +34,10 @@ from vectorlay.core.protocol import (
 from vectorlay.core.token_bucket import TokenBucket
 from vectorlay.core.tokens import hash_secret
 from vectorlay.errors import AuthError, ConflictError, ProtocolError, UserError, unwrap_group
+from vectorlay.server.admin import Admin
 from vectorlay.server.auth import Authenticator, new_secret
-from vectorlay.server.controller import Controller
 from vectorlay.server.ids import random_id
+from vectorlay.server.node_intake import NodeIntake
 from vectorlay.server.records import NodeRecord
 from vectorlay.server.tunnels import TunnelService
 from vectorlay.wire import CLOSE_GOING_AWAY, CLOSE_POLICY, Link, LinkClosed
@@ -52,16 +53,16 @@ LOG_STREAM_QUEUE = 64
 
 
 class NodeConnection:
-    """The server's side of one node's link (the controller's `NodeSession`)."""
+    """The server's side of one node's link (a `sessions.NodeSession`)."""
 
     _stream_ids = count(1)
 
-    def __init__(self, link: Link, node: NodeRecord, controller: Controller,
+    def __init__(self, link: Link, node: NodeRecord, intake: NodeIntake,
                  tunnels: TunnelService | None = None) -> None:
         self.link = link
         self.node_id = node.id
         self.name = node.name
-        self.controller = controller
+        self.intake = intake
         self.tunnels = tunnels
         self._outbound_send, self._outbound = trio.open_memory_channel[Message](OUTBOUND_QUEUE)
         self._scope = trio.CancelScope()
@@ -93,7 +94,7 @@ class NodeConnection:
             for channel in self._log_streams.values():
                 channel.close()
             with trio.CancelScope(shield=True):
-                await self.controller.node_disconnected(self.node_id, self)
+                await self.intake.node_disconnected(self.node_id, self, self._close_reason is not None)
                 if self._close_reason is not None:
                     await self.link.close(*self._close_reason)
 
@@ -120,21 +121,21 @@ class NodeConnection:
                 log.warning("node %s exceeded %g messages/s, closing", self.name, NODE_MESSAGES_PER_S)
                 await self.link.close(CLOSE_POLICY, "message rate limit exceeded")
                 return
-            self.controller.heartbeat(self.node_id)  # any message is a sign of life
+            self.intake.heartbeat(self.node_id)  # any message is a sign of life
             if isinstance(message, Heartbeat):
                 if message.gpus:
-                    self.controller.gpu_status(self.node_id, message.gpus)
+                    self.intake.gpu_status(self.node_id, message.gpus)
                 if self.tunnels is not None:
                     self.tunnels.heartbeat(self.node_id, message.tunnels)
                 continue
             if isinstance(message, Goodbye):
                 log.info("node %s is restarting (%s); keeping its replicas routed", self.name, message.reason)
-                self.controller.goodbye(self.node_id)
+                self.intake.goodbye(self.node_id)
                 continue
             if isinstance(message, ReplicaStatus):
-                await self.controller.replica_status(self.node_id, message.report)
+                await self.intake.replica_status(self.node_id, message.report)
             elif isinstance(message, Ack):
-                await self.controller.ack(self.node_id, message.seq)
+                await self.intake.ack(self.node_id, message.seq)
             elif isinstance(message, LogsData | LogsEnd):
                 channel = self._log_streams.get(message.stream_id)
                 if channel is not None:
@@ -161,12 +162,12 @@ class NodeConnection:
             self.send_nowait(LogsClose(stream_id))
 
 
-async def handle_join(link: Link, join: Join, auth: Authenticator, controller: Controller) -> None:
+async def handle_join(link: Link, join: Join, auth: Authenticator, admin: Admin) -> None:
     """Trade a join token for a node id and credential, then close the link."""
     try:
         if not is_dns_label(join.name):
             raise UserError(f"invalid node name {join.name!r}: use lowercase letters, digits and '-'")
-        if join.name in controller.fleet.node_ids_by_name:
+        if join.name in admin.fleet.node_ids_by_name:
             raise ConflictError(f"a node named {join.name!r} already exists; pick another --name "
                                 "or remove the old one with `vectorlay node rm`")
         token = await auth.check_token(join.token, frozenset({Role.NODE}), spend_use=True)
@@ -178,13 +179,13 @@ async def handle_join(link: Link, join: Join, auth: Authenticator, controller: C
     node_id = f"n-{random_id(10)}"
     record = NodeRecord(node_id, join.name, hash_secret(secret), join.gpus, join.address, join.runtimes,
                         joined_at=auth.wall_clock(), isolation=join.isolation, data_plane=join.data_plane)
-    await controller.add_node(record, actor=f"node:{token.id}")
+    await admin.add_node(record, actor=f"node:{token.id}")
     log.info("node %s joined as %s from %s with %d GPU(s)", join.name, node_id, link.remote, len(join.gpus))
     await link.send(Joined(node_id, join.name, f"{node_id}.{secret}"))
     await link.close()
 
 
-async def handle_hello(link: Link, hello: NodeHello, auth: Authenticator, controller: Controller,
+async def handle_hello(link: Link, hello: NodeHello, auth: Authenticator, intake: NodeIntake,
                        heartbeat_interval_s: float, tunnels: TunnelService | None = None) -> None:
     try:
         record = auth.check_node_credential(hello.credential)
@@ -198,9 +199,9 @@ async def handle_hello(link: Link, hello: NodeHello, auth: Authenticator, contro
     plane_changed = record.data_plane != hello.data_plane
     record = replace(record, gpus=hello.gpus, address=hello.address, runtimes=hello.runtimes,
                      isolation=hello.isolation, data_plane=hello.data_plane)
-    connection = NodeConnection(link, record, controller, tunnels)
+    connection = NodeConnection(link, record, intake, tunnels)
     welcome = Welcome(record.id, record.name, heartbeat_interval_s)
-    await controller.node_connected(record, connection, welcome, hello.replicas, hello.generation)
+    await intake.node_connected(record, connection, welcome, hello.replicas, hello.generation)
     if tunnels is not None:
         tunnels.node_connected(record.id, connection, tunnel_key, plane_changed)
     log.info("node %s connected from %s (%s data plane)", record.name, link.remote, hello.data_plane)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from vectorlay.core.cluster_health import ClusterHealth
 from vectorlay.core.model import Assignment, ClusterSpec, Gpu, Node, NodeState, Role, template_revision
 
 
@@ -108,3 +109,30 @@ class CommandRecord:
     generation: int
     assignment: Assignment | None
     created_at: float
+
+
+@dataclass(frozen=True)
+class ClusterHealthRecord:
+    """A cluster's crash-loop, quarantine and degraded state as stored: `not_before` is wall
+    time, since the monotonic clock it was decided on does not survive a restart."""
+
+    cluster: str
+    failures: int
+    not_before_wall: float
+    reason: str
+    node: str
+    strikes: tuple[str, ...]
+    quarantined: str
+    degraded: str
+
+
+def health_record(cluster: str, health: ClusterHealth, now: float, wall: float) -> ClusterHealthRecord:
+    return ClusterHealthRecord(cluster, health.failures, wall + max(0.0, health.not_before - now), health.reason,
+                               health.node, health.strikes, health.quarantined, health.degraded)
+
+
+def health_from_record(record: ClusterHealthRecord, now: float, wall: float) -> ClusterHealth:
+    """Back on the monotonic clock: the time left to wait is what was left when it was stored,
+    less the time since (a replica's ready time is not kept: it is seen again when it reports)."""
+    return ClusterHealth(record.failures, now + max(0.0, record.not_before_wall - wall), record.reason,
+                         record.node, None, record.strikes, record.quarantined, record.degraded)

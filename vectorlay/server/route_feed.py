@@ -14,8 +14,8 @@ import trio
 from vectorlay.core.model import EndpointConfig, NodeState, ReplicaState
 from vectorlay.core.protocol import Endpoint, Message, Route, RouteSnapshot, RouteUpdate
 from vectorlay.errors import ProtocolError, unwrap_group
-from vectorlay.server.controller import Controller
 from vectorlay.server.fleet import Fleet
+from vectorlay.server.signals import Signals
 from vectorlay.wire import CLOSE_GOING_AWAY, Link, LinkClosed
 
 log = logging.getLogger("vectorlay.server")
@@ -61,9 +61,9 @@ class ProxyConnection:
 
 
 class RouteFeed:
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
-        self.fleet = controller.fleet
+    def __init__(self, fleet: Fleet, signals: Signals) -> None:
+        self.signals = signals
+        self.fleet = fleet
         self.version = 0
         self.routes: dict[str, Route] = {}
         self.proxies: list[ProxyConnection] = []
@@ -84,12 +84,9 @@ class RouteFeed:
             self.routes[name] = route_for(self.fleet, name)
         task_status.started()
         while True:
-            await self.controller.routes_changed.wait()
             # Let a burst of changes (a batch of reports, a node with many replicas) land first:
             # one update per cluster instead of one per change. Far below the 2 s routing target.
-            await trio.sleep(COALESCE_S)
-            self.controller.routes_changed = trio.Event()
-            dirty, self.controller.routes_dirty = self.controller.routes_dirty, set()
+            dirty = await self.signals.next_routes(COALESCE_S)
             for cluster in sorted(dirty):
                 self._update(cluster)
 

@@ -34,8 +34,10 @@ from vectorlay.core.protocol import (
     TunnelProxies,
     TunnelProxy,
 )
-from vectorlay.server.controller import Controller, NodeSession
+from vectorlay.server.fleet import Fleet
 from vectorlay.server.route_feed import ProxyConnection, RouteFeed
+from vectorlay.server.sessions import NodeSession
+from vectorlay.server.signals import Signals
 from vectorlay.server.tunnel_ca import NODE_CERT_VALID_S, PROXY_CERT_VALID_S, RENEW_AT, TunnelCa
 from vectorlay.wire import Link
 
@@ -56,11 +58,11 @@ class _Proxy:
 
 
 class TunnelService:
-    def __init__(self, ca: TunnelCa, controller: Controller, feed: RouteFeed,
+    def __init__(self, ca: TunnelCa, fleet: Fleet, signals: Signals, feed: RouteFeed,
                  wall_clock: Callable[[], float]) -> None:
         self.ca = ca
-        self.controller = controller
-        self.fleet = controller.fleet
+        self.fleet = fleet
+        self.signals = signals
         self.feed = feed
         self.wall_clock = wall_clock
         self.nodes: dict[str, _Node] = {}  # connected nodes on the tunnel data plane
@@ -83,7 +85,7 @@ class TunnelService:
         """After the welcome: the node's certificate and the proxies to dial."""
         if data_plane_changed:
             for cluster in self.fleet.clusters_on_node(node_id):
-                self.controller.mark_route(cluster)  # its endpoints are reached another way now
+                self.signals.mark_route(cluster)  # its endpoints are reached another way now
         if key is None:
             self.nodes.pop(node_id, None)
             self.fleet.tunnels.pop(node_id, None)
@@ -179,9 +181,9 @@ class TunnelService:
             task_status.started()
 
     async def _follow_admission(self) -> None:
-        """Every change the controller announces may add or remove nodes (join, `node rm`)."""
+        """Every change the writer announces may add or remove nodes (join, `node rm`)."""
         while True:
-            await self.controller.wait_changed()
+            await self.signals.wait_changed()
             self._update_admission()
 
     def _schedule(self, after_s: float, kind: str, ident: str, holder: object) -> None:

@@ -4,23 +4,49 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
+
+from vectorlay.core import cluster_health
+from vectorlay.core.cluster_health import HEALTHY, ClusterHealth
 from vectorlay.core.codec import dump
-from vectorlay.core.model import GpuStatus, ReplicaState, split_key
+from vectorlay.core.health import Liveness
+from vectorlay.core.model import ACTIVE_REPLICA_STATES, GpuStatus, NodeState, Replica, ReplicaState, split_key
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.records import ApiKeyRecord, AuditRecord, EventRecord, TokenRecord
+from vectorlay.server.write_behind import DatabaseStatus
+
+UNKNOWN = "unknown"  # a replica whose node is not ready: what it does now is not known
+RECONNECTING = "reconnecting"  # a node not heard from since the server restarted
 
 
-def cluster_view(fleet: Fleet, name: str, endpoint: str | None) -> dict[str, Any]:
+def replica_state(fleet: Fleet, replica: Replica) -> str:
+    """The state to show: `unknown` when its node is not ready (its last word may be stale:
+    never shown ready), else what its node last reported."""
+    if replica.node_id is not None and replica.state in ACTIVE_REPLICA_STATES and replica.state is not \
+            ReplicaState.PENDING and fleet.node_state(replica.node_id) is not NodeState.READY:
+        return UNKNOWN
+    return replica.state.value
+
+
+def _node_trouble(fleet: Fleet, replica: Replica) -> str:
+    node = fleet.nodes.get(replica.node_id or "")
+    return f"its node {node.name if node else replica.node_id} is {fleet.node_state(replica.node_id or '').value}"
+
+
+def cluster_view(fleet: Fleet, name: str, endpoint: str | None, now: float) -> dict[str, Any]:
+    """`now` is the server's monotonic clock (for "next try in 40s")."""
     record = fleet.clusters.get(name)
     replicas = [r for r in fleet.replicas_of_cluster(name) if not r.stopping]
     revision = record.revision if record else ""
+    shown = {r.id: replica_state(fleet, r) for r in replicas}
     current = [r for r in replicas if r.revision == revision]
-    ready = sum(1 for r in current if r.state is ReplicaState.READY)
+    ready = sum(1 for r in current if shown[r.id] == ReplicaState.READY.value)
     desired = record.spec.replicas if record else 0
     states: dict[str, int] = {}
     for replica in replicas:
-        states[replica.state.value] = states.get(replica.state.value, 0) + 1
-    reasons = sorted({r.reason for r in replicas if r.reason and r.state is not ReplicaState.READY})
+        states[shown[replica.id]] = states.get(shown[replica.id], 0) + 1
+    reasons = sorted({(_node_trouble(fleet, r) if shown[r.id] == UNKNOWN else r.reason) for r in replicas
+                      if shown[r.id] != ReplicaState.READY.value and (r.reason or shown[r.id] == UNKNOWN)})
     short, project = split_key(name)
     return {
         "name": short,
@@ -28,6 +54,7 @@ def cluster_view(fleet: Fleet, name: str, endpoint: str | None) -> dict[str, Any
         "key": name,
         "replicas": desired,
         "ready": ready,
+        "serving": sum(1 for state in shown.values() if state == ReplicaState.READY.value),
         "up_to_date": len(current),
         "endpoint": endpoint,
         "states": states,
@@ -36,7 +63,39 @@ def cluster_view(fleet: Fleet, name: str, endpoint: str | None) -> dict[str, Any
         "runtime": record.spec.runtime.value if record else None,
         "gpu": dump(record.spec.gpu) if record else None,
         "created_at": record.created_at if record else None,
+        "health": health_view(fleet.health.get(name, HEALTHY), now),
     }
+
+
+def health_view(health: ClusterHealth, now: float) -> dict[str, Any]:
+    """Whether the cluster is in trouble of its own: crash-looping, quarantined or degraded."""
+    if health.quarantined:
+        status = "quarantined"
+    elif health.degraded:
+        status = "degraded"
+    elif health.crash_looping:
+        status = "crash-looping"
+    else:
+        status = "ok"
+    return {"status": status, "message": cluster_health.describe(health, now), "failures": health.failures,
+            "next_try_in_s": round(max(0.0, health.not_before - now), 1) if health.failures else None}
+
+
+# Reasons a replica waits for a node that no change of load can end: no ready node could run it.
+CANNOT_PLACE_PREFIX = "no ready node"
+
+
+def blocked_reason(view: dict[str, Any]) -> str | None:
+    """Why waiting for the cluster to be ready is pointless now (it will not get there by
+    itself), or None: quarantined, crash-looping, or no ready node can run its replicas."""
+    health = view.get("health") or {}
+    if health.get("status") in ("quarantined", "crash-looping"):
+        return str(health["message"])
+    if view["ready"] < view["replicas"]:
+        for reason in view["reasons"]:
+            if reason.startswith(CANNOT_PLACE_PREFIX):
+                return f"cannot be placed: {reason}"
+    return None
 
 
 def is_cluster_ready(view: dict[str, Any]) -> bool:
@@ -54,7 +113,7 @@ def node_view(fleet: Fleet, node_id: str, now: float) -> dict[str, Any]:
     return {
         "id": record.id,
         "name": record.name,
-        "state": fleet.node_state(node_id).value,
+        "state": node_state(live, now) if live else fleet.node_state(node_id).value,
         "connected": bool(live and live.connected),
         "address": record.address,
         "gpus": [{**dump(g), "in_use": g.uuid in used, **_gpu_status(statuses.get(g.uuid))} for g in record.gpus],
@@ -71,6 +130,14 @@ def node_view(fleet: Fleet, node_id: str, now: float) -> dict[str, Any]:
     }
 
 
+def node_state(live: Liveness, now: float) -> str:
+    """`reconnecting` for a node the server has not heard from since it restarted (still in its
+    grace, not judged yet): its last-seen time is old, and it is not known to be ready."""
+    if not live.connected and live.state is NodeState.READY and live.grace_until > now:
+        return RECONNECTING
+    return live.state.value
+
+
 def _gpu_status(status: GpuStatus | None) -> dict[str, Any]:
     if status is None:
         return {"healthy": None, "utilization_pct": None, "temperature_c": None}
@@ -81,7 +148,8 @@ def _gpu_status(status: GpuStatus | None) -> dict[str, Any]:
 def replica_view(fleet: Fleet, replica_id: str) -> dict[str, Any]:
     replica = fleet.replicas[replica_id]
     node = fleet.nodes.get(replica.node_id) if replica.node_id else None
-    reason = replica.reason
+    state = replica_state(fleet, replica)
+    reason = _node_trouble(fleet, replica) if state == UNKNOWN else replica.reason
     if replica.stopping:
         reason = f"stopping: {reason}" if reason else "stopping"
     cluster, project = split_key(replica.cluster)
@@ -91,7 +159,7 @@ def replica_view(fleet: Fleet, replica_id: str) -> dict[str, Any]:
         "project": project,
         "node": node.name if node else None,
         "node_id": replica.node_id,
-        "state": replica.state.value,
+        "state": state,
         "reason": reason,
         "address": replica.address,
         "gpus": list(replica.gpus),
@@ -114,12 +182,14 @@ def event_view(event: EventRecord) -> dict[str, Any]:
 
 def fleet_summary(fleet: Fleet) -> dict[str, Any]:
     nodes: dict[str, int] = {}
+    now = trio.current_time()
     for node_id in fleet.nodes:
-        state = fleet.node_state(node_id).value
+        live = fleet.liveness.get(node_id)
+        state = node_state(live, now) if live else fleet.node_state(node_id).value
         nodes[state] = nodes.get(state, 0) + 1
     replicas: dict[str, int] = {}
     for replica in fleet.replicas.values():
-        key = "stopping" if replica.stopping else replica.state.value
+        key = "stopping" if replica.stopping else replica_state(fleet, replica)
         replicas[key] = replicas.get(key, 0) + 1
     connected = sum(1 for live in fleet.liveness.values() if live.connected)
     return {"nodes": nodes, "nodes_total": len(fleet.nodes), "connected": connected, "replicas": replicas,
@@ -136,3 +206,8 @@ def token_view(record: TokenRecord) -> dict[str, Any]:
 def audit_view(record: AuditRecord) -> dict[str, Any]:
     return {"at": record.at, "actor": record.actor, "action": record.action, "target": record.target,
             "project": record.project or None, "detail": record.detail}
+
+
+def database_view(status: DatabaseStatus, pending_writes: int) -> dict[str, Any]:
+    return {"available": status.available, "since": status.since or None, "reason": status.reason or None,
+            "failures_total": status.failures, "outages_total": status.outages, "pending_writes": pending_writes}

@@ -201,6 +201,16 @@ class Stack:
         node.wait_log(rf"connected to {re.escape(url)} as {name}")
         return node
 
+    def start_node(self, name: str, *extra: str, env: dict[str, str] | None = None) -> NodeProc:
+        """Run the agent from credentials already in `root/name` (written by a stand-in server such
+        as `testing.node_server`, not by joining); wait until it has connected."""
+        state_dir = self.root / name
+        proc = self._spawn(name, ["node", "--state-dir", str(state_dir), *extra], env=env)
+        node = NodeProc(proc.name, proc.args, proc.log_path, proc.popen, state_dir=state_dir)
+        self.procs.append(node)
+        node.wait_log(r"connected to \S+ as ")
+        return node
+
     def restart_node(self, node: NodeProc, wait_connected: bool = True, extra: Sequence[str] = ()) -> NodeProc:
         """Run the agent again from its saved credentials and options (`vectorlay node --state-dir`)."""
         node.stop()

@@ -8,6 +8,8 @@ writer at a time; PostgreSQL gets a small pool.
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +19,16 @@ import sqlalchemy
 import trio
 from sqlalchemy import Connection, Engine, delete, event, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as SqlTimeoutError
 
 from vectorlay.core import codec
 from vectorlay.core.model import Assignment, ClusterSpec, Gpu, NodeState, Replica, ReplicaState, Role
-from vectorlay.errors import StoreError
+from vectorlay.errors import StoreError, StoreInDoubt, StoreUnavailable
 from vectorlay.server.records import (
     ApiKeyRecord,
     AuditRecord,
+    ClusterHealthRecord,
     ClusterRecord,
     CommandRecord,
     EventRecord,
@@ -35,6 +39,12 @@ from vectorlay.server.records import (
 from vectorlay.server.store import ops, schema
 
 T = TypeVar("T")
+
+# Every unit of work answers within this, or the caller is told the database is unavailable: a
+# stalled database must turn into a clear, fast error, never a hang (the server keeps serving
+# from memory meanwhile). Also PostgreSQL's own statement_timeout and SQLite's busy timeout.
+STATEMENT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class Snapshot:
     meta: dict[str, str]
     api_keys: list[ApiKeyRecord]
     secrets: list[SecretRecord]
+    health: list[ClusterHealthRecord]
 
 
 def sqlite_url(state_dir: Path) -> str:
@@ -62,29 +73,82 @@ def describe_url(url: str) -> str:
         return "<invalid database URL>"
 
 
+class _TooLate(Exception):
+    pass
+
+
+class Outcome:
+    """Whether a transaction abandoned by its caller committed after all; resolved by its thread."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self.done = trio.Event()
+        self.committed: bool | None = None
+
+    def resolve(self, committed: bool) -> None:  # called in the worker thread
+        self.committed = committed
+        try:
+            self._token.run_sync_soon(self.done.set)
+        except trio.RunFinishedError:
+            pass
+
+
 class Store:
-    def __init__(self, engine: Engine, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, engine: Engine, limiter: trio.CapacityLimiter, timeout_s: float = STATEMENT_TIMEOUT_S) -> None:
         self.engine = engine
         self._limiter = limiter
+        self.timeout_s = timeout_s
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
     async def run(self, work: Callable[[Connection], T]) -> T:
-        """Run `work` in one transaction on a worker thread."""
-        return await trio.to_thread.run_sync(self._run_sync, work, limiter=self._limiter)
+        """Run `work` in one transaction on a worker thread, within `timeout_s`.
 
-    def _run_sync(self, work: Callable[[Connection], T]) -> T:
+        A database that does not answer in time raises StoreInDoubt at once; the thread is left
+        to finish on its own (a stalled socket cannot be interrupted), and the error's `outcome`
+        says later whether the transaction committed. The thread checks the deadline again just
+        before it commits, so a statement released after the deadline rolls back: only a stall
+        during the commit itself leaves the outcome unknown for a while."""
+        outcome = Outcome(trio.lowlevel.current_trio_token())
+        deadline = time.monotonic() + self.timeout_s
+
+        def in_thread() -> T:
+            try:
+                result = self._run_sync(work, deadline)
+            except BaseException:
+                outcome.resolve(False)
+                raise
+            outcome.resolve(True)
+            return result
+
+        with trio.move_on_after(self.timeout_s) as scope:
+            return await trio.to_thread.run_sync(in_thread, limiter=self._limiter, abandon_on_cancel=True)
+        assert scope.cancelled_caught
+        raise StoreInDoubt(f"database unavailable (timed out after {self.timeout_s:g}s)", outcome)
+
+    def _run_sync(self, work: Callable[[Connection], T], deadline: float = math.inf) -> T:
         try:
             with self.engine.begin() as conn:
-                return work(conn)
+                result = work(conn)
+                if time.monotonic() > deadline:
+                    raise _TooLate()  # the caller gave up on it: roll back rather than commit late
+                return result
+        except _TooLate:
+            raise StoreUnavailable(f"database unavailable (timed out after {self.timeout_s:g}s)") from None
+        except (OperationalError, InterfaceError, DisconnectionError, SqlTimeoutError) as error:
+            raise StoreUnavailable(f"database unavailable ({_first_line(error)})") from error
         except SQLAlchemyError as error:
             raise StoreError(f"database error: {_first_line(error)}") from error
 
     async def apply(self, changes: Sequence[ops.Op]) -> None:
         if changes:
             await self.run(lambda conn: _apply(conn, changes))
+
+    async def ping(self) -> None:
+        """StoreUnavailable unless the database answers a trivial query."""
+        await self.run(lambda conn: conn.execute(sqlalchemy.text("SELECT 1")).scalar())
 
     async def load(self) -> Snapshot:
         return await self.run(_load)
@@ -140,21 +204,26 @@ def open_store(url: str) -> Store:
     except SQLAlchemyError:
         raise StoreError(f"invalid database URL {url!r}") from None
     if parsed.get_backend_name() == "sqlite":
-        engine = sqlalchemy.create_engine(url, connect_args={"timeout": 30})
+        engine = sqlalchemy.create_engine(url, connect_args={"timeout": STATEMENT_TIMEOUT_S})
         event.listen(engine, "connect", _sqlite_pragmas)
         limiter = trio.CapacityLimiter(1)
     elif parsed.get_backend_name() == "postgresql":
         if parsed.get_driver_name() not in ("psycopg", ""):
             raise StoreError("use the psycopg 3 driver: postgresql+psycopg://USER@HOST:PORT/DB")
         engine = sqlalchemy.create_engine(
-            parsed.set(drivername="postgresql+psycopg"), pool_size=4, max_overflow=0, pool_pre_ping=True
+            parsed.set(drivername="postgresql+psycopg"), pool_size=4, max_overflow=0, pool_pre_ping=True,
+            pool_timeout=STATEMENT_TIMEOUT_S,
+            # libpq's own bounds: connecting, and unacknowledged bytes on a dead path (ms).
+            connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "tcp_user_timeout": int(STATEMENT_TIMEOUT_S * 1000),
+                          "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2},
         )
+        event.listen(engine, "connect", _postgres_session)
         limiter = trio.CapacityLimiter(4)
     else:
         raise StoreError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:/// or postgresql+psycopg://")
     store = Store(engine, limiter)
     try:
-        store._run_sync(schema.migrate)
+        store._run_sync(schema.migrate, time.monotonic() + 60)  # a long migration may take a while
     except StoreError:
         engine.dispose()
         raise
@@ -165,8 +234,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={int(STATEMENT_TIMEOUT_S * 1000)}")
     cursor.close()
+
+
+def _postgres_session(dbapi_connection: Any, _record: Any) -> None:
+    """The server side of the bound: a statement PostgreSQL itself works on too long is cancelled."""
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute(f"SET statement_timeout = {int(STATEMENT_TIMEOUT_S * 1000)}")
+    dbapi_connection.autocommit = autocommit
 
 
 def _first_line(error: BaseException) -> str:
@@ -191,6 +269,9 @@ def _load(conn: Connection) -> Snapshot:
                   for row in conn.execute(select(schema.api_keys))],
         secrets=[SecretRecord(row.project, row.name, row.ciphertext, row.updated_at)
                  for row in conn.execute(select(schema.secrets))],
+        health=[ClusterHealthRecord(row.cluster, row.failures, row.not_before, row.reason, row.node,
+                                    tuple(json.loads(row.strikes)), row.quarantined, row.degraded)
+                for row in conn.execute(select(schema.cluster_health))],
     )
 
 
@@ -419,6 +500,18 @@ def _delete_secret(conn: Connection, op: ops.DeleteSecret) -> None:
     conn.execute(delete(table).where(table.c.project == op.project, table.c.name == op.name))
 
 
+def _put_cluster_health(conn: Connection, op: ops.PutClusterHealth) -> None:
+    h = op.record
+    _upsert(conn, schema.cluster_health, {"cluster": h.cluster}, {
+        "failures": h.failures, "not_before": h.not_before_wall, "reason": h.reason, "node": h.node,
+        "strikes": json.dumps(list(h.strikes)), "quarantined": h.quarantined, "degraded": h.degraded,
+    })
+
+
+def _delete_cluster_health(conn: Connection, op: ops.DeleteClusterHealth) -> None:
+    conn.execute(delete(schema.cluster_health).where(schema.cluster_health.c.cluster == op.cluster))
+
+
 def _set_meta(conn: Connection, op: ops.SetMeta) -> None:
     _upsert(conn, schema.meta, {"key": op.key}, {"value": op.value})
 
@@ -428,7 +521,8 @@ _APPLY: dict[type, Callable[[Connection, Any], None]] = {
     ops.PutCluster: _put_cluster, ops.DeleteCluster: _delete_cluster, ops.PutReplica: _put_replica,
     ops.DeleteReplica: _delete_replica, ops.PutCommand: _put_command, ops.AckCommands: _ack_commands,
     ops.SetMeta: _set_meta, ops.PutApiKey: _put_api_key, ops.AddEvent: _add_event, ops.AddAudit: _add_audit,
-    ops.PutSecret: _put_secret, ops.DeleteSecret: _delete_secret,
+    ops.PutSecret: _put_secret, ops.DeleteSecret: _delete_secret, ops.PutClusterHealth: _put_cluster_health,
+    ops.DeleteClusterHealth: _delete_cluster_health,
 }
 # Kinds written in bulk by `_apply`: each writes only its own table.
 _APPLY_MANY: dict[type, Callable[[Connection, list[Any]], None]] = {

@@ -99,10 +99,21 @@ def _migration_4(conn: Connection) -> None:
 
 
 def _migration_5(conn: Connection) -> None:
+    """Blast radius: a cluster's crash-loop backoff and quarantine survive a server restart."""
+    v5 = MetaData()
+    Table("vl_cluster_health", v5,
+          Column("cluster", String(128), primary_key=True), Column("failures", Integer, nullable=False),
+          Column("not_before", Float, nullable=False), Column("reason", Text, nullable=False),
+          Column("node", String(128), nullable=False), Column("strikes", Text, nullable=False),
+          Column("quarantined", Text, nullable=False), Column("degraded", Text, nullable=False))
+    v5.create_all(conn)
+
+
+def _migration_6(conn: Connection) -> None:
     """Nodes reached through their own tunnels: each node's data plane (nodes that joined before
     it were all dialled directly)."""
     conn.execute(text("ALTER TABLE vl_nodes ADD COLUMN data_plane VARCHAR(16) NOT NULL DEFAULT 'direct'"))
 
 
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
-                                                  _migration_5]
+                                                  _migration_5, _migration_6]

@@ -9,6 +9,7 @@ from vectorlay.core.model import Replica
 from vectorlay.server.records import (
     ApiKeyRecord,
     AuditRecord,
+    ClusterHealthRecord,
     ClusterRecord,
     CommandRecord,
     EventRecord,
@@ -99,7 +100,18 @@ class SetMeta:
     value: str
 
 
+@dataclass(frozen=True)
+class PutClusterHealth:
+    record: ClusterHealthRecord
+
+
+@dataclass(frozen=True)
+class DeleteClusterHealth:
+    cluster: str
+
+
 Op = (
     PutToken | PutNode | DeleteNode | PutCluster | DeleteCluster | PutReplica | DeleteReplica
     | PutCommand | AckCommands | SetMeta | PutApiKey | AddEvent | AddAudit | PutSecret | DeleteSecret
+    | PutClusterHealth | DeleteClusterHealth
 )

@@ -60,7 +60,7 @@ nodes = Table(
     Column("generation", Integer, nullable=False),
     Column("draining", Boolean, nullable=False, default=False),  # migration 2
     Column("isolation", Text, nullable=False, default="[]"),  # migration 3
-    Column("data_plane", String(16), nullable=False, default="direct"),  # migration 5
+    Column("data_plane", String(16), nullable=False, default="direct"),  # migration 6
 )
 
 clusters = Table(
@@ -138,6 +138,18 @@ secrets = Table(
     Column("updated_at", Float, nullable=False),
 )
 
+cluster_health = Table(
+    "vl_cluster_health", metadata,
+    Column("cluster", String(128), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("not_before", Float, nullable=False),  # wall clock
+    Column("reason", Text, nullable=False),
+    Column("node", String(128), nullable=False),
+    Column("strikes", Text, nullable=False),  # JSON list of node names
+    Column("quarantined", Text, nullable=False),
+    Column("degraded", Text, nullable=False),
+)
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -155,9 +167,9 @@ def migrate(conn: Connection) -> int:
         conn.execute(text("SELECT pg_advisory_xact_lock(7070)"))
     found = current_version(conn)
     if found > SCHEMA_VERSION:
-        from vectorlay.errors import StoreError
+        from vectorlay.errors import StoreFatal
 
-        raise StoreError(
+        raise StoreFatal(
             f"the database schema is version {found}, newer than this vectorlay ({SCHEMA_VERSION}); upgrade vectorlay"
         )
     for version in range(found, SCHEMA_VERSION):
