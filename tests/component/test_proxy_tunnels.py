@@ -33,6 +33,7 @@ from vectorlay.core.protocol import (
     TunnelProxy,
 )
 from vectorlay.errors import TunnelError
+from vectorlay.lifecycle import CleanStop
 from vectorlay.node.tunnels import NodeTunnels
 from vectorlay.proxy.http import Proxy
 from vectorlay.proxy.routing import RouteTable
@@ -69,8 +70,9 @@ class Edge:
         return TunnelCredential(certificate, self.ca.pem, issued_at + NODE_CERT_VALID_S)
 
     async def start_node(self, node_id: str, ports: Ports,
-                         credential: Callable[[NodeTunnels], TunnelCredential] | None = None) -> NodeTunnels:
-        tunnels = NodeTunnels(node_id, ports)
+                         credential: Callable[[NodeTunnels], TunnelCredential] | None = None,
+                         clean_stop: CleanStop | None = None) -> NodeTunnels:
+        tunnels = NodeTunnels(node_id, ports, clean_stop=clean_stop)
         tunnels.set_credential(credential(tunnels) if credential else self.credential(node_id, tunnels))
         tunnels.set_proxies(TunnelProxies((TunnelProxy(self.hub.proxy_id, self.hub.address),)))
         scope = trio.CancelScope()
@@ -362,3 +364,18 @@ async def test_a_replaced_tunnel_is_closed_once_its_streams_are_done(tmp_path: P
         await busy.aclose()
         await until(lambda: first.closing)
         assert first.close_reason == "replaced by a newer tunnel from the same node"
+
+
+async def test_an_agent_dying_of_an_error_leaves_routing_at_once(tmp_path: Path) -> None:
+    """Only a clean stop (a signal) says `drain restart`; any other end of the agent closes its
+    tunnels without a word, and the proxy stops routing to it at once."""
+    async with edge(tmp_path) as e:
+        clean_stop = CleanStop()  # never requested: the agent ends for another reason
+        await e.start_node("n-1", Ports({"r1": await serve_replica(e.nursery, FakeReplica("r1"))}),
+                           clean_stop=clean_stop)
+        e.table.load_snapshot(RouteSnapshot(1, (Route("echo", (tunnel_endpoint("r1", "n-1"),)),)))
+        await until(lambda: "n-1" in e.table.reachable)
+        e.stop_node("n-1")
+        await until(lambda: "n-1" not in e.hub.tunnels)
+        assert "n-1" not in e.hub.restarting and "n-1" not in e.table.reachable
+        assert (await e.client())[0] == 503
