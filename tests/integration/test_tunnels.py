@@ -334,7 +334,10 @@ def test_http2_abuse_closes_that_tunnel_and_the_proxy_keeps_serving(stack: Stack
         # Garbage where TLS should be.
         with socket.create_connection(("127.0.0.1", tunnel_port), timeout=10) as raw:
             raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
-            assert raw.recv(65536) == b""  # closed (TLS says no first, or nothing)
+            try:
+                assert raw.recv(65536) == b""  # closed...
+            except ConnectionResetError:
+                pass  # ...or reset, with our garbage unread
         # Garbage where HTTP/2 should be.
         heard = attack(tunnel_port, n2, stack, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n" * 100)
         assert goaway(heard).error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
