@@ -93,11 +93,13 @@ def test_apply_is_idempotent_dry_run_changes_nothing_and_unplaceable_is_pending(
     table = stack.cli("get", "replicas").stdout
     assert "no ready node has 1 GPU(s) of 'H100'" in table
 
-    # --timeout on a cluster that cannot become ready: non-zero exit, the change is kept.
-    waited = stack.cli("apply", "-", "--timeout", "1s", check=False,
+    # Waiting on a cluster no node can run ends at once with the reason (not the timeout), non-zero
+    # exit; the change is kept.
+    waited = stack.cli("apply", "-", "--timeout", "5m", check=False,
                        input_text=tinylm_manifest("big", replicas=1, gpu='{type: "H100"}'))
     assert waited.returncode == 1
-    assert "timed out after 1s" in waited.stderr
+    assert "cluster/big cannot be placed: no ready node has 1 GPU(s) of 'H100'" in waited.stderr
+    assert [c["name"] for c in stack.cli_json("get", "clusters")] == ["big", "echo"]
 
 
 def test_scaling_and_template_change_roll_replicas(stack: Stack) -> None:
