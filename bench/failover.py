@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vectorlay.testing.load import RouteWatcher, SteadyClient  # noqa: E402
-from vectorlay.testing.processes import Stack, replica_pids, tinylm_manifest, wait_for  # noqa: E402
+from testsupport.load import RouteWatcher, SteadyClient  # noqa: E402
+from testsupport.processes import Stack, replica_pids, tinylm_manifest, wait_for  # noqa: E402
 
 
 def one_run(root: Path, fault: str, rate: float, reschedule_after: str, heartbeat: str) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Fleet benchmark: one real `vectorlay server` and N simulated nodes on the real protocol.
 
-The nodes are real agents with a fake runtime (vectorlay/testing/fleet_sim.py), spread over a few
+The nodes are real agents with a fake runtime (testsupport/fleet_sim.py), spread over a few
 client processes, all over real WebSockets on loopback. It measures, at heartbeat interval H:
 
 - rss_mb, cpu_share:  the server's resident memory and share of one core at steady state
@@ -24,17 +24,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from testsupport.fleet_sim import SimProcess  # noqa: E402
+from testsupport.processes import Stack, wait_for  # noqa: E402
 from vectorlay.client.api import open_api  # noqa: E402
-from vectorlay.testing.fleet_sim import SimProcess  # noqa: E402
-from vectorlay.testing.processes import Stack, wait_for  # noqa: E402
+from vectorlay.core.api import GetFleetSummary, GetNodes, GetReplicas, Request  # noqa: E402
+from vectorlay.core.api_views import FleetSummary  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+R = TypeVar("R")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -49,18 +52,25 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def api_call(stack: Stack, method: str, params: dict[str, Any] | None = None) -> Any:
-    async with open_api(stack.server_url, stack.admin_token) as api:
-        return await api.call(method, params or {})
+async def api_call(stack: Stack, request: Request[R]) -> R:
+    async with open_api(stack.server_url, stack.admin_token) as client:
+        return await client.call(request)
 
 
-def call(stack: Stack, method: str, params: dict[str, Any] | None = None) -> Any:
-    return trio.run(api_call, stack, method, params)
+def call(stack: Stack, request: Request[R]) -> R:
+    return trio.run(api_call, stack, request)
 
 
-def summary(stack: Stack) -> dict[str, Any]:
-    result: dict[str, Any] = call(stack, "fleet_summary")
-    return result
+def summary(stack: Stack) -> FleetSummary:
+    return call(stack, GetFleetSummary())
+
+
+def node_state(stack: Stack, name: str) -> str:
+    return call(stack, GetNodes(name)).nodes[0].state
+
+
+def replica_ids(stack: Stack) -> set[str]:
+    return {r.id for r in call(stack, GetReplicas()).replicas}
 
 
 MANIFEST = """\
@@ -100,7 +110,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, float]:
 
         stack.cli("apply", "-", "--no-wait", input_text=MANIFEST.format(replicas=args.replicas))
         applied = time.monotonic()
-        wait_for(lambda: summary(stack)["replicas"].get("ready", 0) >= args.replicas, 300, 0.1,
+        wait_for(lambda: summary(stack).replicas.get("ready", 0) >= args.replicas, 300, 0.1,
                  f"{args.replicas} replicas to be ready")
         apply_ready = time.monotonic() - applied
         print(f"apply: {args.replicas} replicas ready {apply_ready:.2f}s after apply returned", flush=True)
@@ -108,15 +118,15 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, float]:
         victim = "sim-a-0"
         sims[0].command("freeze")
         frozen = time.monotonic()
-        wait_for(lambda: call(stack, "get_nodes", {"name": victim})[0]["state"] != "ready", 120, 0.05,
+        wait_for(lambda: node_state(stack, victim) != "ready", 120, 0.05,
                  "the silent node to be detected")
         detect = time.monotonic() - frozen
         print(f"detect: {victim} suspect {detect:.2f}s after going silent", flush=True)
         sims[0].command("thaw")
-        wait_for(lambda: call(stack, "get_nodes", {"name": victim})[0]["state"] == "ready", 120, 0.2,
+        wait_for(lambda: node_state(stack, victim) == "ready", 120, 0.2,
                  "the node to come back")
 
-        before = {r["id"] for r in call(stack, "get_replicas")}
+        before = replica_ids(stack)
         server.kill()
         restarted = time.monotonic()
         stack.start_server()
@@ -125,13 +135,13 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, float]:
         def all_back() -> bool:
             nonlocal max_down
             s = summary(stack)
-            max_down = max(max_down, s["nodes"].get("down", 0))
-            return bool(s["connected"] >= args.nodes and s["nodes"].get("ready", 0) >= args.nodes)
+            max_down = max(max_down, s.nodes.get("down", 0))
+            return bool(s.connected >= args.nodes and s.nodes.get("ready", 0) >= args.nodes)
 
         wait_for(all_back, 600, 0.2, "all nodes to reconnect")
         reconnect = time.monotonic() - restarted
         time.sleep(2)
-        after = {r["id"] for r in call(stack, "get_replicas")}
+        after = replica_ids(stack)
         rescheduled = len(before - after)
         print(f"restart: all {args.nodes} nodes back {reconnect:.1f}s after the restart; rescheduled={rescheduled}; "
               f"down_during_restart={max_down}", flush=True)

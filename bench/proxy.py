@@ -47,12 +47,12 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from testsupport.processes import REPO_ROOT, Proc  # noqa: E402
+from testsupport.route_server import StaticRouteServer  # noqa: E402
 from vectorlay.core.protocol import Endpoint, Route  # noqa: E402
 from vectorlay.lifecycle import setup_logging  # noqa: E402
 from vectorlay.proxy.app import ProxyConfig, serve_until_signalled  # noqa: E402
 from vectorlay.proxy.codec import DEFAULT_PARSER, HttpParser  # noqa: E402
-from vectorlay.testing.processes import Proc  # noqa: E402
-from vectorlay.testing.route_server import StaticRouteServer  # noqa: E402
 
 HOST = "bench.localhost"
 PACE_MS = 10  # each wrk connection waits this long between requests when a fixed rate is wanted
@@ -178,9 +178,10 @@ def nginx_proxy(root: Path, port: int, upstreams: Sequence[int]) -> Nginx:
 
 
 def upstream_process(port: int, delay_ms: float, name: str) -> subprocess.Popen[bytes]:
-    popen = subprocess.Popen([sys.executable, "-m", "vectorlay.testing.upstreams", "--port", str(port),
+    popen = subprocess.Popen([sys.executable, "-m", "testsupport.upstreams", "--port", str(port),
                               "--delay-ms", str(delay_ms), "--name", name],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO_ROOT,
+                             start_new_session=True)
     wait_listening(port)
     return popen
 

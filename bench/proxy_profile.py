@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import proxy as bench  # noqa: E402  (bench/proxy.py)
 from proxy_floor import forward_request, forward_response  # noqa: E402
 
+from testsupport.route_server import StaticRouteServer  # noqa: E402
 from vectorlay.core.protocol import Endpoint, Route  # noqa: E402
 from vectorlay.proxy.app import ProxyConfig, serve_until_signalled  # noqa: E402
 from vectorlay.proxy.codec import DEFAULT_PARSER, END, Request, Response, client_codec, server_codec  # noqa: E402
-from vectorlay.testing.route_server import StaticRouteServer  # noqa: E402
 
 SAMPLE_CPU_S = 0.0005
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench.localhost\r\n\r\n"  # what wrk sends

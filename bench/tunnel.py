@@ -1,7 +1,7 @@
 """Tunnel benchmark: the same replica through the same proxy, direct and through a node's tunnel.
 
 One vectorlay proxy process (one worker) gets two routes from a scripted control plane
-(`vectorlay/testing/route_server.py`, which also certifies the proxy with a tunnel CA made for the
+(`testsupport/route_server.py`, which also certifies the proxy with a tunnel CA made for the
 run): `direct.localhost` dials the replica, `tunnel.localhost` reaches the same replica through the
 tunnel a node process (`NodeTunnels`, the agent's own code) opened to the proxy. Everything shares
 the machine's cores. Figures, side by side in each run:
@@ -12,7 +12,7 @@ the machine's cores. Figures, side by side in each run:
 2. added latency at half saturation (half the tunnel's requests/s, wrk paced by a per-connection
    delay): p50/p99 of the tunnel over direct, and of both over calling the replica itself.
 3. SSE event delay: events the replica stamps with the monotonic clock when it writes them
-   (`/clock-stream` of `vectorlay.testing.upstreams`); p50/p99 of their arrival at a client,
+   (`/clock-stream` of `testsupport.upstreams`); p50/p99 of their arrival at a client,
    through the tunnel and direct.
 4. idle tunnels: a fresh proxy, then N simulated nodes (default 5,000, each its own key,
    certificate and tunnel, pinging as real nodes do) dial it; the proxy's resident memory growth
@@ -55,12 +55,12 @@ from proxy import (  # noqa: E402
     wrk,
 )
 
+from testsupport.processes import Proc  # noqa: E402
+from testsupport.route_server import StaticRouteServer, spawn_proxy  # noqa: E402
 from vectorlay.core.protocol import TUNNEL, Endpoint, Route, TunnelCredential, TunnelProxies, TunnelProxy  # noqa: E402
 from vectorlay.lifecycle import setup_logging  # noqa: E402
 from vectorlay.node.tunnels import NodeTunnels  # noqa: E402
 from vectorlay.server.tunnel_ca import NODE_CERT_VALID_S, TunnelCa  # noqa: E402
-from vectorlay.testing.processes import Proc  # noqa: E402
-from vectorlay.testing.route_server import StaticRouteServer, spawn_proxy  # noqa: E402
 from vectorlay.tunnel import TunnelLimits  # noqa: E402
 
 BENCH_NODE = "n-bench"

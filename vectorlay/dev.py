@@ -11,18 +11,21 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from vectorlay.client import commands, output
 from vectorlay.client.api import open_api
 from vectorlay.client.config import Context, save_context
+from vectorlay.core import api
+from vectorlay.core.api_views import ClusterView
+from vectorlay.core.model import Role
 from vectorlay.errors import AuthError, RuntimeFailure, unwrap_group
 from vectorlay.lifecycle import CleanStop
-from vectorlay.node.agent import Agent, Credentials, join, load_credentials, run_node
+from vectorlay.node.agent import Agent, join, run_node
 from vectorlay.node.gpu_health import NvmlMonitor
 from vectorlay.node.setup import NodeOptions, NodeSetup, prepare_node
+from vectorlay.node.state_dir import Credentials, NodeStateDir
 from vectorlay.proxy.app import ProxyConfig, run_proxy
 from vectorlay.proxy.routing import RouteTable
 from vectorlay.server.app import ServerConfig, run_server
@@ -56,12 +59,11 @@ async def run_dev(config: DevConfig, clean_stop: CleanStop | None = None, *,
         admin = server.admin_token or (config.state_dir / "server" / "admin.token").read_text().strip()
         # dev runs the process examples, so its nodes allow the (unisolated) process runtime.
         setup = await prepare_node(NodeOptions(allow_process_runtime=True, gpu_declarations=config.gpus), "127.0.0.1")
-        log.info("dev nodes: %s", setup.preflight.gpu_note)
         supervisors = []
         for index in range(1, config.nodes + 1):
             supervisors.append(await _start_node(nursery, config, url, admin, f"dev-{index}", setup, clean_stop))
-        async with open_api(url, admin) as api:
-            proxy_token = (await api.call("token_create", {"role": "proxy", "description": "vectorlay dev"}))["token"]
+        async with open_api(url, admin) as client:
+            proxy_token = (await client.call(api.TokenCreate(Role.PROXY, description="vectorlay dev"))).token
         # The path every user takes: nodes reach the proxy only through the tunnels they open.
         proxy = await nursery.start(run_proxy, ProxyConfig(url, proxy_token, port=config.proxy_port,
                                                            domain=config.domain, tunnel_listen=("127.0.0.1", 0)))
@@ -84,19 +86,19 @@ async def _start_node(nursery: trio.Nursery, config: DevConfig, url: str, admin:
                       setup: NodeSetup, clean_stop: CleanStop | None) -> Agent:
     state_dir = config.state_dir / name
     creds: Credentials | None = None
-    if (state_dir / "node.json").exists():
-        creds = load_credentials(state_dir)
+    files = NodeStateDir(state_dir)
+    if files.is_joined():
+        creds = files.load_credentials()
         if not await _still_in_fleet(url, admin, creds.node_id):
             # `node rm`'d in an earlier run (or the server's state was wiped): join afresh, and
             # stop whatever that earlier node left running, which would otherwise outlive the stack.
             log.info("%s is no longer in the fleet: joining it again", name)
             await _stop_leftovers(setup, creds.node_id)
-            for stale in ("node.json", "agent-state.json"):
-                (state_dir / stale).unlink(missing_ok=True)
+            files.forget_node()
             creds = None
     if creds is None:
-        async with open_api(url, admin) as api:
-            token = (await api.call("token_create", {"role": "node", "ttl": "10m", "uses": 1}))["token"]
+        async with open_api(url, admin) as client:
+            token = (await client.call(api.TokenCreate(Role.NODE, ttl="10m", uses=1))).token
         creds = await join(url, token, name, setup.gpus, "127.0.0.1", setup.runtimes, state_dir, setup.isolation,
                            setup.data_plane)
     if creds.server != url:
@@ -122,9 +124,9 @@ async def _run_dev_node(name: str, creds: Credentials, state_dir: Path, setup: N
 
 
 async def _still_in_fleet(url: str, admin: str, node_id: str) -> bool:
-    async with open_api(url, admin) as api:
-        nodes = await api.call("get_nodes")
-    return any(node["id"] == node_id for node in nodes)
+    async with open_api(url, admin) as client:
+        nodes = await client.call(api.GetNodes())
+    return any(node.id == node_id for node in nodes.nodes)
 
 
 async def _stop_leftovers(setup: NodeSetup, node_id: str) -> None:
@@ -145,8 +147,8 @@ async def _apply_example(context: Context, config: DevConfig, proxy_port: int, r
     assert config.apply_file is not None
     text = commands.read_manifest(config.apply_file)
     await commands.apply(context, text, dry_run=False, wait=True, timeout_s=config.apply_timeout_s, as_json=False)
-    async with open_api(context.server, context.token) as api:
-        clusters = await api.call("get_clusters")
+    async with open_api(context.server, context.token) as client:
+        clusters = (await client.call(api.GetClusters())).clusters
     # The server calls replicas ready a moment before its route update reaches the proxy: wait
     # for the proxy too, so that the curl printed below works the moment it appears.
     with trio.move_on_after(ROUTED_WAIT_S) as scope:
@@ -156,15 +158,15 @@ async def _apply_example(context: Context, config: DevConfig, proxy_port: int, r
         log.warning("the proxy has not received every ready replica after %gs; requests may get 503 for now",
                     ROUTED_WAIT_S)
     for cluster in clusters:
-        output.stdout.print(f"\n[bold]{cluster['name']}[/bold] is served at {cluster['endpoint']}")
-        output.stdout.print(_sample_curl(cluster["name"], config.domain, proxy_port), markup=False)
+        output.stdout.print(f"\n[bold]{cluster.name}[/bold] is served at {cluster.endpoint}")
+        output.stdout.print(_sample_curl(cluster.name, config.domain, proxy_port), markup=False)
     output.stdout.print("\nPress Ctrl-C to stop the stack (replicas are stopped too).")
 
 
-def _routed(routes: RouteTable, cluster: dict[str, Any]) -> bool:
-    """The proxy routes to as many replicas of `cluster` (a get_clusters view) as are ready."""
-    route = routes.clusters.get(cluster["key"])
-    return route is not None and len(route.endpoints) >= cluster["ready"]
+def _routed(routes: RouteTable, cluster: ClusterView) -> bool:
+    """The proxy routes to as many replicas of `cluster` as are ready."""
+    route = routes.clusters.get(cluster.key)
+    return route is not None and len(route.endpoints) >= cluster.ready
 
 
 def _sample_curl(cluster: str, domain: str, port: int) -> str:

@@ -31,12 +31,44 @@ class ManifestError(UserError):
         super().__init__(f"{where}: {message}")
 
 
+class ManifestErrors(ManifestError):
+    """Every problem found in one manifest, so a user fixes them in one go. With one problem it
+    reads as that problem; `source` (the file) is named first when known."""
+
+    def __init__(self, problems: list[ManifestError], source: str | None = None) -> None:
+        first = problems[0]
+        super().__init__(first.message, first.path, first.line)
+        self.problems = problems
+        self.source = source
+
+    def __str__(self) -> str:
+        prefix = f"{self.source}: " if self.source else ""
+        if len(self.problems) == 1:
+            return prefix + str(self.problems[0])
+        lines = "\n".join(f"  {problem}" for problem in self.problems)
+        return f"{prefix}{len(self.problems)} problems:\n{lines}"
+
+
 class NotFoundError(UserError):
     """A named object (cluster, node, token) does not exist."""
 
 
 class ConflictError(UserError):
     """The request clashes with existing state (for example a duplicate node name)."""
+
+
+class ListenError(UserError):
+    """A role could not listen on an address; `purpose` says which of its addresses it was."""
+
+    def __init__(self, address: str, purpose: str, reason: str) -> None:
+        self.address = address
+        self.purpose = purpose
+        self.reason = reason
+        super().__init__(f"cannot listen on {address} for the {purpose}: {reason}")
+
+    def with_flag(self, flag: str) -> UserError:
+        """The same failure, telling the user which flag picks another address."""
+        return UserError(f"{self}; choose another with {flag}")
 
 
 class AuthError(VectorlayError):
@@ -55,6 +87,12 @@ class ConnectError(PeerError):
     """A server could not be reached."""
 
 
+class LinkLost(PeerError):
+    """The server closed the link (or it broke) before a call was answered."""
+
+
+class ServerUnavailable(PeerError):
+    """The server answered that it cannot serve this now (its database is away)."""
 class TunnelError(PeerError):
     """A tunnel between a node and a proxy, or one stream on it, failed or was refused."""
 

@@ -5,17 +5,35 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import trio
 
+# The node a task works for, set by the agent (node/agent.py run_node) and inherited by every task
+# it starts: `vectorlay dev` runs several nodes in one process, and its log lines say whose they are.
+NODE_NAME: ContextVar[str | None] = ContextVar("vectorlay_node_name", default=None)
 
-def setup_logging(verbose: bool = False) -> None:
+
+class NodeTag(logging.Filter):
+    """Adds `node_tag` to each record: `[dev-1] ` for a line logged on behalf of node dev-1."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = NODE_NAME.get()
+        record.node_tag = f"[{name}] " if name else ""
+        return True
+
+
+def setup_logging(verbose: bool = False, tag_nodes: bool = False) -> None:
+    """`tag_nodes`: prefix lines logged for a node with its name (for several nodes in one process)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)-7s %(name)s: " + ("%(node_tag)s" if tag_nodes else "") + "%(message)s",
         datefmt="%H:%M:%S",
     )
+    if tag_nodes:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(NodeTag())
     # trio-websocket logs every handshake failure at length; ours say it in one line.
     logging.getLogger("trio-websocket").setLevel(logging.WARNING)
 

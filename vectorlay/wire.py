@@ -9,25 +9,27 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
 import trio
 from trio_websocket import (
     ConnectionClosed,
-    HandshakeError,
+    ConnectionRejected,
     WebSocketConnection,
     WebSocketRequest,
     WebSocketServer,
-    open_websocket_url,
-    serve_websocket,
+    wrap_client_stream,
 )
 
-from vectorlay import tls
+from vectorlay import dial, tls
 from vectorlay.core.protocol import MAX_MESSAGE_BYTES, CaBundle, Message, decode, encode
 from vectorlay.core.tokens import token_pin
-from vectorlay.errors import AuthError, ConnectError, PeerError, ProtocolError
+from vectorlay.errors import AuthError, ConnectError, PeerError, ProtocolError, unwrap_group
+from vectorlay.listen import open_listeners
+from vectorlay.tls_port import TlsPortListener
 
 M = TypeVar("M", bound=Message)
 log = logging.getLogger("vectorlay.wire")
@@ -40,6 +42,7 @@ CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013  # the server cannot serve this now (its database is away): come back later
 CONNECT_TIMEOUT_S = 10.0
+DISCONNECT_TIMEOUT_S = 2.0  # for the closing handshake; a peer that does not answer is cut off
 # How long one message may take to leave once its send has begun. Sends are not cancellable
 # (see Link.send), so this bounds how long a peer that stopped reading can hold us up.
 SEND_STALL_S = 10.0
@@ -57,11 +60,14 @@ class LinkClosed(PeerError):
 class Link:
     """One WebSocket carrying protocol messages."""
 
-    def __init__(self, ws: WebSocketConnection) -> None:
+    def __init__(self, ws: WebSocketConnection, remote: str | None = None) -> None:
         self.ws = ws
+        if remote is not None:
+            self.remote = remote
+            return
         try:
-            remote = ws.remote
-            self.remote = str(remote) if isinstance(remote, str) else f"{remote.address}:{remote.port}"
+            found = ws.remote
+            self.remote = str(found) if isinstance(found, str) else f"{found.address}:{found.port}"
         except OSError:
             self.remote = "unknown peer"  # the socket is already gone
 
@@ -134,29 +140,84 @@ def _closed(closed: ConnectionClosed) -> LinkClosed:
 async def connect(
     url: str, ssl_context: ssl.SSLContext | None = None, timeout_s: float = CONNECT_TIMEOUT_S
 ) -> AsyncIterator[Link]:
-    """Open a link to `url` (ws:// or wss://); ConnectError with one readable line if that fails."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ConnectError(f"invalid server URL {url!r}: expected ws://HOST:PORT or wss://HOST:PORT")
+    """Open a link to `url` (ws:// or wss://); ConnectError with one readable line if that fails:
+    what went wrong (nothing listens there, the scheme does not match the server's, its certificate
+    is not trusted, it is not a vectorlay server, ...) and what to do about it (see `dial`)."""
+    target = _target(url)
     context = ssl_context
-    if parts.scheme == "wss" and context is None:
+    if target.scheme == "wss" and context is None:
         context = ssl.create_default_context()
-    async with AsyncExitStack() as stack:
-        try:
-            ws = await stack.enter_async_context(open_websocket_url(
-                url, ssl_context=context, max_message_size=MAX_MESSAGE_BYTES,
-                connect_timeout=timeout_s, disconnect_timeout=2,
-            ))
-        except HandshakeError as error:
-            raise ConnectError(f"cannot reach the server at {url}: {_handshake_reason(error)}") from None
-        except OSError as error:
-            raise ConnectError(f"cannot reach the server at {url}: {error.strerror or error}") from None
-        except trio.TooSlowError:
-            raise ConnectError(f"cannot reach the server at {url}: timed out") from None
-        except trio.BrokenResourceError as error:  # a TLS handshake that failed
-            cause = error.__cause__ or error
-            raise ConnectError(f"cannot reach the server at {url}: TLS failed ({cause})") from None
-        yield Link(ws)
+    deadline = trio.current_time() + timeout_s
+    step = "tls" if context is not None else "tcp"
+    with trio.move_on_at(deadline) as opening:
+        stream = await dial.open_stream(target, context)
+    if opening.cancelled_caught:
+        raise target.failed(dial.describe_silence(target, step, timeout_s))
+    recording = dial.Recording(stream)
+    try:
+        with unwrap_group():
+            async with trio.open_nursery() as nursery:
+                ws = await _upgrade(nursery, recording, target, deadline, timeout_s)
+                try:
+                    yield Link(ws, target.address)
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(DISCONNECT_TIMEOUT_S):
+                        await ws.aclose()
+                    nursery.cancel_scope.cancel()
+    except ConnectionRejected as rejected:  # raised by trio-websocket's reader, during the upgrade only
+        raise target.failed(dial.describe_rejection(target, rejected.status_code, rejected.body)) from None
+
+
+def _target(url: str) -> dial.Target:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("ws", "wss") or not parts.hostname or port == -1:
+        raise ConnectError(f"invalid server URL {url!r}: expected ws://HOST:PORT or wss://HOST:PORT")
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    default_port = 443 if parts.scheme == "wss" else 80
+    return dial.Target(url, parts.scheme, parts.hostname, port or default_port, resource)
+
+
+async def _upgrade(nursery: trio.Nursery, recording: dial.Recording, target: dial.Target, deadline: float,
+                   timeout_s: float) -> WebSocketConnection:
+    """The WebSocket handshake on an open stream. trio-websocket waits out its whole timeout when
+    the server closes or answers garbage; the recording ends that wait at once, and says what
+    came instead."""
+    done: list[WebSocketConnection] = []
+    async with trio.open_nursery() as race:
+        race.cancel_scope.deadline = deadline
+
+        async def handshake() -> None:
+            # Any trio stream works; trio-websocket's annotation names the two it opens itself.
+            done.append(await wrap_client_stream(nursery, recording, target.host,  # type: ignore[arg-type]
+                                                 target.resource, max_message_size=MAX_MESSAGE_BYTES))
+            race.cancel_scope.cancel()
+
+        async def watch() -> None:
+            await recording.ended.wait()
+            race.cancel_scope.cancel()
+
+        race.start_soon(handshake)
+        race.start_soon(watch)
+    if done:
+        return done[0]
+    if not recording.ended.is_set() and not recording.received:
+        raise target.failed(dial.describe_silence(target, "upgrade", timeout_s))
+    raise target.failed(dial.describe_answer(target, recording))
+
+
+def server_urls(text: str) -> list[str]:
+    """`ws://a:7070,ws://b:7070`: every server of a control plane, in order (one URL is a list of
+    one). A name with several addresses also works: connecting tries each of them."""
+    urls = list(dict.fromkeys(part.strip().rstrip("/") for part in text.split(",") if part.strip()))
+    if not urls:
+        raise ConnectError(f"no server URL in {text!r}")
+    for url in urls:
+        _target(url + "/v1/api")  # ConnectError with one line for a malformed one
+    return urls
 
 
 async def fetch_ca(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> bytes:
@@ -202,14 +263,12 @@ async def verified_ca(url: str, token: str | None) -> bytes | None:
     return fetched
 
 
-def _handshake_reason(error: HandshakeError) -> str:
-    status = getattr(error, "status_code", None)
-    if status is not None:
-        return f"the server answered HTTP {status} (is this a vectorlay server?)"
-    return type(error).__name__.replace("Connection", "connection ").lower().strip()
-
-
 Handler = Callable[[str, Link], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Serving:
+    port: int  # the port the server listens on (the one the OS picked, for port 0)
 
 
 async def serve(
@@ -220,7 +279,7 @@ async def serve(
     ssl_context: ssl.SSLContext | None = None,
     *,
     listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
-    task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept WebSockets on `paths`; call `handler(path, link)` for each in its own task.
 
@@ -240,12 +299,21 @@ async def serve(
             log.exception("internal error while serving %s on %s", link.remote, path)
             await link.close(CLOSE_INTERNAL, "internal server error")
 
-    if listeners is not None:
-        server = WebSocketServer(accept, listeners, max_message_size=MAX_MESSAGE_BYTES,  # type: ignore[arg-type]
-                                 connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=2)
-        await server.run(task_status=task_status)
+    if listeners is not None:  # tests: in-memory listeners, as trio-websocket's own tests use
+        memory = WebSocketServer(accept, listeners, max_message_size=MAX_MESSAGE_BYTES,  # type: ignore[arg-type]
+                                 connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=DISCONNECT_TIMEOUT_S)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(memory.run)
+            task_status.started(Serving(0))
         return
-    await serve_websocket(
-        accept, host, port, ssl_context, max_message_size=MAX_MESSAGE_BYTES,
-        connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=2, task_status=task_status,
-    )
+    # What trio-websocket's serve_websocket does, with our listener opening (one-line errors) and,
+    # for TLS, a plain answer to a plain client (tls_port).
+    tcp = await open_listeners(host, port, "server")
+    tls_listeners: list[trio.SocketListener] | list[TlsPortListener] = tcp
+    if ssl_context is not None:
+        tls_listeners = [TlsPortListener(listener, ssl_context) for listener in tcp]
+    server = WebSocketServer(accept, tls_listeners, max_message_size=MAX_MESSAGE_BYTES,  # type: ignore[arg-type]
+                             connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=DISCONNECT_TIMEOUT_S)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        task_status.started(Serving(tcp[0].socket.getsockname()[1]))

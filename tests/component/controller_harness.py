@@ -21,15 +21,16 @@ import trio.lowlevel
 import trio.testing
 from trio_websocket import wrap_client_stream
 
-from vectorlay.client.api import ApiClient
-from vectorlay.core.model import Assignment, Gpu, ReplicaState
+from vectorlay.client.api import ApiClient, handshake
+from vectorlay.core.api import Applied, Apply, GetClusters, GetNodes, GetReplicas, Request, TokenCreate
+from vectorlay.core.api_views import ClusterView, NodeView, ReplicaView
+from vectorlay.core.model import Assignment, Gpu, ReplicaState, Role
 from vectorlay.core.protocol import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     SERVER_TO_NODE,
     SERVER_TO_PROXY,
     Ack,
-    ClientHello,
     Command,
     Goodbye,
     Heartbeat,
@@ -184,33 +185,28 @@ class ControlPlane:
         return await self.start(self._nursery)
 
     @asynccontextmanager
-    async def api(self) -> AsyncIterator[ApiClient]:
+    async def api(self, token: str | None = None) -> AsyncIterator[ApiClient]:
         async with open_link(self.listener, "/v1/api") as (link, _):
-            await link.send(ClientHello(PROTOCOL_VERSION, self.admin_token))
-            await link.receive_one(Ready)
-            yield ApiClient(link)
+            yield await handshake(link, token or self.admin_token)
 
-    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        async with self.api() as api:
-            return await api.call(method, params)
+    async def call(self, request: Request[T]) -> T:
+        async with self.api() as client:
+            return await client.call(request)
 
-    async def apply(self, manifest: str) -> Any:
-        return await self.call("apply", {"manifest": manifest})
+    async def apply(self, manifest: str) -> Applied:
+        return await self.call(Apply(manifest))
 
-    async def cluster(self, name: str) -> dict[str, Any]:
-        views: list[dict[str, Any]] = await self.call("get_clusters", {"name": name})
-        return views[0]
+    async def cluster(self, name: str) -> ClusterView:
+        return (await self.call(GetClusters(name))).clusters[0]
 
-    async def replicas(self, cluster: str | None = None) -> list[dict[str, Any]]:
-        params = {"cluster": cluster} if cluster else {}
-        result: list[dict[str, Any]] = await self.call("get_replicas", params)
-        return result
+    async def replicas(self, cluster: str | None = None) -> tuple[ReplicaView, ...]:
+        return (await self.call(GetReplicas(cluster))).replicas
 
-    async def nodes(self) -> dict[str, dict[str, Any]]:
-        return {n["name"]: n for n in await self.call("get_nodes")}
+    async def nodes(self) -> dict[str, NodeView]:
+        return {n.name: n for n in (await self.call(GetNodes())).nodes}
 
     async def join(self, name: str, gpus: int = 0, **kwargs: Any) -> FakeNode:
-        token = (await self.call("token_create", {"role": "node", "uses": 1}))["token"]
+        token = (await self.call(TokenCreate(Role.NODE, uses=1))).token
         node = FakeNode(self, name, tuple(Gpu(f"{name}-gpu{i}", "RTX 4090", 24.0, i) for i in range(gpus)), **kwargs)
         async with open_link(self.listener, "/v1/node") as (link, _):
             await link.send(Join(PROTOCOL_VERSION, token, name, node.gpus, "127.0.0.1", ("process",)))

@@ -3,6 +3,7 @@ and the commands the nodes received. (tests/integration covers the same with rea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,14 +11,16 @@ import trio
 import trio.testing
 from controller_harness import ControlPlane, FakeNode, Outcome, RouteWatcher, manifest, wait_until
 
-from vectorlay.core.model import Assignment, ReplicaState
+from vectorlay.core import api
+from vectorlay.core.api_views import ClusterView, ReplicaView
+from vectorlay.core.model import Assignment, ReplicaState, Role
 from vectorlay.core.protocol import ReplicaReport, ReplicaStatus
 
 FAILED = (ReplicaState.STARTING, ReplicaState.FAILED)
 
 
 async def ready_count(plane: ControlPlane, cluster: str) -> int:
-    return sum(1 for r in await plane.replicas(cluster) if r["state"] == "ready" and not r["stopping"])
+    return sum(1 for r in await plane.replicas(cluster) if r.state == "ready" and not r.stopping)
 
 
 async def test_a_cluster_is_placed_spread_and_served(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
@@ -28,7 +31,7 @@ async def test_a_cluster_is_placed_spread_and_served(tmp_path: Path, autojump_cl
         for node in nodes:
             await nursery.start(node.run)
         watcher = RouteWatcher()
-        proxy_token = (await plane.call("token_create", {"role": "proxy"}))["token"]
+        proxy_token = (await plane.call(api.TokenCreate(Role.PROXY))).token
         await nursery.start(watcher.run, plane, proxy_token)
         await plane.apply(manifest("web", replicas=2))
         await wait_until(lambda: len(watcher.endpoints("web")) == 2)
@@ -65,18 +68,19 @@ async def test_a_replica_that_cannot_start_is_replaced_with_capped_backoff_kept_
         # Backoff 0, 10, 20, 40, 80, 160, 300 s: about a dozen starts in ten minutes, not thousands.
         assert 6 <= starts <= 20, starts
         view = await plane.cluster("noimg")
-        assert view["health"]["status"] == "crash-looping"
-        message = view["health"]["message"]
+        assert view.health.status == "crash-looping"
+        message = view.health.message
         assert message.startswith("crash-looping: image localhost/no-such-image:1 is not on this node on n0; ")
         assert "next try in" in message or "replacing it now" in message
 
-        failures = view["health"]["failures"]
-        waiting = view["health"]["next_try_in_s"]
+        failures = view.health.failures
+        waiting = view.health.next_try_in_s
         await plane.restart()
         await wait_until(lambda: node.connected)
         after = await plane.cluster("noimg")
-        assert after["health"]["failures"] == failures  # kept across the restart
-        assert after["health"]["next_try_in_s"] <= waiting + 1
+        assert after.health.failures == failures  # kept across the restart
+        assert waiting is not None and after.health.next_try_in_s is not None
+        assert after.health.next_try_in_s <= waiting + 1
         before_restart = node.started_for("noimg")
         await trio.sleep(5)
         assert node.started_for("noimg") == before_restart or waiting < 5  # no burst after a restart
@@ -90,11 +94,11 @@ async def test_waiting_for_a_crash_looping_cluster_ends_early_with_the_reason(
         plane, _ = await start_plane(nursery, tmp_path, ["n0"], outcome=always(bad))
         await plane.apply(manifest("broken", replicas=2))
         began = trio.current_time()
-        result = await plane.call("wait_ready", {"clusters": ["broken"], "timeout_s": 300})
+        result = await plane.call(api.WaitReady(("broken",), 300))
         assert trio.current_time() - began < 60  # not the 5-minute timeout
-        assert result["ready"] is False
-        assert result["failed"][0]["cluster"] == "broken"
-        assert result["failed"][0]["reason"].startswith("crash-looping: exec: serve: not found on n0")
+        assert result.ready is False
+        assert result.failed[0].cluster == "broken"
+        assert result.failed[0].reason.startswith("crash-looping: exec: serve: not found on n0")
         nursery.cancel_scope.cancel()
 
 
@@ -124,14 +128,14 @@ async def test_a_crashed_agent_is_suspect_at_once_and_a_goodbye_keeps_it_ready(
     async with trio.open_nursery() as nursery:
         plane, (n0,) = await start_plane(nursery, tmp_path, ["n0"])
         watcher = RouteWatcher()
-        await nursery.start(watcher.run, plane, (await plane.call("token_create", {"role": "proxy"}))["token"])
+        await nursery.start(watcher.run, plane, (await plane.call(api.TokenCreate(Role.PROXY))).token)
         await plane.apply(manifest("web", replicas=1))
         await wait_until(lambda: watcher.endpoints("web"))
         n0.crash(revive_after_s=None)
         began = trio.current_time()
         await wait_until(lambda: not watcher.endpoints("web"))
         assert trio.current_time() - began < 0.5  # out of routing before any heartbeat is missed
-        assert (await plane.nodes())["n0"]["state"] == "suspect"
+        assert (await plane.nodes())["n0"].state == "suspect"
         nursery.cancel_scope.cancel()
 
 
@@ -151,17 +155,17 @@ async def test_a_node_lost_and_found_leaves_exactly_the_desired_copies(
         await wait_until(lambda: n0.connected)
         await wait_until(lambda: not (set(n0.running) & lost))  # the replaced copy is stopped there
 
-        async def settled() -> list[dict[str, object]] | None:
+        async def settled() -> tuple[ReplicaView, ...] | None:
             replicas = await plane.replicas("web")
-            live = [r for r in replicas if not r["stopping"]]
-            done = len(replicas) == 2 and all(r["state"] == "ready" for r in live)
+            live = [r for r in replicas if not r.stopping]
+            done = len(replicas) == 2 and all(r.state == "ready" for r in live)
             return replicas if done else None
 
         with trio.fail_after(60):
             while (replicas := await settled()) is None:
                 await trio.sleep(0.5)
         # Exactly two copies remain, and since n0 is back they are spread over both nodes again.
-        assert sorted(str(r["node"]) for r in replicas) == ["n0", "n1"]
+        assert sorted(str(r.node) for r in replicas) == ["n0", "n1"]
         nursery.cancel_scope.cancel()
 
 
@@ -178,7 +182,7 @@ async def test_reports_with_a_stale_generation_or_about_another_node_change_noth
         await wait_until(lambda: n0.running and n1.running)
         (mine,) = n0.running.values()
         (theirs,) = n1.running.values()
-        before = {r["id"]: r for r in await plane.replicas("web")}
+        before = {r.id: r for r in await plane.replicas("web")}
         n0.crash(revive_after_s=None)
         async with open_link(plane.listener, "/v1/node") as (link, _):
             # n0 comes back (this link speaks for it) and reports what is stale.
@@ -190,8 +194,8 @@ async def test_reports_with_a_stale_generation_or_about_another_node_change_noth
             await link.send(ReplicaStatus(ReplicaReport(mine.replica_id, mine.generation - 1, ReplicaState.FAILED,
                                                         "from an older assignment")))
             await trio.sleep(1)
-            after = {r["id"]: r for r in await plane.replicas("web")}
-            assert after[mine.replica_id]["state"] == "ready" == before[mine.replica_id]["state"]
+            after = {r.id: r for r in await plane.replicas("web")}
+            assert after[mine.replica_id].state == "ready" == before[mine.replica_id].state
             await link.send(ReplicaStatus(ReplicaReport(theirs.replica_id, theirs.generation, ReplicaState.FAILED,
                                                         "not yours")))
             await trio.sleep(1)
@@ -199,8 +203,8 @@ async def test_reports_with_a_stale_generation_or_about_another_node_change_noth
                 while True:
                     await link.receive(SERVER_TO_NODE)  # what was queued for it, then the close
             assert closed.value.code == 1008 and "is not this node's" in closed.value.reason
-        after = {r["id"]: r for r in await plane.replicas("web")}
-        assert after[theirs.replica_id]["state"] == "ready"
+        after = {r.id: r for r in await plane.replicas("web")}
+        assert after[theirs.replica_id].state == "ready"
         nursery.cancel_scope.cancel()
 
 
@@ -237,15 +241,15 @@ async def test_a_server_restart_reschedules_nothing_and_nodes_come_back(
         plane, nodes = await start_plane(nursery, tmp_path, ["n0", "n1", "n2"])
         await plane.apply(manifest("web", replicas=3))
         await wait_until(lambda: all(n.running for n in nodes))
-        before = sorted(r["id"] for r in await plane.replicas("web"))
+        before = sorted(r.id for r in await plane.replicas("web"))
         await plane.restart()
         await wait_until(lambda: all(n.connected for n in nodes), timeout_s=30)
         await trio.sleep(90)  # past the reconnect grace: everything reconciled again
         after = await plane.replicas("web")
-        assert sorted(r["id"] for r in after) == before
-        assert all(r["state"] == "ready" for r in after)
+        assert sorted(r.id for r in after) == before
+        assert all(r.state == "ready" for r in after)
         assert [n.started_for("web") for n in nodes] == [1, 1, 1]
-        assert {s["state"] for s in (await plane.nodes()).values()} == {"ready"}
+        assert {s.state for s in (await plane.nodes()).values()} == {"ready"}
         nursery.cancel_scope.cancel()
 
 
@@ -261,8 +265,8 @@ async def test_a_cluster_whose_replicas_kill_agents_is_quarantined_and_the_fleet
         await plane.apply(manifest("good", replicas=1))
         await wait_until(lambda: sum(n.started_for("good") for n in nodes) == 1)
         await plane.apply(manifest("poison", replicas=1, reschedule_after="2s"))
-        view = await wait_until_cluster(plane, "poison", lambda v: v["health"]["status"] == "quarantined")
-        assert "quarantined: the agents of" in view["health"]["message"]
+        view = await wait_until_cluster(plane, "poison", lambda v: v.health.status == "quarantined")
+        assert "quarantined: the agents of" in view.health.message
         deaths = sum(n.deaths for n in nodes)
         assert 2 <= deaths <= 3
         await trio.sleep(120)
@@ -272,20 +276,20 @@ async def test_a_cluster_whose_replicas_kill_agents_is_quarantined_and_the_fleet
         await wait_until(lambda: sum(n.started_for("other") for n in nodes) == 2)
         assert await ready_count(plane, "other") == 2
         replicas = await plane.replicas("poison")
-        assert all(r["node"] is None for r in replicas if not r["stopping"])
+        assert all(r.node is None for r in replicas if not r.stopping)
 
-        lifted = await plane.call("cluster_unquarantine", {"name": "poison"})
-        assert lifted["lifted"] is True
+        lifted = await plane.call(api.Unquarantine("poison"))
+        assert lifted.lifted is True
         await wait_until(lambda: sum(n.deaths for n in nodes) > deaths)  # placed again (and it kills again)
         nursery.cancel_scope.cancel()
 
 
-async def wait_until_cluster(plane: ControlPlane, name: str, predicate: object, timeout_s: float = 120.0
-                             ) -> dict[str, object]:
+async def wait_until_cluster(plane: ControlPlane, name: str, predicate: Callable[[ClusterView], bool],
+                             timeout_s: float = 120.0) -> ClusterView:
     with trio.fail_after(timeout_s):
         while True:
             view = await plane.cluster(name)
-            if predicate(view):  # type: ignore[operator]
+            if predicate(view):
                 return view
             await trio.sleep(0.5)
 
@@ -297,8 +301,8 @@ async def test_an_error_while_reconciling_one_cluster_degrades_it_and_spares_the
                                          faults=frozenset({"reconcile-raise:broken"}))
         await plane.apply(manifest("broken", replicas=1) + "---\n" + manifest("fine", replicas=2))
         await wait_until(lambda: sum(n.started_for("fine") for n in nodes) == 2)
-        view = await wait_until_cluster(plane, "broken", lambda v: v["health"]["status"] == "degraded")
-        assert view["health"]["message"].startswith("degraded: the server could not reconcile it (RuntimeError")
+        view = await wait_until_cluster(plane, "broken", lambda v: v.health.status == "degraded")
+        assert view.health.message.startswith("degraded: the server could not reconcile it (RuntimeError")
         assert "reconciling cluster broken failed" in caplog.text
         assert await ready_count(plane, "fine") == 2
         await plane.apply(manifest("later", replicas=1))  # and the loop goes on for new work
@@ -318,7 +322,7 @@ async def test_a_roll_on_a_full_gpu_fleet_finishes_one_copy_at_a_time(
         plane, nodes = await start_plane(nursery, tmp_path, ["n0", "n1"], gpus=1,
                                          outcome=always(Outcome(ready_after_s=3)))
         watcher = RouteWatcher()
-        await nursery.start(watcher.run, plane, (await plane.call("token_create", {"role": "proxy"}))["token"])
+        await nursery.start(watcher.run, plane, (await plane.call(api.TokenCreate(Role.PROXY))).token)
         await plane.apply(manifest("web", replicas=2, extra=GPU_1))
         await wait_until(lambda: len(watcher.endpoints("web")) == 2)
         await plane.apply(manifest("web", replicas=2, extra=GPU_1 + "  env: {MODEL: v2}\n"))
@@ -327,12 +331,12 @@ async def test_a_roll_on_a_full_gpu_fleet_finishes_one_copy_at_a_time(
         while True:
             lowest = min(lowest, len(watcher.endpoints("web")))
             view = await plane.cluster("web")
-            if view["up_to_date"] == 2 and view["ready"] == 2 and not view["stopping"]:
+            if view.up_to_date == 2 and view.ready == 2 and not view.stopping:
                 break
             assert trio.current_time() - began < 60, view
             await trio.sleep(0.2)
         assert lowest >= 1  # never below replicas - 1 serving
-        assert sorted(r["node"] for r in await plane.replicas("web")) == ["n0", "n1"]
+        assert sorted(str(r.node) for r in await plane.replicas("web")) == ["n0", "n1"]
         nursery.cancel_scope.cancel()
 
 
@@ -341,15 +345,15 @@ async def test_a_packed_cluster_spreads_again_when_a_node_is_uncordoned(
     async with trio.open_nursery() as nursery:
         plane, nodes = await start_plane(nursery, tmp_path, ["n0", "n1"], outcome=always(Outcome(ready_after_s=2)))
         watcher = RouteWatcher()
-        await nursery.start(watcher.run, plane, (await plane.call("token_create", {"role": "proxy"}))["token"])
-        await plane.call("node_cordon", {"name": "n1"})
+        await nursery.start(watcher.run, plane, (await plane.call(api.TokenCreate(Role.PROXY))).token)
+        await plane.call(api.NodeCordon("n1"))
         await plane.apply(manifest("web", replicas=2))
         await wait_until(lambda: len(watcher.endpoints("web")) == 2)
-        assert {r["node"] for r in await plane.replicas("web")} == {"n0"}  # packed: n1 is cordoned
-        await plane.call("node_uncordon", {"name": "n1"})
+        assert {r.node for r in await plane.replicas("web")} == {"n0"}  # packed: n1 is cordoned
+        await plane.call(api.NodeUncordon("n1"))
         lowest = 2
         with trio.fail_after(60):
-            while sorted(r["node"] for r in await plane.replicas("web")) != ["n0", "n1"]:
+            while sorted(str(r.node) for r in await plane.replicas("web")) != ["n0", "n1"]:
                 lowest = min(lowest, len(watcher.endpoints("web")))
                 await trio.sleep(0.2)
         assert lowest == 2  # the new copy was ready before the old one stopped
@@ -366,13 +370,13 @@ async def test_a_replica_whose_node_is_not_ready_is_never_shown_ready(
         await wait_until(lambda: n0.running and n1.running)
         n0.crash(revive_after_s=None)
         await trio.sleep(15)  # down, and not replaced yet (reschedule_after is long)
-        replicas = {r["node"]: r for r in await plane.replicas("web")}
-        assert replicas["n0"]["state"] == "unknown" and replicas["n0"]["reason"] == "its node n0 is down"
-        assert replicas["n1"]["state"] == "ready"
+        replicas = {r.node: r for r in await plane.replicas("web")}
+        assert replicas["n0"].state == "unknown" and replicas["n0"].reason == "its node n0 is down"
+        assert replicas["n1"].state == "ready"
         view = await plane.cluster("web")
-        assert view["ready"] == 1 and view["states"] == {"ready": 1, "unknown": 1}
-        summary = await plane.call("fleet_summary")
-        assert summary["replicas"] == {"ready": 1, "unknown": 1}  # the table and the summary agree
+        assert view.ready == 1 and view.states == {"ready": 1, "unknown": 1}
+        summary = await plane.call(api.GetFleetSummary())
+        assert summary.replicas == {"ready": 1, "unknown": 1}  # the table and the summary agree
         nursery.cancel_scope.cancel()
 
 
@@ -386,10 +390,10 @@ async def test_after_a_server_restart_a_node_not_back_yet_is_reconnecting_not_re
         await wait_until(lambda: n0.connected)
         await trio.sleep(1)
         nodes = await plane.nodes()
-        assert nodes["n0"]["state"] == "ready" and nodes["n1"]["state"] == "reconnecting"
-        assert (await plane.call("fleet_summary"))["nodes"] == {"ready": 1, "reconnecting": 1}
+        assert nodes["n0"].state == "ready" and nodes["n1"].state == "reconnecting"
+        assert (await plane.call(api.GetFleetSummary())).nodes == {"ready": 1, "reconnecting": 1}
         await trio.sleep(70)  # the reconnect grace is over: judged on silence now
-        assert (await plane.nodes())["n1"]["state"] == "down"
+        assert (await plane.nodes())["n1"].state == "down"
         nursery.cancel_scope.cancel()
 
 
@@ -399,8 +403,7 @@ async def test_waiting_for_a_cluster_no_node_can_run_ends_early_with_the_reason(
         plane, _ = await start_plane(nursery, tmp_path, ["n0"])
         await plane.apply(manifest("web", replicas=1, extra='  gpu: {type: "H100", count: 1}\n'))
         began = trio.current_time()
-        result = await plane.call("wait_ready", {"clusters": ["web"], "timeout_s": 300})
+        result = await plane.call(api.WaitReady(("web",), 300))
         assert trio.current_time() - began < 5
-        assert result["failed"] == [{"cluster": "web", "reason": "cannot be placed: no ready node has 1 GPU(s) "
-                                                                 "of 'H100'"}]
+        assert result.failed == (api.Blocked("web", "cannot be placed: no ready node has 1 GPU(s) of 'H100'"),)
         nursery.cancel_scope.cancel()

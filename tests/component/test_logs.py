@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import trio
 
-from vectorlay.node import logs
+from vectorlay.node import log_times, logs
 
 
 def test_tail_reads_the_last_lines_and_reaches_into_the_rotated_copy(tmp_path: Path) -> None:
@@ -65,3 +66,44 @@ async def test_follow_yields_new_complete_lines_and_survives_truncation(tmp_path
         await trio.sleep(0.5)
         assert got[-1] == "after rotation"
         nursery.cancel_scope.cancel()
+
+
+def test_lines_are_dated_by_the_notes_taken_as_the_log_grew(tmp_path: Path) -> None:
+    path = tmp_path / "r.log"
+    path.write_text("a1\na2\n")
+    log_times.mark(path, 100.0)
+    log_times.mark(path, 150.0)  # no growth: no note
+    with path.open("a") as handle:
+        handle.write("b1\nb2\n")
+    log_times.mark(path, 200.0)
+    with path.open("a") as handle:
+        handle.write("c1\n")  # not noted yet: dated by the file's modification time
+    os.utime(path, (300.0, 300.0))
+    assert log_times.load(log_times.times_path(path)) == [(6, 100.0), (12, 200.0)]
+    lines, end = logs.tail_dated(path, 10, None, now=400.0)
+    assert lines == [(100.0, "a1"), (100.0, "a2"), (200.0, "b1"), (200.0, "b2"), (300.0, "c1")]
+    assert end == 15
+    assert logs.tail_dated(path, 10, since=150.0, now=400.0)[0] == [(200.0, "b1"), (200.0, "b2"), (300.0, "c1")]
+    assert logs.tail_dated(path, 2, since=150.0, now=400.0)[0] == [(200.0, "b2"), (300.0, "c1")]
+    assert logs.tail_dated(path, 10, since=350.0, now=400.0)[0] == []
+
+
+def test_the_notes_rotate_with_the_log_and_date_the_rotated_lines(tmp_path: Path) -> None:
+    path = tmp_path / "r.log"
+    path.write_text("old\n" * 10)
+    log_times.mark(path, 100.0)
+    assert logs.rotate_if_large(path, max_bytes=10)
+    path.write_text("new\n")
+    log_times.mark(path, 200.0)
+    lines, _ = logs.tail_dated(path, 3, None, now=300.0)
+    assert lines == [(100.0, "old"), (100.0, "old"), (200.0, "new")]
+    assert logs.tail_dated(path, 3, since=150.0, now=300.0)[0] == [(200.0, "new")]
+
+
+def test_a_note_taken_as_the_log_was_truncated_does_not_stop_later_ones(tmp_path: Path) -> None:
+    path = tmp_path / "r.log"
+    path.write_text("x" * 100 + "\n")
+    log_times.mark(path, 100.0)
+    path.write_text("y\n")  # truncated behind the notes' back
+    log_times.mark(path, 200.0)
+    assert log_times.load(log_times.times_path(path)) == [(2, 200.0)]

@@ -3,13 +3,14 @@ included, which cannot run on a machine without KVM), and how CLI answers are re
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from vectorlay.core.model import Assignment, ClusterSpec, Isolation, Resources, Runtime
 from vectorlay.errors import UserError
-from vectorlay.node.container_args import ContainerCli, Ulimits, image_digest, one_line, run_args
+from vectorlay.node.container_args import ContainerCli, SecretEnv, Ulimits, image_digest, one_line, run_args
 from vectorlay.node.oci import isolation_levels, parse_oci_runtimes, runtime_for
 from vectorlay.node.runtime import LaunchRequest
 
@@ -37,6 +38,7 @@ def test_podman_run_for_a_gpu_replica() -> None:
         "--label", "vectorlay.image=docker.io/vllm/vllm-openai:v0.6.3",
         "--label", "vectorlay.log=/var/lib/vectorlay/logs/qwen-1.log", "--label", "vectorlay.node=n-1",
         "--label", "vectorlay.node-name=gpu-box", "--label", "vectorlay.replica=qwen-1",
+        "--label", "vectorlay.run-dir=/var/lib/vectorlay/logs/qwen-1.run",
         "--cpus", "1.5", "--memory", "4096m",
         "--device", "nvidia.com/gpu=GPU-abc",
         "--env", "CUDA_VISIBLE_DEVICES=GPU-abc", "--env", "MODEL=tiny", "--env", "PORT=8000",
@@ -49,6 +51,7 @@ def test_gvisor_runs_with_its_own_network_stack_off_and_kata_by_name() -> None:
     sandbox = run_args(ContainerCli("podman"), launch(isolation=Isolation.SANDBOX), "img", "runsc", LIMITS)
     assert sandbox[:4] == ["podman", "--runtime-flag", "network=host", "run"]
     assert sandbox[sandbox.index("--runtime") + 1] == "runsc"
+    assert sandbox[sandbox.index("--pids-limit") + 1] == "32768"  # gVisor's own threads count too
     microvm = run_args(ContainerCli("podman"), launch(isolation=Isolation.MICROVM), "img", "kata", LIMITS)
     assert microvm[:2] == ["podman", "run"] and microvm[microvm.index("--runtime") + 1] == "kata"
 
@@ -98,3 +101,19 @@ def test_oci_runtime_names_and_isolation_levels() -> None:
     assert isolation_levels(["kata", "runc"]) == ("container", "microvm")
     assert runtime_for(Isolation.CONTAINER, ["runsc", "crun", "runc"]) == "crun"
     assert runtime_for(Isolation.MICROVM, ["runc", "runsc"]) is None
+
+
+def test_secrets_go_to_an_env_file_or_by_name_never_on_the_command_line() -> None:
+    base = launch()
+    spec = dataclasses.replace(base.assignment.spec, env_from_secret={"HF_TOKEN": "hf-token", "PEM": "pem"},
+                               command=("--token", "${HF_TOKEN}", "--model", "${MODEL}"))
+    secrets = {"HF_TOKEN": "hf_abc", "PEM": "a\nb"}
+    request = dataclasses.replace(base, assignment=dataclasses.replace(base.assignment, spec=spec, secret_env=secrets),
+                                  env={**base.env, **secrets})
+    env = SecretEnv.of(request)
+    assert (env.file_text, env.cli_env) == ("HF_TOKEN=hf_abc\n", {"PEM": "a\nb"})
+    argv = run_args(ContainerCli("podman"), request, "img", "runc", LIMITS, "/dev/shm/x.env")
+    assert not [a for a in argv if "hf_abc" in a or "a\nb" in a]
+    assert argv[argv.index("--env-file") + 1] == "/dev/shm/x.env"
+    assert "PEM" in argv and argv[argv.index("PEM") - 1] == "--env"  # the value comes from podman's environment
+    assert argv[-4:] == ["--token", "${HF_TOKEN}", "--model", "tiny"]  # never expanded into a command line

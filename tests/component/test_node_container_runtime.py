@@ -4,6 +4,7 @@ failure becomes one readable reason instead of a crash."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import urllib.request
@@ -15,15 +16,15 @@ import pytest
 import trio
 from tests_support import missing_service
 
+from testsupport.images import build_image, container_prerequisites
+from testsupport.processes import remove_containers
 from vectorlay.core.model import Assignment, ClusterSpec, HealthCheck, Isolation, PullPolicy, Resources, Runtime
 from vectorlay.errors import RuntimeFailure
 from vectorlay.node.container_args import ContainerCli, Ulimits
 from vectorlay.node.container_runtime import ContainerRuntime, host_ulimits
 from vectorlay.node.process_runtime import ProcessRuntime
-from vectorlay.node.runtime import Handle, LaunchRequest
+from vectorlay.node.runtime import Exit, Handle, LaunchRequest
 from vectorlay.node.supervisor import pick_free_port
-from vectorlay.testing.images import build_image, container_prerequisites
-from vectorlay.testing.processes import remove_containers
 
 IMAGE = "localhost/vectorlay/busybox-httpd:test"
 
@@ -114,7 +115,7 @@ async def test_a_replica_gets_its_port_env_limits_labels_and_log(tmp_path: Path,
 
         # The digest is what podman resolved the tag to.
         image_info = json.loads(await podman("image", "inspect", image))[0]
-        assert handle.image_digest == image_info["Digest"] and handle.image_digest.startswith("sha256:")
+        assert handle.image_digest == image_info["Digest"] and (handle.image_digest or "").startswith("sha256:")
 
         # Output lands in the replica's log file, like a process replica's.
         assert await get(req.host_port, "/") == "hello from vectorlay busybox httpd\n"
@@ -141,9 +142,79 @@ async def test_an_exit_gives_its_code_and_leaves_nothing_behind(tmp_path: Path, 
     req = request(tmp_path, node_id, command=("sh", "-c", "echo bye from $VECTORLAY_REPLICA; exit 3"))
     handle = await rt.launch(req)
     with trio.fail_after(60):
-        assert await rt.wait(handle) == 3
+        assert await rt.wait(handle) == Exit(3)
     assert f"bye from {req.assignment.replica_id}" in req.log_path.read_text()
     assert await rt.list_owned(node_id) == []
+
+
+async def test_secrets_reach_the_container_but_never_the_cli_command_line(
+        tmp_path: Path, image: str, node_id: str) -> None:
+    """`ps` shows every process's command line to every user of the node: secrets go to podman in
+    an env file on tmpfs that only this user can read, removed once the container runs (a value
+    with a line break, which an env file cannot hold, in podman's own environment)."""
+    seen = tmp_path / "seen"
+    wrapper = tmp_path / "podman"
+    wrapper.write_text(f"""#!/bin/sh
+printf '%s\\n' "$@" >> {seen}/argv
+prev=
+for arg in "$@"; do
+  if [ "$prev" = --env-file ]; then stat -c '%a' "$arg" >> {seen}/mode; stat -f -c '%T' "$arg" >> {seen}/fs; echo "$arg" >> {seen}/path; fi
+  prev=$arg
+done
+exec podman "$@"
+""")
+    wrapper.chmod(0o755)
+    seen.mkdir()
+    base = request(tmp_path, node_id)
+    token, pem = "hf_s3cr3t_value_42", "-----BEGIN KEY-----\nline two\n-----END KEY-----"
+    spec = dataclasses.replace(base.assignment.spec, env_from_secret={"HF_TOKEN": "hf-token", "PEM": "pem"})
+    assignment = dataclasses.replace(base.assignment, spec=spec, secret_env={"HF_TOKEN": token, "PEM": pem})
+    req = dataclasses.replace(base, assignment=assignment, env={**base.env, "HF_TOKEN": token, "PEM": pem})
+    rt = ContainerRuntime(ContainerCli(str(wrapper)), ("runc",))
+    handle = await rt.launch(req)
+    try:
+        env = await get(req.host_port, "/cgi-bin/env")
+        lines = env.splitlines()  # `env | sort`: the value's other lines are sorted apart
+        assert f"HF_TOKEN={token}" in lines
+        assert {"PEM=-----BEGIN KEY-----", "line two", "-----END KEY-----"} <= set(lines)
+        argv = (seen / "argv").read_text()
+        assert token not in argv and "line two" not in argv and "GREETING=hello there" in argv
+        assert (seen / "mode").read_text().split() == ["600"]
+        assert (seen / "fs").read_text().split() == ["tmpfs"]
+        assert not await trio.Path((seen / "path").read_text().strip()).exists()  # removed once the container ran
+    finally:
+        await rt.stop(handle, 5)
+
+
+MEMORY_HOG = ("sh", "-c", "x=0123456789abcdef; while true; do x=$x$x; done")
+
+
+@pytest.mark.parametrize(("oci", "memory_mb"), [("runc", 16), ("runsc", 64)])
+async def test_a_container_killed_for_its_memory_says_so_and_leaves_no_file_behind(
+        tmp_path: Path, image: str, node_id: str, monkeypatch: pytest.MonkeyPatch, oci: str, memory_mb: int) -> None:
+    """podman cannot always tell (cgroup v1, gVisor): conmon's `oom` marker, written in podman's
+    working directory, is read from the replica's run dir in the node's state, not the user's."""
+    reason = container_prerequisites(oci)
+    if reason:
+        missing_service(reason)
+    where_the_user_is = tmp_path / "cwd"
+    where_the_user_is.mkdir()
+    monkeypatch.chdir(where_the_user_is)
+    rt = runtime("runc", oci)
+    isolation = Isolation.SANDBOX if oci == "runsc" else Isolation.CONTAINER
+    req = request(tmp_path, node_id, command=MEMORY_HOG, isolation=isolation,
+                  resources=Resources(memory_mb=memory_mb))
+    handle = await rt.launch(req)
+    with trio.fail_after(120):
+        exited = await rt.wait(handle)
+    assert exited == Exit(137, oom_killed=True)
+    assert list(where_the_user_is.iterdir()) == []
+    assert req.runtime_dir == req.log_path.with_name(f"{req.assignment.replica_id}.run")
+    assert not (req.runtime_dir / "oom").exists()  # read and removed: the next run starts clean
+    # The same exit code without the kernel's kill is not taken for one.
+    again = await rt.launch(request(tmp_path, node_id, command=("sh", "-c", "exit 137")))
+    with trio.fail_after(60):
+        assert await rt.wait(again) == Exit(137)
 
 
 async def test_pull_policies_and_pull_failures_give_reasons(tmp_path: Path, image: str, node_id: str) -> None:
@@ -269,6 +340,6 @@ async def test_docker_runs_a_replica_with_the_same_flags(tmp_path: Path, node_id
     ending = request(tmp_path, node_id, command=("sh", "-c", "echo bye from docker; exit 4"))
     handle = await rt.launch(ending)
     with trio.fail_after(60):
-        assert await rt.wait(handle) == 4
+        assert await rt.wait(handle) == Exit(4)
     assert "bye from docker" in ending.log_path.read_text()
     assert await rt.list_owned(node_id) == []

@@ -36,6 +36,17 @@ def test_gpu_check_runs_here() -> None:
         assert "PASS  a process replica sees exactly its assigned GPU" in result.stdout
 
 
+def test_the_gpu_inventory_runs_from_the_installed_package_outside_a_checkout(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "vectorlay.node.gpu_check"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    if "no NVIDIA GPU here" in result.stdout:
+        assert result.returncode == 2
+    else:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "  GPU 0: " in result.stdout
+    assert "Traceback" not in result.stderr
+
+
 def test_the_probe_replica_reports_what_cuda_shows_it() -> None:
     port = pick_free_port("127.0.0.1")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "GPU-1234", "VECTORLAY_REPLICA": "probe-1"}
@@ -67,9 +78,9 @@ def test_cuda_uuids_are_spelled_like_nvmls() -> None:
 
 
 def test_the_gpu_check_manifests_are_valid() -> None:
+    from testsupport.gpu_check import CONTAINER_MANIFEST, PROBE_MANIFEST
     from vectorlay.core.manifest import parse_manifest
     from vectorlay.core.model import Runtime
-    from vectorlay.testing.gpu_check import CONTAINER_MANIFEST, PROBE_MANIFEST
 
     (probe,) = parse_manifest(PROBE_MANIFEST)
     assert (probe.runtime, probe.gpu.count) == (Runtime.PROCESS, 1)

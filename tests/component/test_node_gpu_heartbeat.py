@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
-from vectorlay.client.api import open_api
-from vectorlay.core.model import Gpu
+from vectorlay.client.api import ApiClient, open_api
+from vectorlay.core.api import Apply, GetReplicas, TokenCreate
+from vectorlay.core.api_views import ReplicaView
+from vectorlay.core.model import Gpu, Role
 from vectorlay.node.agent import join, run_node
 from vectorlay.node.gpu_health import NvmlMonitor
 from vectorlay.server.app import ServerConfig, run_server
@@ -30,8 +31,8 @@ spec:
 """
 
 
-async def replicas(api: Any, cluster: str) -> list[dict[str, Any]]:
-    return [r for r in await api.call("get_replicas") if r["cluster"] == cluster]
+async def replicas(api: ApiClient, cluster: str) -> list[ReplicaView]:
+    return [r for r in (await api.call(GetReplicas())).replicas if r.cluster == cluster]
 
 
 async def test_an_xid_on_the_nodes_gpu_stops_new_replicas_landing_there(
@@ -44,14 +45,14 @@ async def test_an_xid_on_the_nodes_gpu_stops_new_replicas_landing_there(
                                                                   heartbeat_interval_s=0.2))
             url = f"ws://127.0.0.1:{server.port}"
             async with open_api(url, server.admin_token) as api:
-                token = (await api.call("token_create", {"role": "node"}))["token"]
+                token = (await api.call(TokenCreate(Role.NODE))).token
                 creds = await join(url, token, "gpu-node", gpus, "127.0.0.1", ("process",), tmp_path / "node")
                 agent = await nursery.start(partial(
                     run_node, creds, tmp_path / "node", FakeRuntime(), gpus, ("process",),
                     gpu_monitor=NvmlMonitor(["GPU-a", "GPU-b"], nvml, interval_s=0.05)))
 
-                await api.call("apply", {"manifest": MANIFEST.format(name="first")})
-                while [r["state"] for r in await replicas(api, "first")] != ["ready"]:
+                await api.call(Apply(MANIFEST.format(name="first")))
+                while [r.state for r in await replicas(api, "first")] != ["ready"]:
                     await trio.sleep(0.05)
                 assert agent.gpu_status and all(s.healthy and s.utilization_pct == 37.0 for s in agent.gpu_status)
 
@@ -64,11 +65,11 @@ async def test_an_xid_on_the_nodes_gpu_stops_new_replicas_landing_there(
                     await trio.sleep(0.05)
 
                 # GPU-b is free, yet nothing new lands on this node while it is unhealthy.
-                await api.call("apply", {"manifest": MANIFEST.format(name="second")})
+                await api.call(Apply(MANIFEST.format(name="second")))
                 await trio.sleep(1)
                 [second] = await replicas(api, "second")
-                assert (second["state"], second["node"]) == ("pending", None)
-                assert second["reason"] == "no ready node to run it"
+                assert (second.state, second.node) == ("pending", None)
+                assert second.reason == "no ready node to run it"
                 [first] = await replicas(api, "first")
-                assert first["state"] == "ready"  # what runs keeps running
+                assert first.state == "ready"  # what runs keeps running
             nursery.cancel_scope.cancel()

@@ -3,11 +3,15 @@ the address container ports are published on."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from vectorlay.cli.node import _options
+from vectorlay.core.model import Gpu
 from vectorlay.errors import UserError
-from vectorlay.node.setup import NodeOptions, publish_ip
+from vectorlay.node.preflight import Preflight
+from vectorlay.node.setup import NodeOptions, prepare_node, publish_ip
 
 
 def test_options_survive_a_restart_and_flags_given_later_win() -> None:
@@ -39,3 +43,25 @@ def test_ports_are_published_on_the_advertised_address_when_it_is_this_machines(
     assert publish_ip("localhost") in ("127.0.0.1", "::1")
     # An address this machine does not have (a router forwarding to it): all addresses.
     assert publish_ip("203.0.113.7") == "0.0.0.0"
+
+
+async def test_startup_says_in_one_line_what_the_node_offers_and_leaves_the_rest_to_node_check(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """This machine (no NVIDIA driver, no Kata, no IOMMU) is a CPU development box: no warnings."""
+    caplog.set_level(logging.INFO, logger="vectorlay")
+    await prepare_node(NodeOptions(allow_process_runtime=True), "127.0.0.1")
+    said = [r for r in caplog.records if r.name.startswith("vectorlay") and r.levelno >= logging.INFO]
+    offers = [r.getMessage() for r in said if "this node offers" in r.getMessage()]
+    assert len(offers) == 1 and "process replicas (not isolated)" in offers[0]
+    assert "`vectorlay node check` shows what else it could offer" in offers[0]
+    assert not [r for r in said if "missing" in r.getMessage() or "kata" in r.getMessage().lower()]
+
+
+def test_the_offer_line_names_isolation_levels_with_their_runtimes_and_the_gpus() -> None:
+    gpus = (Gpu("GPU-a", "NVIDIA GeForce RTX 4090", 24.0, 0), Gpu("GPU-b", "NVIDIA GeForce RTX 4090", 24.0, 1))
+    preflight = Preflight(checks=(), container_ok=True, oci_runtimes=("runc", "runsc"),
+                          isolation=("container", "sandbox"), runtimes=("container",), gpus=gpus)
+    assert preflight.offer_line() == ("this node offers container (runc), sandbox (runsc); 2 GPU(s): NVIDIA GeForce "
+                                      "RTX 4090; `vectorlay node check` shows what else it could offer")
+    bare = Preflight(checks=(), container_ok=False, oci_runtimes=(), isolation=(), runtimes=(), gpus=())
+    assert bare.offer_line().startswith("this node offers nothing it can run; no GPUs (no NVIDIA driver; declare")

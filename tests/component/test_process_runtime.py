@@ -32,8 +32,8 @@ async def test_launch_writes_output_to_the_log_and_reports_the_exit_code(tmp_pat
              "print('oops', file=sys.stderr); sys.exit(3)"
     handle = await runtime.launch(request(tmp_path, (sys.executable, "-c", script)))
     with trio.fail_after(10):
-        code = await runtime.wait(handle)
-    assert code == 3
+        exited = await runtime.wait(handle)
+    assert exited.code == 3 and not exited.oom_killed
     log = (tmp_path / "r-1.log").read_text()
     assert "port 4321 hi" in log and "oops" in log
     assert not runtime.is_running(handle)
@@ -106,6 +106,6 @@ async def test_the_longest_argument_the_manifest_allows_is_the_longest_linux_tak
     runtime = ProcessRuntime()
     handle = await runtime.launch(request(tmp_path, ("true", "x" * MAX_ARG_BYTES)))
     with trio.fail_after(10):
-        assert await runtime.wait(handle) == 0
+        assert (await runtime.wait(handle)).code == 0
     with pytest.raises(RuntimeFailure, match="Argument list too long"):
         await runtime.launch(request(tmp_path, ("true", "x" * (MAX_ARG_BYTES + 1))))

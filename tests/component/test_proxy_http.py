@@ -35,6 +35,7 @@ class FakeReplica:
     status: int = 200
     delay_s: float = 0.0
     refuse: bool = False  # connections fail as if refused
+    chunked: bool = False  # answer with a chunked body, in two chunks, instead of a Content-Length
     requests: int = 0
     seen: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
 
@@ -61,11 +62,15 @@ class FakeReplica:
                     self.seen.append((head.method, head.target, received))
                     await trio.sleep(self.delay_s)
                     body = self.name.encode()
+                    framing = [] if self.chunked else [(b"content-length", str(len(body)).encode())]
                     out = conn.send(h11.Response(status_code=self.status,
-                                                 headers=[(b"content-length", str(len(body)).encode()),
-                                                          (b"x-target", head.target)]))
+                                                 headers=[*framing, (b"x-target", head.target)]))
                     if head.method != b"HEAD":
-                        out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
+                        out = (out or b"") + (conn.send(h11.Data(data=body[:1] if self.chunked else body)) or b"")
+                    if self.chunked:  # the rest once everyone waits: the proxy relays it while watching its client
+                        await stream.send_all(out)
+                        await trio.testing.wait_all_tasks_blocked()
+                        out = conn.send(h11.Data(data=body[1:]))
                     out = (out or b"") + (conn.send(h11.EndOfMessage()) or b"")
                     await stream.send_all(out)
                     conn.start_next_cycle()
@@ -99,7 +104,7 @@ async def request(stream: trio.abc.Stream, target: bytes = b"/", headers: list[t
     return await read_response(conn, stream)
 
 
-async def read_response(conn: h11.Connection, stream: trio.abc.Stream) -> tuple[int, dict[bytes, bytes], bytes]:
+async def read_response(conn: h11.Connection, stream: trio.abc.ReceiveStream) -> tuple[int, dict[bytes, bytes], bytes]:
     """The next response on `stream`, read through `conn`; (status, headers, body)."""
     response: h11.Response | None = None
     body = b""
@@ -396,3 +401,63 @@ async def test_route_table_wakes_waiters_on_each_snapshot_and_update() -> None:
         await trio.testing.wait_all_tasks_blocked()
         table.apply(RouteUpdate(4, Route("echo"), removed=True))
     assert woke == [3, 4] and "echo" not in table.clusters
+
+
+def connect_closing_client(h: Harness) -> tuple[trio.testing.MemorySendStream, trio.testing.MemoryReceiveStream]:
+    """A client that closes its connection the instant the end of a chunked response reaches it,
+    as curl does: the close reaches the proxy while its write of that end is still returning."""
+    to_proxy, proxy_reads = trio.testing.memory_stream_one_way_pair()
+    proxy_writes, from_proxy = trio.testing.MemorySendStream(), trio.testing.MemoryReceiveStream()
+
+    async def deliver() -> None:
+        data = proxy_writes.get_data_nowait()
+        from_proxy.put_data(data)
+        if data.endswith(b"0\r\n\r\n"):
+            to_proxy.close()
+        await trio.lowlevel.cancel_shielded_checkpoint()  # as a socket's send_all yields after its write
+
+    proxy_writes.send_all_hook = deliver
+    h.nursery.start_soon(h.proxy.handle_connection, trio.StapledStream(proxy_writes, proxy_reads), "192.0.2.7")
+    return to_proxy, from_proxy
+
+
+async def test_a_chunked_response_whose_client_closes_right_after_it_counts_as_delivered(
+        parser: HttpParser) -> None:
+    """The status in the metrics is the one the client received: a chunked 200 whose client
+    closed at once is a 200, not a 499 (client gone)."""
+    rounds = 40
+    async with harness(FakeReplica("abc", chunked=True), parser=parser) as h:
+        for _ in range(rounds):
+            to_proxy, from_proxy = connect_closing_client(h)
+            conn = h11.Connection(h11.CLIENT)
+            await to_proxy.send_all(conn.send(h11.Request(method=b"GET", target=b"/", headers=[(b"host", b"echo.localhost")]))
+                                    + conn.send(h11.EndOfMessage()))
+            status, headers, body = await read_response(conn, from_proxy)
+            assert (status, headers.get(b"transfer-encoding"), body) == (200, b"chunked", b"abc")
+        while h.proxy.metrics.connections:
+            await trio.sleep(0.01)
+        assert dict(h.proxy.metrics.clusters["echo"].requests) == {200: rounds}
+
+
+async def test_a_client_that_leaves_counts_as_what_it_received(
+        autojump_clock: trio.testing.MockClock, parser: HttpParser) -> None:
+    """Leaving mid-stream, after the 200 arrived, is a 200; leaving before any answer is a 499."""
+    async with harness(FakeReplica("abc", chunked=True), parser=parser) as h:
+        client = h.connect_client()
+        await client.send_all(b"GET / HTTP/1.1\r\nhost: echo.localhost\r\n\r\n")
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += await client.receive_some(65536)
+        assert received.startswith(b"HTTP/1.1 200 ")
+        await client.aclose()
+        while h.proxy.metrics.connections:
+            await trio.sleep(0.01)
+        assert dict(h.proxy.metrics.clusters["echo"].requests) == {200: 1}
+    async with harness(FakeReplica("slow", delay_s=5), parser=parser) as h:
+        client = h.connect_client()
+        await client.send_all(b"GET / HTTP/1.1\r\nhost: echo.localhost\r\n\r\n")
+        await trio.sleep(1)
+        await client.aclose()
+        while h.proxy.metrics.connections:
+            await trio.sleep(0.01)
+        assert dict(h.proxy.metrics.clusters["echo"].requests) == {499: 1}

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from vectorlay.testing.processes import wait_for
-from vectorlay.testing.relay import Relay
+from testsupport.processes import wait_for
+from testsupport.relay import Relay
 
 TIMEOUT_S = 5.0
 QUIET_S = 0.1  # how long "nothing arrives" is watched for; only absences need it

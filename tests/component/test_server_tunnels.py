@@ -49,8 +49,8 @@ class Session:
     def close_soon(self, reason: str, code: int = 1001) -> None:
         raise AssertionError("not expected")
 
-    def open_logs(self, replica_id: str, tail: int,
-                  follow: bool) -> tuple[int, trio.MemoryReceiveChannel[LogsData | LogsEnd]]:
+    def open_logs(self, replica_id: str, tail: int, follow: bool,
+                  since: float | None = None) -> tuple[int, trio.MemoryReceiveChannel[LogsData | LogsEnd]]:
         raise AssertionError("not expected")
 
     def close_logs(self, stream_id: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import traceback
@@ -11,10 +12,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from vectorlay.core.model import Assignment, ClusterSpec, HealthCheck, ReplicaState
+from vectorlay.core.model import Assignment, ClusterSpec, HealthCheck, ReplicaState, Resources
 from vectorlay.core.protocol import Command, ReplicaReport, Sync
 from vectorlay.errors import RuntimeFailure, UserError
+from vectorlay.node import local_state
 from vectorlay.node.faults import FaultPoints, InjectedFault
+from vectorlay.node.runtime import LaunchRequest
+from vectorlay.node.state_dir import NodeStateDir
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
 from vectorlay.testing.fakes import FakeRuntime
 
@@ -173,12 +177,12 @@ async def test_corrupt_local_state_never_leaves_two_copies(tmp_path: Path, runti
         first.supervisor.apply_command(start(1))
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
-    state_file = tmp_path / "agent-state.json"
+    state_file = NodeStateDir(tmp_path).agent_state_file
     state_file.write_text(state_file.read_text().replace('"applied_seq": 1', '"applied_seq": 7'))  # checksum breaks
 
     second = Harness(tmp_path, runtime)
     await second.supervisor.reattach()
-    assert (tmp_path / "agent-state.json.corrupt").exists()
+    assert NodeStateDir(tmp_path).corrupt_agent_state_file.exists()
     assert runtime.running() == []  # the orphan was stopped, not adopted blindly
     async with trio.open_nursery() as nursery:
         await nursery.start(second.supervisor.run)
@@ -340,10 +344,10 @@ async def test_every_way_a_replica_can_fail_fails_only_that_replica(
 
 async def test_a_state_file_that_is_not_even_text_is_set_aside(tmp_path: Path, runtime: FakeRuntime,
                                                                 autojump_clock: trio.testing.MockClock) -> None:
-    (tmp_path / "agent-state.json").write_bytes(b"\xff\xfe{\x00")
+    NodeStateDir(tmp_path).agent_state_file.write_bytes(b"\xff\xfe{\x00")
     h = Harness(tmp_path, runtime)
     await h.supervisor.reattach()  # must not raise: the agent comes up and recovers from the runtime
-    assert (tmp_path / "agent-state.json.corrupt").exists()
+    assert NodeStateDir(tmp_path).corrupt_agent_state_file.exists()
     assert h.supervisor.state.applied_seq == 0
 
 
@@ -387,3 +391,67 @@ async def test_the_tunnels_reach_only_replicas_running_here_now(tmp_path: Path, 
         assert supervisor.local_address("echo-a") is None
         nursery.cancel_scope.cancel()
     assert NodeIdentity("n-1", "n1", "10.0.0.1", data_plane="direct").listen_host == "0.0.0.0"
+async def test_a_replica_killed_for_its_memory_says_which_limit(tmp_path: Path, runtime: FakeRuntime,
+                                                                autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness(tmp_path, runtime)
+    limited = dataclasses.replace(SPEC, resources=Resources(memory_mb=64))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.supervisor.run)
+        h.supervisor.apply_command(Command(1, "start", 1, "echo-a", Assignment("echo-a", "echo", 1, limited)))
+        await trio.sleep(1)
+        runtime.crash("echo-a", code=137, oom_killed=True)
+        await trio.sleep(0.01)
+        assert h.reports[-1].reason == ("killed for using more memory than `resources.memory` (64Mi): give it more "
+                                        "in the manifest; restarting in 1s (restart 1)")
+        nursery.cancel_scope.cancel()
+
+
+async def test_secret_values_are_never_saved_and_a_restarted_agent_takes_them_from_the_server(
+        tmp_path: Path, runtime: FakeRuntime, autojump_clock: trio.testing.MockClock) -> None:
+    secret_spec = dataclasses.replace(SPEC, env_from_secret={"HF_TOKEN": "hf-token"})
+    with_secret = Assignment("echo-a", "echo", 1, secret_spec, secret_env={"HF_TOKEN": "hf_s3cr3t"})
+    first = Harness(tmp_path, runtime)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.supervisor.run)
+        first.supervisor.apply_command(Command(1, "start", 1, "echo-a", with_secret))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()  # the agent stops; its replica keeps running
+    assert runtime.launches[-1].env["HF_TOKEN"] == "hf_s3cr3t"
+    saved = (tmp_path / "agent-state.json").read_text()
+    assert "hf_s3cr3t" not in saved and '"HF_TOKEN": "hf-token"' in saved  # the name only
+
+    # Restarted, not yet connected: the replica exits and cannot start again without its secret.
+    second = Harness(tmp_path, runtime)
+    await second.supervisor.reattach()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.supervisor.run)
+        runtime.crash("echo-a")
+        await trio.sleep(2)
+        assert second.reports[-1].state is ReplicaState.FAILED
+        assert second.reports[-1].reason.startswith("the values of its secrets (HF_TOKEN) are not on this node")
+        assert len(runtime.launches) == 1
+        nursery.cancel_scope.cancel()
+
+    # Restarted and connected: the server's desired state carries the values again.
+    third = Harness(tmp_path, runtime)
+    first_launch = await _relaunch_after_sync(third, runtime, with_secret)
+    assert first_launch.env["HF_TOKEN"] == "hf_s3cr3t"
+
+
+async def _relaunch_after_sync(h: Harness, runtime: FakeRuntime, assignment: Assignment) -> LaunchRequest:
+    """Run a fresh agent on `runtime`: re-attach, receive the server's sync, then the replica exits."""
+    runtime.launches.clear()
+    old = await runtime.launch(LaunchRequest(assignment, "n-1", "n1", 1, {}, Path("/dev/null")))
+    h.supervisor.state.running.clear()
+    local_state.save(h.supervisor.files.agent_state_file, local_state.AgentState(
+        1, 1, {"echo-a": local_state.RunningRecord(dataclasses.replace(assignment, secret_env={}), old, 1)}))
+    runtime.launches.clear()
+    await h.supervisor.reattach()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.supervisor.run)
+        h.supervisor.apply_sync(Sync(1, 1, (assignment,)))
+        runtime.crash("echo-a")
+        while not runtime.launches:
+            await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    return runtime.launches[0]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from vectorlay.testing.processes import Stack
+from testsupport.processes import Stack
 
 
 @pytest.fixture

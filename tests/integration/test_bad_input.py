@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from testsupport.background import BackgroundLoop
+from testsupport.node_server import ScriptedNodeServer
+from testsupport.processes import REPO_ROOT, Stack, replica_pids, tinylm_manifest, wait_for
 from vectorlay.client.api import open_api
+from vectorlay.core.api import Apply, Request, SecretSet
 from vectorlay.core.model import Assignment, ClusterSpec, HealthCheck, ReplicaState, Runtime
-from vectorlay.core.protocol import LogsEnd, LogsOpen
-from vectorlay.errors import UserError
-from vectorlay.testing.node_server import ScriptedNodeServer
-from vectorlay.testing.processes import REPO_ROOT, Stack, replica_pids, tinylm_manifest, wait_for
+from vectorlay.core.protocol import LogsEnd, LogsOpen, Message
+from vectorlay.errors import ProtocolError, UserError
+from vectorlay.node.state_dir import NodeStateDir
+from vectorlay.wire import Link, serve
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +76,7 @@ def test_bad_tokens_are_refused_and_the_server_keeps_its_data(stack: Stack) -> N
     wrong = stack.cli("node", "join", "--server", stack.server_url, "--token", "abcdef.0123456789abcdefXYZ",
                       "--name", "x", "--state-dir", str(stack.root / "x"), check=False)
     assert "refused to let this node join: invalid token" in _one_line_error(wrong)
-    assert not (stack.root / "x" / "node.json").exists()
+    assert not NodeStateDir(stack.root / "x").is_joined()
 
     expired_token = stack.token("node", "--ttl", "1s")
     time.sleep(1.2)
@@ -110,7 +116,8 @@ async def _send_raw(url: str, frames: list[str]) -> tuple[int | None, str]:
                 while True:
                     await ws.get_message()
         except ConnectionClosed as closed:
-            return closed.reason.code, closed.reason.reason or ""
+            reason = closed.reason
+            return (reason.code, reason.reason or "") if reason else (None, "")
     return None, ""
 
 
@@ -138,7 +145,7 @@ def test_malformed_peer_messages_close_that_link_with_a_reason(stack: Stack, pat
 def test_garbage_after_hello_closes_only_that_node(stack: Stack) -> None:
     stack.start_server()
     node = stack.join_node("n1", gpus=["RTX 4090:24"])
-    credential = json.loads((node.state_dir / "node.json").read_text())["credential"]
+    credential = node.files.load_credentials().credential
     # A second connection with a valid credential, then garbage: closed with a reason. The real
     # agent is paused meanwhile so that its reconnect cannot race the rogue session.
     node.signal(signal.SIGSTOP)
@@ -166,26 +173,68 @@ def test_secret_values_no_process_can_take_are_refused_before_contacting_the_ser
     assert "the secret read from stdin is not valid UTF-8" in _one_line_error(result)
 
 
-async def _call_refused(url: str, token: str, method: str, params: dict[str, Any]) -> str:
-    async with open_api(url, token) as api:
+async def _call_refused(url: str, token: str, request: Request[Any]) -> str:
+    async with open_api(url, token) as client:
         with pytest.raises(UserError) as refused:
-            await api.call(method, params)
+            await client.call(request)
     return str(refused.value)
 
 
 def test_the_server_refuses_what_no_process_can_take_from_a_client_that_does_not_check(stack: Stack) -> None:
     stack.start_server()
     manifest = tinylm_manifest(extra_args=["x\\0"])
-    refused = trio.run(_call_refused, stack.server_url, stack.admin_token, "apply", {"manifest": manifest})
+    refused = trio.run(_call_refused, stack.server_url, stack.admin_token, Apply(manifest))
     assert refused == "spec.command[4] (line 9): contains a NUL byte (\\0), which no argument, environment " \
                       "variable or path can hold"
     for value in ("hf_\x00abc", "hf_\ud800"):
-        refused = trio.run(_call_refused, stack.server_url, stack.admin_token, "secret_set",
-                           {"project": "default", "name": "hf-token", "value": value})
+        refused = trio.run(_call_refused, stack.server_url, stack.admin_token,
+                           SecretSet("default", "hf-token", value))
         assert refused.startswith("invalid secret 'hf-token': the value contains")
     # Nothing changed, and the server serves on.
     assert stack.cli_json("get", "clusters") == []
     assert stack.cli_json("secret", "list", "default") == []
+
+
+@dataclass(frozen=True)
+class UnversionedClientHello(Message):
+    """The client hello of servers from before API versions: no `api` field."""
+
+    TYPE: ClassVar[str] = "client_hello"
+    protocol: int
+    token: str
+
+
+class UnversionedApiServer(BackgroundLoop):
+    """A server from before API versions: it refuses a hello that carries one, as they did."""
+
+    def __init__(self) -> None:
+        super().__init__("unversioned API server")
+        self.port = 0
+
+    async def _serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve, self._handle, "127.0.0.1", 0, frozenset({"/v1/api"}))
+            self.port = server.port
+            self._started()
+
+    async def _handle(self, path: str, link: Link) -> None:
+        try:
+            await link.receive((UnversionedClientHello,))
+        except ProtocolError as error:
+            await link.reject(error)
+
+
+def test_a_cli_and_a_server_of_different_api_versions_say_in_one_line_which_to_upgrade(stack: Stack) -> None:
+    stack.start_server()
+    # A CLI from before API versions sends a hello without one: told to upgrade, with a valid token.
+    hello = json.dumps({"type": "client_hello", "protocol": 1, "token": stack.admin_token})
+    code, reason = trio.run(_send_raw, stack.server_url + "/v1/api", [hello])
+    assert (code, reason) == (1002, "this vectorlay speaks API version 1; this server needs 2: upgrade vectorlay")
+    # This CLI, against a server from before API versions.
+    with UnversionedApiServer() as old:
+        result = stack.cli("get", "clusters", "--server", f"ws://127.0.0.1:{old.port}", "--token",
+                           "abcdef.0123456789abcdef01", check=False)
+    assert _one_line_error(result) == "error: this server speaks API version 1; this vectorlay needs 2: upgrade the server"
 
 
 TINYLM = ClusterSpec("web", 1, runtime=Runtime.PROCESS,
@@ -226,7 +275,7 @@ def test_an_assignment_no_process_can_take_fails_that_replica_and_the_agent_serv
             assert not replica_pids(replica=replica)
 
         # A hostile log request, and a log that cannot be read, end only their own streams.
-        (stack.root / "n1" / "logs" / "odd-1.log").mkdir(parents=True)
+        NodeStateDir(stack.root / "n1").replica_log("odd-1").mkdir(parents=True)
         server.send(LogsOpen(7, "../../etc/passwd"))
         server.send(LogsOpen(8, "odd-1"))
         wait_for(lambda: len([m for m in server.logs() if isinstance(m, LogsEnd)]) == 2, 10,
@@ -242,3 +291,27 @@ def test_an_assignment_no_process_can_take_fails_that_replica_and_the_agent_serv
         assert good_report is not None and good_report.state is ReplicaState.READY and good_report.address
         with urllib.request.urlopen(f"http://{good_report.address}/healthz", timeout=5) as answer:
             assert answer.status == 200
+def test_a_taken_port_is_one_line_that_names_the_address_and_the_flag(stack: Stack, tmp_path: Path) -> None:
+    """A port another process holds: no traceback, the address, the flag that picks another, exit 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        address = f"127.0.0.1:{port}"
+        cases = [
+            (["server", "--listen", address, "--state-dir", str(tmp_path / "s")], "for the server", "--listen"),
+            (["proxy", "--server", "ws://127.0.0.1:1", "--token", "a.b", "--listen", address], "for the proxy",
+             "--listen"),
+            (["proxy", "--server", "ws://127.0.0.1:1", "--token", "a.b", "--listen", "127.0.0.1:0",
+              "--metrics-listen", address], "for the proxy's metrics", "--metrics-listen"),
+            (["dev", "--state-dir", str(tmp_path / "d1"), "--server-port", str(port)], "for the server",
+             "--server-port"),
+            (["dev", "--state-dir", str(tmp_path / "d2"), "--server-port", "0", "--proxy-port", str(port)],
+             "for the proxy", "--proxy-port"),
+        ]
+        for args, purpose, flag in cases:
+            result = stack.cli(*args, check=False)
+            assert result.returncode == 1, result.stderr
+            line = _one_line_error(result)
+            assert f"cannot listen on {address} {purpose}: address already in use" in line, line
+            assert f"choose another with {flag}" in line, line

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from vectorlay.testing.processes import Stack, tinylm_manifest, wait_for
+from testsupport.processes import Stack, tinylm_manifest, wait_for
 
 pytestmark = pytest.mark.slow
 

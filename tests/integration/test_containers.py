@@ -3,16 +3,18 @@ runsc), and a busybox httpd image built here with `podman import` (no registry i
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from tests_support import missing_service
 
-from vectorlay.testing.images import DEFAULT_TAG, build_image, container_prerequisites
-from vectorlay.testing.processes import Stack, container_ids, http_request, wait_for
+from testsupport.images import DEFAULT_TAG, build_image, container_prerequisites
+from testsupport.processes import REPO_ROOT, Stack, container_ids, http_request, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -175,3 +177,49 @@ def test_a_sandbox_replica_runs_under_gvisor(stack: Stack, image: str) -> None:
     stack.cli("apply", "-", "--no-wait", input_text=manifest("vm", 1, isolation="microvm"))
     vm = wait_for(lambda: [r for r in stack.cli_json("get", "replicas") if r["cluster"] == "vm"], 10)
     assert (vm[0]["state"], vm[0]["reason"]) == ("pending", "no ready node offers microvm isolation")
+
+
+def test_the_busybox_example_holds_8_requests_at_once_under_each_isolation_it_claims(
+        stack: Stack, image: str, tmp_path: Path) -> None:
+    """examples/busybox-httpd as shipped, under runc and under gVisor, 8 CGI requests at once for a
+    while: no replica is killed (at 64Mi gVisor's was, for memory, after about 130 requests), and
+    no file lands in the directory the node was started from."""
+    reason = container_prerequisites("runsc")
+    if reason:
+        missing_service(reason)
+    started_from = tmp_path / "where-the-user-is"
+    started_from.mkdir()
+    stack.start_server()
+    for name in ("n1", "n2"):
+        stack.join_node(name, allow_process=False, extra=["--oci-runtime", "runc", "--oci-runtime", "runsc"],
+                        cwd=started_from)
+    _, proxy_port = stack.start_proxy()
+    example = (REPO_ROOT / "examples" / "busybox-httpd" / "cluster.yaml").read_text()
+    for isolation in ("container", "sandbox"):
+        name = f"web-{isolation}"
+        text = example.replace("name: web", f"name: {name}").replace("isolation: container", f"isolation: {isolation}")
+        stack.cli("apply", "-", "--timeout", "120s", input_text=text)
+        replicas = [r for r in stack.cli_json("get", "replicas") if r["cluster"] == name]
+        containers = {r["id"]: container_ids(replica=r["id"], running_only=True) for r in replicas}
+        runtime = "runsc" if isolation == "sandbox" else "runc"
+        assert all(podman_json("container", "inspect", ids[0])[0]["OCIRuntime"] == runtime
+                   for ids in containers.values())
+
+        def fetch(_: int, host: str = f"{name}.localhost") -> int:
+            return http_request(proxy_port, host, "/cgi-bin/env", timeout_s=60).status
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(fetch, range(400)))
+        counts = {s: statuses.count(s) for s in set(statuses)}
+        if isolation == "container":
+            assert counts == {200: 400}
+        else:
+            # gVisor (Debian's runsc 20221219, network=host) fails a read on a fresh connection
+            # whose request has not arrived yet, so busybox httpd closes a connection unanswered
+            # when the request comes a millisecond or more after the connect, as it often does from
+            # a busy proxy: those are the 502s. Not a kill, and not the memory limit.
+            assert set(counts) <= {200, 502} and counts.get(200, 0) >= len(statuses) // 4, counts
+        after = [r for r in stack.cli_json("get", "replicas") if r["cluster"] == name]
+        assert [(r["state"], r["reason"]) for r in after] == [("ready", "")] * 2, after
+        assert {r["id"]: container_ids(replica=r["id"], running_only=True) for r in after} == containers
+    assert list(started_from.iterdir()) == []

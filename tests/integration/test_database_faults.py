@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from tests_support import missing_service
 
-from vectorlay.testing.load import SteadyClient
-from vectorlay.testing.processes import Stack, replica_pids, tinylm_manifest, wait_for
-from vectorlay.testing.relay import Relay
+from testsupport.load import SteadyClient
+from testsupport.processes import Stack, replica_pids, tinylm_manifest, wait_for
+from testsupport.relay import Relay
 
 pytestmark = pytest.mark.slow
 
@@ -143,8 +143,11 @@ def test_sqlite_on_a_full_disk_keeps_serving_and_catches_up(small_disk: Path, tm
         for _ in range(3):  # replicas churn: reports the server cannot store
             kill_one_replica(stack)
             time.sleep(2)
-        report = wait_for(lambda: (r := status(stack)).returncode == 1 and r, 30, interval_s=1.0,
-                          message="the full disk in `vectorlay status`")
+        def unavailable() -> subprocess.CompletedProcess[str] | None:
+            report = status(stack)
+            return report if report.returncode == 1 else None
+
+        report = wait_for(unavailable, 30, interval_s=1.0, message="the full disk in `vectorlay status`")
         assert "database or disk is full" in report.stdout, report.stdout
         assert stack.server is not None and stack.server.alive
         filler.unlink()

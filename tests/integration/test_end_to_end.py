@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import time
 from pathlib import Path
 
 import pytest
 
-from vectorlay.testing.processes import Stack, http_request, replica_pids, tinylm_manifest, wait_for
+from testsupport.processes import Stack, http_request, replica_pids, tinylm_manifest, wait_for
+from vectorlay.node.state_dir import NodeStateDir
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +69,7 @@ def test_request_served_end_to_end(any_db_stack: Stack) -> None:
     assert "cluster/echo deleted" in deleted.stdout
     wait_for(lambda: not any(replica_pids(replica=r["id"]) for r in replicas), 15, message="replicas to stop")
     assert stack.cli_json("get", "replicas") == []
-    gone = wait_for(lambda: (r := http_request(proxy_port, "echo.localhost")).status == 404 and r, 10)
+    gone = wait_for(lambda: r if (r := http_request(proxy_port, "echo.localhost")).status == 404 else None, 10)
     assert gone.json()["error"] == "unknown cluster"
 
 
@@ -138,13 +140,19 @@ def test_dev_serves_the_example(tmp_path: Path) -> None:
             assert result.status == 200
             nodes.add(result.json()["node"])
         assert nodes == {"dev-1", "dev-2"}
+        # Its log says which node each node's line comes from, and what the nodes offer in one line
+        # (no `missing: kata / IOMMU / NVIDIA` on a CPU machine).
+        log = proc.log()
+        for name in ("dev-1", "dev-2"):
+            assert re.search(rf"vectorlay\.node: \[{name}\] replica \S+ started on port \d+", log), log
+        assert log.count("this node offers") == 1 and "missing:" not in log
         # The CLI now talks to the dev stack through the context dev wrote.
         listed = stack.cli("get", "clusters", "-o", "json")
         assert '"name": "tinylm"' in listed.stdout
         # dev walks the path every user takes: the proxy reaches the replicas through tunnels.
         wait_for(lambda: {(n["data_plane"], n["tunnels"]) for n in stack.cli_json("get", "nodes")} == {("tunnel", 1)},
                  10, message="dev's nodes to report their tunnels")
-        node_ids = [json.loads((tmp_path / "dev" / name / "node.json").read_text())["node_id"]
+        node_ids = [NodeStateDir(tmp_path / "dev" / name).load_credentials().node_id
                     for name in ("dev-1", "dev-2")]
         assert sum(len(replica_pids(node_id=n)) for n in node_ids) == 2
         proc.stop()
@@ -207,3 +215,36 @@ def test_dev_survives_node_rm_and_starts_again_after_it(tmp_path: Path) -> None:
         wait_for(lambda: not any(replica_pids(node_id=n) for n in node_ids), 15, message="dev replicas to stop")
     finally:
         stack.close()
+TICKER = """\
+apiVersion: vectorlay.dev/v1
+kind: Cluster
+metadata: {name: ticker}
+spec:
+  replicas: 2
+  runtime: process
+  command: ["sh", "-c", "while true; do echo \\"t=$(date +%s.%N)\\"; sleep 0.4; done"]
+  health: null
+"""
+
+
+def test_logs_of_several_replicas_are_merged_in_time_order_and_since_limits_them(stack: Stack) -> None:
+    stack.start_server()
+    stack.join_node("n1")
+    stack.join_node("n2")
+    stack.cli("apply", "-", input_text=TICKER)
+    time.sleep(8)  # each replica writes about 20 lines
+
+    def stamped(*args: str) -> list[tuple[str, float]]:
+        out = stack.cli("logs", "ticker", *args).stdout
+        return [(line.split()[0], float(line.rsplit("t=", 1)[1])) for line in out.splitlines() if "t=" in line]
+
+    lines = stamped("--tail", "15")
+    assert len(lines) == 30 and len({replica for replica, _ in lines}) == 2
+    # In the order they were written, to the second or so the node dates them by; replica after
+    # replica, a line would come about 6 s after a later one.
+    worst = max(earlier - later for (_, earlier), (_, later) in zip(lines, lines[1:], strict=False))
+    assert worst <= 2.5, lines
+    recent = stamped("--since", "2s")
+    cutoff = time.time() - 2
+    assert recent and len(recent) < 30
+    assert all(written >= cutoff - 2.5 for _, written in recent), (cutoff, recent)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from tests_support import missing_service
 
-from vectorlay.testing.load import RouteWatcher, SteadyClient
-from vectorlay.testing.processes import Stack, faketime_available, replica_pids, tinylm_manifest, wait_for
-from vectorlay.testing.relay import Relay
+from testsupport.load import RouteWatcher, SteadyClient
+from testsupport.processes import Stack, faketime_available, replica_pids, tinylm_manifest, wait_for
+from testsupport.relay import Relay
 
 pytestmark = pytest.mark.slow
 

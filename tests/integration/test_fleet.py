@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from vectorlay.testing.fleet_sim import SimProcess
-from vectorlay.testing.processes import Stack, wait_for
+from testsupport.fleet_sim import SimProcess
+from testsupport.processes import Stack, wait_for
 
 pytestmark = pytest.mark.slow
 

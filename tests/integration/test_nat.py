@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 from tests_support import missing_service
 
-from vectorlay.testing.processes import Stack, http_request, upstream_manifest, wait_for
+from testsupport.processes import Stack, http_request, upstream_manifest, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from vectorlay.testing.load import SteadyClient
-from vectorlay.testing.processes import Stack, http_request, replica_pids, tinylm_manifest, wait_for
+from testsupport.load import SteadyClient
+from testsupport.processes import Stack, http_request, replica_pids, tinylm_manifest, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +42,8 @@ def test_api_keys_and_per_client_rate_limits_from_the_manifest(stack: Stack) -> 
     first = stack.cli("key", "create", "guarded", "--name", "alice").stdout.strip()
     second = stack.cli("key", "create", "guarded", "--name", "bob").stdout.strip()
     # The key reaches the proxy as a pushed hash; from then on it is accepted.
-    ok = wait_for(lambda: (r := http_request(port, host, "/v1/completions", "POST", COMPLETION,
-                                             headers=bearer(first))).status == 200 and r, 15,
+    ok = wait_for(lambda: r if (r := http_request(port, host, "/v1/completions", "POST", COMPLETION,
+                                                  headers=bearer(first))).status == 200 else None, 15,
                   message="the new key to be accepted")
     assert ok.json()["choices"][0]["text"]
     # Per client (per key) a burst of 3, then 429 with a Retry-After; another key has its own bucket.

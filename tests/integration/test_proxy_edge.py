@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -20,10 +21,10 @@ from pathlib import Path
 import pytest
 import trustme
 
+from testsupport.processes import Proc, http_request, wait_for
+from testsupport.route_server import StaticRouteServer, spawn_proxy
+from testsupport.upstreams import ScriptedUpstream
 from vectorlay.core.protocol import Endpoint, Route
-from vectorlay.testing.processes import Proc, http_request, wait_for
-from vectorlay.testing.route_server import StaticRouteServer, spawn_proxy
-from vectorlay.testing.upstreams import ScriptedUpstream
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +133,25 @@ def test_forwarding_headers_are_set_and_hop_by_hop_headers_stripped(
     assert http_request(port, "nope.localhost").json()["error"] == "unknown cluster"
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_host_comes_from_an_absolute_target_and_two_host_headers_are_refused(
+        tmp_path: Path, a: ScriptedUpstream, b: ScriptedUpstream, routes: StaticRouteServer,
+        start_proxy: ProxyStarter, parser: str) -> None:
+    routes.set_route(route(a, cluster="echo"))
+    routes.set_route(route(b, cluster="other"))
+    _, port = start_proxy(tmp_path, routes.url, "--http-parser", parser)
+    absolute = raw_exchange(port, b"GET http://echo.localhost/v1/x?q=1 HTTP/1.1\r\nHost: other.localhost\r\n"
+                                  b"Connection: close\r\n\r\n")
+    assert status_of(absolute) == 200
+    echo = json.loads(absolute.split(b"\r\n\r\n", 1)[1])
+    assert echo["upstream"] == "a" and echo["path"] == "/v1/x"  # origin form reached the replica
+    assert [v for k, v in echo["headers"] if k == "host"] == ["echo.localhost"]
+    assert not b.seen
+    two = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: echo.localhost\r\nHost: other.localhost\r\n\r\n")
+    assert status_of(two) == 400 and b"Host" in two
+    assert not b.seen and len(a.seen) == 1
+
+
 def test_hostile_and_malformed_clients_get_their_status_and_the_proxy_keeps_serving(
         tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer, start_proxy: ProxyStarter) -> None:
     routes.set_route(route(a))
@@ -175,17 +195,21 @@ def test_hostile_and_malformed_clients_get_their_status_and_the_proxy_keeps_serv
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(chunked)
         assert status_of(read_until_closed(sock)) == 413
-    # Connection limit: the 7th connection at once gets a 503 and is closed; a freed slot is reused.
+    # Connection limit with every connection busy (a request in flight on each): the 7th
+    # connection at once gets a 503 and is closed; a freed slot is reused.
     held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(6)]
     try:
-        for sock in held:  # each one answered, so each one is counted
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        for sock in held:
+            sock.sendall(b"POST /hold HTTP/1.1\r\nHost: echo.localhost\r\nContent-Length: 0\r\n\r\n")
+        wait_for(lambda: a.held == 6, 10, message="six requests in flight")
         refused = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
-        assert status_of(refused) == 503 and b"too many connections" in refused
-        held.pop().close()
-        wait_for(lambda: http_request(port, HOST).status == 200, 10, message="a freed connection slot")
+        assert status_of(refused) == 503 and b"too many connections to this proxy" in refused
+        a.release.set()
+        for sock in held:
+            assert read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+        wait_for(lambda: http_request(port, HOST).status == 200, 10, message="a free connection slot")
     finally:
+        a.release.clear()
         for sock in held:
             sock.close()
     assert proc.alive
@@ -403,3 +427,108 @@ def test_bad_tls_files_are_one_clear_line_and_a_non_zero_exit(
                     str(tmp_path / "key.pem"), name="bad")
     text = (tmp_path / "bad.log").read_text()
     assert "error: TLS: cannot load certificate" in text and "Traceback" not in text
+
+
+def test_chunked_responses_whose_clients_close_at_once_are_counted_as_received(
+        tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer, start_proxy: ProxyStarter) -> None:
+    """curl closes the moment a chunked response ends; the metrics count what it received (200)."""
+    routes.set_route(route(a))
+    proc, port = start_proxy(tmp_path, routes.url, "--metrics-listen", "127.0.0.1:0")
+    rounds = 200
+    for _ in range(rounds):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /stream?n=2&interval_ms=0 HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
+            answer = read_until(sock, b"\r\n0\r\n\r\n")
+            assert status_of(answer) == 200 and b"data: [DONE]" in answer
+
+    def settled() -> dict[str, float] | None:
+        found = metrics(proc)
+        return found if found["vectorlay_proxy_connections"] == 0 else None
+
+    counts = wait_for(settled, 10, message="every connection to close")
+    codes = {k: v for k, v in counts.items() if k.startswith('vectorlay_proxy_requests_total{cluster="echo"')}
+    assert codes == {'vectorlay_proxy_requests_total{cluster="echo",code="200"}': rounds}
+
+
+def _open_idle(port: int, count: int, source: str = "127.0.0.1") -> tuple[list[socket.socket], list[int]]:
+    """`count` keep-alive connections from `source`, each sending one GET and reading its answer,
+    then left idle; (the sockets, the status each got)."""
+    socks, statuses = [], []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
+        socks.append(sock)
+    for sock in socks:
+        head = read_until(sock, b"\r\n\r\n")
+        statuses.append(status_of(head))
+        length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+        body = head.split(b"\r\n\r\n", 1)[1]
+        while len(body) < length:
+            body += sock.recv(65536)
+    return socks, statuses
+
+
+def _rss_mib(proc: Proc) -> float:
+    status = Path(f"/proc/{proc.popen.pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def many_sockets() -> Iterator[None]:
+    """This test process may open a few thousand sockets (the default soft limit is often 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_one_address_holding_thousands_of_idle_connections_does_not_deny_another_client(
+        tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer, start_proxy: ProxyStarter,
+        many_sockets: None) -> None:
+    """Thousands of keep-alive connections from one address, each idle after one GET: that address
+    gets its share (then 503s), and a client from another address is still served, at once."""
+    routes.set_route(route(a))
+    proc, port = start_proxy(tmp_path, routes.url, "--metrics-listen", "127.0.0.1:0",
+                             "--max-connections-per-client", "1000")
+    held: list[socket.socket] = []
+    try:
+        before = _rss_mib(proc)
+        socks, statuses = _open_idle(port, 2500)
+        held += socks
+        assert statuses.count(200) == 1000 and statuses.count(503) == 1500
+        refused = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")  # from 127.0.0.1 again
+        assert status_of(refused) == 503 and b"too many connections from your address" in refused
+        other = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0))
+        held.append(other)
+        other.sendall(b"GET / HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
+        assert status_of(read_until(other, b"\r\n\r\n")) == 200
+        print(f"proxy RSS {before:.0f} MiB -> {_rss_mib(proc):.0f} MiB with 1000 idle connections held")
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_at_the_connection_limit_the_idlest_connections_make_room_for_new_clients(
+        tmp_path: Path, a: ScriptedUpstream, routes: StaticRouteServer, start_proxy: ProxyStarter,
+        many_sockets: None) -> None:
+    routes.set_route(route(a))
+    proc, port = start_proxy(tmp_path, routes.url, "--metrics-listen", "127.0.0.1:0", "--max-connections", "200")
+    held: list[socket.socket] = []
+    try:
+        socks, statuses = _open_idle(port, 1000)  # each new one closes the oldest idle one
+        held += socks
+        assert statuses == [200] * 1000
+        first, last = socks[0], socks[-1]
+        assert first.recv(65536) == b""  # the idlest went first
+        other = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0))
+        held.append(other)
+        other.sendall(b"GET / HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
+        assert status_of(read_until(other, b"\r\n\r\n")) == 200
+        last.sendall(b"GET / HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")  # a recent one still works
+        assert status_of(read_until(last, b"\r\n\r\n")) == 200
+        found = metrics(proc)
+        assert found["vectorlay_proxy_connections_evicted_total"] >= 800
+        assert found["vectorlay_proxy_connections"] <= 201
+    finally:
+        for sock in held:
+            sock.close()

@@ -19,7 +19,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from vectorlay.testing.processes import Stack, http_request, tinylm_manifest, wait_for
+from testsupport.processes import NodeProc, Stack, http_request, tinylm_manifest, wait_for
+from vectorlay.node.state_dir import NodeStateDir
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,8 @@ async def _raw(url: str, context: ssl.SSLContext, frames: list[str], wait_s: flo
                 while True:
                     await ws.get_message()
         except ConnectionClosed as closed:
-            return closed.reason.code, closed.reason.reason or ""
+            reason = closed.reason
+            return (reason.code, reason.reason or "") if reason else (None, "")
     return None, ""
 
 
@@ -59,7 +61,7 @@ def test_a_whole_stack_over_tls_with_pinned_tokens(tls_stack: Stack) -> None:
     assert stack.server_url.startswith("wss://")
     assert stack.admin_token.startswith("vl1.")  # carries the CA pin
     node = stack.join_node("n1", gpus=["RTX 4090:24"])
-    assert json.loads((node.state_dir / "node.json").read_text())["ca_pem"].startswith("-----BEGIN CERTIFICATE")
+    assert (node.files.load_credentials().ca_pem or "").startswith("-----BEGIN CERTIFICATE")
     _, proxy_port = stack.start_proxy()
     stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1), timeout_s=90)
     assert http_request(proxy_port, "echo.localhost", "/v1/completions", "POST",
@@ -84,13 +86,33 @@ def test_a_token_for_another_ca_is_never_sent(tls_stack: Stack, tmp_path: Path) 
                         "--state-dir", str(stack.root / "x"), check=False)
     assert refused.returncode == 1
     assert "is not the one that issued this token" in refused.stderr and "refusing to send credentials" in refused.stderr
-    assert not (stack.root / "x" / "node.json").exists()
+    assert not NodeStateDir(stack.root / "x").is_joined()
     assert stack.server is not None and "join refused" not in stack.server.log()  # the token never arrived
     cli = stack.cli("get", "clusters", "--token", foreign_admin, check=False)
     assert cli.returncode == 1 and "refusing to send credentials" in cli.stderr
     # A pinned token over plain ws:// is refused too: it would travel in clear.
     plain = stack.cli("get", "clusters", "--server", stack.server_url.replace("wss://", "ws://"), check=False)
     assert plain.returncode == 1 and "use wss://" in plain.stderr
+
+
+def test_a_token_without_its_ca_pin_and_a_stopped_server_say_what_to_do(tls_stack: Stack) -> None:
+    """The mistakes a new user makes with TLS: each one line at once, with what to do."""
+    stack = tls_stack
+    unpinned = stack.admin_token.split(".", 2)[2]  # vl1.<pin>.<id>.<secret> -> <id>.<secret>
+    no_pin = stack.cli("get", "clusters", "--token", unpinned, check=False)
+    assert no_pin.returncode == 1 and "Traceback" not in no_pin.stderr
+    assert "the server's TLS certificate is not trusted" in no_pin.stderr
+    assert "use a token from `vectorlay token create`, which carries that CA's pin" in no_pin.stderr
+    plain_url = stack.server_url.replace("wss://", "ws://")
+    plain = stack.cli("get", "clusters", "--server", plain_url, "--token", unpinned, check=False)
+    assert plain.returncode == 1
+    assert f"the server uses TLS: use {stack.server_url} instead of ws://" in plain.stderr
+    assert stack.server is not None
+    stack.server.stop()
+    stopped = stack.cli("get", "clusters", check=False)
+    assert stopped.returncode == 1
+    assert (f"cannot reach the server at {stack.server_url}/v1/ca: nothing listens at 127.0.0.1:{stack.server_port}"
+            " — is the server running" in stopped.stderr)
 
 
 def test_revoking_a_token_closes_its_open_connections(tls_stack: Stack) -> None:
@@ -160,6 +182,17 @@ def test_a_deployer_sees_and_changes_only_its_project(tls_stack: Stack) -> None:
     assert {a["action"] for a in own} == {"token.create", "cluster.created"}
 
 
+def _command_lines() -> list[tuple[int, bytes]]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found.append((int(entry.name), (entry / "cmdline").read_bytes()))
+            except OSError:
+                pass
+    return found
+
+
 def test_secrets_are_stored_encrypted_and_reach_only_their_replica(tls_stack: Stack) -> None:
     stack = tls_stack
     stack.join_node("n1", gpus=["RTX 4090:24"])
@@ -171,6 +204,11 @@ def test_secrets_are_stored_encrypted_and_reach_only_their_replica(tls_stack: St
     manifest = manifest.replace(', "--port", "${PORT}"]', "]")
     stack.cli("apply", "-", input_text=manifest, timeout_s=90)
     assert f"token={value}" in stack.cli("logs", "echo").stdout
+    # On the node: in no command line (`ps` shows those to every user), and not in the agent's
+    # state file, which keeps the secret's name only.
+    assert not [pid for pid, argv in _command_lines() if value.encode() in argv]
+    agent_state = (stack.root / "n1" / "agent-state.json").read_text()
+    assert value not in agent_state and "hf-token" in agent_state
     database = (stack.root / "server" / "vectorlay.db").read_bytes()
     wal = stack.root / "server" / "vectorlay.db-wal"
     assert value.encode() not in database + (wal.read_bytes() if wal.exists() else b"")
@@ -182,6 +220,43 @@ def test_secrets_are_stored_encrypted_and_reach_only_their_replica(tls_stack: St
     assert any(a["action"] == "secret.create" for a in stack.cli_json("audit"))
 
 
+def test_tokens_come_from_a_file_stdin_or_the_environment_never_the_command_line(
+        tls_stack: Stack, tmp_path: Path) -> None:
+    stack = tls_stack
+    admin_file = tmp_path / "admin.token"
+    admin_file.write_text(stack.admin_token + "\n")
+    bare = {k: v for k, v in stack.env().items() if k != "VECTORLAY_TOKEN"}
+
+    def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*stack.cli_argv(), *args], capture_output=True, text=True, input=stdin,
+                              env=env or bare, timeout=60)
+
+    assert cli("get", "nodes", "--token-file", str(admin_file), "-o", "json").stdout.strip() == "[]"
+    assert cli("get", "nodes", "--token-file", "-", "-o", "json", stdin=stack.admin_token).stdout.strip() == "[]"
+    assert cli("get", "nodes", "-o", "json", env={**bare, "VECTORLAY_TOKEN": stack.admin_token}).returncode == 0
+    both = cli("get", "nodes", "--token", stack.admin_token, "--token-file", str(admin_file))
+    assert both.returncode == 1 and "give --token or --token-file, not both" in both.stderr
+    missing = cli("get", "nodes", "--token-file", str(tmp_path / "nope"))
+    assert missing.returncode == 1 and "no such file" in missing.stderr
+
+    # A node joins and a proxy runs with their tokens in files: neither appears in `ps`.
+    join_file, proxy_file = tmp_path / "join.token", tmp_path / "proxy.token"
+    join_file.write_text(stack.token("node"))
+    proxy_token = stack.token("proxy")
+    proxy_file.write_text(proxy_token)
+    node = stack._spawn("filed", ["node", "join", "--server", stack.server_url, "--token-file", str(join_file),
+                                  "--name", "filed", "--state-dir", str(stack.root / "filed"),
+                                  "--allow-process-runtime"])
+    stack.procs.append(node)
+    node.wait_log("connected to")
+    proxy = stack._spawn("filed-proxy", ["proxy", "--server", stack.server_url, "--token-file", str(proxy_file),
+                                         "--listen", "127.0.0.1:0"])
+    stack.procs.append(proxy)
+    proxy.wait_log("route table loaded")
+    secrets = [join_file.read_text().encode(), proxy_token.encode()]
+    assert not [argv for _, argv in _command_lines() if any(secret in argv for secret in secrets)]
+
+
 def test_a_node_reporting_on_another_nodes_replica_is_cut_off(tls_stack: Stack) -> None:
     stack = tls_stack
     stack.join_node("n1", gpus=["RTX 4090:24"])
@@ -189,8 +264,8 @@ def test_a_node_reporting_on_another_nodes_replica_is_cut_off(tls_stack: Stack) 
     stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1), timeout_s=90)
     [replica] = stack.cli_json("get", "replicas")
     victim = replica if replica["node"] == "n1" else None
-    impostor = n2 if victim else next(p for p in stack.procs if getattr(p, "name", "") == "n1")
-    credential = json.loads((impostor.state_dir / "node.json").read_text())["credential"]  # type: ignore[union-attr]
+    impostor = n2 if victim else next(p for p in stack.procs if isinstance(p, NodeProc) and p.name == "n1")
+    credential = impostor.files.load_credentials().credential
     impostor.signal(__import__("signal").SIGSTOP)
     try:
         hello = json.dumps({"type": "node_hello", "protocol": 1, "credential": credential})
@@ -269,7 +344,7 @@ def test_plain_ws_on_a_public_address_warns_loudly(tmp_path: Path) -> None:
 def test_silent_and_chatty_peers_are_dropped(tls_stack: Stack) -> None:
     stack = tls_stack
     node = stack.join_node("n1", gpus=["RTX 4090:24"])
-    credential = json.loads((node.state_dir / "node.json").read_text())["credential"]
+    credential = node.files.load_credentials().credential
 
     async def silent() -> float:
         """A socket that completes the WebSocket handshake and then says nothing."""
@@ -279,6 +354,7 @@ def test_silent_and_chatty_peers_are_dropped(tls_stack: Stack) -> None:
                 with trio.fail_after(30):
                     await ws.get_message()
             except ConnectionClosed as closed:
+                assert closed.reason is not None
                 assert closed.reason.code == 1008 and "no hello" in (closed.reason.reason or "")
         return trio.current_time() - started
 

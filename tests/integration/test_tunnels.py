@@ -27,9 +27,8 @@ import h2.events
 import pytest
 from hyperframe.frame import HeadersFrame, PingFrame, SettingsFrame
 
-from vectorlay.server.tunnel_ca import NODE_CERT_VALID_S, TunnelCa
-from vectorlay.testing.load import SteadyClient
-from vectorlay.testing.processes import (
+from testsupport.load import SteadyClient
+from testsupport.processes import (
     NodeProc,
     Proc,
     Stack,
@@ -38,7 +37,9 @@ from vectorlay.testing.processes import (
     upstream_manifest,
     wait_for,
 )
-from vectorlay.testing.relay import Relay
+from testsupport.relay import Relay
+from vectorlay.node.state_dir import NodeStateDir
+from vectorlay.server.tunnel_ca import NODE_CERT_VALID_S, TunnelCa
 from vectorlay.tunnel import identity
 
 pytestmark = pytest.mark.slow
@@ -186,7 +187,7 @@ def refused(tls: ssl.SSLSocket) -> str:
 def impersonate(tunnel_port: int, state_dir: Path, work: Callable[[], list[int]]) -> dict[str, list[Any]]:
     """Hold a tunnel with the node's saved certificate and key, refusing every stream (and noting
     the replica each names) while `work` runs."""
-    saved = json.loads((state_dir / "tunnels.json").read_text())
+    saved = json.loads(NodeStateDir(state_dir).tunnels_file.read_text())
     tls = tls_to_proxy(tunnel_port, saved["certificate"], saved["key"], saved["ca"])
     tls.settimeout(0.2)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
@@ -283,7 +284,7 @@ def test_revoked_expired_and_other_nodes_credentials_get_no_traffic_and_no_route
     wait_for(lambda: metric(metrics_port, "vectorlay_proxy_tunnels") == 1, 5, message="n2's tunnel to go")
     wait_for(lambda: not n2.alive, 10, message="the removed agent to exit")
     # Its tunnel certificate is still within its hour, and it would not help: not admitted.
-    saved = json.loads((n2.state_dir / "tunnels.json").read_text())
+    saved = json.loads(NodeStateDir(n2.state_dir).tunnels_file.read_text())
     assert refused(tls_to_proxy(tunnel_port, saved["certificate"], saved["key"], saved["ca"])) == \
         f"goaway: node {n2.node_id} is not admitted by the server"
     proxy.wait_log(rf"node {n2.node_id} is not admitted by the server")

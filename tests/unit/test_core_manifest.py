@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from vectorlay.core.launch_inputs import MAX_ARG_BYTES, MAX_HEALTH_PATH, launch_problem
 from vectorlay.core.manifest import MAX_DEPTH, MAX_MANIFEST_BYTES, MAX_NODES, is_dns_label, parse_manifest
 from vectorlay.core.model import Assignment, ClusterSpec, GpuRequest, HealthCheck, Runtime
-from vectorlay.errors import ManifestError, UserError
+from vectorlay.errors import ManifestError, ManifestErrors, UserError
 
 FULL = """\
 apiVersion: vectorlay.dev/v1
@@ -565,3 +565,89 @@ def test_any_value_in_any_field_only_raises_manifest_error() -> None:
             except Exception as error:  # noqa: BLE001 - collecting to report every offending case at once
                 unexpected.append(f"{key}: {value[:20]} -> {type(error).__name__}: {str(error)[:60]}")
     assert unexpected == []
+
+
+# --- ${VAR} in a command, numbers as written, every problem at once ---------------------------------
+
+
+@pytest.mark.parametrize("command", [
+    '["serve", "--port", "${PORT}", "--name", "${VECTORLAY_REPLICA}", "--model", "${MODEL}"]',
+    '["sh", "-c", "echo $${HOME} $HOME $$PATH ${VECTORLAY_NODE_ID}"]',
+])
+def test_a_command_may_use_the_replicas_own_variables_and_escape_others(command: str) -> None:
+    [spec] = parse_manifest(doc(f"  env: {{MODEL: tiny}}\n  command: {command}\n"))
+    assert spec.command[0] in ("serve", "sh")
+
+
+@pytest.mark.parametrize(("body", "index", "words"), [
+    ('  command: ["serve", "--model", "${UNDEFINED}"]\n', 2, "${UNDEFINED} is not a variable this replica has"),
+    ('  command: ["sh", "-c", "echo ${HOME}"]\n', 2, "write $${HOME} to leave it to a shell in the replica"),
+    ('  command: ["run", "--gpus", "${CUDA_VISIBLE_DEVICES}"]\n', 2, "CUDA_VISIBLE_DEVICES with a GPU"),
+    ('  env_from_secret: {HF_TOKEN: hf-token}\n  command: ["run", "--token", "${HF_TOKEN}"]\n', 2,
+     "${HF_TOKEN} is a secret, and a command line is visible to every user of the node"),
+])
+def test_a_command_referring_to_a_variable_the_replica_will_not_have_is_refused(
+        body: str, index: int, words: str) -> None:
+    error = reject(doc(body))
+    assert error.path == f"spec.command[{index}]" and words in error.message
+    assert error.line == 6 + body.count("\n") - 1
+
+
+def test_cuda_visible_devices_is_there_when_gpus_are_requested() -> None:
+    [spec] = parse_manifest(doc('  gpu: {count: 1}\n  command: ["run", "--gpus", "${CUDA_VISIBLE_DEVICES}"]\n'))
+    assert spec.gpu.count == 1
+
+
+@pytest.mark.parametrize(("field", "written", "read_as"), [
+    ("replicas", "0x10", 16), ("replicas", "010", 8), ("replicas", "1_0", 10), ("replicas", "1:30", 90),
+    ("port", "017", 15), ("port", "8_000", 8000),
+])
+def test_counts_and_ports_are_plain_decimal_integers_only(field: str, written: str, read_as: int) -> None:
+    error = reject(doc(f"  {field}: {written}\n  command: [run]\n"))
+    assert error.path == f"spec.{field}" and error.line == 6
+    assert f"write a plain decimal integer: {written!r} is read as {read_as} by YAML 1.1" in error.message
+
+
+@pytest.mark.parametrize("written", ["1_0.5", "1:30.0", ".inf", "1.0e+2"])
+def test_other_numbers_are_plain_decimals_too(written: str) -> None:
+    error = reject(doc(f"  resources: {{cpus: {written}}}\n  command: [run]\n"))
+    assert error.path == "spec.resources.cpus" and "write a plain decimal number" in error.message
+
+
+def test_plain_decimals_are_read_as_written() -> None:
+    [spec] = parse_manifest(doc("  replicas: 10\n  port: 8000\n  resources: {cpus: 0.5}\n  gpu: {count: 0}\n"
+                                "  command: [run]\n"))
+    assert (spec.replicas, spec.port, spec.resources.cpus, spec.gpu.count) == (10, 8000, 0.5, 0)
+    [zero] = parse_manifest(doc("  replicas: 0\n  command: [run]\n"))
+    assert zero.replicas == 0
+
+
+@pytest.mark.parametrize(("written", "mib"), [("4GB", 3815), ("4GiB", 4096), ("512MiB", 512), ("512Mi", 512),
+                                              ("2G", 1908), ("1073741824", 1024)])
+def test_memory_takes_binary_and_decimal_spellings(written: str, mib: int) -> None:
+    [spec] = parse_manifest(doc(f"  resources: {{memory: {written}}}\n  command: [run]\n"))
+    assert spec.resources.memory_mb == mib
+
+
+def test_a_memory_size_it_does_not_know_lists_the_spellings_it_does() -> None:
+    error = reject(doc("  resources: {memory: 4gb}\n  command: [run]\n"))
+    assert "expected a memory size: 512Mi or 512MiB, 4Gi or 4GiB (binary), 4G or 4GB (decimal)" in error.message
+
+
+def test_every_problem_of_a_file_is_reported_at_once_with_the_file_name() -> None:
+    text = (doc("  replicas: -1\n  helth: {path: /x}\n  port: 0x1F90\n  command: [run]\n")
+            + "---\n" + doc("  runtime: procss\n  command: [run]\n", name="second"))
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(text, source="clusters.yaml")
+    error = caught.value
+    assert isinstance(error, ManifestErrors)
+    assert [(p.path, p.line) for p in error.problems] == [
+        ("spec.replicas", 6), ("spec.helth", 7), ("spec.port", 8), ("spec.runtime", 17)]
+    message = str(error)
+    assert message.startswith("clusters.yaml: 4 problems:\n")
+    assert "  spec.helth (line 7): unknown key 'helth'; did you mean 'health'? (allowed:" in message
+    assert "  spec.runtime (line 17): unknown runtime 'procss'" in message
+    # One problem reads as one line, still named after its file.
+    with pytest.raises(ManifestError) as one:
+        parse_manifest(doc("  replicas: -1\n  command: [run]\n"), source="web.yaml")
+    assert str(one.value) == "web.yaml: spec.replicas (line 6): must be at least 0, got -1"

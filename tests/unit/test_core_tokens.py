@@ -9,7 +9,7 @@ from core_strategies import CHEAP, MEDIUM
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vectorlay.core.tokens import ParsedToken, format_token, hash_secret, parse_token, secret_matches
+from vectorlay.core.tokens import ParsedToken, format_token, hash_api_key, hash_secret, parse_token, secret_matches
 
 ids = st.from_regex(r"[a-z0-9][a-z0-9-]{2,62}", fullmatch=True)
 secrets = st.from_regex(r"[A-Za-z0-9_-]{16,128}", fullmatch=True)
@@ -77,3 +77,11 @@ def test_secret_matches_property(secret: str, other: str) -> None:
     assert secret_matches(secret, hash_secret(secret))
     assert secret_matches(other, hash_secret(secret)) == (other == secret)
     assert secret not in hash_secret(secret)
+
+
+def test_an_api_key_hashes_the_same_as_the_server_stores_it_and_as_a_proxy_reads_it() -> None:
+    key = "vk-abc12345.0123456789abcdefghijklmnopqrstuvwxyzABCDEFG"
+    stored = hash_api_key(key)  # the server, from the key it made
+    assert stored == hashlib.sha256(key.encode()).hexdigest()
+    assert hash_api_key(key.encode()) == stored  # a proxy, from the bytes of the header
+    assert hash_api_key(key + "x") != stored

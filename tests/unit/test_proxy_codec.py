@@ -223,6 +223,9 @@ BROKEN = {
     "unsupported coding": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
     "coding under chunked": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
     "head over the limit": (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431),
+    "two Host headers": (b"GET / HTTP/1.1\r\nHost: a.localhost\r\nHost: b.localhost\r\n\r\n", 400),
+    "two Host headers, one empty": (b"GET / HTTP/1.1\r\nHost: a.localhost\r\nHost:\r\n\r\n", 400),
+    "an absolute target without a host": (b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
 }
 
 
@@ -234,6 +237,22 @@ def test_broken_requests_raise_the_status_they_deserve_whole_or_trickled(parser:
         with pytest.raises(RemoteProtocolError) as caught:
             events_of(codec, *pieces)
         assert caught.value.status == status
+
+
+@pytest.mark.parametrize(("target", "host", "path"), [
+    (b"http://a.localhost/v1/x?q=1", b"a.localhost", b"/v1/x?q=1"),
+    (b"http://a.localhost:8080", b"a.localhost:8080", b"/"),
+    (b"HTTPS://user:pw@a.localhost?q", b"a.localhost", b"/?q"),
+])
+def test_an_absolute_target_names_the_host_and_goes_on_in_origin_form(
+        parser: HttpParser, target: bytes, host: bytes, path: bytes) -> None:
+    """RFC 9112 3.2.2: the target's authority wins over the Host header; the replica gets origin form."""
+    for head in (b"GET %s HTTP/1.1\r\nHost: b.localhost\r\nX-A: 1\r\n\r\n" % target,
+                 b"GET %s HTTP/1.0\r\nX-A: 1\r\n\r\n" % target):
+        request = events_of(server_codec(parser, LIMIT), head)[0]
+        assert isinstance(request, Request)
+        assert request.target == path
+        assert request.headers == [(b"host", host), (b"x-a", b"1")]
 
 
 def test_a_head_over_the_limit_in_many_small_headers_is_431(parser: HttpParser) -> None:

@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from vectorlay.cli import client, node, roles
+from vectorlay.cli import client, help_format, node, roles
 from vectorlay.client.output import stderr
 from vectorlay.errors import VectorlayError, first_error
 
@@ -17,7 +17,7 @@ app = typer.Typer(
     name="vectorlay",
     help="vectorlay: an overlay network for GPU inference on machines other people own.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # `vectorlay --install-completion` (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -41,6 +41,7 @@ app.command()(client.version)
 
 
 def main() -> None:
+    help_format.configure(terminal=sys.stdout.isatty())
     try:
         app()
     except (VectorlayError, BaseExceptionGroup) as error:

@@ -9,9 +9,19 @@ from typing import Annotated
 import typer
 
 from vectorlay import __version__
-from vectorlay.cli.common import Format, OutputOpt, ProjectOpt, ServerOpt, TokenOpt, duration, run
+from vectorlay.cli.common import (
+    Format,
+    OutputOpt,
+    ProjectOpt,
+    ServerOpt,
+    TokenFileOpt,
+    TokenOpt,
+    context,
+    duration,
+    run,
+)
 from vectorlay.client import commands
-from vectorlay.client.config import config_path, list_contexts, resolve, use_context
+from vectorlay.client.config import config_path, list_contexts, use_context
 from vectorlay.client.output import stderr, stdout
 from vectorlay.errors import UserError
 
@@ -46,13 +56,14 @@ def apply(
     output_format: OutputOpt = Format.table,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Create or update clusters from a manifest and wait until their replicas are ready."""
     text = commands.read_manifest(file)
     from vectorlay.core.manifest import parse_manifest
 
-    parse_manifest(text)  # a bad manifest fails here, before any connection is made
-    ctx = resolve(server_url, token)
+    parse_manifest(text, source="stdin" if file == "-" else file)  # fails here, before any connection is made
+    ctx = context(server_url, token, token_file)
     run(commands.apply, ctx, text, dry_run, not no_wait, duration(timeout, "--timeout"),
          output_format is Format.json)
 
@@ -64,23 +75,28 @@ def get(
     project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """List clusters, nodes or replicas."""
-    run(commands.get, resolve(server_url, token, project), kind.value, name, output_format is Format.json)
+    run(commands.get, context(server_url, token, token_file, project), kind.value, name, output_format is Format.json)
 
 
 def logs(
     cluster: Annotated[str, typer.Argument()],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming new lines.")] = False,
     tail: Annotated[int, typer.Option(min=0, help="Lines from the end of each replica's log.")] = 100,
+    since: Annotated[str | None, typer.Option(
+        help="Only lines written in this last while, e.g. 10m or 1h (to about a second).")] = None,
     no_prefix: Annotated[bool, typer.Option("--no-prefix", help="Do not prefix lines with the replica id.")]
     = False,
     project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
-    """Print the stdout and stderr of a cluster's replicas."""
-    run(commands.logs, resolve(server_url, token, project), cluster, follow, tail, not no_prefix)
+    """Print the stdout and stderr of a cluster's replicas, merged in the order they were written."""
+    run(commands.logs, context(server_url, token, token_file, project), cluster, follow, tail, not no_prefix,
+        duration(since, "--since"))
 
 
 def delete(
@@ -90,9 +106,11 @@ def delete(
     project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Delete a cluster: its endpoint goes away and its replicas are stopped."""
-    run(commands.delete, resolve(server_url, token, project), cluster, not no_wait, duration(timeout, "--timeout"))
+    run(commands.delete, context(server_url, token, token_file, project),
+        cluster, not no_wait, duration(timeout, "--timeout"))
 
 
 def version() -> None:
@@ -100,10 +118,11 @@ def version() -> None:
     print(__version__)
 
 
-def status(output_format: OutputOpt = Format.table, server_url: ServerOpt = None, token: TokenOpt = None) -> None:
+def status(output_format: OutputOpt = Format.table, server_url: ServerOpt = None, token: TokenOpt = None,
+           token_file: TokenFileOpt = None) -> None:
     """How the server is: its database (available, or unavailable since when and why), nodes
     and clusters. Exits 1 while the database is unavailable, so scripts can wait on it."""
-    run(commands.status, resolve(server_url, token), output_format is Format.json)
+    run(commands.status, context(server_url, token, token_file), output_format is Format.json)
 
 
 @token_app.command("create")
@@ -117,16 +136,18 @@ def token_create(
     description: Annotated[str, typer.Option()] = "",
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Create a token and print only the token on stdout (it is not stored: keep it now)."""
     duration(ttl, "--ttl")
-    run(commands.token_create, resolve(server_url, token), role.value, ttl, uses, description, project)
+    run(commands.token_create, context(server_url, token, token_file), role.value, ttl, uses, description, project)
 
 
 @token_app.command("list")
-def token_list(output_format: OutputOpt = Format.table, server_url: ServerOpt = None, token: TokenOpt = None) -> None:
+def token_list(output_format: OutputOpt = Format.table, server_url: ServerOpt = None, token: TokenOpt = None,
+    token_file: TokenFileOpt = None) -> None:
     """List tokens: ids, roles, projects, expiry; never their secrets."""
-    run(commands.token_list, resolve(server_url, token), output_format is Format.json)
+    run(commands.token_list, context(server_url, token, token_file), output_format is Format.json)
 
 
 @token_app.command("revoke")
@@ -134,9 +155,10 @@ def token_revoke(
     token_id: Annotated[str, typer.Argument(metavar="ID", help="The token's id: the part before the first dot.")],
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Revoke a token; connections opened with it are closed within seconds."""
-    run(commands.token_revoke, resolve(server_url, token), token_id)
+    run(commands.token_revoke, context(server_url, token, token_file), token_id)
 
 
 @secret_app.command("set")
@@ -147,6 +169,7 @@ def secret_set(
         help="The value; by default it is read from stdin, which keeps it out of shell history.")] = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Create or replace a secret; clusters use it with spec.env_from_secret. Stored encrypted."""
     if value is None:
@@ -155,21 +178,24 @@ def secret_set(
         except UnicodeDecodeError as error:
             raise UserError(f"the secret read from stdin is not valid UTF-8 ({error.reason} at byte "
                             f"{error.start})") from None
-    run(commands.secret, resolve(server_url, token), "set", project, name, value, False)
+    run(commands.secret, context(server_url, token, token_file), "set", project, name, value, False)
 
 
 @secret_app.command("list")
 def secret_list(project: Annotated[str, typer.Argument()], output_format: OutputOpt = Format.table,
-                server_url: ServerOpt = None, token: TokenOpt = None) -> None:
+                server_url: ServerOpt = None, token: TokenOpt = None,
+    token_file: TokenFileOpt = None) -> None:
     """List a project's secrets (names only)."""
-    run(commands.secret, resolve(server_url, token), "list", project, None, None, output_format is Format.json)
+    run(commands.secret, context(server_url, token, token_file),
+        "list", project, None, None, output_format is Format.json)
 
 
 @secret_app.command("delete")
 def secret_delete(project: Annotated[str, typer.Argument()], name: Annotated[str, typer.Argument()],
-                  server_url: ServerOpt = None, token: TokenOpt = None) -> None:
+                  server_url: ServerOpt = None, token: TokenOpt = None,
+    token_file: TokenFileOpt = None) -> None:
     """Delete a secret no cluster uses."""
-    run(commands.secret, resolve(server_url, token), "delete", project, name, None, False)
+    run(commands.secret, context(server_url, token, token_file), "delete", project, name, None, False)
 
 
 def audit(
@@ -178,9 +204,10 @@ def audit(
     output_format: OutputOpt = Format.table,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Who changed what, when: applies, deletes, tokens, keys, secrets, nodes joining and leaving."""
-    run(commands.audit, resolve(server_url, token, project), limit, output_format is Format.json)
+    run(commands.audit, context(server_url, token, token_file, project), limit, output_format is Format.json)
 
 
 @key_app.command("create")
@@ -191,9 +218,11 @@ def key_create(
     project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Create a key and print it on stdout: it is shown this once (only its hash is stored)."""
-    run(commands.key, resolve(server_url, token, project), "create", cluster, name, output_format is Format.json)
+    run(commands.key, context(server_url, token, token_file, project),
+        "create", cluster, name, output_format is Format.json)
 
 
 @key_app.command("list")
@@ -203,9 +232,11 @@ def key_list(
     project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """List a cluster's keys (ids and names; never the keys)."""
-    run(commands.key, resolve(server_url, token, project), "list", cluster, None, output_format is Format.json)
+    run(commands.key, context(server_url, token, token_file, project),
+        "list", cluster, None, output_format is Format.json)
 
 
 @key_app.command("revoke")
@@ -216,9 +247,11 @@ def key_revoke(
     project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Revoke a key; proxies refuse it as soon as the change reaches them."""
-    run(commands.key, resolve(server_url, token, project), "revoke", cluster, key_id, output_format is Format.json)
+    run(commands.key, context(server_url, token, token_file, project),
+        "revoke", cluster, key_id, output_format is Format.json)
 
 
 @describe_app.command("cluster")
@@ -228,9 +261,10 @@ def describe_cluster(
     project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """A cluster, each replica (node, state, image digest) with its last events, and recent events."""
-    run(commands.describe, resolve(server_url, token, project), name, output_format is Format.json)
+    run(commands.describe, context(server_url, token, token_file, project), name, output_format is Format.json)
 
 
 @cluster_app.command("unquarantine")
@@ -239,11 +273,12 @@ def cluster_unquarantine(
     project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Place a quarantined cluster again (and forget its failures). A cluster is quarantined when
     the agents of nodes die right after receiving its replicas; applying a changed manifest lifts
     the quarantine too."""
-    run(commands.unquarantine, resolve(server_url, token, project), name)
+    run(commands.unquarantine, context(server_url, token, token_file, project), name)
 
 
 @context_app.command("list")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,13 +12,17 @@ from typing import Annotated, Any
 import trio
 import typer
 
+from vectorlay.client.config import Context, resolve
 from vectorlay.core.durations import parse_duration
-from vectorlay.errors import UserError
+from vectorlay.errors import ListenError, UserError, first_error
 
 ServerOpt = Annotated[str | None, typer.Option("--server", "-s", envvar="VECTORLAY_SERVER",
                                                help="Server URL, ws://HOST:PORT. Default: current context.")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="VECTORLAY_TOKEN",
-                                              help="API token. Default: current context.")]
+TokenOpt = Annotated[str | None, typer.Option(
+    "--token", help="API token (else VECTORLAY_TOKEN, else the current context). It shows in `ps`: "
+                    "prefer --token-file or the variable.")]
+TokenFileOpt = Annotated[str | None, typer.Option(
+    "--token-file", metavar="PATH", help="Read the token from this file, or from stdin with -.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")]
 ProjectOpt = Annotated[str | None, typer.Option("--project", "-p", envvar="VECTORLAY_PROJECT",
                                                 help="The project (tenant). Default: your token's, else default.")]
@@ -28,6 +34,30 @@ class Format(StrEnum):
 
 
 OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table or json.")]
+
+
+def token_of(token: str | None, token_file: str | None) -> str | None:
+    """The token given with --token or --token-file (a path, or - for stdin); None if neither."""
+    if token_file is None:
+        return token
+    if token is not None:
+        raise UserError("give --token or --token-file, not both")
+    where = "stdin" if token_file == "-" else token_file
+    try:
+        text = sys.stdin.read() if token_file == "-" else Path(token_file).read_text()
+    except FileNotFoundError:
+        raise UserError(f"--token-file {token_file}: no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"--token-file {token_file}: cannot read it ({error})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise UserError(f"--token-file: expected one token in {where}, found {len(lines)} non-empty lines")
+    return lines[0]
+
+
+def context(server: str | None, token: str | None, token_file: str | None, project: str | None = None) -> Context:
+    """The server, token and project a client command uses (see `resolve`)."""
+    return resolve(server, token_of(token, token_file), project)
 
 
 def data_dir(role: str) -> Path:
@@ -54,8 +84,15 @@ def duration(text: str | None, what: str) -> float | None:
         raise UserError(f"invalid {what}: {error}") from None
 
 
-def run(fn: Any, *args: Any) -> None:
+def run(fn: Any, *args: Any, listen_flags: Mapping[str, str] | None = None) -> None:
+    """Run `fn` on trio. `listen_flags` names, for each address the role listens on (a
+    ListenError's purpose), the flag that changes it, so a taken port says how to pick another."""
     try:
         trio.run(fn, *args)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except (ListenError, BaseExceptionGroup) as error:
+        reported = first_error(error)
+        if isinstance(reported, ListenError) and listen_flags and reported.purpose in listen_flags:
+            raise reported.with_flag(listen_flags[reported.purpose]) from None
+        raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -14,21 +13,29 @@ from typing import TYPE_CHECKING, Annotated, Any
 import trio
 import typer
 
-from vectorlay.cli.common import ServerOpt, TokenOpt, VerboseOpt, data_dir, duration, run
+from vectorlay.cli.common import (
+    ServerOpt,
+    TokenFileOpt,
+    TokenOpt,
+    VerboseOpt,
+    context,
+    data_dir,
+    duration,
+    run,
+    token_of,
+)
 from vectorlay.client import commands
-from vectorlay.client.config import resolve
 from vectorlay.client.output import stderr, stdout
 from vectorlay.errors import UserError
-from vectorlay.files import write_private
 from vectorlay.lifecycle import CleanStop, setup_logging, until_signalled
+from vectorlay.node.state_dir import Credentials, NodeStateDir
 
 if TYPE_CHECKING:
-    from vectorlay.node.agent import Credentials
     from vectorlay.node.faults import FaultPoints
     from vectorlay.node.setup import NodeOptions, NodeSetup
 
-node_app = typer.Typer(help="Run this machine as a node: [bold]join[/bold] once, then plain "
-                            "[bold]vectorlay node[/bold] runs the agent from saved credentials.")
+node_app = typer.Typer(help="Run this machine as a node: `join` once, then plain `vectorlay node` runs the "
+                            "agent from saved credentials.")
 
 
 AllowProcessOpt = Annotated[bool | None, typer.Option(
@@ -55,16 +62,15 @@ def node(
     oci_runtime: OciRuntimeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run the node agent from the credentials saved by [bold]vectorlay node join[/bold]."""
+    """Run the node agent from the credentials saved by `vectorlay node join`."""
     if ctx.invoked_subcommand is not None:
         return
-    from vectorlay.node.agent import load_credentials
-
     setup_logging(verbose)
     directory = state_dir or data_dir("node")
-    creds = load_credentials(directory)
-    options = _options(_load_node_settings(directory), allow_process_runtime, container_cli, oci_runtime, None)
-    _save_node_settings(directory, options.settings())
+    files = NodeStateDir(directory)
+    creds = files.load_credentials()
+    options = _options(files.load_settings(), allow_process_runtime, container_cli, oci_runtime, None)
+    files.save_settings(options.settings())
     clean_stop = CleanStop()
     run(partial(until_signalled, partial(_run_node, creds, directory, options, clean_stop, _faults()), clean_stop))
 
@@ -72,8 +78,10 @@ def node(
 @node_app.command("join")
 def node_join(
     server_url: Annotated[str, typer.Option("--server", "-s", envvar="VECTORLAY_SERVER", help="ws://HOST:PORT")],
-    token: Annotated[str, typer.Option(envvar="VECTORLAY_JOIN_TOKEN",
-                                       help="A join token from `vectorlay token create --role node`.")],
+    token: Annotated[str | None, typer.Option(
+        help="A join token from `vectorlay token create --role node` (else VECTORLAY_JOIN_TOKEN). It shows "
+             "in `ps`: prefer --token-file or the variable.")] = None,
+    token_file: TokenFileOpt = None,
     name: Annotated[str | None, typer.Option(help="Node name (default: this machine's hostname).")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="Where to keep the node credential.")] = None,
     gpu: GpuOpt = None,
@@ -93,8 +101,13 @@ def node_join(
     from vectorlay.node.setup import prepare_node
 
     setup_logging(verbose)
+    join_token = token_of(token, token_file) or os.environ.get("VECTORLAY_JOIN_TOKEN")
+    if not join_token:
+        raise UserError("no join token: pass --token-file PATH (or - for stdin), set VECTORLAY_JOIN_TOKEN, "
+                        "or pass --token; `vectorlay token create --role node` makes one")
     directory = state_dir or data_dir("node")
-    if (directory / "node.json").exists():
+    files = NodeStateDir(directory)
+    if files.is_joined():
         raise UserError(f"{directory} already holds a joined node; run `vectorlay node --state-dir {directory}` "
                         "or pick another --state-dir")
     node_name = name or _hostname_label()
@@ -110,13 +123,12 @@ def node_join(
     faults = _faults()
 
     async def main() -> None:
-        setup = await prepare_node(options, address)
-        stderr.print(f"{node_name}: {setup.preflight.gpu_note}")
+        setup = await prepare_node(options, address)  # logs what this node offers
         if data_plane == "direct":
             stderr.print("direct data plane: " + DIRECT_EXPOSES.format(address=address))
-        creds = await join(server_url, token, node_name, setup.gpus, address, setup.runtimes, directory,
+        creds = await join(server_url, join_token, node_name, setup.gpus, address, setup.runtimes, directory,
                            setup.isolation, data_plane)
-        _save_node_settings(directory, options.settings())
+        files.save_settings(options.settings())
         stderr.print(f"joined as {creds.name} ({creds.node_id}); credential saved in {directory}")
         await _run_setup(creds, directory, setup, clean_stop, faults)
 
@@ -136,7 +148,7 @@ def node_check(
     from vectorlay.node.container_args import ContainerCli
     from vectorlay.node.preflight import run_checks
 
-    saved = _load_node_settings(state_dir or data_dir("node"))
+    saved = NodeStateDir(state_dir or data_dir("node")).load_settings()
     if not saved:
         saved = {"data_plane": "tunnel"}  # not joined yet: what `node join` does by default
     options = _options(saved, allow_process_runtime, container_cli, oci_runtime, gpu)
@@ -164,16 +176,18 @@ def node_check(
 
 
 @node_app.command("cordon")
-def node_cordon(name: Annotated[str, typer.Argument()], server_url: ServerOpt = None, token: TokenOpt = None) -> None:
+def node_cordon(name: Annotated[str, typer.Argument()], server_url: ServerOpt = None, token: TokenOpt = None,
+    token_file: TokenFileOpt = None) -> None:
     """Stop placing new replicas on a node; the ones it runs stay."""
-    run(commands.node_action, resolve(server_url, token), "cordon", name)
+    run(commands.node_action, context(server_url, token, token_file), "cordon", name)
 
 
 @node_app.command("uncordon")
 def node_uncordon(name: Annotated[str, typer.Argument()], server_url: ServerOpt = None,
-                  token: TokenOpt = None) -> None:
+                  token: TokenOpt = None,
+    token_file: TokenFileOpt = None) -> None:
     """Make a cordoned or drained node schedulable again."""
-    run(commands.node_action, resolve(server_url, token), "uncordon", name)
+    run(commands.node_action, context(server_url, token, token_file), "uncordon", name)
 
 
 @node_app.command("drain")
@@ -183,16 +197,19 @@ def node_drain(
     timeout: Annotated[str, typer.Option(help="How long to wait for the node to be empty.")] = "5m",
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Move a node's replicas elsewhere before its owner takes it back: new copies become ready
     on other nodes first, then the old ones stop. The node stays cordoned until uncordoned."""
-    run(commands.node_action, resolve(server_url, token), "drain", name, not no_wait, duration(timeout, "--timeout"))
+    run(commands.node_action, context(server_url, token, token_file),
+        "drain", name, not no_wait, duration(timeout, "--timeout"))
 
 
 @node_app.command("rm")
-def node_rm(name: Annotated[str, typer.Argument()], server_url: ServerOpt = None, token: TokenOpt = None) -> None:
+def node_rm(name: Annotated[str, typer.Argument()], server_url: ServerOpt = None, token: TokenOpt = None,
+    token_file: TokenFileOpt = None) -> None:
     """Forget a node: its credential stops working and its replicas are replaced elsewhere."""
-    run(commands.node_action, resolve(server_url, token), "rm", name)
+    run(commands.node_action, context(server_url, token, token_file), "rm", name)
 
 
 async def _data_plane_lines(directory: Path, options: NodeOptions) -> list[str]:
@@ -201,15 +218,14 @@ async def _data_plane_lines(directory: Path, options: NodeOptions) -> list[str]:
     from vectorlay.node.tunnels import check_proxies
 
     if options.data_plane == "direct":
-        address = "this node's advertised address"
-        if (directory / "node.json").exists():
-            address = json.loads((directory / "node.json").read_text()).get("address", address)
+        files = NodeStateDir(directory)
+        address = files.load_credentials().address if files.is_joined() else "this node's advertised address"
         return [f"note: direct data plane: {DIRECT_EXPOSES.format(address=address)}"]
     lines = ["note: tunnel data plane: replicas listen on 127.0.0.1 only; the agent opens TLS tunnels to the "
              "proxies (outbound only), so no port is open and NAT needs no change"]
     reached = await check_proxies(directory)
     if reached is None:
-        if (directory / "node.json").exists():
+        if NodeStateDir(directory).is_joined():
             lines.append(Check("proxies", False, "none known yet",
                                "run the agent (`vectorlay node`): the server tells it which proxies to dial").line())
         return lines
@@ -261,24 +277,6 @@ async def _run_setup(creds: Credentials, directory: Path, setup: NodeSetup, clea
                                     isolation=setup.isolation, publish_ip=setup.publish_ip,
                                     gpu_monitor=setup.gpu_monitor, clean_stop=clean_stop, faults=faults,
                                     data_plane=setup.data_plane))
-
-
-def _load_node_settings(directory: Path) -> dict[str, Any]:
-
-    path = directory / "settings.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except ValueError as error:
-        raise UserError(f"{path} is damaged ({error})") from None
-    return data if isinstance(data, dict) else {}
-
-
-def _save_node_settings(directory: Path, settings: dict[str, Any]) -> None:
-
-
-    write_private(directory / "settings.json", json.dumps(settings, indent=2) + "\n")
 
 
 def _hostname_label() -> str:

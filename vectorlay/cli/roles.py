@@ -11,8 +11,18 @@ from typing import Annotated
 import trio
 import typer
 
-from vectorlay.cli.common import ServerOpt, TokenOpt, VerboseOpt, data_dir, duration, parse_listen, run
-from vectorlay.client.config import Context, resolve, save_context
+from vectorlay.cli.common import (
+    ServerOpt,
+    TokenFileOpt,
+    TokenOpt,
+    VerboseOpt,
+    context,
+    data_dir,
+    duration,
+    parse_listen,
+    run,
+)
+from vectorlay.client.config import Context, save_context
 from vectorlay.client.output import stderr
 from vectorlay.errors import UserError
 from vectorlay.lifecycle import CleanStop, setup_logging, until_signalled
@@ -75,12 +85,13 @@ def server(
                 save_context(f"{client_host}:{started.port}",
                              Context(f"{scheme}://{client_host}:{started.port}", started.admin_token))
 
-    run(partial(until_signalled, main))
+    run(partial(until_signalled, main), listen_flags={"server": "--listen"})
 
 
 def proxy(
     server_url: ServerOpt = None,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
     listen: Annotated[str, typer.Option(help="HTTP address to serve clusters on.")] = "127.0.0.1:8080",
     domain: Annotated[str, typer.Option(help="Clusters are served at <cluster>.<domain>.")] = "localhost",
     tls_cert: Annotated[Path | None, typer.Option(help="Serve HTTPS with this certificate chain (PEM); "
@@ -88,7 +99,11 @@ def proxy(
     tls_key: Annotated[Path | None, typer.Option(help="The certificate's private key (PEM).")] = None,
     metrics_listen: Annotated[str | None, typer.Option(
         help="Serve Prometheus metrics at http://HOST:PORT/metrics.")] = None,
-    max_connections: Annotated[int, typer.Option(min=1, help="Client connections at once.")] = 10_000,
+    max_connections: Annotated[int, typer.Option(
+        min=1, help="Client connections at once; at the limit the longest-idle one is closed for a new one, "
+                    "and a new one gets 503 only if every connection is busy.")] = 10_000,
+    max_connections_per_client: Annotated[int, typer.Option(
+        min=1, help="Connections at once from one client address; more get 503.")] = 1_000,
     max_body: Annotated[str, typer.Option(help="Largest request body (e.g. 16MiB); more is 413.")] = "16MiB",
     header_timeout: Annotated[str, typer.Option(help="Time for a request's headers; then 408.")] = "10s",
     idle_timeout: Annotated[str, typer.Option(help="Close kept-alive client connections idle this long.")] = "60s",
@@ -114,7 +129,7 @@ def proxy(
     from vectorlay.proxy.limits import ProxyLimits, parse_size
 
     setup_logging(verbose)
-    ctx = resolve(server_url, token)
+    ctx = context(server_url, token, token_file)
     host, port = parse_listen(listen, 8080)
     if (tls_cert is None) != (tls_key is None):
         raise UserError("--tls-cert and --tls-key go together")
@@ -140,6 +155,7 @@ def proxy(
         header_timeout_s=_seconds(header_timeout, "--header-timeout"),
         idle_timeout_s=_seconds(idle_timeout, "--idle-timeout"),
         max_connections=max_connections,
+        max_connections_per_client=max_connections_per_client,
         upstream_response_timeout_s=_seconds(upstream_timeout, "--upstream-timeout"),
         eject_s=_seconds(eject_time, "--eject-time"),
         shutdown_grace_s=_seconds(shutdown_grace, "--shutdown-grace"),
@@ -151,7 +167,8 @@ def proxy(
     config = ProxyConfig(ctx.server, ctx.token, host, port, domain, limits, tls_cert=tls_cert, tls_key=tls_key,
                          metrics_listen=parse_listen(metrics_listen, 9090) if metrics_listen else None,
                          http_parser=parser, tunnel_listen=tunnels, tunnel_advertise=tunnel_advertise)
-    run(serve_until_signalled, config)
+    run(serve_until_signalled, config,
+        listen_flags={"proxy": "--listen", "proxy's metrics": "--metrics-listen", "proxy's tunnels": "--tunnel-listen"})
 
 
 def dev(
@@ -168,7 +185,7 @@ def dev(
     """Run a server, N nodes and a proxy in one process, and point the CLI at them."""
     from vectorlay.dev import DevConfig, run_dev
 
-    setup_logging(verbose)
+    setup_logging(verbose, tag_nodes=True)
     config = DevConfig(state_dir, nodes, server_port, proxy_port, domain, tuple(gpu or ()), apply_file)
     clean_stop = CleanStop()
 
@@ -176,4 +193,5 @@ def dev(
         async with trio.open_nursery() as nursery:
             await nursery.start(run_dev, config, clean_stop)
 
-    run(partial(until_signalled, main, clean_stop))
+    run(partial(until_signalled, main, clean_stop),
+        listen_flags={"server": "--server-port (0 picks a free port)", "proxy": "--proxy-port (0 picks a free port)"})

@@ -1,38 +1,38 @@
-"""A client for the server's API link: `call` for a result, `stream` for events then a result."""
+"""A client for the server's API link: `call` for a response, `stream` for events then a response.
+
+Requests and responses are the typed values of core/api.py; a failed call raises the error its
+kind names there (NotFoundError, UserError, ServerUnavailable, ...). The link is pinged while it
+is in use, so a server that stops answering ends the command with an error, never a hang.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from itertools import count
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import trio
 
-from vectorlay.core.protocol import (
-    PROTOCOL_VERSION,
-    SERVER_TO_CLIENT,
-    Call,
-    ClientHello,
-    Event,
-    Failure,
-    Ready,
-    Result,
-)
-from vectorlay.errors import (
-    AuthError,
-    ConflictError,
-    ConnectError,
-    NotFoundError,
-    PeerError,
-    ProtocolError,
-    UserError,
-    unwrap_group,
-)
-from vectorlay.wire import CLOSE_POLICY, CONNECT_TIMEOUT_S, Link, LinkClosed, connect, secure_context
+from vectorlay.core import api
+from vectorlay.core.api import Request, StreamRequest
+from vectorlay.core.protocol import PROTOCOL_VERSION, SERVER_TO_CLIENT, Call, ClientHello, Event, Failure, Ready, Result
+from vectorlay.errors import AuthError, ConnectError, LinkLost, PeerError, ProtocolError, unwrap_group
+from vectorlay.wire import CLOSE_POLICY, CONNECT_TIMEOUT_S, Link, LinkClosed, connect, secure_context, server_urls
+
+R = TypeVar("R")
+E = TypeVar("E")
 
 PING_INTERVAL_S = 5.0
 PING_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Done(Generic[R]):
+    """The end of a streamed call: its response."""
+
+    response: R
 
 
 class ApiClient:
@@ -40,61 +40,83 @@ class ApiClient:
         self.link = link
         self._ids = count(1)
 
-    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        async for kind, value in self.stream(method, params):
-            if kind == "result":
-                return value
+    async def call(self, request: Request[R]) -> R:
+        """The response to `request` (a streaming call's events are skipped)."""
+        async for item in self._exchange(request):
+            if isinstance(item, Done):
+                response: R = item.response
+                return response
         raise ProtocolError("the server ended the call without a result")
 
-    async def stream(self, method: str, params: dict[str, Any] | None = None) -> AsyncIterator[tuple[str, Any]]:
-        """Yield ("event", value)... then ("result", value); raise the server's error as ours."""
+    async def stream(self, request: StreamRequest[R, E]) -> AsyncIterator[E | Done[R]]:
+        """Each event of the call, then `Done(response)`."""
+        async for item in self._exchange(request):
+            yield item
+
+    async def _exchange(self, request: Request[Any]) -> AsyncIterator[Any]:
         call_id = next(self._ids)
+        method = api.call_type(request).method
         try:
-            await self.link.send(Call(call_id, method, params or {}))
+            await self.link.send(Call(call_id, method, api.encode(request)))
             while True:
                 message = await self.link.receive(SERVER_TO_CLIENT)
                 if isinstance(message, Event) and message.id == call_id:
-                    yield "event", message.value
+                    yield api.decode_event(request, message.value)
                 elif isinstance(message, Result) and message.id == call_id:
-                    yield "result", message.value
+                    yield Done(api.decode_response(request, message.value))
                     return
                 elif isinstance(message, Failure) and message.id == call_id:
-                    raise _error(message)
+                    raise api.error_for(message.kind, message.message)
         except LinkClosed as closed:
+            raise LinkLost(f"the server closed the connection: {closed.reason or closed.code}") from None
+
+
+async def handshake(link: Link, token: str) -> ApiClient:
+    """Introduce ourselves on a fresh link: token and API version; the server's refusal as one line."""
+    with trio.fail_after(CONNECT_TIMEOUT_S):
+        await link.send(ClientHello(PROTOCOL_VERSION, token, api.API_VERSION))
+        try:
+            await link.receive_one(Ready)
+        except LinkClosed as closed:
+            if closed.code == CLOSE_POLICY:
+                raise AuthError(f"the server refused the token: {closed.reason}") from None
+            if (refusal := api.version_refusal(closed.reason)) is not None:
+                raise PeerError(refusal) from None
             raise PeerError(f"the server closed the connection: {closed.reason or closed.code}") from None
-
-
-def _error(failure: Failure) -> Exception:
-    kinds: dict[str, type[Exception]] = {
-        "not_found": NotFoundError, "conflict": ConflictError, "auth": AuthError, "user": UserError,
-    }
-    return kinds.get(failure.kind, PeerError)(failure.message)
+    return ApiClient(link)
 
 
 @asynccontextmanager
-async def open_api(server: str, token: str) -> AsyncIterator[ApiClient]:
-    """A link to the server's API. It is pinged while in use: a server that stops answering
-    (paused, or behind a dead path) ends the command with an error instead of a hang."""
-    url = server.rstrip("/") + "/v1/api"
-    async with connect(url, await secure_context(url, token)) as link:
-        with trio.fail_after(CONNECT_TIMEOUT_S):
-            await link.send(ClientHello(PROTOCOL_VERSION, token))
-            try:
-                await link.receive_one(Ready)
-            except LinkClosed as closed:
-                if closed.code == CLOSE_POLICY:
-                    raise AuthError(f"the server refused the token: {closed.reason}") from None
-                raise PeerError(f"the server closed the connection: {closed.reason or closed.code}") from None
-        with unwrap_group():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch, link, server)
-                yield ApiClient(link)
-                nursery.cancel_scope.cancel()
+async def open_api(server: str, token: str, start: int = 0) -> AsyncIterator[ApiClient]:
+    """A link to the server's API. `server` may list several servers (`ws://a,ws://b`): the first
+    that answers, from `start` on, is used."""
+    urls = server_urls(server)
+    failure: ConnectError | None = None
+    for index in range(len(urls)):
+        base = urls[(start + index) % len(urls)]
+        url = base + "/v1/api"
+        opened = False
+        try:
+            async with connect(url, await secure_context(url, token)) as link:
+                client = await handshake(link, token)
+                opened = True
+                with unwrap_group():
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_watch, link, base)
+                        yield client
+                        nursery.cancel_scope.cancel()
+                return
+        except ConnectError as error:
+            if opened or len(urls) == 1:
+                raise
+            failure = error  # try the next server
+    assert failure is not None
+    raise ConnectError(f"no server answered ({len(urls)} tried); last: {failure}")
 
 
 async def _watch(link: Link, server: str) -> None:
     try:
         await link.keepalive(PING_INTERVAL_S, PING_TIMEOUT_S)
     except ConnectError:
-        raise PeerError(f"the server at {server} stopped answering (no reply to a ping within "
-                        f"{PING_TIMEOUT_S:g}s); what was asked may or may not have been done") from None
+        raise LinkLost(f"the server at {server} stopped answering (no reply to a ping within "
+                       f"{PING_TIMEOUT_S:g}s); what was asked may or may not have been done") from None

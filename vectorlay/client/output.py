@@ -10,6 +10,21 @@ from typing import Any
 
 from rich.console import Console
 
+from vectorlay.core import codec
+from vectorlay.core.api import ServerStatus
+from vectorlay.core.api_views import (
+    AuditView,
+    ClusterDescription,
+    ClusterView,
+    FleetSummary,
+    GpuView,
+    KeyView,
+    NodeView,
+    ReplicaView,
+    SecretView,
+    TokenView,
+)
+
 
 def _console(to_stderr: bool) -> Console:
     console = Console(stderr=to_stderr, highlight=False, soft_wrap=True)
@@ -23,7 +38,8 @@ stderr = _console(True)
 
 
 def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
+    """`-o json`: a view (or a list or dict of them) as its JSON."""
+    sys.stdout.write(json.dumps(codec.dump(value), indent=2, sort_keys=False) + "\n")
     sys.stdout.flush()
 
 
@@ -50,104 +66,104 @@ def columns(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cluster_table(clusters: list[dict[str, Any]]) -> str:
-    rows = [(c["name"], f"{c['ready']}/{c['replicas']}", str(c["up_to_date"]), c["endpoint"] or "-",
-             age(c.get("created_at")), cluster_status(c)) for c in clusters]
-    if all(c.get("project", "default") == "default" for c in clusters):
+def cluster_table(clusters: Sequence[ClusterView]) -> str:
+    rows = [(c.name, f"{c.ready}/{c.replicas}", str(c.up_to_date), c.endpoint or "-", age(c.created_at),
+             cluster_status(c)) for c in clusters]
+    if all(c.project == "default" for c in clusters):
         return columns(("NAME", "READY", "UP-TO-DATE", "ENDPOINT", "AGE", "STATUS"), rows)
     return columns(("PROJECT", "NAME", "READY", "UP-TO-DATE", "ENDPOINT", "AGE", "STATUS"),
-                   [(c["project"], *row) for c, row in zip(clusters, rows, strict=True)])
+                   [(c.project, *row) for c, row in zip(clusters, rows, strict=True)])
 
 
-def cluster_status(c: dict[str, Any]) -> str:
-    parts = [f"{n} {state}" for state, n in sorted(c["states"].items()) if state != "ready"]
-    if c.get("stopping"):
-        parts.append(f"{c['stopping']} stopping")
-    text = ", ".join(parts) if parts else ("ready" if c["replicas"] else "scaled to zero")
-    trouble = (c.get("health") or {}).get("message")
-    if trouble:
-        return f"{trouble}; {text}"
-    if c["reasons"]:
-        text += f" ({c['reasons'][0]})"
+def cluster_status(c: ClusterView) -> str:
+    parts = [f"{n} {state}" for state, n in sorted(c.states.items()) if state != "ready"]
+    if c.stopping:
+        parts.append(f"{c.stopping} stopping")
+    text = ", ".join(parts) if parts else ("ready" if c.replicas else "scaled to zero")
+    if c.health.message:
+        return f"{c.health.message}; {text}"
+    if c.reasons:
+        text += f" ({c.reasons[0]})"
     return text
 
 
-def _gpus(gpus: list[dict[str, Any]]) -> str:
-    return ", ".join(g["name"] + (f" ({g['memory_gb']:g} GB)" if g.get("memory_gb") else "") for g in gpus) or "-"
+def _gpus(gpus: Sequence[GpuView]) -> str:
+    return ", ".join(g.name + (f" ({g.memory_gb:g} GB)" if g.memory_gb else "") for g in gpus) or "-"
 
 
-def node_table(nodes: list[dict[str, Any]]) -> str:
+def node_table(nodes: Sequence[NodeView]) -> str:
     return columns(("NAME", "STATE", "DATA PLANE", "ADDRESS", "REPLICAS", "LAST SEEN", "AGE", "GPUS"), [
-        (n["name"], n["state"] + ("" if n.get("schedulable", True) else ",cordoned"), _data_plane(n),
-         n["address"] if n.get("data_plane") != "tunnel" else "-",
-         str(n["replicas"]), f"{n['last_seen_s']:g}s ago" if n.get("last_seen_s") is not None else "-",
-         age(n.get("joined_at")), _gpus(n["gpus"])) for n in nodes])
+        (n.name, n.state + ("" if n.schedulable else ",cordoned"), _data_plane(n),
+         n.address if n.data_plane != "tunnel" else "-",
+         str(n.replicas), f"{n.last_seen_s:g}s ago" if n.last_seen_s is not None else "-",
+         age(n.joined_at), _gpus(n.gpus)) for n in nodes])
 
 
-def _data_plane(node: dict[str, Any]) -> str:
+def _data_plane(node: NodeView) -> str:
     """`tunnel (2 proxies)`, or `direct`."""
-    plane = str(node.get("data_plane") or "direct")
-    if plane != "tunnel":
-        return plane
-    count = node.get("tunnels")
-    if count is None:
+    if node.data_plane != "tunnel":
+        return node.data_plane
+    if node.tunnels is None:
         return "tunnel"
-    return f"tunnel ({count} prox{'y' if count == 1 else 'ies'})"
+    return f"tunnel ({node.tunnels} prox{'y' if node.tunnels == 1 else 'ies'})"
 
 
-def replica_table(replicas: list[dict[str, Any]]) -> str:
+def replica_table(replicas: Sequence[ReplicaView]) -> str:
     return columns(("ID", "CLUSTER", "NODE", "STATE", "ADDRESS", "AGE", "REASON"), [
-        (r["id"], r["cluster"], r["node"] or "-", "stopping" if r.get("stopping") else r["state"], r["address"] or "-",
-         age(r.get("created_at")), r["reason"] or "") for r in replicas])
+        (r.id, r.cluster, r.node or "-", "stopping" if r.stopping else r.state, r.address or "-", age(r.created_at),
+         r.reason) for r in replicas])
 
 
-def key_table(keys: list[dict[str, Any]]) -> str:
-    return columns(("ID", "NAME", "STATE", "AGE"),
-                   [(k["id"], k["name"], k["state"], age(k["created_at"])) for k in keys])
+def key_table(keys: Sequence[KeyView]) -> str:
+    return columns(("ID", "NAME", "STATE", "AGE"), [(k.id, k.name, k.state, age(k.created_at)) for k in keys])
 
 
-def token_table(tokens: list[dict[str, Any]]) -> str:
-    def expiry(t: dict[str, Any]) -> str:
-        if t["revoked"]:
+def token_table(tokens: Sequence[TokenView]) -> str:
+    def expiry(t: TokenView) -> str:
+        if t.revoked:
             return "revoked"
-        if t["expires_at"] is None:
+        if t.expires_at is None:
             return "never"
-        left = t["expires_at"] - time.time()
+        left = t.expires_at - time.time()
         return "expired" if left <= 0 else f"in {age(time.time() - left)}"
 
     return columns(("ID", "ROLE", "PROJECT", "EXPIRES", "USES LEFT", "AGE", "DESCRIPTION"), [
-        (t["id"], t["role"], t["project"] or "-", expiry(t), "-" if t["uses_left"] is None else str(t["uses_left"]),
-         age(t["created_at"]), t["description"]) for t in tokens])
+        (t.id, t.role.value, t.project or "-", expiry(t), "-" if t.uses_left is None else str(t.uses_left),
+         age(t.created_at), t.description) for t in tokens])
 
 
-def audit_table(records: list[dict[str, Any]]) -> str:
+def secret_table(secrets: Sequence[SecretView]) -> str:
+    return columns(("PROJECT", "NAME", "UPDATED"), [(s.project, s.name, age(s.updated_at)) for s in secrets])
+
+
+def audit_table(records: Sequence[AuditView]) -> str:
     return columns(("TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"), [
-        (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"])), r["actor"], r["action"], r["target"] or "-",
-         r["detail"]) for r in records])
+        (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.at)), r.actor, r.action, r.target or "-", r.detail)
+        for r in records])
 
 
-def status_text(server: str, info: dict[str, Any]) -> str:
+def status_text(server: str, info: ServerStatus) -> str:
     """`vectorlay status`: the server, its database (the line that matters in an outage), the fleet."""
-    database = info["database"]
-    if database["available"]:
+    database = info.database
+    if database.available:
         db = "available"
     else:
-        since = _clock(database["since"]) if database.get("since") else "?"
-        db = f"unavailable since {since} ({database['reason'] or 'no answer'})"
-    if database.get("pending_writes"):
-        db += f"; {database['pending_writes']} observation(s) waiting to be stored"
+        since = _clock(database.since) if database.since else "?"
+        db = f"unavailable since {since} ({database.reason or 'no answer'})"
+    if database.pending_writes:
+        db += f"; {database.pending_writes} observation(s) waiting to be stored"
     return "\n".join([
-        f"server:    {server} (vectorlay {info['version']})",
+        f"server:    {server} (vectorlay {info.version})",
         f"database:  {db}",
-        f"nodes:     {info['nodes_connected']} connected of {info['nodes']}",
-        f"clusters:  {info['clusters']}",
+        f"nodes:     {info.nodes_connected} connected of {info.nodes}",
+        f"clusters:  {info.clusters}",
     ])
 
 
-def summary_line(kind: str, summary: dict[str, Any]) -> str:
+def summary_line(kind: str, summary: FleetSummary) -> str:
     """`5000 nodes: 4999 ready, 1 suspect` above a long listing."""
-    counts = summary["nodes"] if kind == "nodes" else summary["replicas"]
-    total = summary["nodes_total"] if kind == "nodes" else summary["replicas_total"]
+    counts = summary.nodes if kind == "nodes" else summary.replicas
+    total = summary.nodes_total if kind == "nodes" else summary.replicas_total
     parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     return f"{total} {kind}" + (f": {parts}" if parts else "")
 
@@ -156,39 +172,40 @@ def _clock(timestamp: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(timestamp))
 
 
-def print_description(info: dict[str, Any]) -> None:
+def print_description(info: ClusterDescription) -> None:
     """`vectorlay describe cluster`: the cluster, each replica with its last events, recent events."""
-    spec = info.get("spec") or {}
-    cluster = info["cluster"]
+    spec = info.spec
+    cluster = info.cluster
     lines = [
-        f"Name:        {cluster['name']}",
-        f"Endpoint:    {cluster['endpoint'] or '-'}",
-        f"Replicas:    {cluster['ready']}/{cluster['replicas']} ready, {cluster['up_to_date']} up to date"
-        + (f", {cluster['stopping']} stopping" if cluster["stopping"] else ""),
-        f"Health:      {(cluster.get('health') or {}).get('message') or 'ok'}",
+        f"Name:        {cluster.name}",
+        f"Endpoint:    {cluster.endpoint or '-'}",
+        f"Replicas:    {cluster.ready}/{cluster.replicas} ready, {cluster.up_to_date} up to date"
+        + (f", {cluster.stopping} stopping" if cluster.stopping else ""),
+        f"Health:      {cluster.health.message or 'ok'}",
     ]
-    if spec:
-        gpu = spec["gpu"]
-        kinds = ", ".join(gpu["types"]) or "any"
-        lines.append(f"Runtime:     {spec['runtime']}" + (f" ({spec['isolation']} isolation)"
-                                                          if spec["runtime"] == "container" else ""))
-        if spec.get("image"):
-            lines.append(f"Image:       {spec['image']} (pull: {spec['image_pull']})")
-        lines.append(f"GPU:         {gpu['count']} x {kinds}" if gpu["count"] else "GPU:         none")
+    if spec is not None:
+        gpu = spec.gpu
+        kinds = ", ".join(gpu.types) or "any"
+        lines.append(f"Runtime:     {spec.runtime.value}" + (f" ({spec.isolation.value} isolation)"
+                                                               if spec.runtime.value == "container" else ""))
+        if spec.image:
+            lines.append(f"Image:       {spec.image} (pull: {spec.image_pull.value})")
+        lines.append(f"GPU:         {gpu.count} x {kinds}" if gpu.count else "GPU:         none")
     lines.append("")
     lines.append("Replicas:")
-    for r in info["replicas"]:
-        lines.append(f"  {r['id']}  node={r['node'] or '-'}  state={r['state']}  address={r['address'] or '-'}"
-                     + (f"  digest={r['image_digest']}" if r.get("image_digest") else ""))
-        if r["reason"]:
-            lines.append(f"    reason: {r['reason']}")
-        for event in r["events"]:
-            lines.append(f"    {_clock(event['at'])}  {event['message']}")
+    for r in info.replicas:
+        state = "stopping" if r.stopping else r.state
+        lines.append(f"  {r.id}  node={r.node or '-'}  state={state}  address={r.address or '-'}"
+                     + (f"  digest={r.image_digest}" if r.image_digest else ""))
+        if r.reason:
+            lines.append(f"    reason: {r.reason}")
+        for event in r.events:
+            lines.append(f"    {_clock(event.at)}  {event.message}")
     lines.append("")
     lines.append("Events:")
-    for event in info["events"]:
-        who = f"{event['replica']}: " if event["replica"] else ""
-        lines.append(f"  {_clock(event['at'])}  {who}{event['message']}")
-    if not info["events"]:
+    for event in info.events:
+        who = f"{event.replica}: " if event.replica else ""
+        lines.append(f"  {_clock(event.at)}  {who}{event.message}")
+    if not info.events:
         lines.append("  none")
     stdout.print("\n".join(lines), markup=False)

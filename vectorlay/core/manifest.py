@@ -1,19 +1,23 @@
 """Parse and validate cluster manifests (Kubernetes-style YAML, several documents per file).
 
 Validation is strict: unknown or duplicate keys, wrong types, out-of-range numbers and bad names
-or durations raise `ManifestError` with the YAML path and line. YAML is composed into nodes and
-walked here rather than loaded, which keeps line numbers and rejects aliases outright, so an
-"billion laughs" document can't expand. Every string that reaches a process, a path or a command
-line on a node must be one the OS can take (`core.launch_inputs`): no NUL byte anywhere, nothing
-that cannot be encoded, nothing longer than Linux accepts.
+or durations raise `ManifestError` with the YAML path and line; every problem of a file is
+reported at once (`ManifestErrors`), not only the first. Numbers are plain decimals only: YAML 1.1
+reads `0x10`, `010`, `1_000` and `1:30` as 16, 8, 1000 and 90, which nobody means in a manifest.
+YAML is composed into nodes and walked here rather than loaded, which keeps line numbers and
+rejects aliases outright, so an "billion laughs" document can't expand. Every string that reaches
+a process, a path or a command line on a node must be one the OS can take (`core.launch_inputs`):
+no NUL byte anywhere, nothing that cannot be encoded, nothing longer than Linux accepts.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
+import string
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -43,7 +47,7 @@ from vectorlay.core.model import (
     Runtime,
     UpdateStrategy,
 )
-from vectorlay.errors import ManifestError
+from vectorlay.errors import ManifestError, ManifestErrors
 
 API_VERSION = "vectorlay.dev/v1"
 MAX_MANIFEST_BYTES = 1024 * 1024
@@ -54,30 +58,63 @@ RESERVED_ENV_PREFIX = "VECTORLAY_"
 RESERVED_ENV = frozenset({"PORT"})
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# name[:tag][@digest], each name component lowercase; loose on purpose (registries vary), strict
+# enough to refuse spaces, uppercase names and shell metacharacters.
+_IMAGE = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-]{1,2}[a-z0-9]+)*)*"
+                    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?")
+# What a replica's command may refer to as ${NAME} besides its own env and env_from_secret names
+# (set by the agent, see node/supervisor.py replica_env); CUDA_VISIBLE_DEVICES only with GPUs.
+REPLICA_VARIABLES = ("PORT", "VECTORLAY_HOST", "VECTORLAY_CLUSTER", "VECTORLAY_REPLICA", "VECTORLAY_NODE",
+                     "VECTORLAY_NODE_ID")
+_PLAIN_INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
+_PLAIN_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?|-?\.[0-9]+")
 E = TypeVar("E", bound=Enum)
+T = TypeVar("T")
 
 
 def is_dns_label(name: str) -> bool:
     return bool(_DNS_LABEL.fullmatch(name))
 
 
-def parse_manifest(text: str, default_project: str = DEFAULT_PROJECT) -> list[ClusterSpec]:
-    """Every cluster in `text`, validated; raise ManifestError on the first problem.
+def parse_manifest(text: str, default_project: str = DEFAULT_PROJECT, source: str | None = None) -> list[ClusterSpec]:
+    """Every cluster in `text`, validated; raise ManifestErrors (a ManifestError) with every
+    problem found, named after `source` (the file) when given.
 
     A cluster whose metadata names no project goes into `default_project` (the server passes
     the project of the token applying it)."""
+    try:
+        return _parse_documents(text, default_project)
+    except ManifestErrors as errors:
+        raise ManifestErrors(errors.problems, source) from None
+    except ManifestError as error:
+        raise ManifestErrors([error], source) from None
+
+
+def _parse_documents(text: str, default_project: str) -> list[ClusterSpec]:
     if len(text.encode("utf-8", "replace")) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest is larger than {MAX_MANIFEST_BYTES // 1024} KiB")
     documents = _compose(text)
     specs: list[ClusterSpec] = []
     seen: dict[str, int] = {}
+    problems: list[ManifestError] = []
     for node in documents:
-        value = _Value(node, "")
-        spec = _parse_cluster(value, default_project)
+        value = _Value(node, "", problems)
+        found = len(problems)
+        try:
+            spec = _parse_cluster(value, default_project)
+        except ManifestError as error:
+            problems.append(error)
+            continue
+        if len(problems) > found:
+            continue  # a field of it was wrong: already reported
         if spec.key in seen:
-            raise ManifestError(f"cluster {spec.name!r} is defined twice in this file", "metadata.name", value.line)
+            problems.append(ManifestError(f"cluster {spec.name!r} is defined twice in this file", "metadata.name",
+                                          value.line))
         seen[spec.key] = len(specs)
         specs.append(spec)
+    if problems:
+        raise ManifestErrors(sorted(problems, key=lambda problem: problem.line or 0))
     if not specs:
         raise ManifestError("the manifest holds no cluster")
     return specs
@@ -138,6 +175,9 @@ class _Value:
 
     node: yaml.Node
     path: str
+    # Where problems go instead of being raised, for the fields that can be checked on their own
+    # (`tolerant`, `mapping`): so a file's problems are all found in one pass. None: raise.
+    problems: list[ManifestError] | None = field(default=None, compare=False)
 
     @property
     def line(self) -> int:
@@ -150,7 +190,20 @@ class _Value:
         if isinstance(key, str) and len(key) > MAX_PATH_KEY:
             key = key[:MAX_PATH_KEY] + "..."  # a hostile key must not make a megabyte of error
         path = f"{self.path}[{key}]" if isinstance(key, int) else (f"{self.path}.{key}" if self.path else key)
-        return _Value(node, path)
+        return _Value(node, path, self.problems)
+
+    def report(self, error: ManifestError) -> None:
+        if self.problems is None:
+            raise error
+        self.problems.append(error)
+
+    def tolerant(self, parse: Callable[[_Value], T], default: T) -> T:
+        """`parse(self)`, or `default` once its problem is reported (see `problems`)."""
+        try:
+            return parse(self)
+        except ManifestError as error:
+            self.report(error)
+            return default
 
     def scalar(self) -> Any:
         if not isinstance(self.node, yaml.ScalarNode):
@@ -180,11 +233,15 @@ class _Value:
                 raise _Value(key_node, self.path).fail(f"keys must be strings, got {key!r}")
             child = self.child(key, value_node)
             if key in result:
-                raise ManifestError(f"duplicate key {shown(key)}", child.path, _Value(key_node, "").line)
+                self.report(ManifestError(f"duplicate key {shown(key)}", child.path, _Value(key_node, "").line))
+                continue
             if key not in allowed:
+                close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+                guess = f"; did you mean {close[0]!r}?" if close else ""
                 hint = ", ".join(sorted(allowed))
-                raise ManifestError(f"unknown key {shown(key)} (allowed: {hint})", child.path,
-                                    _Value(key_node, "").line)
+                self.report(ManifestError(f"unknown key {shown(key)}{guess} (allowed: {hint})", child.path,
+                                          _Value(key_node, "").line))
+                continue
             result[key] = child
         return result
 
@@ -205,6 +262,7 @@ class _Value:
         value = self.scalar()
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(f"expected an integer, got {_describe_value(value)}")
+        self._plain(_PLAIN_INTEGER, value, "a plain decimal integer")
         if minimum is not None and value < minimum:
             raise self.fail(f"must be at least {minimum}, got {value}")
         if maximum is not None and value > maximum:
@@ -215,9 +273,18 @@ class _Value:
         value = self.scalar()
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(f"expected a number, got {_describe_value(value)}")
+        self._plain(_PLAIN_NUMBER, value, "a plain decimal number like 2 or 0.5")
         if value < minimum or value != value:
             raise self.fail(f"must be at least {minimum:g}, got {value}")
         return float(value)
+
+    def _plain(self, form: re.Pattern[str], value: float, what: str) -> None:
+        """YAML 1.1 also reads hex, octal, `_` separators and base 60 as numbers: refuse them."""
+        assert isinstance(self.node, yaml.ScalarNode)
+        written = self.node.value.strip()
+        if not form.fullmatch(written.lstrip("+")):
+            raise self.fail(f"write {what}: {written!r} is read as {value!r} by YAML 1.1, which is rarely "
+                            "what was meant")
 
     def choice(self, kind: type[E]) -> E:
         raw = self.string()
@@ -290,37 +357,81 @@ _SPEC_KEYS = {"replicas", "gpu", "runtime", "image", "command", "env", "port", "
 
 
 def _parse_spec(name: str, value: _Value) -> ClusterSpec:
+    found = len(value.problems) if value.problems is not None else 0
     spec = value.mapping(_SPEC_KEYS)
-    replicas = spec["replicas"].integer(minimum=0, maximum=10_000) if "replicas" in spec else 1
-    runtime = spec["runtime"].choice(Runtime) if "runtime" in spec else Runtime.CONTAINER
-    image = spec["image"].string() if "image" in spec else None
-    command = tuple(_argument(item) for item in spec["command"].sequence()) if "command" in spec else ()
+
+    def get(key: str, parse: Callable[[_Value], T], default: T) -> T:
+        """Each field on its own: a wrong one is reported and the others are still checked."""
+        return spec[key].tolerant(parse, default) if key in spec else default
+
+    no_env: dict[str, str] = {}
+    no_command: tuple[str, ...] = ()
+    no_image: str | None = None
+    default_health: HealthCheck | None = HealthCheck()
+    no_gpu = GpuRequest()
+    replicas = get("replicas", lambda v: v.integer(minimum=0, maximum=10_000), 1)
+    runtime = get("runtime", lambda v: v.choice(Runtime), Runtime.CONTAINER)
+    image = get("image", lambda v: v.string(), no_image)
+    command = get("command", lambda v: tuple(_argument(item) for item in v.sequence()), no_command)
+    env = get("env", _parse_env, no_env)
+    secrets = get("env_from_secret", lambda v: _parse_secret_env(v, env), no_env)
+    parsed = ClusterSpec(
+        name=name,
+        replicas=replicas,
+        gpu=get("gpu", _parse_gpu, no_gpu),
+        runtime=runtime,
+        image=image,
+        command=command,
+        env=env,
+        port=get("port", lambda v: v.integer(minimum=1, maximum=65535), 8000),
+        health=get("health", _parse_health, default_health),
+        workdir=get("workdir", _path, no_image),
+        reschedule_after_s=get("reschedule_after", lambda v: v.duration(), 30.0),
+        isolation=get("isolation", lambda v: v.choice(Isolation), Isolation.CONTAINER),
+        image_pull=get("image_pull", lambda v: v.choice(PullPolicy), PullPolicy.IF_NOT_PRESENT),
+        resources=get("resources", _parse_resources, Resources()),
+        endpoint=get("endpoint", _parse_endpoint, EndpointConfig()),
+        env_from_secret=secrets,
+        update=get("update", _parse_update, UpdateStrategy()),
+    )
+    # The names a command may use come from env, env_from_secret and gpu: check it unless one of
+    # those was wrong (a default stands in for it, which would make every name look unknown).
+    fields_ok = all(key not in spec or parsed_value is not default for key, parsed_value, default in (
+        ("env", env, no_env), ("env_from_secret", secrets, no_env), ("gpu", parsed.gpu, no_gpu)))
+    if "command" in spec and command is not no_command and fields_ok:
+        _check_command_variables(spec["command"], parsed)
+    if value.problems is not None and len(value.problems) > found:
+        return parsed  # checks across fields would only repeat what is already reported
     if runtime is Runtime.PROCESS and not command:
         raise (spec["command"] if "command" in spec else value).fail("the process runtime needs a non-empty 'command'")
     if runtime is Runtime.CONTAINER and image is None:
         raise value.fail("the container runtime (the default) needs an 'image'; or set 'runtime: process'")
     if image is not None and (problem := image_problem(image)) is not None:
         raise spec["image"].fail(problem)
-    env = _parse_env(spec["env"]) if "env" in spec else {}
-    return ClusterSpec(
-        name=name,
-        replicas=replicas,
-        gpu=_parse_gpu(spec["gpu"]) if "gpu" in spec else GpuRequest(),
-        runtime=runtime,
-        image=image,
-        command=command,
-        env=env,
-        port=spec["port"].integer(minimum=1, maximum=65535) if "port" in spec else 8000,
-        health=_parse_health(spec["health"]) if "health" in spec else HealthCheck(),
-        workdir=_path(spec["workdir"]) if "workdir" in spec else None,
-        reschedule_after_s=spec["reschedule_after"].duration() if "reschedule_after" in spec else 30.0,
-        isolation=spec["isolation"].choice(Isolation) if "isolation" in spec else Isolation.CONTAINER,
-        image_pull=spec["image_pull"].choice(PullPolicy) if "image_pull" in spec else PullPolicy.IF_NOT_PRESENT,
-        resources=_parse_resources(spec["resources"]) if "resources" in spec else Resources(),
-        endpoint=_parse_endpoint(spec["endpoint"]) if "endpoint" in spec else EndpointConfig(),
-        env_from_secret=_parse_secret_env(spec["env_from_secret"], env) if "env_from_secret" in spec else {},
-        update=_parse_update(spec["update"]) if "update" in spec else UpdateStrategy(),
-    )
+    if image is not None and not _IMAGE.fullmatch(image):
+        raise spec["image"].fail(f"{image!r} is not a valid image reference")
+    return parsed
+
+
+def _check_command_variables(value: _Value, spec: ClusterSpec) -> None:
+    """Each ${NAME} in the command must be a variable the replica has: the agent expands it, and
+    an unknown one would silently stay as written (or, through a shell, become empty). Secrets are
+    not allowed there: a command line is visible to every user of the node (`ps`). `$${NAME}`
+    leaves `${NAME}` for a shell in the replica to expand."""
+    known = set(REPLICA_VARIABLES) | set(spec.env) | ({"CUDA_VISIBLE_DEVICES"} if spec.gpu.count else set())
+    for item in value.sequence():
+        text = item.string(allow_empty=True)
+        for match in string.Template.pattern.finditer(text):
+            name = match.group("braced")
+            if name is None or name in known:
+                continue
+            if name in spec.env_from_secret:
+                item.report(item.fail(f"${{{name}}} is a secret, and a command line is visible to every user of "
+                                      f"the node (ps): let the workload read {name} from its environment"))
+            else:
+                item.report(item.fail(f"${{{name}}} is not a variable this replica has (it has "
+                                      f"{', '.join(REPLICA_VARIABLES)}, CUDA_VISIBLE_DEVICES with a GPU, and what "
+                                      f"'env' sets); write $${{{name}}} to leave it to a shell in the replica"))
 
 
 def _parse_update(value: _Value) -> UpdateStrategy:
@@ -370,17 +481,19 @@ def _parse_resources(value: _Value) -> Resources:
     return Resources(cpus=cpus, memory_mb=memory)
 
 
-_QUANTITY = re.compile(r"(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|K|M|G|T)?")
+_QUANTITY = re.compile(r"(\d+(?:\.\d+)?)\s*(?:(Ki|Mi|Gi|Ti|K|M|G|T)B?)?")  # `4Gi`, `4GiB`, `4G`, `4GB`
 _BYTES = {None: 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
 
 def _memory_mb(value: _Value) -> int:
-    """A Kubernetes-style quantity (`512Mi`, `4Gi`, `2G`, or bytes) in whole MiB, rounded up."""
+    """A Kubernetes-style quantity (`512Mi`, `4Gi`, `2G`, or bytes; `MiB`, `GB` and the like too)
+    in whole MiB, rounded up."""
     raw = value.scalar()
     text = str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else raw
     match = _QUANTITY.fullmatch(text.strip()) if isinstance(text, str) else None
     if match is None:
-        raise value.fail(f"expected a memory size like 512Mi or 4Gi, got {_describe_value(raw)}")
+        raise value.fail(f"expected a memory size: 512Mi or 512MiB, 4Gi or 4GiB (binary), 4G or 4GB "
+                         f"(decimal), or a number of bytes; got {_describe_value(raw)}")
     size = float(match.group(1)) * _BYTES[match.group(2)]
     mib = math.ceil(size / 2**20)
     if mib < 6:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from vectorlay.core import codec
+from vectorlay.core.api import UNVERSIONED_API
 from vectorlay.core.codec import CodecError
 from vectorlay.core.model import Assignment, Gpu, GpuStatus, RateLimit, ReplicaState
 from vectorlay.errors import ProtocolError
@@ -162,20 +163,28 @@ class ReplicaStatus(Message):
 
 @dataclass(frozen=True)
 class LogsOpen(Message):
-    """Server asks a node to stream one replica's log: the last `tail` lines, then new ones if `follow`."""
+    """Server asks a node to stream one replica's log: the last `tail` lines (of those written at or
+    after `since`, a wall time, if given), then new ones if `follow`."""
 
     TYPE: ClassVar[str] = "logs_open"
     stream_id: int
     replica_id: str
     tail: int = 100
     follow: bool = False
+    since: float | None = None
 
 
 @dataclass(frozen=True)
 class LogsData(Message):
+    """Lines of a replica's log, with the wall time each was written (to about a second; empty from
+    an older agent). `live`: new lines (follow); the first live batch, maybe empty, says the tail
+    is complete."""
+
     TYPE: ClassVar[str] = "logs_data"
     stream_id: int
     lines: tuple[str, ...]
+    times: tuple[float, ...] = ()
+    live: bool = False
 
 
 @dataclass(frozen=True)
@@ -304,9 +313,12 @@ class CaBundle(Message):
 
 @dataclass(frozen=True)
 class ClientHello(Message):
+    """`api`: the version of the calls the client speaks (see core/api.py)."""
+
     TYPE: ClassVar[str] = "client_hello"
     protocol: int
     token: str
+    api: int = UNVERSIONED_API
 
 
 @dataclass(frozen=True)
@@ -319,6 +331,8 @@ class Ready(Message):
 
 @dataclass(frozen=True)
 class Call(Message):
+    """One API call: `method` and `params` are a request of core/api.py."""
+
     TYPE: ClassVar[str] = "call"
     id: int
     method: str
@@ -327,25 +341,27 @@ class Call(Message):
 
 @dataclass(frozen=True)
 class Result(Message):
+    """The call's response (core/api.py); it ends the call."""
+
     TYPE: ClassVar[str] = "result"
     id: int
-    value: Any = None
+    value: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Event(Message):
-    """One item of a streamed result (log lines, progress); the stream ends with a `Result`."""
+    """One item of a streamed result (log lines, progress, a page); the stream ends with a `Result`."""
 
     TYPE: ClassVar[str] = "event"
     id: int
-    value: Any = None
+    value: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Failure(Message):
     TYPE: ClassVar[str] = "failure"
     id: int
-    kind: str  # "user" | "not_found" | "conflict" | "auth" | "internal"
+    kind: str  # one of core/api.py's ERROR_KINDS, or "internal"
     message: str
 
 

@@ -1,4 +1,5 @@
 """Token format and hashing. Tokens are `<id>.<secret>`; only a hash of the secret is stored.
+Endpoint API keys are hashed here too (`hash_api_key`), for the server and the proxies alike.
 
 When the server runs TLS, every token it issues also carries the SHA-256 of its CA's public key:
 `vl1.<pin>.<id>.<secret>`. A client checks the server's certificate against that pin before it
@@ -36,6 +37,12 @@ def parse_token(text: str) -> ParsedToken | None:
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def hash_api_key(key: str | bytes) -> str:
+    """The hash of an endpoint API key that the server stores and sends to proxies, and that a
+    proxy compares with the hash of the key a request presents: SHA-256 (hex) of the whole key."""
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).hexdigest()
 
 
 def secret_matches(secret: str, stored_hash: str) -> bool:

@@ -7,10 +7,8 @@ full desired state, so nothing said while the link was down is lost.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -42,51 +40,20 @@ from vectorlay.core.protocol import (
     TunnelProxies,
     Welcome,
 )
-from vectorlay.errors import AuthError, ConnectError, ProtocolError, UserError, unwrap_group
-from vectorlay.files import write_private
-from vectorlay.lifecycle import CleanStop
+from vectorlay.errors import AuthError, ConnectError, ProtocolError, unwrap_group
+from vectorlay.lifecycle import NODE_NAME, CleanStop
 from vectorlay.node import logs
 from vectorlay.node.faults import FaultPoints
 from vectorlay.node.gpu_health import NvmlMonitor, watch_gpus
 from vectorlay.node.runtime import ReplicaRuntime
+from vectorlay.node.state_dir import Credentials, NodeStateDir
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
 from vectorlay.node.tunnels import NodeTunnels
 from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect, secure_context, verified_ca
 
 log = logging.getLogger("vectorlay.node")
 
-CREDENTIAL_FILE = "node.json"
 WELCOME_TIMEOUT_S = 10.0
-
-
-@dataclass(frozen=True)
-class Credentials:
-    server: str
-    node_id: str
-    name: str
-    credential: str
-    address: str
-    ca_pem: str | None = None  # the server's CA, checked against the join token's pin at join
-
-def credentials_path(state_dir: Path) -> Path:
-    return state_dir / CREDENTIAL_FILE
-
-
-def load_credentials(state_dir: Path) -> Credentials:
-    path = credentials_path(state_dir)
-    try:
-        data = json.loads(path.read_text())
-        return Credentials(data["server"], data["node_id"], data["name"], data["credential"], data["address"],
-                           data.get("ca_pem"))
-    except FileNotFoundError:
-        raise UserError(f"no node credentials in {state_dir}: run `vectorlay node join --server URL --token TOKEN` "
-                        "first") from None
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{path} is damaged ({error}); remove it and join again") from None
-
-
-def save_credentials(state_dir: Path, creds: Credentials) -> None:
-    write_private(credentials_path(state_dir), json.dumps(creds.__dict__, indent=2) + "\n")
 
 
 async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str, runtimes: tuple[str, ...],
@@ -105,7 +72,7 @@ async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str
             raise AuthError(f"the server refused to let this node join: {closed.reason or 'no reason given'}") from None
     creds = Credentials(server, joined.node_id, joined.name, joined.credential, address,
                         ca.decode() if ca else None)
-    save_credentials(state_dir, creds)
+    NodeStateDir(state_dir).save_credentials(creds)
     return creds
 
 
@@ -264,17 +231,22 @@ class Agent:
             if problem is not None:
                 await self._send(LogsEnd(request.stream_id, problem))
                 return
-            path = logs.log_path(self.supervisor.log_dir, request.replica_id)
+            path = self.supervisor.files.replica_log(request.replica_id)
             if not path.exists():
                 await self._send(LogsEnd(request.stream_id, f"no log for replica {request.replica_id} on this node"))
                 return
             try:
-                lines, offset = await trio.to_thread.run_sync(logs.tail_lines, path, request.tail)
-                for start in range(0, len(lines), logs.MAX_LINES_PER_BATCH):
-                    await self._send(LogsData(request.stream_id, tuple(lines[start:start + logs.MAX_LINES_PER_BATCH])))
+                dated, offset = await trio.to_thread.run_sync(logs.tail_dated, path, request.tail, request.since,
+                                                              time.time())
+                for start in range(0, len(dated), logs.MAX_LINES_PER_BATCH):
+                    batch = dated[start:start + logs.MAX_LINES_PER_BATCH]
+                    await self._send(LogsData(request.stream_id, tuple(line for _, line in batch),
+                                              tuple(when for when, _ in batch)))
                 if request.follow:
-                    async for batch in logs.follow(path, offset):
-                        await self._send(LogsData(request.stream_id, tuple(batch)))
+                    await self._send(LogsData(request.stream_id, (), (), live=True))  # the tail is complete
+                    async for lines in logs.follow(path, offset):
+                        now = time.time()
+                        await self._send(LogsData(request.stream_id, tuple(lines), (now,) * len(lines), live=True))
             except OSError as error:  # one unreadable log ends its stream, not the node's link
                 await self._send(LogsEnd(request.stream_id, f"cannot read the log of {request.replica_id}: {error}"))
                 return
@@ -311,6 +283,7 @@ async def run_node(
     """Re-attach to running replicas, then run the supervisor, the GPU monitor, the tunnels to the
     proxies (tunnel data plane) and the server link. `clean_stop`: see `Agent`; `faults`:
     fault-injection tests only."""
+    NODE_NAME.set(creds.name)  # this task's and its children's log lines are this node's
     if data_plane == TUNNEL:
         publish_ip = "127.0.0.1"  # nothing but the agent's tunnels reaches the replicas
     clean_stop = clean_stop if clean_stop is not None else CleanStop()
@@ -326,5 +299,6 @@ async def run_node(
         await nursery.start(supervisor.run)
         if tunnels is not None:
             await nursery.start(tunnels.run)
+        nursery.start_soon(logs.note_log_times, supervisor.files.replica_log, lambda: list(supervisor.runners))
         await nursery.start(agent.run)
         task_status.started(agent)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vectorlay.node.oci import RUNTIME_FLAGS
+from vectorlay.node.oci import PIDS_LIMITS, RUNTIME_FLAGS
 from vectorlay.node.process_runtime import expand_command
 from vectorlay.node.runtime import LaunchRequest
 
@@ -22,6 +22,7 @@ LABEL_REPLICA = "vectorlay.replica"
 LABEL_GENERATION = "vectorlay.generation"
 LABEL_IMAGE = "vectorlay.image"
 LABEL_LOG = "vectorlay.log"  # the replica's log file, for docker's log follower
+LABEL_RUN_DIR = "vectorlay.run-dir"  # where `run` ran: conmon leaves its `oom` marker there
 
 DOCKER_LOG_OPTS = ("--log-opt", "max-size=10m", "--log-opt", "max-file=2")
 
@@ -87,11 +88,34 @@ def labels(request: LaunchRequest) -> dict[str, str]:
         LABEL_GENERATION: str(assignment.generation),
         LABEL_IMAGE: assignment.spec.image or "",
         LABEL_LOG: str(request.log_path),
+        LABEL_RUN_DIR: str(request.runtime_dir),
     }
 
 
-def run_args(cli: ContainerCli, request: LaunchRequest, image_id: str, oci_runtime: str, ulimits: Ulimits) -> list[str]:
-    """`podman run --detach ...` for one replica, running the already resolved `image_id`."""
+@dataclass(frozen=True)
+class SecretEnv:
+    """How a replica's secrets reach the container CLI without appearing on its command line,
+    which every user of the node can read (`ps`): in an env file only the CLI reads (`--env-file`),
+    or, for a value an env file cannot hold (one with a line break), in the CLI's own environment
+    (`--env NAME` takes the value from there; /proc/PID/environ is readable by its owner only)."""
+
+    file_text: str  # KEY=VALUE lines for --env-file; "" if none
+    cli_env: dict[str, str]  # for the CLI process's environment
+
+    @classmethod
+    def of(cls, request: LaunchRequest) -> SecretEnv:
+        names = request.assignment.spec.env_from_secret
+        env = container_env(request)
+        in_file = {k: v for k, v in env.items() if k in names and "\n" not in v and "\r" not in v}
+        return cls("".join(f"{k}={v}\n" for k, v in sorted(in_file.items())),
+                   {k: v for k, v in env.items() if k in names and k not in in_file})
+
+
+def run_args(cli: ContainerCli, request: LaunchRequest, image_id: str, oci_runtime: str, ulimits: Ulimits,
+             env_file: str | None = None) -> list[str]:
+    """`podman run --detach ...` for one replica, running the already resolved `image_id`.
+    Secrets (`spec.env_from_secret`) are not in it: they come from `env_file`, where `SecretEnv`
+    put them, and by name from the CLI's environment."""
     spec = request.assignment.spec
     argv = [cli.executable]
     if cli.dialect == "podman":
@@ -119,13 +143,23 @@ def run_args(cli: ContainerCli, request: LaunchRequest, image_id: str, oci_runti
         argv += ["--cpus", f"{spec.resources.cpus:g}"]
     if spec.resources.memory_mb is not None:
         argv += ["--memory", f"{spec.resources.memory_mb}m"]
+    if oci_runtime in PIDS_LIMITS:
+        argv += ["--pids-limit", str(PIDS_LIMITS[oci_runtime])]
     for uuid in request.assignment.gpus:
         argv += ["--device", cdi_device(uuid)]
     env = container_env(request)
+    secrets = spec.env_from_secret
+    if env_file is not None:
+        argv += ["--env-file", env_file]
     for key, value in sorted(env.items()):
-        argv += ["--env", f"{key}={value}"]
+        if key not in secrets:
+            argv += ["--env", f"{key}={value}"]
+        elif "\n" in value or "\r" in value:
+            argv += ["--env", key]  # the value is in the CLI's environment (SecretEnv.cli_env)
     argv.append(image_id)
-    argv += expand_command(spec.command, env)
+    # The manifest refuses ${SECRET} in a command (a command line is public on the node); should
+    # one get here, it stays unexpanded rather than leak.
+    argv += expand_command(spec.command, {k: v for k, v in env.items() if k not in secrets})
     return argv
 
 

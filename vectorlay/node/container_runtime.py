@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import resource
+import secrets
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ from vectorlay.errors import RuntimeFailure
 from vectorlay.node import container_args as args
 from vectorlay.node.container_args import ContainerCli, Ulimits
 from vectorlay.node.oci import runtime_for
-from vectorlay.node.runtime import Handle, LaunchRequest
+from vectorlay.node.runtime import Exit, Handle, LaunchRequest
 
 log = logging.getLogger("vectorlay.node")
 
@@ -38,6 +39,7 @@ NPROC_CAP = 32768  # higher values are refused by runc on some hosts even where 
 # What podman (4 and 5) and docker's CDI support say when no CDI spec on this node names a GPU the
 # replica was given: the node's fault (its CDI spec is missing or stale), not the cluster's.
 CDI_UNRESOLVABLE = "unresolvable cdi devices"
+OOM_MARKER = "oom"  # the empty file conmon creates in its working directory when the container is OOM-killed
 
 
 def host_ulimits() -> Ulimits:
@@ -62,12 +64,13 @@ class ContainerRuntime:
 
     # --- running the CLI ----------------------------------------------------------------------
 
-    async def _run(self, *argv: str, timeout_s: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[bytes]:
+    async def _run(self, *argv: str, timeout_s: float = CLI_TIMEOUT_S, cwd: Path | None = None,
+                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
         command = [self.cli.executable, *argv]
         try:
             with trio.fail_after(timeout_s):
                 return await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False,
-                                              stdin=b"")
+                                              stdin=b"", cwd=cwd, env={**os.environ, **env} if env else None)
         except FileNotFoundError:
             raise RuntimeFailure(f"{self.cli.executable} is not installed on this node", node_fault=True) from None
         except OSError as error:
@@ -124,8 +127,19 @@ class ContainerRuntime:
         image_id, digest = await self.resolve_image(spec.image, spec.image_pull, request.progress)
         name = args.container_name(request.assignment.replica_id)
         await self._remove_leftover(name, request.node_id)
-        argv = args.run_args(self.cli, request, image_id, oci_runtime, self.ulimits)
-        error = await self._start(argv[1:], request.log_path)
+        run_dir = request.runtime_dir
+        await trio.to_thread.run_sync(_fresh_run_dir, run_dir)
+        secret_env = args.SecretEnv.of(request)
+        env_file = None
+        if secret_env.file_text:
+            env_file = await trio.to_thread.run_sync(_write_env_file, secret_env.file_text)
+        try:
+            argv = args.run_args(self.cli, request, image_id, oci_runtime, self.ulimits,
+                                 str(env_file) if env_file else None)
+            error = await self._start(argv[1:], request.log_path, run_dir, secret_env.cli_env)
+        finally:
+            if env_file is not None:
+                env_file.unlink(missing_ok=True)  # read by `run`, which has returned: the container has it
         if error is not None:
             await self._remove(name)  # it may exist in state "created"
             raise RuntimeFailure(f"starting the container failed: {error}",
@@ -138,8 +152,10 @@ class ContainerRuntime:
                  container_id[:12], oci_runtime, spec.image, digest or image_id[:19])
         return Handle(request.assignment.replica_id, self.name, container=container_id, image_digest=digest)
 
-    async def _start(self, argv: list[str], log_path: Path) -> str | None:
-        """Run `run --detach`; the error line if it failed."""
+    async def _start(self, argv: list[str], log_path: Path, run_dir: Path, secret_env: dict[str, str]) -> str | None:
+        """Run `run --detach` in `run_dir`; the error line if it failed. podman's conmon, which
+        watches the container from then on, inherits that working directory and writes its
+        `oom` marker there when the kernel kills the container for memory (see `wait`)."""
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
@@ -147,7 +163,7 @@ class ContainerRuntime:
             raise RuntimeFailure(f"cannot open the log file {log_path}: {error.strerror or error}") from None
         if not self.cli.passthrough_logs:
             os.close(log_fd)  # docker's output reaches it through the log follower
-            result = await self._run(*argv)
+            result = await self._run(*argv, cwd=run_dir, env=secret_env)
             return None if result.returncode == 0 else _error(result)
         # The log file is the container's stdout and stderr, and so podman's own stderr too: its
         # error is read back from what it appended there (where the user sees it as well).
@@ -155,7 +171,8 @@ class ContainerRuntime:
             offset = os.fstat(log_fd).st_size
             with trio.fail_after(CLI_TIMEOUT_S):
                 done = await trio.run_process([self.cli.executable, *argv], stdin=subprocess.DEVNULL,
-                                              stdout=log_fd, stderr=log_fd, check=False)
+                                              stdout=log_fd, stderr=log_fd, check=False, cwd=run_dir,
+                                              env={**os.environ, **secret_env} if secret_env else None)
         except FileNotFoundError:
             raise RuntimeFailure(f"{self.cli.executable} is not installed on this node", node_fault=True) from None
         except OSError as error:
@@ -168,7 +185,7 @@ class ContainerRuntime:
             return None
         return args.one_line(await trio.to_thread.run_sync(_read_after, log_path, offset))
 
-    async def wait(self, handle: Handle) -> int | None:
+    async def wait(self, handle: Handle) -> Exit:
         assert handle.container is not None
         async with trio.open_nursery() as nursery:
             if not self.cli.passthrough_logs:
@@ -178,10 +195,11 @@ class ContainerRuntime:
             nursery.cancel_scope.deadline = trio.current_time() + FOLLOW_DRAIN_S
         exit_code = _exit_code(result.stdout) if result.returncode == 0 else None
         found, _ = await self._inspect("container", handle.container)
-        if found and (found[0].get("State") or {}).get("OOMKilled"):
+        oom_killed = bool(found) and await trio.to_thread.run_sync(_oom_killed, found[0])
+        if oom_killed:
             log.warning("replica %s was killed for using more memory than its limit", handle.replica_id)
         await self._remove(handle.container)  # its output is in the log file; the next start is new
-        return exit_code
+        return Exit(exit_code, oom_killed)
 
     async def _follow_logs(self, container: str) -> None:
         """docker only: copy the container's output into the replica's log file (named by a label).
@@ -255,6 +273,47 @@ class ContainerRuntime:
             if labels.get(args.LABEL_NODE) == node_id and labels.get(args.LABEL_REPLICA):
                 handles.append(Handle(labels[args.LABEL_REPLICA], self.name, container=str(container["Id"])))
         return handles
+
+
+def secrets_dir() -> Path:
+    """Where env files with secrets live for the moment `run` reads them: memory (tmpfs), never a
+    disk, in a directory only this user can enter."""
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime_dir) if runtime_dir and Path(runtime_dir).is_dir() else Path("/dev/shm")
+    return base / f"vectorlay-secrets-{os.getuid()}"
+
+
+def _write_env_file(text: str) -> Path:
+    directory = secrets_dir()
+    directory.mkdir(mode=0o700, exist_ok=True)
+    if directory.stat().st_uid != os.getuid() or directory.stat().st_mode & 0o077:
+        raise RuntimeFailure(f"{directory} is not private to this user: refusing to write secrets there")
+    path = directory / f"{secrets.token_hex(8)}.env"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    return path
+
+
+def _fresh_run_dir(run_dir: Path) -> None:
+    """The replica's run directory, private to the node, without an `oom` marker of a previous run."""
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (run_dir / OOM_MARKER).unlink(missing_ok=True)
+
+
+def _oom_killed(container: dict[str, Any]) -> bool:
+    """Whether the kernel killed the container for memory. podman says so in `State.OOMKilled`
+    where it can tell; where it cannot (cgroup v1, gVisor's runsc), conmon still leaves its `oom`
+    marker in the directory `run` ran in, named by our label."""
+    if (container.get("State") or {}).get("OOMKilled"):
+        return True
+    run_dir = _labels(container).get(args.LABEL_RUN_DIR)
+    if not run_dir:
+        return False
+    marker = Path(run_dir) / OOM_MARKER
+    found = marker.exists()
+    marker.unlink(missing_ok=True)
+    return found
 
 
 def _read_after(path: Path, offset: int) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,17 @@ def save(path: Path, state: AgentState) -> None:
         "version": STATE_VERSION,
         "generation": state.generation,
         "applied_seq": state.applied_seq,
-        "running": {rid: codec.dump(record) for rid, record in sorted(state.running.items())},
+        "running": {rid: codec.dump(_without_secret_values(record)) for rid, record in sorted(state.running.items())},
     }
     write_private(path, json.dumps({**body, "checksum": _checksum(body)}, indent=1, sort_keys=True))
+
+
+def _without_secret_values(record: RunningRecord) -> RunningRecord:
+    """Secret values never touch the disk: the file keeps their names (in the spec's
+    env_from_secret) and the server sends the values again with the assignment."""
+    if not record.assignment.secret_env:
+        return record
+    return replace(record, assignment=replace(record.assignment, secret_env={}))
 
 
 def load(path: Path) -> AgentState:
@@ -74,7 +82,7 @@ def load(path: Path) -> AgentState:
         raise CorruptState(str(error)) from None
 
 
-def set_aside(path: Path) -> Path:
-    target = path.with_name(path.name + ".corrupt")
+def set_aside(path: Path, target: Path) -> Path:
+    """Keep a state file that cannot be trusted for inspection, out of the agent's way."""
     path.replace(target)
     return target

@@ -28,6 +28,13 @@ BINARIES: dict[str, str] = {"runc": "runc", "crun": "crun", "runsc": "runsc", "k
 # publishing reaches the replica; with gVisor's netstack on, runsc refuses podman's network setup.
 RUNTIME_FLAGS: dict[str, tuple[str, ...]] = {"runsc": ("network=host",)}
 
+# The cgroup's pids limit (podman `--pids-limit`; its default is 2048). Under gVisor the limit
+# counts the sandbox's own host threads and per-address-space stubs, not only the workload's
+# processes: a busybox httpd answering 16 CGI requests at once (a fork each) used 1,900-3,300,
+# and at 2048 gVisor itself fails ("error initializing first thread: resource temporarily
+# unavailable") and the container dies with exit 2. Still a bound, against fork bombs.
+PIDS_LIMITS: dict[str, int] = {"runsc": 32768}
+
 # How to get each one, in one line, for `vectorlay node check`.
 INSTALL_HINTS: dict[str, str] = {
     "runc": "apt-get install runc",

@@ -105,6 +105,22 @@ class Preflight:
         return (f"offers runtimes: {', '.join(self.runtimes) or 'none'}; "
                 f"isolation: {', '.join(self.isolation) or 'none'}; GPUs: {len(self.gpus)}")
 
+    def offer_line(self) -> str:
+        """What the node offers, in the one line it logs at startup. What is missing is not
+        listed: a development machine lacks Kata, IOMMU and NVIDIA on purpose (`node check`)."""
+        levels = [f"{level} ({', '.join(r for r in self.oci_runtimes if OCI_RUNTIMES[r].value == level)})"
+                  for level in self.isolation]
+        offered = [*levels, *(["process replicas (not isolated)"] if "process" in self.runtimes else [])]
+        names = sorted({gpu.name for gpu in self.gpus})
+        if self.gpus:
+            gpus = f"{len(self.gpus)} GPU(s): {', '.join(names)}"
+        elif self.gpu_report is None:
+            gpus = "no GPUs (no NVIDIA driver; declare GPUs with --gpu TYPE[:MEMORY_GB])"
+        else:
+            gpus = "no GPUs"
+        return (f"this node offers {', '.join(offered) or 'nothing it can run'}; {gpus}; "
+                "`vectorlay node check` shows what else it could offer")
+
 
 async def run_checks(
     cli: ContainerCli,

@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from vectorlay.errors import RuntimeFailure
-from vectorlay.node.runtime import Handle, LaunchRequest
+from vectorlay.node.runtime import Exit, Handle, LaunchRequest
 
 PROC = Path("/proc")
 
@@ -73,18 +73,18 @@ class ProcessRuntime:
     async def is_alive(self, handle: Handle) -> bool:
         return self.is_running(handle)
 
-    async def wait(self, handle: Handle) -> int | None:
+    async def wait(self, handle: Handle) -> Exit:
         assert handle.pid is not None
         try:
             pidfd = os.pidfd_open(handle.pid)
         except ProcessLookupError:
-            return self._reap(handle.pid)
+            return Exit(self._reap(handle.pid))
         try:
             if self.is_running(handle):
                 await trio.lowlevel.wait_readable(pidfd)
         finally:
             os.close(pidfd)
-        return self._reap(handle.pid)
+        return Exit(self._reap(handle.pid))
 
     @staticmethod
     def _reap(pid: int) -> int | None:

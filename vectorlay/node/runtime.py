@@ -15,6 +15,14 @@ def _ignore_progress(note: str) -> None:
 
 
 @dataclass(frozen=True)
+class Exit:
+    """How a replica's workload ended."""
+
+    code: int | None  # None when it cannot be known (a re-attached process is not our child)
+    oom_killed: bool = False  # killed for using more memory than its limit (`resources.memory`)
+
+
+@dataclass(frozen=True)
 class LaunchRequest:
     assignment: Assignment
     node_id: str
@@ -24,6 +32,14 @@ class LaunchRequest:
     log_path: Path
     host_ip: str = "127.0.0.1"  # the node's address the port is published on (containers)
     progress: Callable[[str], None] = _ignore_progress  # slow steps say what they do ("pulling image ...")
+    # The node's own directory for this replica's runtime files: the container CLI runs there, so
+    # what its helpers write in their working directory (conmon's `oom` marker) stays out of the
+    # user's. None: one next to the log file.
+    run_dir: Path | None = None
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.run_dir or self.log_path.with_name(self.log_path.stem + ".run")
 
 
 @dataclass(frozen=True)
@@ -45,8 +61,9 @@ class ReplicaRuntime(Protocol):
         """Start the workload; raise RuntimeFailure with a readable reason if it cannot start."""
         ...
 
-    async def wait(self, handle: Handle) -> int | None:
-        """Return when the workload exits: its exit code, or None when it cannot be known."""
+    async def wait(self, handle: Handle) -> Exit:
+        """Return when the workload exits: its exit code (None when it cannot be known), and
+        whether it was killed for using more memory than its limit."""
         ...
 
     async def stop(self, handle: Handle, grace_s: float) -> None:

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping
 
 from vectorlay.errors import RuntimeFailure
-from vectorlay.node.runtime import Handle, LaunchRequest, ReplicaRuntime
+from vectorlay.node.runtime import Exit, Handle, LaunchRequest, ReplicaRuntime
 
 log = logging.getLogger("vectorlay.node")
 
@@ -41,7 +41,7 @@ class RuntimeSelector:
                                  node_fault=True)
         return await runtime.launch(request)
 
-    async def wait(self, handle: Handle) -> int | None:
+    async def wait(self, handle: Handle) -> Exit:
         return await self._owner(handle).wait(handle)
 
     async def stop(self, handle: Handle, grace_s: float) -> None:

@@ -84,12 +84,11 @@ async def prepare_node(options: NodeOptions, advertise: str) -> NodeSetup:
     """Run the checks, log what is missing, and build the runtimes the node offers."""
     cli = ContainerCli.named(options.container_cli)
     preflight = await run_checks(cli, options.oci_runtimes, options.allow_process_runtime, options.gpu_declarations)
-    log.info("GPUs: %s", preflight.gpu_note)
-    for check in preflight.missing():
-        log.info("missing: %s: %s%s", check.item, check.detail, f" (fix: {check.fix})" if check.fix else "")
+    log.info("%s", preflight.offer_line())
+    for check in preflight.missing():  # `vectorlay node check` prints these, with their fixes
+        log.debug("missing: %s: %s%s", check.item, check.detail, f" (fix: {check.fix})" if check.fix else "")
     for note in preflight.notes:
         log.warning("%s", note)
-    log.info("%s", preflight.summary())
     if not preflight.runtimes:
         log.warning("this node can run no replicas: install podman and runc (see `vectorlay node check`), "
                     "or allow process replicas with --allow-process-runtime")

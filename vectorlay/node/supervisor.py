@@ -25,10 +25,13 @@ from vectorlay.core.model import Assignment, ReplicaState, Runtime
 from vectorlay.core.protocol import TUNNEL, Command, ReplicaReport, Sync
 from vectorlay.errors import RuntimeFailure, VectorlayError
 from vectorlay.node import local_state, logs
+from vectorlay.node.exits import describe_exit
 from vectorlay.node.faults import POISON_ENV, FaultPoints
 from vectorlay.node.local_state import AgentState, RunningRecord
 from vectorlay.node.probe import http_probe
-from vectorlay.node.runtime import Handle, LaunchRequest, ReplicaRuntime
+from vectorlay.node.runtime import Exit, Handle, LaunchRequest, ReplicaRuntime
+from vectorlay.node.secret_values import launchable
+from vectorlay.node.state_dir import NodeStateDir
 
 log = logging.getLogger("vectorlay.node")
 
@@ -141,8 +144,8 @@ class Supervisor:
         self.faults = faults
         self.probe = probe
         self.identity = identity
-        self.state_path = state_dir / "agent-state.json"
-        self.log_dir = state_dir / "logs"
+        self.files = NodeStateDir(state_dir)
+        self.run_dir = self.files.run_dir  # the runtime's own files, per replica (see LaunchRequest.run_dir)
         self.on_report = on_report
         self.state = AgentState()
         self.desired: dict[str, Assignment] = {}
@@ -200,9 +203,9 @@ class Supervisor:
     async def reattach(self) -> None:
         """Adopt replicas a previous agent left running; stop any we cannot account for."""
         try:
-            self.state = local_state.load(self.state_path)
+            self.state = local_state.load(self.files.agent_state_file)
         except local_state.CorruptState as error:
-            moved = local_state.set_aside(self.state_path)
+            moved = local_state.set_aside(self.files.agent_state_file, self.files.corrupt_agent_state_file)
             log.warning("local state is corrupt (%s); moved to %s and recovering from the runtime", error, moved)
             self.state = AgentState()
         adopted: set[str] = set()
@@ -313,13 +316,13 @@ class Supervisor:
             if runner.handle is None:
                 await self._launch(runner)
             started = trio.current_time()
-            exit_code = await self._watch(runner)
+            exited = await self._watch(runner)
             runner.handle = None
             self._forget_handle(runner)
             restarts += 1
             if trio.current_time() - started >= STABLE_RUN_S:
                 backoff = RESTART_BACKOFF_INITIAL_S
-            how = f"exited with code {exit_code}" if exit_code is not None else "exited"
+            how = describe_exit(exited, runner.assignment.spec)
             reason = f"{how}; restarting in {backoff:g}s (restart {restarts})"
             log.warning("replica %s %s", runner.assignment.replica_id, reason)
             self._report(runner, self._make_report(runner, ReplicaState.STARTING, reason))
@@ -328,7 +331,10 @@ class Supervisor:
 
     async def _launch(self, runner: _Runner) -> None:
         """Start the workload, or raise `_Failed` with the reason it cannot start."""
+        runner.assignment, missing = launchable(runner.assignment, self.desired.get(runner.assignment.replica_id))
         assignment = runner.assignment
+        if missing is not None:
+            raise _Failed(missing)
         # Checked again here, not only at `apply`: this may come from an older server, or from
         # a state file, and must fail this replica rather than crash the agent in the runtime.
         problem = launch_problem(assignment)
@@ -342,8 +348,8 @@ class Supervisor:
             self._report(runner, self._make_report(runner, ReplicaState.STARTING, note))
 
         request = LaunchRequest(assignment, self.identity.node_id, self.identity.name, runner.host_port, env,
-                                logs.log_path(self.log_dir, assignment.replica_id), self.identity.publish_ip,
-                                progress)
+                                self.files.replica_log(assignment.replica_id), self.identity.publish_ip,
+                                progress, run_dir=self.files.replica_run_dir(assignment.replica_id))
         self._report(runner, self._make_report(runner, ReplicaState.STARTING, "launching"))
         try:
             runner.handle = await self.runtime.launch(request)
@@ -356,19 +362,19 @@ class Supervisor:
         self._save()
         log.info("replica %s started on port %d", assignment.replica_id, runner.host_port)
 
-    async def _watch(self, runner: _Runner) -> int | None:
-        """Probe until the workload exits; return its exit code."""
+    async def _watch(self, runner: _Runner) -> Exit:
+        """Probe until the workload exits; return how it exited."""
         assert runner.handle is not None
         handle = runner.handle
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._probe_loop, runner)
             try:
-                exit_code = await self.runtime.wait(handle)
+                exited = await self.runtime.wait(handle)
             except Exception as error:
                 # Whether it still runs is unknown: failed, and stopped (not started twice).
                 raise _Failed(f"lost track of it: {describe(error)}") from error
             nursery.cancel_scope.cancel()
-        return exit_code
+        return exited
 
     async def _probe_loop(self, runner: _Runner) -> None:
         check = runner.assignment.spec.health
@@ -444,7 +450,7 @@ class Supervisor:
                 if replica_id_problem(replica_id) is not None:
                     continue  # never launched (so no log), and not a name to build a path from
                 try:
-                    await trio.to_thread.run_sync(logs.rotate_if_large, logs.log_path(self.log_dir, replica_id))
+                    await trio.to_thread.run_sync(logs.rotate_if_large, self.files.replica_log(replica_id))
                 except OSError as error:
                     log.warning("cannot rotate the log of replica %s: %s", replica_id, error)
 
@@ -489,4 +495,4 @@ class Supervisor:
             del self.reports[report.replica_id]
 
     def _save(self) -> None:
-        local_state.save(self.state_path, self.state)
+        local_state.save(self.files.agent_state_file, self.state)

@@ -36,13 +36,13 @@ from vectorlay.core.protocol import TunnelCredential, TunnelProxies, TunnelProxy
 from vectorlay.errors import TunnelError
 from vectorlay.files import write_private
 from vectorlay.lifecycle import CleanStop
+from vectorlay.node.state_dir import NodeStateDir
 from vectorlay.tunnel import IncomingStream, TunnelConnection, TunnelLimits, TunnelStream, identity
 from vectorlay.tunnel.connection import wait_any
 from vectorlay.tunnel.tls import TlsSocketStream
 
 log = logging.getLogger("vectorlay.node")
 
-TUNNELS_FILE = "tunnels.json"  # key, latest certificate, CA and proxy list: for restarts and `node check`
 READ_SIZE = 64 * 1024
 REPLICA_CONNECT_TIMEOUT_S = 2.0
 RESTART_DRAIN_S = 5.0  # on shutdown: how long streams in flight get to finish
@@ -153,7 +153,7 @@ class NodeTunnels:
                 "ca": credential.ca if credential else None,
                 "expires_at": credential.expires_at if credential else 0,
                 "proxies": [{"id": p.id, "address": p.address} for p in self.wanted.values()]}
-        write_private(self.state_dir / TUNNELS_FILE, json.dumps(data, indent=1) + "\n")
+        write_private(NodeStateDir(self.state_dir).tunnels_file, json.dumps(data, indent=1) + "\n")
 
     # ---- running ----
 
@@ -363,7 +363,7 @@ def _load(state_dir: Path | None) -> dict[str, Any]:
     if state_dir is None:
         return {}
     try:
-        data = json.loads((state_dir / TUNNELS_FILE).read_text())
+        data = json.loads(NodeStateDir(state_dir).tunnels_file.read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from vectorlay.listen import open_listeners
 from vectorlay.proxy.codec import DEFAULT_PARSER, HttpParser
 from vectorlay.proxy.feed import follow_routes
 from vectorlay.proxy.http import Proxy
@@ -74,13 +75,13 @@ async def run_proxy(
     if config.tunnel_listen is not None:
         hub = TunnelHub(table, connect_timeout_s=config.limits.upstream_connect_timeout_s)
         tunnel_host, wanted_port = config.tunnel_listen
-        tunnel_listeners = await trio.open_tcp_listeners(wanted_port, host=tunnel_host)
+        tunnel_listeners = await open_listeners(tunnel_host, wanted_port, "proxy's tunnels")
         tunnel_port = tunnel_listeners[0].socket.getsockname()[1]
         hub.address = tunnel_address(config.tunnel_advertise, tunnel_host, tunnel_port)
     proxy = Proxy(table, config.domain, config.limits, parser=config.http_parser, tunnels=hub)
     if hub is not None:
         hub.attach(proxy)
-    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    listeners = await open_listeners(config.host, config.port, "proxy")
     port = listeners[0].socket.getsockname()[1]
     template = config.url_template(port)
     edge = Edge(proxy, listeners, tls)
@@ -91,7 +92,7 @@ async def run_proxy(
         metrics_port = None
         if config.metrics_listen is not None:
             metrics_host, wanted = config.metrics_listen
-            metrics_listeners = await trio.open_tcp_listeners(wanted, host=metrics_host)
+            metrics_listeners = await open_listeners(metrics_host, wanted, "proxy's metrics")
             metrics_port = metrics_listeners[0].socket.getsockname()[1]
             await nursery.start(serve_metrics, proxy.metrics, metrics_listeners)
             log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)

@@ -1,13 +1,14 @@
 """Endpoint API keys: `Authorization: Bearer <key>`, checked against the hashes the server pushes.
 
-The proxy never sees the keys themselves, only SHA-256 digests of valid ones. Keys are long random
-secrets, so looking the digest up in a set leaks nothing useful through timing.
+The proxy never sees the keys themselves, only digests of valid ones (`core/tokens.py::hash_api_key`).
+Keys are long random secrets, so looking the digest up in a set leaks nothing useful through timing.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
+
+from vectorlay.core.tokens import hash_api_key
 
 NONE = "none"
 API_KEY = "api-key"
@@ -44,7 +45,7 @@ def authorize(mode: str, key_hashes: frozenset[str], authorization: bytes) -> Au
     token = bearer_token(authorization)
     if token is None:
         return AuthResult(False, problem="malformed Authorization header: expected Bearer <key>")
-    digest = hashlib.sha256(token).hexdigest()
+    digest = hash_api_key(token)
     if digest not in key_hashes:
         return AuthResult(False, problem="invalid or revoked API key")
     return AuthResult(True, key_hash=digest)

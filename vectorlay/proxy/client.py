@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import trio
 
+from vectorlay.proxy.admission import ConnectionAdmission
 from vectorlay.proxy.codec import NEED_DATA, Data, Headers, HttpParser, Request, Signal, server_codec
 from vectorlay.proxy.deadlines import DeadlineKeeper
 from vectorlay.proxy.limits import ProxyLimits
@@ -25,7 +26,7 @@ _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 class ClientConnection:
     def __init__(self, stream: trio.abc.Stream, limits: ProxyLimits, peer: str, scheme: str,
-                 parser: HttpParser, deadlines: DeadlineKeeper) -> None:
+                 parser: HttpParser, deadlines: DeadlineKeeper, admission: ConnectionAdmission) -> None:
         self.stream = stream
         self.channel = channel(stream)
         self.limits = limits
@@ -35,6 +36,8 @@ class ClientConnection:
         self.peer_bytes = peer.encode()  # for X-Forwarded-For, once per connection
         self.scheme_bytes = scheme.encode()
         self.deadlines = deadlines
+        self.admission = admission  # told while this connection waits for a request (it may be closed for room)
+        self.evicted = False  # closed to make room for a new connection (see admission.py)
         # Around the whole connection (entered by Proxy.handle_connection); cancelled when a wait
         # for the client outlasts its deadline, or when draining finds the connection idle.
         self.scope = trio.CancelScope()
@@ -45,6 +48,8 @@ class ClientConnection:
         self.unread_input = False  # answered an error without reading all the client sent
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        self._queued_status: int | None = None  # of a response head queued and not yet sent
+        self.sent_status: int | None = None  # of the current request's response head, once sent
 
     async def next_request(self) -> Request | None:
         """The next request's head; None when the client closed the connection between requests.
@@ -68,16 +73,20 @@ class ClientConnection:
         self.in_head = started = codec.request_started
         deadlines.arm(self, trio.current_time() + (self.limits.header_timeout_s if started
                                                    else self.limits.idle_timeout_s))
+        if not started:
+            self.admission.waiting(self)
         try:
             while event is NEED_DATA:
                 data = await self._receive()
                 if not started and data:
                     self.in_head = started = True
+                    self.admission.busy(self)
                     deadlines.arm(self, trio.current_time() + self.limits.header_timeout_s)
                 codec.receive_data(data)
                 event = codec.next_event()
         finally:
             deadlines.disarm(self)
+            self.admission.busy(self)
         if self.scope.cancel_called:
             # The deadline passed as the last bytes came in: too late, as if they had not. The
             # checkpoint raises Cancelled, so this ends the way every timeout does.
@@ -88,6 +97,11 @@ class ClientConnection:
     def waiting_idle(self) -> bool:
         """Waiting for the first byte of a next request (what draining closes at once)."""
         return self.armed_with is not None and not self.in_head
+
+    def evict(self) -> None:
+        """Close this idle connection to make room for a new one (called by ConnectionAdmission)."""
+        self.evicted = True
+        self.scope.cancel()
 
     def expire(self) -> None:
         """The idle or header deadline passed (called by the DeadlineKeeper): end the connection.
@@ -121,6 +135,7 @@ class ClientConnection:
 
     def respond(self, status: int, reason: bytes, headers: Headers, close: bool = False) -> None:
         self._queue(self.codec.send_response(status, reason, headers, close))
+        self._queued_status = status
 
     def inform(self, status: int, reason: bytes) -> None:
         self._queue(self.codec.send_informational(status, reason))
@@ -146,6 +161,8 @@ class ClientConnection:
             await self.channel.send_all(data)
         except _IO_ERRORS:
             raise ClientGone() from None
+        if self._queued_status is not None:
+            self.sent_status, self._queued_status = self._queued_status, None
 
     @property
     def pending_bytes(self) -> int:

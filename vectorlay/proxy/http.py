@@ -23,6 +23,7 @@ import trio
 from vectorlay.core.protocol import TUNNEL, Endpoint
 from vectorlay.errors import TunnelError, unwrap_group
 from vectorlay.proxy import headers as hdr
+from vectorlay.proxy.admission import ConnectionAdmission
 from vectorlay.proxy.auth import API_KEY, authorize
 from vectorlay.proxy.client import ClientConnection, ClientGone
 from vectorlay.proxy.codec import (
@@ -97,6 +98,7 @@ class Proxy:
         self.draining = False
         self._clients: set[ClientConnection] = set()
         self.deadlines = DeadlineKeeper(min(self.limits.header_timeout_s, self.limits.idle_timeout_s))
+        self.admission = ConnectionAdmission(self.limits.max_connections, self.limits.max_connections_per_client)
         self._hosts: dict[bytes, str | None] = {}  # Host header -> cluster name
         self.tunnels = tunnels  # streams through nodes' tunnels, for their tunnel-plane endpoints
         routes.on_endpoint_removed.append(lambda endpoint: self.pool.forget(upstream_key(endpoint)))
@@ -110,8 +112,11 @@ class Proxy:
             if client.waiting_idle:
                 client.scope.cancel()
 
-    async def handle_connection(self, stream: trio.abc.Stream, peer: str, scheme: str = "http") -> None:
-        client = ClientConnection(stream, self.limits, peer, scheme, self.parser, self.deadlines)
+    async def handle_connection(self, stream: trio.abc.Stream, peer: str, scheme: str = "http",
+                                admitted: bool = False) -> None:
+        """Serve one client connection until it ends. `admitted`: counted by `admission.admit`,
+        which is told when it ends."""
+        client = ClientConnection(stream, self.limits, peer, scheme, self.parser, self.deadlines, self.admission)
         self.metrics.connections += 1
         self._clients.add(client)
         try:
@@ -124,6 +129,8 @@ class Proxy:
         finally:
             self._clients.discard(client)
             self.metrics.connections -= 1
+            if admitted:
+                self.admission.finished(peer, client.evicted)
             # Shielded so a cancelled connection still closes; bounded so a TLS peer that stopped
             # reading cannot hold the close_notify forever.
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
@@ -164,6 +171,7 @@ class Proxy:
 
     async def _serve_request(self, client: ClientConnection, request: Request) -> None:
         started = trio.current_time()
+        client.sent_status = None
         named = hdr.first_values(request.headers)
         client.request_length = named.get(b"content-length", b"")
         name = self._cluster_name(named.get(b"host", b""))
@@ -182,7 +190,9 @@ class Proxy:
             else:
                 status = await self._admit_and_forward(client, request, named, cluster, metrics, started)
         except ClientGone as gone:
-            status = gone.status if isinstance(gone, _Truncated) else CLIENT_GONE_STATUS
+            # The status the client received, if its head went out before the client left or the
+            # replica failed mid-response; 499 if the client left before any answer (as nginx counts).
+            status = client.sent_status or (gone.status if isinstance(gone, _Truncated) else CLIENT_GONE_STATUS)
             raise
         except trio.TooSlowError:
             status = await self._reply_error(client, 408, "request body took too long")
@@ -397,7 +407,9 @@ class Proxy:
                 nursery.start_soon(watch)
                 result.append(await work())
                 nursery.cancel_scope.cancel()
-        if gone or not result:
+        # The work finished (its last write done) even if the client closed meanwhile: a client
+        # that closes the moment a response ends (curl) got all of it.
+        if not result:
             raise ClientGone()
         return result[0]
 

@@ -17,7 +17,10 @@ class ProxyLimits:
     header_timeout_s: float = 10.0  # from a request's first byte to its last header byte; then 408
     body_timeout_s: float = 30.0  # the most a request body may pause between two reads
     idle_timeout_s: float = 60.0  # a kept-alive client connection with no request
-    max_connections: int = 10_000  # client connections at once; more are answered 503 and closed
+    max_connections: int = 10_000  # client connections at once; at the cap the idlest is closed for a new one
+    # From one client address at once; more are answered 503. A tenth of the default cap: one
+    # address cannot hold most of the proxy, and a NAT with hundreds of users behind it still fits.
+    max_connections_per_client: int = 1_000
     upstream_connect_timeout_s: float = 2.0
     upstream_response_timeout_s: float = 300.0  # for the response head, and between body chunks
     max_attempts: int = 3  # replicas tried for one request

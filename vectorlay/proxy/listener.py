@@ -1,8 +1,9 @@
-"""Accept client connections: the connection limit, TLS, and a graceful stop.
+"""Accept client connections: the connection limits, TLS, and a graceful stop.
 
-Past `max_connections` a new connection gets a short 503 and is closed at once, so a flood of
-idle sockets cannot starve the clients already being served (and they learn it, rather than
-waiting in the kernel's backlog). `shutdown` stops accepting, lets every request in flight finish
+Each new connection is admitted or not by `admission.py`: past a client address's share, or at
+the global cap with every connection busy, it gets a short 503 and is closed at once (clients
+learn it, rather than waiting in the kernel's backlog); at the cap with some connection idle, the
+idlest is closed to make room. `shutdown` stops accepting, lets every request in flight finish
 within a grace period, and closes idle keep-alive connections at once.
 """
 
@@ -14,14 +15,22 @@ import resource
 
 import trio
 
+from vectorlay.proxy.admission import Admitted
 from vectorlay.proxy.http import Proxy
 from vectorlay.proxy.tls import TlsTerminator
 
 log = logging.getLogger("vectorlay.proxy")
 
-_OVERLOADED_BODY = b'{"error": "too many connections to this proxy", "status": 503}\n'
-OVERLOADED = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-              b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_OVERLOADED_BODY), _OVERLOADED_BODY))
+
+
+def _refusal(message: bytes) -> bytes:
+    body = b'{"error": "%s", "status": 503}\n' % message
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+
+
+OVERLOADED = _refusal(b"too many connections to this proxy")
+CLIENT_OVERLOADED = _refusal(b"too many connections from your address")
 REJECT_TIMEOUT_S = 1.0
 # Out of file descriptors (or kernel buffers): wait a little and accept again, as trio.serve_listeners does.
 _RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -33,8 +42,6 @@ class Edge:
         self.proxy = proxy
         self.listeners = listeners
         self.tls = tls
-        self.max_connections = proxy.limits.max_connections
-        self.open = 0
         self._all_closed = trio.Event()
         self._accepting = trio.CancelScope()
 
@@ -61,6 +68,10 @@ class Edge:
         log.warning("%d connection(s) still busy after %gs; closing them", self.open, grace_s)
         return False
 
+    @property
+    def open(self) -> int:
+        return self.proxy.admission.open
+
     async def _accept_loop(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
         while True:
             try:
@@ -71,35 +82,36 @@ class Edge:
                 log.error("accept failed (%s); retrying in %gs", error.strerror, ACCEPT_BACKOFF_S)
                 await trio.sleep(ACCEPT_BACKOFF_S)
                 continue
-            if self.open >= self.max_connections:
+            try:
+                peer = str(stream.socket.getpeername()[0])
+            except OSError:
+                peer = "unknown"
+            admitted = self.proxy.admission.admit(peer)
+            self.proxy.metrics.connections_evicted = self.proxy.admission.evicted
+            if admitted is not Admitted.YES:
                 self.proxy.metrics.connections_rejected += 1
-                connections.start_soon(self._reject, stream)
+                connections.start_soon(self._reject, stream,
+                                       CLIENT_OVERLOADED if admitted is Admitted.CLIENT_FULL else OVERLOADED)
                 continue
-            self.open += 1
-            connections.start_soon(self._handle, stream)
+            connections.start_soon(self._handle, stream, peer)
 
-    async def _handle(self, raw: trio.SocketStream) -> None:
-        try:
-            peer = str(raw.socket.getpeername()[0])
-        except OSError:
-            peer = "unknown"
+    async def _handle(self, raw: trio.SocketStream, peer: str) -> None:
         try:
             if self.tls is None:
-                await self.proxy.handle_connection(raw, peer, "http")
+                await self.proxy.handle_connection(raw, peer, "http", admitted=True)
             else:
-                await self.proxy.handle_connection(self.tls.wrap(raw), peer, "https")
+                await self.proxy.handle_connection(self.tls.wrap(raw), peer, "https", admitted=True)
         except Exception:  # noqa: BLE001 - one connection's failure must never take the proxy down
             log.exception("internal error while serving %s; closed that connection", peer)
         finally:
-            self.open -= 1
             if self.open == 0 and self.proxy.draining:
                 self._all_closed.set()
 
-    async def _reject(self, stream: trio.SocketStream) -> None:
+    async def _reject(self, stream: trio.SocketStream, answer: bytes) -> None:
         with trio.move_on_after(REJECT_TIMEOUT_S):
             try:
                 if self.tls is None:
-                    await stream.send_all(OVERLOADED)
+                    await stream.send_all(answer)
                     # Read what the client sent, so that closing does not reset away our answer.
                     await stream.send_eof()
                     while await stream.receive_some(16 * 1024):

@@ -67,6 +67,7 @@ class Metrics:
         self.connections = 0
         self.connections_rejected = 0
         self.tunnels: TunnelCounters | None = None
+        self.connections_evicted = 0
 
     def render(self) -> bytes:
         lines: list[str] = []
@@ -76,7 +77,9 @@ class Metrics:
             lines.append(f"# TYPE {name} {kind}")
 
         clusters = sorted(self.clusters.items())
-        family("vectorlay_proxy_requests_total", "counter", "Requests answered, by cluster and status code.")
+        family("vectorlay_proxy_requests_total", "counter",
+               "Requests answered, by cluster and the status code the client received "
+               "(499: the client left before any answer).")
         for name, m in clusters:
             for status, count in sorted(m.requests.items()):
                 lines.append(f'vectorlay_proxy_requests_total{{cluster="{name}",code="{status}"}} {count}')
@@ -103,8 +106,12 @@ class Metrics:
         family("vectorlay_proxy_connections", "gauge", "Client connections open now.")
         lines.append(f"vectorlay_proxy_connections {self.connections}")
         family("vectorlay_proxy_connections_rejected_total", "counter",
-               "Client connections refused because the connection limit was reached.")
+               "Client connections refused: the limit was reached with every connection busy, "
+               "or their address holds its share.")
         lines.append(f"vectorlay_proxy_connections_rejected_total {self.connections_rejected}")
+        family("vectorlay_proxy_connections_evicted_total", "counter",
+               "Idle kept-alive client connections closed to make room for new ones at the connection limit.")
+        lines.append(f"vectorlay_proxy_connections_evicted_total {self.connections_evicted}")
         if self.tunnels is not None:
             tunnels = self.tunnels
             for metric, kind, value, help_text in (

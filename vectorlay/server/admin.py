@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from vectorlay.core import cluster_health
+from vectorlay.core.api import ClusterChange
 from vectorlay.core.model import ClusterSpec, split_key, template_revision
 from vectorlay.core.spec_diff import spec_changes
-from vectorlay.core.tokens import hash_secret
+from vectorlay.core.tokens import hash_api_key
 from vectorlay.errors import ConflictError, NotFoundError, UserError
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.ids import random_id
@@ -29,14 +30,6 @@ from vectorlay.server.writer import Writer
 from vectorlay.wire import CLOSE_POLICY
 
 MAX_AUDIT_DETAIL = 4000  # characters of a change's field lines kept in its audit record
-
-
-@dataclass(frozen=True)
-class ClusterChange:
-    cluster: str
-    action: str  # "created" | "updated" | "unchanged" | "deleted"
-    detail: str = ""
-    fields: tuple[str, ...] = ()  # what changed, one line per field: `spec.env.X: 1 → 2`
 
 
 class Admin:
@@ -121,7 +114,7 @@ class Admin:
                 raise NotFoundError(f"cluster {cluster!r} not found")
             key_id = f"vk-{random_id(8)}"
             key = f"{key_id}.{secrets.token_urlsafe(32)}"
-            record = ApiKeyRecord(key_id, cluster, name or key_id, hash_secret(key), batch.wall)
+            record = ApiKeyRecord(key_id, cluster, name or key_id, hash_api_key(key), batch.wall)
             batch.put_api_key(record)
             batch.event(cluster, f"API key {record.id} ({record.name}) created")
             batch.audit(actor, "key.create", f"{cluster}/{record.id}", owner.spec.project, record.name)
@@ -216,11 +209,6 @@ class Admin:
     def audit_op(self, actor: str, action: str, target: str, project: str = "", detail: str = "") -> ops.AddAudit:
         """An audit record for a change stored elsewhere (tokens live in the authenticator)."""
         return ops.AddAudit(AuditRecord(self.writer.wall_clock(), actor or "server", action, target, project, detail))
-
-
-def hash_api_key(key: str) -> str:
-    """What proxies compare: the SHA-256 of the whole key (keys are long random secrets)."""
-    return hash_secret(key)
 
 
 def describe_update(old: ClusterSpec, new: ClusterSpec) -> str:

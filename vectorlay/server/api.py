@@ -1,22 +1,36 @@
 """The CLI's API: request/response calls (and streamed results) over one WebSocket.
 
 Each `Call` runs in its own task, so a streaming call (logs -f, wait) does not block others on
-the same link; a `Cancel` or the link closing stops it. Every call runs as a `Principal`: admin
-tokens may do anything, a deployer token only what concerns its own project (anything else is
-"not found", so it learns nothing of other tenants), node and proxy tokens nothing here.
+the same link; a `Cancel` or the link closing stops it. The calls, their requests and responses
+are defined in core/api.py; here each has its handler, which takes the typed request and returns
+the typed response. Every call runs as a `Principal`: admin tokens may do anything, a deployer
+token only what concerns its own project (anything else is "not found", so it learns nothing of
+other tenants), node and proxy tokens nothing here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import trio
 
 from vectorlay import __version__
-from vectorlay.core import codec
+from vectorlay.core import api
+from vectorlay.core.api_views import (
+    ClusterDescription,
+    ClusterView,
+    DescribedReplica,
+    FleetSummary,
+    KeyView,
+    SecretView,
+    ServerView,
+    TokenView,
+)
 from vectorlay.core.durations import parse_duration
 from vectorlay.core.launch_inputs import secret_value_problem
 from vectorlay.core.manifest import is_dns_label, parse_manifest
@@ -37,17 +51,19 @@ from vectorlay.server import views
 from vectorlay.server.admin import Admin
 from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.fleet import Fleet
+from vectorlay.server.idle_links import API_IDLE_TIMEOUT_S, IdleTimer
 from vectorlay.server.route_feed import RouteFeed
 from vectorlay.server.sessions import Sessions
 from vectorlay.server.signals import Signals
 from vectorlay.server.views import audit_view, token_view
 from vectorlay.server.write_behind import DatabaseStatus
-from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed
+from vectorlay.wire import CLOSE_NORMAL, CLOSE_POLICY, Link, LinkClosed
 
 log = logging.getLogger("vectorlay.server")
+T = TypeVar("T")
 
-Emit = Callable[[Any], Awaitable[None]]
-Method = Callable[[Principal, dict[str, Any], Emit], Awaitable[Any]]
+Emit = Callable[[Any], Awaitable[None]]  # sends one event of the call's stream
+Handler = Callable[[Principal, Any, Emit], Awaitable[Any]]
 MAX_CALLS_IN_FLIGHT = 64  # per link: a client cannot make the server juggle unbounded work
 MAX_SECRET_BYTES = 64 * 1024
 CLIENT_MESSAGES_PER_S = 50.0
@@ -56,57 +72,77 @@ CLIENT_MESSAGE_BURST = 200
 
 class Api:
     def __init__(self, fleet: Fleet, admin: Admin, sessions: Sessions, signals: Signals, auth: Authenticator,
-                 feed: RouteFeed, database: DatabaseStatus, pending_writes: Callable[[], int]) -> None:
+                 feed: RouteFeed, database: DatabaseStatus, pending_writes: Callable[[], int],
+                 idle_timeout_s: float = API_IDLE_TIMEOUT_S) -> None:
         self.fleet = fleet
         self.database = database
         self.pending_writes = pending_writes
+        self.idle_timeout_s = idle_timeout_s
+        self.links = 0  # CLI links open now (for `get servers`)
+        self.servers: Callable[[], Awaitable[list[ServerView]]] | None = None  # set by the app
         self.admin = admin
         self.sessions = sessions
         self.signals = signals
         self.auth = auth
         self.feed = feed
-        # method -> (handler, admin only)
-        self.methods: dict[str, tuple[Method, bool]] = {
-            "whoami": (self.whoami, False),
-            "status": (self.status, False),
-            "apply": (self.apply, False),
-            "delete": (self.delete, False),
-            "cluster_unquarantine": (self.cluster_unquarantine, False),
-            "get_clusters": (self.get_clusters, False),
-            "get_replicas": (self.get_replicas, False),
-            "describe_cluster": (self.describe_cluster, False),
-            "wait_ready": (self.wait_ready, False),
-            "wait_deleted": (self.wait_deleted, False),
-            "logs": (self.logs, False),
-            "key_create": (self.key_create, False),
-            "key_list": (self.key_list, False),
-            "key_revoke": (self.key_revoke, False),
-            "secret_set": (self.secret_set, False),
-            "secret_list": (self.secret_list, False),
-            "secret_delete": (self.secret_delete, False),
-            "audit": (self.audit, False),
-            "get_nodes": (self.get_nodes, True),
-            "fleet_summary": (self.fleet_summary, True),
-            "node_cordon": (self.node_cordon, True),
-            "node_uncordon": (self.node_uncordon, True),
-            "node_drain": (self.node_drain, True),
-            "node_rm": (self.node_rm, True),
-            "token_create": (self.token_create, True),
-            "token_list": (self.token_list, True),
-            "token_revoke": (self.token_revoke, True),
+        handlers: dict[type[api.Request[Any]], Handler] = {
+            api.WhoAmI: self.whoami,
+            api.GetStatus: self.status,
+            api.GetServers: self.get_servers,
+            api.Apply: self.apply,
+            api.Delete: self.delete,
+            api.Unquarantine: self.cluster_unquarantine,
+            api.GetClusters: self.get_clusters,
+            api.GetReplicas: self.get_replicas,
+            api.DescribeCluster: self.describe_cluster,
+            api.WaitReady: self.wait_ready,
+            api.WaitDeleted: self.wait_deleted,
+            api.Logs: self.logs,
+            api.KeyCreate: self.key_create,
+            api.KeyList: self.key_list,
+            api.KeyRevoke: self.key_revoke,
+            api.SecretSet: self.secret_set,
+            api.SecretList: self.secret_list,
+            api.SecretDelete: self.secret_delete,
+            api.Audit: self.audit,
+            api.GetNodes: self.get_nodes,
+            api.GetFleetSummary: self.fleet_summary,
+            api.NodeCordon: self.node_cordon,
+            api.NodeUncordon: self.node_uncordon,
+            api.NodeDrain: self.node_drain,
+            api.NodeRemove: self.node_rm,
+            api.TokenCreate: self.token_create,
+            api.TokenList: self.token_list,
+            api.TokenRevoke: self.token_revoke,
         }
+        missing = {call.method for call in api.CALLS if call.request not in handlers}
+        if missing:  # a call added to core/api.py without its handler here
+            raise TypeError(f"no handler for API call(s) {sorted(missing)}")
+        self.handlers = handlers
 
     async def serve(self, link: Link, principal: Principal) -> None:
+        self.links += 1
+        try:
+            await self._serve(link, principal)
+        finally:
+            self.links -= 1
+
+    async def _serve(self, link: Link, principal: Principal) -> None:
         calls: dict[int, trio.CancelScope] = {}
         budget = TokenBucket.full(CLIENT_MESSAGES_PER_S, CLIENT_MESSAGE_BURST, trio.current_time())
+        idle = IdleTimer(self.idle_timeout_s)
         async with trio.open_nursery() as nursery:
             while True:
                 try:
-                    message = await link.receive(CLIENT_TO_SERVER)
+                    with idle.waiting() as waiting:
+                        message = await link.receive(CLIENT_TO_SERVER)
                 except ProtocolError as error:
                     await link.reject(error)
                     break
                 except LinkClosed:
+                    break
+                if waiting.cancelled_caught:
+                    await link.close(CLOSE_NORMAL, f"idle for {self.idle_timeout_s:g}s with no call in flight")
                     break
                 allowed, budget = budget.take(trio.current_time())
                 if not allowed:
@@ -122,29 +158,27 @@ class Api:
                         break
                     scope = trio.CancelScope()
                     calls[message.id] = scope
-                    nursery.start_soon(self._run_call, link, principal, message, scope, calls)
+                    idle.begin()
+                    nursery.start_soon(idle.call, partial(self._run_call, link, principal, message, scope, calls))
             nursery.cancel_scope.cancel()
 
     async def _run_call(self, link: Link, principal: Principal, call: Call, scope: trio.CancelScope,
                         calls: dict[int, trio.CancelScope]) -> None:
         async def emit(value: Any) -> None:
-            await link.send(Event(call.id, value))
+            await link.send(Event(call.id, api.encode(value)))
 
         try:
             with scope:
-                entry = self.methods.get(call.method)
-                if entry is None:
-                    raise UserError(f"unknown method {call.method!r}")
-                method, admin_only = entry
-                if admin_only and not principal.is_admin:
+                request = api.decode_request(call.method, call.params)
+                if api.call_type(request).admin_only and not principal.is_admin:
                     raise AuthError(f"a {principal.role.value} token cannot do this (needs an admin token)")
-                value = await method(principal, call.params, emit)
-                await link.send(Result(call.id, value))
+                response = await self.handlers[type(request)](principal, request, emit)
+                await link.send(Result(call.id, api.encode(response)))
         except LinkClosed:
             pass
         except VectorlayError as error:
             try:
-                await link.send(Failure(call.id, _kind(error), _explain(error, call.method)))
+                await link.send(Failure(call.id, api.error_kind(error), _explain(error, call.method)))
             except LinkClosed:
                 pass
         finally:
@@ -152,18 +186,16 @@ class Api:
 
     # --- scoping ----------------------------------------------------------------------------
 
-    def _project(self, principal: Principal, params: dict[str, Any]) -> str:
+    def _project(self, principal: Principal, named: str | None) -> str:
         """The project a call is about: the one named, else the caller's own (admin: default)."""
-        project = params.get("project") or principal.project or DEFAULT_PROJECT
-        if not isinstance(project, str) or not is_dns_label(project):
+        project = named or principal.project or DEFAULT_PROJECT
+        if not is_dns_label(project):
             raise UserError(f"invalid project {project!r}")
         return project
 
-    def _cluster(self, principal: Principal, params: dict[str, Any], field: str = "name",
-                 must_exist: bool = True) -> str:
+    def _cluster(self, principal: Principal, name: str, project_named: str | None, must_exist: bool = True) -> str:
         """The key of the named cluster, if the caller may see it; NotFoundError otherwise."""
-        name = _param(params, field, str)
-        project = self._project(principal, params)
+        project = self._project(principal, project_named)
         key = cluster_key(name, project)
         visible = principal.may_touch(project)
         if not visible or (must_exist and key not in self.fleet.clusters and not self.fleet.by_cluster.get(key)):
@@ -174,153 +206,167 @@ class Api:
     def _visible(self, principal: Principal, key: str) -> bool:
         return principal.may_touch(split_key(key)[1])
 
+    def _scoped_project(self, principal: Principal, named: str | None) -> str:
+        project = self._project(principal, named)
+        if not principal.may_touch(project):
+            raise NotFoundError(f"project {project!r} not found")
+        return project
+
     # --- clusters ---------------------------------------------------------------------------
 
-    async def whoami(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        return {"role": principal.role.value, "token": principal.token_id, "project": principal.project or None}
+    async def whoami(self, principal: Principal, request: api.WhoAmI, emit: Emit) -> api.Identity:
+        return api.Identity(principal.role, principal.token_id, principal.project or None)
 
-    async def status(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+    async def status(self, principal: Principal, request: api.GetStatus, emit: Emit) -> api.ServerStatus:
         """How this server is: its database above all (unavailable since when, and why)."""
         connected = sum(1 for live in self.fleet.liveness.values() if live.connected)
-        return {"version": __version__, "database": views.database_view(self.database, self.pending_writes()),
-                "nodes": len(self.fleet.nodes), "nodes_connected": connected, "clusters": len(self.fleet.clusters)}
+        return api.ServerStatus(__version__, views.database_view(self.database, self.pending_writes()),
+                                len(self.fleet.nodes), connected, len(self.fleet.clusters))
 
-    async def apply(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        specs = parse_manifest(_param(params, "manifest", str), principal.project or DEFAULT_PROJECT)
+    async def get_servers(self, principal: Principal, request: api.GetServers, emit: Emit) -> api.Servers:
+        return api.Servers(tuple(await self.servers()) if self.servers is not None else ())
+
+    async def apply(self, principal: Principal, request: api.Apply, emit: Emit) -> api.Applied:
+        specs = parse_manifest(request.manifest, principal.project or DEFAULT_PROJECT)
         for spec in specs:
             if not principal.may_touch(spec.project):
                 raise AuthError(f"a deployer token for project {principal.project!r} cannot change project "
                                 f"{spec.project!r}")
-        dry_run = bool(params.get("dry_run", False))
-        changes = await self.admin.apply(specs, dry_run, principal.actor)
-        return {"dry_run": dry_run, "changes": [
-            {"cluster": c.cluster, "action": c.action, "detail": c.detail, "fields": list(c.fields)} for c in changes
-        ]}
+        changes = await self.admin.apply(specs, request.dry_run, principal.actor)
+        return api.Applied(request.dry_run, tuple(changes))
 
-    async def delete(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        key = self._cluster(principal, params)
+    async def delete(self, principal: Principal, request: api.Delete, emit: Emit) -> api.Deleted:
+        key = self._cluster(principal, request.name, request.project)
         if not await self.admin.delete(key, principal.actor):
-            raise NotFoundError(f"cluster {params.get('name')!r} not found")
-        return {"deleted": key}
+            raise NotFoundError(f"cluster {request.name!r} not found")
+        return api.Deleted(key)
 
-    async def cluster_unquarantine(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        key = self._cluster(principal, params)
-        return {"cluster": key, "lifted": await self.admin.unquarantine(key, principal.actor)}
+    async def cluster_unquarantine(self, principal: Principal, request: api.Unquarantine,
+                                   emit: Emit) -> api.Unquarantined:
+        key = self._cluster(principal, request.name, request.project)
+        return api.Unquarantined(key, await self.admin.unquarantine(key, principal.actor))
 
-    async def get_clusters(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        if params.get("name") is not None:
-            keys = [self._cluster(principal, params)]
+    async def get_clusters(self, principal: Principal, request: api.GetClusters, emit: Emit) -> api.Clusters:
+        if request.name is not None:
+            keys = [self._cluster(principal, request.name, request.project)]
         else:
             keys = sorted(k for k in self.fleet.clusters if self._visible(principal, k))
         now = trio.current_time()
-        return [views.cluster_view(self.fleet, k, self.feed.endpoint_url(k), now) for k in keys]
+        return api.Clusters(tuple(views.cluster_view(self.fleet, k, self.feed.endpoint_url(k), now) for k in keys))
 
-    async def get_replicas(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        if params.get("cluster") is not None:
-            ids = sorted(self.fleet.by_cluster.get(self._cluster(principal, params, "cluster"), ()))
+    async def get_replicas(self, principal: Principal, request: api.GetReplicas, emit: Emit) -> api.Replicas:
+        if request.cluster is not None:
+            ids = sorted(self.fleet.by_cluster.get(self._cluster(principal, request.cluster, request.project), ()))
         else:
             ids = sorted((i for i, r in self.fleet.replicas.items() if self._visible(principal, r.cluster)),
                          key=lambda i: (self.fleet.replicas[i].cluster, i))
-        return await _paged(params, emit, ids, lambda i: views.replica_view(self.fleet, i))
 
-    async def describe_cluster(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        key = self._cluster(principal, params)
+        def page(chunk: list[str]) -> api.ReplicaPage:
+            return api.ReplicaPage(tuple(views.replica_view(self.fleet, i) for i in chunk))
+
+        if await _paged(request.page_size, emit, ids, page):
+            return api.Replicas(len(ids))
+        return api.Replicas(len(ids), page(ids).replicas)
+
+    async def describe_cluster(self, principal: Principal, request: api.DescribeCluster,
+                               emit: Emit) -> ClusterDescription:
+        key = self._cluster(principal, request.name, request.project)
         record = self.fleet.clusters.get(key)
         events = await self.admin.events(key, 200)
         replicas = []
         for replica in self.fleet.replicas_of_cluster(key):
-            mine = [views.event_view(e) for e in events if e.replica_id == replica.id][-5:]
-            replicas.append({**views.replica_view(self.fleet, replica.id), "events": mine})
-        return {
-            "cluster": views.cluster_view(self.fleet, key, self.feed.endpoint_url(key), trio.current_time()),
-            "spec": codec.dump(record.spec) if record else None,
-            "replicas": replicas,
-            "events": [views.event_view(e) for e in events[-20:]],
-        }
+            mine = tuple(views.event_view(e) for e in events if e.replica_id == replica.id)[-5:]
+            replicas.append(_extended(DescribedReplica, views.replica_view(self.fleet, replica.id), events=mine))
+        return ClusterDescription(
+            cluster=views.cluster_view(self.fleet, key, self.feed.endpoint_url(key), trio.current_time()),
+            spec=record.spec if record else None,
+            replicas=tuple(replicas),
+            events=tuple(views.event_view(e) for e in events[-20:]),
+        )
 
-    async def wait_ready(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+    async def wait_ready(self, principal: Principal, request: api.WaitReady, emit: Emit) -> api.ReadyWaited:
         """Stream the clusters' status on every change until all are ready or the timeout passes."""
-        keys = [k for k in _param(params, "clusters", list) if isinstance(k, str) and self._visible(principal, k)]
-        timeout = _timeout(params)
+        keys = [k for k in request.clusters if self._visible(principal, k)]
 
-        def statuses() -> list[dict[str, Any]]:
+        def statuses() -> tuple[ClusterView, ...]:
             now = trio.current_time()
-            return [views.cluster_view(self.fleet, k, self.feed.endpoint_url(k), now) for k in keys]
+            return tuple(views.cluster_view(self.fleet, k, self.feed.endpoint_url(k), now) for k in keys)
 
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(_timeout(request.timeout_s)):
             while True:
                 current = statuses()
-                await emit(current)
-                if all(views.is_cluster_ready(s) for s in current):
-                    return {"ready": True, "clusters": current}
-                blocked = [(s["key"], reason) for s in current if (reason := views.blocked_reason(s))]
+                await emit(api.ClusterStatuses(current))
+                if all(views.cluster_readiness(self.fleet, k).ready for k in keys):
+                    return api.ReadyWaited(True, current)
+                blocked = tuple(api.Blocked(s.key, reason) for s in current if (reason := views.blocked_reason(s)))
                 if blocked:  # it will not get ready by waiting: say why now, not at the timeout
-                    return {"ready": False, "clusters": current,
-                            "failed": [{"cluster": key, "reason": reason} for key, reason in blocked]}
+                    return api.ReadyWaited(False, current, blocked)
                 with trio.move_on_after(1.0):
                     await self.signals.wait_changed()
-        return {"ready": False, "clusters": statuses()}
+        return api.ReadyWaited(False, statuses())
 
-    async def wait_deleted(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        key = self._cluster(principal, params, must_exist=False)
-        with trio.move_on_after(_timeout(params)):
+    async def wait_deleted(self, principal: Principal, request: api.WaitDeleted, emit: Emit) -> api.DeleteWaited:
+        key = self._cluster(principal, request.name, request.project, must_exist=False)
+        with trio.move_on_after(_timeout(request.timeout_s)):
             while self.fleet.by_cluster.get(key):
-                await emit({"stopping": len(self.fleet.by_cluster.get(key, ()))})
+                await emit(api.Stopping(len(self.fleet.by_cluster.get(key, ()))))
                 with trio.move_on_after(1.0):
                     await self.signals.wait_changed()
-            return {"gone": True}
-        return {"gone": False, "left": len(self.fleet.by_cluster.get(key, ()))}
+            return api.DeleteWaited(True)
+        return api.DeleteWaited(False, len(self.fleet.by_cluster.get(key, ())))
 
-    async def logs(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        key = self._cluster(principal, params, "cluster")
-        tail = params.get("tail", 100)
-        if not isinstance(tail, int) or tail < 0:
+    async def logs(self, principal: Principal, request: api.Logs, emit: Emit) -> api.LogsEnded:
+        """Every placed replica's log: first the list of them (the client merges their lines in
+        time order and waits for each one's tail), then their lines as they come."""
+        key = self._cluster(principal, request.cluster, request.project)
+        if request.tail < 0:
             raise UserError("tail must be a non-negative integer")
-        follow = bool(params.get("follow", False))
         replicas = [r for r in self.fleet.replicas_of_cluster(key) if r.node_id is not None]
+        await emit(api.LogChunk("", None, expected=tuple(r.id for r in replicas)))
         async with trio.open_nursery() as nursery:
             for replica in replicas:
-                nursery.start_soon(self._replica_logs, replica.id, replica.node_id, tail, follow, emit)
-        return {"replicas": len(replicas)}
+                nursery.start_soon(self._replica_logs, replica.id, replica.node_id, request.tail, request.follow,
+                                   emit, request.since)
+        return api.LogsEnded(len(replicas))
 
     async def _replica_logs(self, replica_id: str, node_id: str | None, tail: int, follow: bool,
-                            emit: Emit) -> None:
+                            emit: Emit, since: float | None) -> None:
         node = self.fleet.nodes.get(node_id or "")
-        header = {"replica": replica_id, "node": node.name if node else None}
-        async with self.sessions.logs(node_id or "", replica_id, tail, follow) as stream:
+        node_name = node.name if node else None
+        async with self.sessions.logs(node_id or "", replica_id, tail, follow, since) as stream:
             if stream is None:
-                await emit({**header, "error": "its node is not connected; logs are unavailable now"})
+                await emit(api.LogChunk(replica_id, node_name,
+                                        error="its node is not connected; logs are unavailable now"))
                 return
             async for message in stream:
                 if isinstance(message, LogsData):
-                    await emit({**header, "lines": list(message.lines)})
+                    await emit(api.LogChunk(replica_id, node_name, message.lines, times=message.times,
+                                            live=message.live))
                 elif isinstance(message, LogsEnd):
                     if message.error:
-                        await emit({**header, "error": message.error})
+                        await emit(api.LogChunk(replica_id, node_name, error=message.error))
                     return
 
     # --- endpoint keys and secrets ----------------------------------------------------------
 
-    async def key_create(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        key = self._cluster(principal, params, "cluster")
-        record, secret = await self.admin.create_api_key(key, str(params.get("name") or ""), principal.actor)
+    async def key_create(self, principal: Principal, request: api.KeyCreate, emit: Emit) -> api.CreatedKey:
+        key = self._cluster(principal, request.cluster, request.project)
+        record, secret = await self.admin.create_api_key(key, request.name or "", principal.actor)
         auth = self.fleet.clusters[record.cluster].spec.endpoint.auth
-        return {**views.key_view(record), "key": secret, "enforced": auth == "api-key"}
+        return _extended(api.CreatedKey, views.key_view(record), key=secret, enforced=auth == "api-key")
 
-    async def key_list(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        key = self._cluster(principal, params, "cluster")
+    async def key_list(self, principal: Principal, request: api.KeyList, emit: Emit) -> api.Keys:
+        key = self._cluster(principal, request.cluster, request.project)
         keys = sorted((k for k in self.fleet.api_keys.values() if k.cluster == key), key=lambda k: k.created_at)
-        return [views.key_view(k) for k in keys]
+        return api.Keys(tuple(views.key_view(k) for k in keys))
 
-    async def key_revoke(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        key = self._cluster(principal, params, "cluster")
-        record = await self.admin.revoke_api_key(key, _param(params, "id", str), principal.actor)
-        return views.key_view(record)
+    async def key_revoke(self, principal: Principal, request: api.KeyRevoke, emit: Emit) -> KeyView:
+        key = self._cluster(principal, request.cluster, request.project)
+        return views.key_view(await self.admin.revoke_api_key(key, request.id, principal.actor))
 
-    async def secret_set(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        project = self._scoped_project(principal, params)
-        name = _param(params, "name", str)
-        value = _param(params, "value", str)
+    async def secret_set(self, principal: Principal, request: api.SecretSet, emit: Emit) -> api.SecretSaved:
+        project = self._scoped_project(principal, request.project)
+        name, value = request.name, request.value
         if not is_dns_label(name):
             raise UserError(f"invalid secret name {name!r}: use lowercase letters, digits and '-'")
         if (problem := secret_value_problem(value)) is not None:
@@ -328,148 +374,130 @@ class Api:
         if len(value.encode()) > MAX_SECRET_BYTES:
             raise UserError(f"secret is larger than {MAX_SECRET_BYTES // 1024} KiB")
         existed = await self.admin.set_secret(project, name, value, principal.actor)
-        return {"project": project, "name": name, "updated": existed}
+        return api.SecretSaved(project, name, existed)
 
-    async def secret_list(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        project = self._scoped_project(principal, params)
-        return [{"project": p, "name": n, "updated_at": r.updated_at}
-                for (p, n), r in sorted(self.fleet.secrets.items()) if p == project]
+    async def secret_list(self, principal: Principal, request: api.SecretList, emit: Emit) -> api.Secrets:
+        project = self._scoped_project(principal, request.project)
+        return api.Secrets(tuple(SecretView(p, n, r.updated_at)
+                             for (p, n), r in sorted(self.fleet.secrets.items()) if p == project))
 
-    async def secret_delete(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        project = self._scoped_project(principal, params)
-        name = _param(params, "name", str)
-        await self.admin.delete_secret(project, name, principal.actor)
-        return {"project": project, "name": name, "deleted": True}
+    async def secret_delete(self, principal: Principal, request: api.SecretDelete, emit: Emit) -> api.SecretDeleted:
+        project = self._scoped_project(principal, request.project)
+        await self.admin.delete_secret(project, request.name, principal.actor)
+        return api.SecretDeleted(project, request.name, True)
 
-    def _scoped_project(self, principal: Principal, params: dict[str, Any]) -> str:
-        project = self._project(principal, params)
-        if not principal.may_touch(project):
-            raise NotFoundError(f"project {project!r} not found")
-        return project
-
-    async def audit(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        limit = params.get("limit", 100)
-        if not isinstance(limit, int) or not 1 <= limit <= 10_000:
+    async def audit(self, principal: Principal, request: api.Audit, emit: Emit) -> api.AuditLog:
+        if not 1 <= request.limit <= 10_000:
             raise UserError("limit must be between 1 and 10000")
-        project = None if principal.is_admin and not params.get("project") else self._scoped_project(principal, params)
-        return [audit_view(r) for r in await self.admin.audit_log(limit, project)]
+        project = (None if principal.is_admin and not request.project
+                   else self._scoped_project(principal, request.project))
+        return api.AuditLog(tuple(audit_view(r) for r in await self.admin.audit_log(request.limit, project)))
 
     # --- fleet (admin) ----------------------------------------------------------------------
 
-    async def get_nodes(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+    async def get_nodes(self, principal: Principal, request: api.GetNodes, emit: Emit) -> api.Nodes:
         now = trio.current_time()
-        name = params.get("name")
-        if name is not None:
-            node_id = self.fleet.node_ids_by_name.get(str(name))
+        if request.name is not None:
+            node_id = self.fleet.node_ids_by_name.get(request.name)
             if node_id is None:
-                raise NotFoundError(f"node {name!r} not found")
-            return [views.node_view(self.fleet, node_id, now)]
+                raise NotFoundError(f"node {request.name!r} not found")
+            return api.Nodes(1, (views.node_view(self.fleet, node_id, now),))
         ids = sorted(self.fleet.nodes, key=lambda i: self.fleet.nodes[i].name)
-        return await _paged(params, emit, ids, lambda i: views.node_view(self.fleet, i, now))
 
-    async def fleet_summary(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+        def page(chunk: list[str]) -> api.NodePage:
+            return api.NodePage(tuple(views.node_view(self.fleet, i, now) for i in chunk))
+
+        if await _paged(request.page_size, emit, ids, page):
+            return api.Nodes(len(ids))
+        return api.Nodes(len(ids), page(ids).nodes)
+
+    async def fleet_summary(self, principal: Principal, request: api.GetFleetSummary, emit: Emit) -> FleetSummary:
         """Counts only: cheap at any fleet size (for `get` headers and monitoring)."""
         return views.fleet_summary(self.fleet)
 
-    async def node_cordon(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        record = await self.admin.set_node_flags(_param(params, "name", str), schedulable=False, draining=False,
-                                                      actor=principal.actor)
-        return {"node": record.name, "schedulable": False}
+    async def node_cordon(self, principal: Principal, request: api.NodeCordon, emit: Emit) -> api.NodeFlags:
+        record = await self.admin.set_node_flags(request.name, schedulable=False, draining=False,
+                                                 actor=principal.actor)
+        return api.NodeFlags(record.name, False)
 
-    async def node_uncordon(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        record = await self.admin.set_node_flags(_param(params, "name", str), schedulable=True, draining=False,
-                                                      actor=principal.actor)
-        return {"node": record.name, "schedulable": True}
+    async def node_uncordon(self, principal: Principal, request: api.NodeUncordon, emit: Emit) -> api.NodeFlags:
+        record = await self.admin.set_node_flags(request.name, schedulable=True, draining=False,
+                                                 actor=principal.actor)
+        return api.NodeFlags(record.name, True)
 
-    async def node_drain(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+    async def node_drain(self, principal: Principal, request: api.NodeDrain, emit: Emit) -> api.Drained:
         """Cordon the node and move its replicas (new copies ready elsewhere first); stream the
         count left until none is, or the timeout passes."""
-        record = await self.admin.set_node_flags(_param(params, "name", str), schedulable=False, draining=True,
-                                                      actor=principal.actor)
-        with trio.move_on_after(_timeout(params)):
+        record = await self.admin.set_node_flags(request.name, schedulable=False, draining=True,
+                                                 actor=principal.actor)
+        with trio.move_on_after(_timeout(request.timeout_s)):
             while True:
                 left = [r.id for r in self.fleet.replicas_on_node(record.id)]
-                await emit({"node": record.name, "replicas_left": len(left)})
-                if not left or not params.get("wait", True):
-                    return {"node": record.name, "drained": not left, "replicas_left": len(left)}
+                await emit(api.DrainProgress(record.name, len(left)))
+                if not left or not request.wait:
+                    return api.Drained(record.name, not left, len(left))
                 with trio.move_on_after(1.0):
                     await self.signals.wait_changed()
         left = [r.id for r in self.fleet.replicas_on_node(record.id)]
-        return {"node": record.name, "drained": not left, "replicas_left": len(left)}
+        return api.Drained(record.name, not left, len(left))
 
-    async def node_rm(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        name = _param(params, "name", str)
-        lost = await self.admin.remove_node(name, principal.actor)
-        return {"node": name, "replicas_replaced": lost}
+    async def node_rm(self, principal: Principal, request: api.NodeRemove, emit: Emit) -> api.NodeRemoved:
+        lost = await self.admin.remove_node(request.name, principal.actor)
+        return api.NodeRemoved(request.name, lost)
 
-    async def token_create(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
+    async def token_create(self, principal: Principal, request: api.TokenCreate, emit: Emit) -> api.CreatedToken:
+        role = request.role
         try:
-            role = Role(_param(params, "role", str))
-        except ValueError:
-            raise UserError("role must be one of: node, proxy, deployer, admin") from None
-        ttl = params.get("ttl")
-        try:
-            ttl_s = parse_duration(ttl) if isinstance(ttl, str | int | float) else None
+            ttl_s = parse_duration(request.ttl) if request.ttl is not None else None
         except ValueError as error:
             raise UserError(f"invalid ttl: {error}") from None
-        uses = params.get("uses")
-        if uses is not None and (not isinstance(uses, int) or uses < 1):
+        if request.uses is not None and request.uses < 1:
             raise UserError("uses must be a positive integer")
-        project = str(params.get("project") or "")
+        project = request.project or ""
         if role is Role.DEPLOYER:
             if not is_dns_label(project):
                 raise UserError("a deployer token needs --project NAME (a DNS label)")
         elif project:
             raise UserError("--project applies only to deployer tokens")
-        description = str(params.get("description", ""))[:200]
+        description = request.description[:200]
         audit = self.admin.audit_op(principal.actor, "token.create", "", project, f"{role.value} {description}")
-        record, token = await self.auth.create_token(role, ttl_s or None, uses, description, project, [audit])
-        return {**token_view(record), "token": token}
+        record, token = await self.auth.create_token(role, ttl_s or None, request.uses, description, project, [audit])
+        return _extended(api.CreatedToken, token_view(record), token=token)
 
-    async def token_list(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        return [token_view(r) for r in sorted(await self.auth.store.list_tokens(), key=lambda r: r.created_at)]
+    async def token_list(self, principal: Principal, request: api.TokenList, emit: Emit) -> api.Tokens:
+        records = sorted(await self.auth.store.list_tokens(), key=lambda r: r.created_at)
+        return api.Tokens(tuple(token_view(r) for r in records))
 
-    async def token_revoke(self, principal: Principal, params: dict[str, Any], emit: Emit) -> Any:
-        token_id = _param(params, "id", str)
-        if token_id == principal.token_id:
+    async def token_revoke(self, principal: Principal, request: api.TokenRevoke, emit: Emit) -> TokenView:
+        if request.id == principal.token_id:
             raise ConflictError("refusing to revoke the token this command runs with")
-        audit = self.admin.audit_op(principal.actor, "token.revoke", token_id)
-        return token_view(await self.auth.revoke_token(token_id, [audit]))
+        audit = self.admin.audit_op(principal.actor, "token.revoke", request.id)
+        return token_view(await self.auth.revoke_token(request.id, [audit]))
 
 
-async def _paged(params: dict[str, Any], emit: Emit, ids: list[str], view: Callable[[str], Any]) -> Any:
-    """The whole list as the result; or, with `page_size`, pages as events and a count as the
-    result, so a fleet of thousands streams instead of one message that grows without bound."""
-    size = params.get("page_size")
+async def _paged(size: int | None, emit: Emit, ids: list[str], page: Callable[[list[str]], Any]) -> bool:
+    """With a page size, send the list as pages of events (True), so a fleet of thousands
+    streams instead of one message that grows without bound; without one, send nothing (False)."""
     if size is None:
-        return [view(i) for i in ids]
-    if not isinstance(size, int) or size < 1:
+        return False
+    if size < 1:
         raise UserError("page_size must be a positive integer")
     for start in range(0, len(ids), size):
-        await emit([view(i) for i in ids[start:start + size]])
-    return {"total": len(ids)}
+        await emit(page(ids[start:start + size]))
+    return True
 
 
-def _param(params: dict[str, Any], name: str, kind: type) -> Any:
-    value = params.get(name)
-    if not isinstance(value, kind):
-        raise UserError(f"parameter {name!r} must be a {kind.__name__}")
-    return value
+def _extended(cls: type[T], view: object, **more: Any) -> T:
+    """A view with the fields its subclass `cls` adds (a created key with the key itself, ...)."""
+    return cls(**{f.name: getattr(view, f.name) for f in dataclasses.fields(view)}, **more)  # type: ignore[arg-type]
 
 
-def _timeout(params: dict[str, Any]) -> float:
-    value = params.get("timeout_s")
-    if value is None:
+def _timeout(timeout_s: float | None) -> float:
+    if timeout_s is None:
         return math.inf
-    if not isinstance(value, int | float) or value < 0:
+    if timeout_s < 0:
         raise UserError("timeout_s must be a non-negative number")
-    return float(value)
-
-
-# Calls that change nothing: a database error there needs no word on what was changed.
-READ_ONLY = frozenset({"whoami", "get_clusters", "get_replicas", "describe_cluster", "wait_ready", "wait_deleted",
-                       "logs", "key_list", "secret_list", "audit", "get_nodes", "fleet_summary", "token_list",
-                       "status"})
+    return timeout_s
 
 
 def _explain(error: VectorlayError, method: str) -> str:
@@ -477,20 +505,7 @@ def _explain(error: VectorlayError, method: str) -> str:
     if isinstance(error, StoreInDoubt):
         return (f"{error}: the change may or may not have been stored; look again in a moment "
                 "(`vectorlay get clusters`, `vectorlay status`)")
-    if isinstance(error, StoreUnavailable) and method not in READ_ONLY:
+    call = api.BY_METHOD.get(method)
+    if isinstance(error, StoreUnavailable) and call is not None and call.changes:
         return f"{error}; nothing was changed"
     return str(error)
-
-
-def _kind(error: VectorlayError) -> str:
-    if isinstance(error, NotFoundError):
-        return "not_found"
-    if isinstance(error, ConflictError):
-        return "conflict"
-    if isinstance(error, AuthError):
-        return "auth"
-    if isinstance(error, UserError):
-        return "user"
-    if isinstance(error, StoreUnavailable):
-        return "unavailable"
-    return "internal"

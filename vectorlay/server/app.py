@@ -13,6 +13,7 @@ from pathlib import Path
 
 import trio
 
+from vectorlay.core.api import client_version_problem
 from vectorlay.core.health import LivenessPolicy
 from vectorlay.core.model import Role
 from vectorlay.core.protocol import (
@@ -35,6 +36,7 @@ from vectorlay.server.api import Api
 from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.controller import Controller
 from vectorlay.server.fleet import Fleet
+from vectorlay.server.idle_links import API_IDLE_TIMEOUT_S
 from vectorlay.server.node_session import handle_hello, handle_join
 from vectorlay.server.records import TokenRecord, health_from_record
 from vectorlay.server.route_feed import RouteFeed
@@ -45,7 +47,7 @@ from vectorlay.server.tunnel_ca import TunnelCa
 from vectorlay.server.tunnels import TunnelService
 from vectorlay.server.write_behind import retry_delay
 from vectorlay.tls import ServerTls
-from vectorlay.wire import CLOSE_POLICY, CLOSE_TRY_AGAIN, Link, LinkClosed, serve
+from vectorlay.wire import CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, CLOSE_TRY_AGAIN, Link, LinkClosed, serve
 
 log = logging.getLogger("vectorlay.server")
 
@@ -64,6 +66,7 @@ class ServerConfig:
     crash_points: frozenset[str] = frozenset()  # fault-injection tests only
     tls: ServerTls | None = None  # None: plain ws:// (loopback development)
     metrics_listen: tuple[str, int] | None = None  # Prometheus text format at http://HOST:PORT/metrics
+    api_idle_timeout_s: float = API_IDLE_TIMEOUT_S  # a CLI link with no call in flight this long is closed
 
     @property
     def database_url(self) -> str:
@@ -151,7 +154,7 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
     tunnel_ca = await trio.to_thread.run_sync(TunnelCa.in_state_dir, config.state_dir)
     tunnels = TunnelService(tunnel_ca, fleet, controller.signals, feed, wall_clock)
     api = Api(fleet, controller.admin, controller.sessions, controller.signals, auth, feed,
-              controller.writer.database, lambda: len(controller.writer.journal))
+              controller.writer.database, lambda: len(controller.writer.journal), config.api_idle_timeout_s)
     admin_token, created = await _bootstrap_admin_token(config, store, auth, snapshot.meta)
     log.info("state: %s; %d node(s), %d cluster(s), %d replica(s)", describe_url(config.database_url),
              len(fleet.nodes), len(fleet.clusters), len(fleet.replicas))
@@ -190,6 +193,9 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
                     await _until_revoked(auth, record, link, partial(feed.serve, link, first.url_template))
             elif isinstance(first, ClientHello):
                 record = await auth.check_token(first.token, frozenset({Role.ADMIN, Role.DEPLOYER}))
+                if (problem := client_version_problem(first.api)) is not None:
+                    await link.close(CLOSE_PROTOCOL_ERROR, problem)  # one line that says whom to upgrade
+                    return
                 await link.send(Ready(record.role.value))
                 principal = Principal(record.role, record.id, record.project)
                 await _until_revoked(auth, record, link, partial(api.serve, link, principal))

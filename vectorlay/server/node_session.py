@@ -147,12 +147,12 @@ class NodeConnection:
                         self._log_streams.pop(message.stream_id, None)
 
     def open_logs(
-        self, replica_id: str, tail: int, follow: bool
+        self, replica_id: str, tail: int, follow: bool, since: float | None = None
     ) -> tuple[int, trio.MemoryReceiveChannel[LogsData | LogsEnd]]:
         stream_id = next(self._stream_ids)
         send, receive = trio.open_memory_channel[LogsData | LogsEnd](LOG_STREAM_QUEUE)
         self._log_streams[stream_id] = send
-        self.send_nowait(LogsOpen(stream_id, replica_id, tail, follow))
+        self.send_nowait(LogsOpen(stream_id, replica_id, tail, follow, since))
         return stream_id, receive
 
     def close_logs(self, stream_id: int) -> None:

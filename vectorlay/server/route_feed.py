@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import trio
 
-from vectorlay.core.model import EndpointConfig, NodeState, ReplicaState
+from vectorlay.core.model import EndpointConfig
 from vectorlay.core.protocol import Endpoint, Message, Route, RouteSnapshot, RouteUpdate
+from vectorlay.core.readiness import serves
 from vectorlay.errors import ProtocolError, unwrap_group
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.signals import Signals
@@ -30,13 +31,8 @@ def route_for(fleet: Fleet, cluster: str) -> Route:
     endpoints = []
     for replica_id in fleet.by_cluster.get(cluster, ()):
         replica = fleet.replicas[replica_id]
-        if (
-            replica.state is ReplicaState.READY
-            and not replica.stopping
-            and replica.address
-            and replica.node_id is not None
-            and fleet.node_state(replica.node_id) is NodeState.READY
-        ):
+        if serves(replica, fleet.node_state):
+            assert replica.address is not None and replica.node_id is not None  # as serves() checked
             node = fleet.nodes[replica.node_id]
             endpoints.append(Endpoint(replica.id, replica.address, node.name, node.id, node.data_plane))
     keys = fleet.key_hashes(cluster) if endpoint.auth == "api-key" else ()

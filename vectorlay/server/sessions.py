@@ -29,8 +29,8 @@ class NodeSession(Protocol):
 
     def close_soon(self, reason: str, code: int = ...) -> None: ...
 
-    def open_logs(self, replica_id: str, tail: int,
-                  follow: bool) -> tuple[int, trio.MemoryReceiveChannel[LogsData | LogsEnd]]: ...
+    def open_logs(self, replica_id: str, tail: int, follow: bool,
+                  since: float | None = None) -> tuple[int, trio.MemoryReceiveChannel[LogsData | LogsEnd]]: ...
 
     def close_logs(self, stream_id: int) -> None: ...
 
@@ -100,14 +100,15 @@ class Sessions:
         return replace(assignment, secret_env=values)
 
     @asynccontextmanager
-    async def logs(self, node_id: str, replica_id: str, tail: int,
-                   follow: bool) -> AsyncIterator[trio.MemoryReceiveChannel[LogsData | LogsEnd] | None]:
-        """A stream of the replica's log lines from its node; None if the node is not connected."""
+    async def logs(self, node_id: str, replica_id: str, tail: int, follow: bool, since: float | None = None
+                   ) -> AsyncIterator[trio.MemoryReceiveChannel[LogsData | LogsEnd] | None]:
+        """A stream of the replica's log lines from its node (lines written at or after `since`,
+        a wall time); None if the node is not connected."""
         session = self._by_node.get(node_id)
         if session is None:
             yield None
             return
-        stream_id, channel = session.open_logs(replica_id, tail, follow)
+        stream_id, channel = session.open_logs(replica_id, tail, follow, since)
         try:
             yield channel
         finally:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import trio
 
 from vectorlay.errors import RuntimeFailure
-from vectorlay.node.runtime import Handle, LaunchRequest
+from vectorlay.node.runtime import Exit, Handle, LaunchRequest
 
 
 @dataclass
@@ -25,11 +25,13 @@ class FakeProcess:
     pid: int
     exited: trio.Event = field(default_factory=trio.Event)
     exit_code: int | None = None
+    oom_killed: bool = False
     healthy: bool = True
 
-    def exit(self, code: int | None) -> None:
+    def exit(self, code: int | None, oom_killed: bool = False) -> None:
         if not self.exited.is_set():
             self.exit_code = code
+            self.oom_killed = oom_killed
             self.exited.set()
 
 
@@ -76,12 +78,12 @@ class FakeRuntime:
             process.exit(self.exiting_at_once[replica_id])
         return Handle(replica_id, self.name, pid=process.pid, start_time=1, image_digest=self.image_digest)
 
-    async def wait(self, handle: Handle) -> int | None:
+    async def wait(self, handle: Handle) -> Exit:
         await trio.lowlevel.checkpoint()
         self._raise_for(handle.replica_id, "wait")
         process = self.processes[handle.pid or 0]
         await process.exited.wait()
-        return process.exit_code
+        return Exit(process.exit_code, process.oom_killed)
 
     async def stop(self, handle: Handle, grace_s: float) -> None:
         await trio.lowlevel.checkpoint()
@@ -116,7 +118,7 @@ class FakeRuntime:
             if process.request.host_port == port:
                 self._raise_for(process.request.assignment.replica_id, "probe")
                 return (True, "") if process.healthy else (False, f"GET {path} answered 503")
-        return False, f"nothing listening on port {port} yet"
+        return False, f"refused the connection (nothing listens on port {port} yet)"
 
     # --- for tests ---
 
@@ -124,6 +126,6 @@ class FakeRuntime:
         return [p for p in self.processes.values() if not p.exited.is_set()
                 and (replica_id is None or p.request.assignment.replica_id == replica_id)]
 
-    def crash(self, replica_id: str, code: int = 1) -> None:
+    def crash(self, replica_id: str, code: int = 1, oom_killed: bool = False) -> None:
         for process in self.running(replica_id):
-            process.exit(code)
+            process.exit(code, oom_killed)

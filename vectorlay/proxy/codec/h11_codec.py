@@ -16,6 +16,7 @@ from vectorlay.proxy.codec.events import (
     Response,
     Signal,
 )
+from vectorlay.proxy.codec.target import is_absolute, origin_form
 
 _REQUEST_UNFINISHED = (h11.IDLE, h11.SEND_BODY)
 
@@ -42,7 +43,11 @@ class H11ServerCodec:
             # h11 only bounds a head still arriving; one that came in a single read is measured here.
             if head_size(event) > self.max_head_bytes:
                 raise RemoteProtocolError("request line and headers too large", 431)
-            return Request(event.method, event.target, list(event.headers), event.http_version, _keep_alive(event),
+            headers = list(event.headers)  # h11 refused a second Host header (400), as httptools' codec does
+            target = event.target
+            if is_absolute(target):
+                target, headers = origin_form(target, headers)
+            return Request(event.method, target, headers, event.http_version, _keep_alive(event),
                            self.conn.they_are_waiting_for_100_continue)
         return event if isinstance(event, (Data, Signal)) else CLOSED
 

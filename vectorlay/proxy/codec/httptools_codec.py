@@ -48,6 +48,7 @@ from vectorlay.proxy.codec.framing import (
     body_framing,
     head,
 )
+from vectorlay.proxy.codec.target import is_absolute, origin_form
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 _WATCHED = frozenset({b"host", b"transfer-encoding", b"content-length", b"expect"})
@@ -215,6 +216,8 @@ class HttptoolsServerCodec(_Parsing[Request | Data | Signal]):
         self.headers.append((name, value))
         if name in _WATCHED:
             if name == b"host":
+                if self._host:
+                    raise self.stop("more than one Host header")
                 self._host = True
             elif name == b"transfer-encoding":
                 self._transfer_encodings.append(value)
@@ -245,7 +248,13 @@ class HttptoolsServerCodec(_Parsing[Request | Data | Signal]):
                 keep_alive = False
             elif encodings or self._has_length:
                 raise self.stop("a request body with Upgrade is not supported")
-        self.events.append(Request(method, self._target, self.headers, version, keep_alive,
+        target, headers = self._target, self.headers
+        if is_absolute(target):
+            try:
+                target, headers = origin_form(target, headers)
+            except RemoteProtocolError as error:
+                raise self.stop(str(error)) from None
+        self.events.append(Request(method, target, headers, version, keep_alive,
                                    self._expects_continue and version == b"1.1"))
 
     def on_body(self, body: bytes) -> None:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import trio
 
+from testsupport.background import BackgroundLoop
+from testsupport.processes import REPO_ROOT, Proc
 from vectorlay.core.protocol import (
     PROXY_FIRST,
     AdmittedNodes,
@@ -39,8 +41,6 @@ from vectorlay.core.protocol import (
 )
 from vectorlay.errors import PeerError, ProtocolError
 from vectorlay.server.tunnel_ca import PROXY_CERT_VALID_S, TunnelCa
-from vectorlay.testing.background import BackgroundLoop
-from vectorlay.testing.processes import REPO_ROOT, Proc
 from vectorlay.wire import Link, serve
 
 

@@ -16,7 +16,7 @@ tests can point a real proxy at it and steer it. What it answers depends on the 
   replica's name, method, path, headers and body size.
 
 Requests whose client (the proxy) goes away while held or streaming are counted in `aborted`.
-Also runnable as a process for benchmarks: ``python -m vectorlay.testing.upstreams --port 0
+Also runnable as a process for benchmarks: ``python -m testsupport.upstreams --port 0
 --delay-ms 50`` prints ``listening on PORT`` (``--host`` sets the address; 127.0.0.1 by default).
 """
 
@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
-from vectorlay.testing.background import BackgroundLoop
+from testsupport.background import BackgroundLoop
 
 READ_SIZE = 64 * 1024
 

@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vectorlay.node.state_dir import NodeStateDir
+
 T = TypeVar("T")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The checkout this harness runs from: processes start there, so `python -m` finds its modules.
+REPO_ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
 START_TIMEOUT_S = 20.0
 
 
@@ -96,8 +99,12 @@ class NodeProc(Proc):
     state_dir: Path = Path()
 
     @property
+    def files(self) -> NodeStateDir:
+        return NodeStateDir(self.state_dir)
+
+    @property
     def node_id(self) -> str:
-        return str(json.loads((self.state_dir / "node.json").read_text())["node_id"])
+        return self.files.load_credentials().node_id
 
 
 @dataclass
@@ -185,8 +192,9 @@ class Stack:
 
     def join_node(self, name: str, gpus: Sequence[str] = (), extra: Sequence[str] = (), server_url: str | None = None,
                   prefix: Sequence[str] = (), env: dict[str, str] | None = None,
-                  allow_process: bool = True) -> NodeProc:
-        """Join a node; it allows process replicas (what most tests deploy) unless told otherwise."""
+                  allow_process: bool = True, cwd: Path | None = None) -> NodeProc:
+        """Join a node; it allows process replicas (what most tests deploy) unless told otherwise.
+        `cwd`: the directory it is started from (default: the repository)."""
         state_dir = self.root / name
         url = server_url or self.server_url
         args = ["node", "join", "--server", url, "--token", self.token("node"), "--name", name,
@@ -195,7 +203,7 @@ class Stack:
             args.append("--allow-process-runtime")
         for gpu in gpus:
             args += ["--gpu", gpu]
-        proc = self._spawn(name, args, prefix=prefix, env=env)
+        proc = self._spawn(name, args, prefix=prefix, env=env, cwd=cwd)
         node = NodeProc(proc.name, proc.args, proc.log_path, proc.popen, state_dir=state_dir)
         self.procs.append(node)
         node.wait_log(rf"connected to {re.escape(url)} as {name}")
@@ -203,7 +211,7 @@ class Stack:
 
     def start_node(self, name: str, *extra: str, env: dict[str, str] | None = None) -> NodeProc:
         """Run the agent from credentials already in `root/name` (written by a stand-in server such
-        as `testing.node_server`, not by joining); wait until it has connected."""
+        as `testsupport.node_server`, not by joining); wait until it has connected."""
         state_dir = self.root / name
         proc = self._spawn(name, ["node", "--state-dir", str(state_dir), *extra], env=env)
         node = NodeProc(proc.name, proc.args, proc.log_path, proc.popen, state_dir=state_dir)
@@ -351,7 +359,7 @@ metadata:
 spec:
   replicas: {replicas}
   runtime: process
-  command: [{python}, "-m", "vectorlay.testing.upstreams", "--port", "${{PORT}}", "--host", "{host}",
+  command: [{python}, "-m", "testsupport.upstreams", "--port", "${{PORT}}", "--host", "{host}",
             "--name", "${{VECTORLAY_REPLICA}}"]
   port: 8000
   health: {{path: /healthz, interval: 500ms, timeout: 400ms}}
@@ -359,7 +367,7 @@ spec:
 
 
 def upstream_manifest(name: str = "up", replicas: int = 1, host: str = "${VECTORLAY_HOST}") -> str:
-    """A cluster of scripted replicas (`vectorlay.testing.upstreams`): echoes with the request's
+    """A cluster of scripted replicas (`testsupport.upstreams`): echoes with the request's
     body size, `/stream` (SSE), `/bytes?n=N` (a large body)."""
     return UPSTREAM_MANIFEST.format(name=name, replicas=replicas, python=json.dumps(sys.executable), host=host)
 

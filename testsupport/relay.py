@@ -56,7 +56,7 @@ import trio
 
 __all__ = ["MODES", "Mode", "Relay"]
 
-log = logging.getLogger("vectorlay.testing.relay")
+log = logging.getLogger("testsupport.relay")
 
 Mode = Literal["pass", "blackhole", "stall", "reject"]
 MODES: Final[frozenset[str]] = frozenset(get_args(Mode))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import trio
 
+from testsupport.background import BackgroundLoop
 from vectorlay.core.model import Assignment, ReplicaState
 from vectorlay.core.protocol import (
     NODE_FIRST,
@@ -36,8 +37,7 @@ from vectorlay.core.protocol import (
     Welcome,
 )
 from vectorlay.errors import PeerError, ProtocolError
-from vectorlay.node.agent import Credentials, save_credentials
-from vectorlay.testing.background import BackgroundLoop
+from vectorlay.node.state_dir import Credentials, NodeStateDir
 from vectorlay.wire import Link, serve
 
 NODE_ID = "n-scripted"
@@ -65,7 +65,8 @@ class ScriptedNodeServer(BackgroundLoop):
 
     def write_credentials(self, state_dir: Path, name: str) -> None:
         """What `vectorlay node join` would have saved, pointing at this server."""
-        save_credentials(state_dir, Credentials(self.url, NODE_ID, name, f"{NODE_ID}.scripted", "127.0.0.1"))
+        NodeStateDir(state_dir).save_credentials(Credentials(self.url, NODE_ID, name, f"{NODE_ID}.scripted",
+                                                             "127.0.0.1"))
 
     def report(self, replica_id: str) -> ReplicaReport | None:
         with self._lock:

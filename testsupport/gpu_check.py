@@ -1,7 +1,8 @@
 """`scripts/gpu-check`: on a machine with an NVIDIA GPU, show what vectorlay discovers and prove a
 replica gets its GPU.
 
-1. The inventory through NVML: driver, CUDA, each GPU's name, UUID, memory, and a health sample.
+1. The inventory through NVML: driver, CUDA, each GPU's name, UUID, memory, and a health sample
+   (`vectorlay/node/gpu_check.py`, which an installed vectorlay runs on its own).
 2. A real stack (server, one node allowing process replicas, proxy) runs a process replica with
    one GPU; through the proxy it reports the devices CUDA shows it, which must be exactly the
    GPU the scheduler assigned (by UUID).
@@ -20,8 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vectorlay.node.gpu_health import NvmlMonitor
-from vectorlay.node.gpus import gpu_report, load_nvml
+from vectorlay.node.gpu_check import NO_GPU, print_inventory
 
 PROBE_MANIFEST = """\
 apiVersion: vectorlay.dev/v1
@@ -51,39 +51,8 @@ def say(ok: bool, text: str) -> bool:
     return ok
 
 
-def print_inventory() -> dict[str, int]:
-    """Print what NVML reports; return each GPU's device minor number (/dev/nvidiaN) by UUID."""
-    report, note = gpu_report([])
-    print(note)
-    if report is None or not report.gpus:
-        return {}
-    minors = {g.uuid: _minor(g.uuid) for g in report.gpus}
-    monitor = NvmlMonitor([g.uuid for g in report.gpus])
-    monitor.open()
-    try:
-        statuses = {s.uuid: s for s in monitor.sample()}
-    finally:
-        monitor.close()
-    for gpu in report.gpus:
-        status = statuses[gpu.uuid]
-        memory = f"{gpu.memory_gb:g} GB" if gpu.memory_gb is not None else "memory unknown"
-        health = "healthy" if status.healthy else f"UNHEALTHY ({status.reason})"
-        print(f"  GPU {gpu.index}: {gpu.name}, {memory}, {gpu.uuid}; utilisation {status.utilization_pct}%, "
-              f"{status.temperature_c} C, {status.memory_used_gb} GB used, {health}")
-    return minors
-
-
-def _minor(uuid: str) -> int:
-    nvml = load_nvml()
-    nvml.nvmlInit()
-    try:
-        return int(nvml.nvmlDeviceGetMinorNumber(nvml.nvmlDeviceGetHandleByUUID(uuid)))
-    finally:
-        nvml.nvmlShutdown()
-
-
 def check_process_replica(root: Path) -> bool:
-    from vectorlay.testing.processes import Stack, http_request
+    from testsupport.processes import Stack, http_request
 
     stack = Stack(root / "process")
     stack.root.mkdir(parents=True)
@@ -107,10 +76,10 @@ def check_container_replica(root: Path, minors: dict[str, int]) -> bool | None:
     """None when containers cannot be tried here (no podman, no CDI spec)."""
     import trio
 
+    from testsupport.images import DEFAULT_TAG, build_image, container_prerequisites
+    from testsupport.processes import Stack
     from vectorlay.node.container_args import ContainerCli
     from vectorlay.node.preflight import run_checks
-    from vectorlay.testing.images import DEFAULT_TAG, build_image, container_prerequisites
-    from vectorlay.testing.processes import Stack
 
     checked = trio.run(run_checks, ContainerCli(), ("runc",))
     if container_prerequisites("runc") or not checked.container_ok or not checked.gpus:
@@ -138,7 +107,7 @@ def check_container_replica(root: Path, minors: dict[str, int]) -> bool | None:
 def main() -> int:
     minors = print_inventory()
     if not minors:
-        print("no NVIDIA GPU here: nothing to check (run this on a machine with one)")
+        print(NO_GPU)
         return 2
     with tempfile.TemporaryDirectory(prefix="vectorlay-gpu-check-") as tmp:
         results = [check_process_replica(Path(tmp))]

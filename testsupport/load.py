@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from testsupport.background import BackgroundLoop
 from vectorlay.core.protocol import (
     PROTOCOL_VERSION,
     SERVER_TO_PROXY,
@@ -20,7 +21,6 @@ from vectorlay.core.protocol import (
     RouteSnapshot,
     RouteUpdate,
 )
-from vectorlay.testing.background import BackgroundLoop
 from vectorlay.wire import connect
 
 

@@ -2,7 +2,7 @@
 
 It serves `/www` with busybox `httpd` on `$PORT` (8000 unless told), logs each request to stderr,
 answers `/healthz`, and `/cgi-bin/env` shows its environment (so tests can see what a replica got).
-`python -m vectorlay.testing.images [TAG] [--cli docker]` builds it; `examples/busybox-httpd` uses it.
+`python -m testsupport.images [TAG] [--cli docker]` builds it; `examples/busybox-httpd` uses it.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each simulated node is the real agent (`Agent` + `Supervisor`) with a `FakeRunti
 heartbeats, receives its desired state, and reports replicas starting and ready without running
 anything. `bench/fleet.py` starts a few of these processes against a real server.
 
-    python -m vectorlay.testing.fleet_sim --server ws://127.0.0.1:7070 --token JOIN_TOKEN \\
+    python -m testsupport.fleet_sim --server ws://127.0.0.1:7070 --token JOIN_TOKEN \\
         --count 1250 --prefix sim-a- --state-dir /tmp/fleet-a
 
 It prints progress lines (`joined N`, `connected N`) on stdout and reads commands on stdin:
@@ -23,11 +23,13 @@ from pathlib import Path
 
 import trio
 
+from testsupport.processes import REPO_ROOT
+from testsupport.relay import Relay
 from vectorlay.core.model import Gpu
-from vectorlay.node.agent import Agent, Credentials, join, load_credentials
+from vectorlay.node.agent import Agent, join
+from vectorlay.node.state_dir import Credentials, NodeStateDir
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
 from vectorlay.testing.fakes import FakeRuntime
-from vectorlay.testing.relay import Relay
 
 JOIN_CONCURRENCY = 32
 GPUS = [Gpu("declared-0", "RTX 4090", 24.0, 0)]
@@ -37,8 +39,9 @@ async def _start_node(nursery: trio.Nursery, index: int, args: argparse.Namespac
                       server_url: str, limiter: trio.CapacityLimiter) -> Agent:
     name = f"{args.prefix}{index}"
     state_dir = Path(args.state_dir) / name
-    if (state_dir / "node.json").exists():
-        creds = load_credentials(state_dir)
+    files = NodeStateDir(state_dir)
+    if files.is_joined():
+        creds = files.load_credentials()
     else:
         async with limiter:
             creds = await join(server_url, args.token, name, GPUS, "127.0.0.1", ("process",), state_dir)
@@ -112,10 +115,10 @@ class SimProcess:
         self.joined = 0
         with log.open("wb") as errors:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "vectorlay.testing.fleet_sim", "--server", server_url, "--token", token,
+                [sys.executable, "-m", "testsupport.fleet_sim", "--server", server_url, "--token", token,
                  "--count", str(count), "--prefix", prefix, "--state-dir", str(state_dir)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True, bufsize=1,
-                start_new_session=True)
+                cwd=REPO_ROOT, start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
