@@ -186,8 +186,11 @@ def upstream_process(port: int, delay_ms: float, name: str) -> subprocess.Popen[
     return popen
 
 
-def wrk(port: int, connections: int, seconds: float, paced: bool = False, path: str = "/") -> Wrk:
-    args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-H", f"Host: {HOST}"]
+def wrk(port: int, connections: int, seconds: float, paced: bool = False, path: str = "/", host: str = HOST,
+        cpus: str | None = None) -> Wrk:
+    """wrk against 127.0.0.1:port; `cpus` (taskset's list) keeps it off the proxy's core."""
+    args = ["taskset", "-c", cpus] if cpus else []
+    args += ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-H", f"Host: {host}"]
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(f"function delay() return {PACE_MS} end\n" if paced else "")
     args += ["-s", script.name, f"http://127.0.0.1:{port}{path}"]

@@ -123,6 +123,7 @@ class Stack:
     tls: bool = False  # the server makes its own CA (--tls auto); every link is wss://, tokens pinned
     # More servers on the same PostgreSQL database and state dir (`start_another_server`).
     others: list[tuple[Proc, int]] = field(default_factory=list)
+    listen_host: str = "127.0.0.1"  # where the server listens (the CLI always uses 127.0.0.1)
 
     @property
     def server_url(self) -> str:
@@ -176,7 +177,7 @@ class Stack:
     def start_server(self, port: int | None = None, env: dict[str, str] | None = None) -> Proc:
         """Start (or restart, keeping the state dir and port) the server."""
         listen_port = self.server_port if port is None else port
-        args = ["server", "--listen", f"127.0.0.1:{listen_port}", "--state-dir", str(self.root / "server"),
+        args = ["server", "--listen", f"{self.listen_host}:{listen_port}", "--state-dir", str(self.root / "server"),
                 "--heartbeat-interval", self.heartbeat, *self.extra_server_args]
         if self.db_url:
             args += ["--db", self.db_url]
@@ -185,7 +186,7 @@ class Stack:
         offset = len(self.server.log()) if self.server is not None else 0
         proc = self._spawn("server", args, env={**self.server_env, **(env or {})})
         self.procs.append(proc)
-        regex = re.compile(r"listening on wss?://127\.0\.0\.1:(\d+)")
+        regex = re.compile(rf"listening on wss?://{re.escape(self.listen_host)}:(\d+)")
         match = wait_for(lambda: regex.search(proc.log()[offset:]) if proc.alive else _exited(proc),
                          START_TIMEOUT_S, message="the server to listen")
         self.server_port = int(match.group(1))
@@ -254,9 +255,11 @@ class Stack:
         return fresh
 
     def start_proxy(self, *extra: str) -> tuple[Proc, int]:
+        """A proxy accepting tunnels on a free loopback port (unless `extra` says otherwise)."""
         token = self.token("proxy", "--ttl", "0")
+        tunnel = [] if any(arg.startswith("--tunnel-listen") for arg in extra) else ["--tunnel-listen", "127.0.0.1:0"]
         proc = self._spawn(f"proxy-{len(self.procs)}", ["proxy", "--server", self.server_urls, "--token", token,
-                                                        "--listen", "127.0.0.1:0", *extra])
+                                                        "--listen", "127.0.0.1:0", *tunnel, *extra])
         self.procs.append(proc)
         match = proc.wait_log(r"proxy listening on http://127\.0\.0\.1:(\d+)")
         return proc, int(match.group(1))
@@ -369,6 +372,27 @@ spec:
   health: {{path: /healthz, interval: 500ms, timeout: 400ms}}
   reschedule_after: {reschedule_after}
 """
+
+
+UPSTREAM_MANIFEST = """\
+apiVersion: vectorlay.dev/v1
+kind: Cluster
+metadata:
+  name: {name}
+spec:
+  replicas: {replicas}
+  runtime: process
+  command: [{python}, "-m", "testsupport.upstreams", "--port", "${{PORT}}", "--host", "{host}",
+            "--name", "${{VECTORLAY_REPLICA}}"]
+  port: 8000
+  health: {{path: /healthz, interval: 500ms, timeout: 400ms}}
+"""
+
+
+def upstream_manifest(name: str = "up", replicas: int = 1, host: str = "${VECTORLAY_HOST}") -> str:
+    """A cluster of scripted replicas (`testsupport.upstreams`): echoes with the request's
+    body size, `/stream` (SSE), `/bytes?n=N` (a large body)."""
+    return UPSTREAM_MANIFEST.format(name=name, replicas=replicas, python=json.dumps(sys.executable), host=host)
 
 
 def tinylm_manifest(name: str = "echo", replicas: int = 2, gpu: str = '{type: "RTX 4090", count: 1}',

@@ -9,6 +9,9 @@ snapshot, then deltas) on 127.0.0.1 and accepts any token:
         proxy, port = spawn_proxy(tmp_path, routes.url)
         routes.set_route(Route("echo", ()))      # pushed at once to every connected proxy
 
+With a tunnel CA (`tunnel_ca`), it also plays the server's part in the tunnels: it certifies a
+proxy that asks, admits the node ids it is given, and records where each proxy takes tunnels.
+
 It runs its own trio loop in a background thread, so synchronous tests can drive it.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,14 +28,29 @@ import trio
 
 from testsupport.background import BackgroundLoop
 from testsupport.processes import REPO_ROOT, Proc
-from vectorlay.core.protocol import PROXY_FIRST, Message, ProxyHello, Ready, Route, RouteSnapshot, RouteUpdate
+from vectorlay.core.protocol import (
+    PROXY_FIRST,
+    AdmittedNodes,
+    Message,
+    ProxyHello,
+    Ready,
+    Route,
+    RouteSnapshot,
+    RouteUpdate,
+    TunnelCredential,
+)
 from vectorlay.errors import PeerError, ProtocolError
+from vectorlay.server.tunnel_ca import PROXY_CERT_VALID_S, TunnelCa
 from vectorlay.wire import Link, serve
 
 
 class StaticRouteServer(BackgroundLoop):
-    def __init__(self, routes: Sequence[Route] = ()) -> None:
+    def __init__(self, routes: Sequence[Route] = (), tunnel_ca: TunnelCa | None = None,
+                 admitted: Sequence[str] = ()) -> None:
         super().__init__("route server")
+        self.tunnel_ca = tunnel_ca
+        self.admitted = tuple(admitted)
+        self.tunnel_proxies: dict[str, str] = {}  # proxy id -> where it takes tunnels
         self._routes: dict[str, Route] = {r.cluster: r for r in routes}
         self._version = 0
         self._subscribers: list[trio.MemorySendChannel[Message]] = []
@@ -83,6 +102,13 @@ class StaticRouteServer(BackgroundLoop):
             send.send_nowait(RouteSnapshot(self._version, tuple(self._routes.values())))
             self._subscribers.append(send)
             await link.send(Ready("proxy"))
+            if self.tunnel_ca is not None and hello.tunnel_id:
+                now = time.time()
+                certificate = self.tunnel_ca.issue_proxy(self.tunnel_ca.requested_key(hello.tunnel_csr),
+                                                         hello.tunnel_id, now)
+                await link.send(TunnelCredential(certificate, self.tunnel_ca.pem, now + PROXY_CERT_VALID_S))
+                await link.send(AdmittedNodes(self.admitted, snapshot=True))
+                self.tunnel_proxies[hello.tunnel_id] = hello.tunnel_address
             async with receive:
                 async for message in receive:
                     await link.send(message)
@@ -96,8 +122,9 @@ def spawn_proxy(root: Path, server_url: str, *extra: str, name: str = "proxy") -
     The port comes from the proxy's own log line, so `--listen 127.0.0.1:0` can pick a free one."""
     root.mkdir(parents=True, exist_ok=True)
     log_path = root / f"{name}.log"
+    tunnel = [] if any(arg.startswith("--tunnel-listen") for arg in extra) else ["--tunnel-listen", "127.0.0.1:0"]
     argv = [sys.executable, "-m", "vectorlay", "proxy", "--server", server_url, "--token", "scripted",
-            "--listen", "127.0.0.1:0", *extra]
+            "--listen", "127.0.0.1:0", *tunnel, *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "VECTORLAY_CONFIG": str(root / "client-config.json")}
     with log_path.open("ab") as handle:
         popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,

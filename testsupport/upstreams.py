@@ -8,12 +8,16 @@ tests can point a real proxy at it and steer it. What it answers depends on the 
   sees the first event arrive before the replica has finished, with no timing involved.
 - ``/hold``: waits until `release` is set, then answers (a request in flight for as long as the
   test wants).
+- ``/bytes?n=N``: a body of N bytes (a large download).
+- ``/clock-stream?n=N&interval_ms=M``: N server-sent events M ms apart, each carrying the time it
+  was written (CLOCK_MONOTONIC in ns, one clock for every process on the machine), to measure how
+  late events arrive.
 - anything else: 200 (or `status`, changeable at any time) with a JSON echo of the request: the
   replica's name, method, path, headers and body size.
 
 Requests whose client (the proxy) goes away while held or streaming are counted in `aborted`.
 Also runnable as a process for benchmarks: ``python -m testsupport.upstreams --port 0
---delay-ms 50`` prints ``listening on PORT``.
+--delay-ms 50`` prints ``listening on PORT`` (``--host`` sets the address; 127.0.0.1 by default).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+import time
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -32,7 +37,8 @@ READ_SIZE = 64 * 1024
 
 
 class ScriptedUpstream(BackgroundLoop):
-    def __init__(self, name: str = "upstream", status: int = 200, delay_s: float = 0.0, port: int = 0) -> None:
+    def __init__(self, name: str = "upstream", status: int = 200, delay_s: float = 0.0, port: int = 0,
+                 host: str = "127.0.0.1") -> None:
         super().__init__(f"upstream {name}")
         self.name = name
         self.status = status
@@ -44,6 +50,7 @@ class ScriptedUpstream(BackgroundLoop):
         self.held = 0  # requests waiting on `release` right now
         self.seen: list[dict[str, object]] = []  # the echo of every plain request
         self._wanted_port = port
+        self._host = host
         self._port: int | None = None
 
     @property
@@ -61,7 +68,7 @@ class ScriptedUpstream(BackgroundLoop):
         super().close()
 
     async def _serve(self) -> None:
-        listeners = await trio.open_tcp_listeners(self._wanted_port, host="127.0.0.1")
+        listeners = await trio.open_tcp_listeners(self._wanted_port, host=self._host)
         self._port = listeners[0].socket.getsockname()[1]
         self._started()
         await trio.serve_listeners(self._connection, listeners)
@@ -99,6 +106,21 @@ class ScriptedUpstream(BackgroundLoop):
             if await self._hold(stream):
                 await _send(conn, stream, h11.Data(data=b"data: last\n\n"))
                 await _send(conn, stream, h11.EndOfMessage())
+        elif url.path == "/clock-stream":
+            await _send(conn, stream, h11.Response(status_code=200, headers=[*base, *_SSE]))
+            for i in range(int(query.get("n", "10"))):
+                if i:
+                    await trio.sleep(float(query.get("interval_ms", "20")) / 1000)
+                await _send(conn, stream, h11.Data(data=b"data: %d\n\n" % time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
+            await _send(conn, stream, h11.EndOfMessage())
+        elif url.path == "/bytes":
+            size = int(query.get("n", "0"))
+            headers = [*base, (b"content-type", b"application/octet-stream"), (b"content-length", str(size).encode())]
+            await _send(conn, stream, h11.Response(status_code=200, headers=headers))
+            chunk = b"v" * 65536
+            for start in range(0, size, len(chunk)):
+                await _send(conn, stream, h11.Data(data=chunk[:size - start]))
+            await _send(conn, stream, h11.EndOfMessage())
         elif url.path == "/hold":
             if await self._hold(stream):
                 await self._echo(conn, stream, base, request, url.path, body)
@@ -189,10 +211,11 @@ async def _send(conn: h11.Connection, stream: trio.SocketStream, event: h11.Even
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A scripted HTTP replica for proxy benchmarks.")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--name", default="upstream")
     parser.add_argument("--delay-ms", type=float, default=0.0)
     args = parser.parse_args(argv)
-    upstream = ScriptedUpstream(args.name, delay_s=args.delay_ms / 1000, port=args.port).start()
+    upstream = ScriptedUpstream(args.name, delay_s=args.delay_ms / 1000, port=args.port, host=args.host).start()
     print(f"listening on {upstream.port}", flush=True)
     try:
         threading.Event().wait()

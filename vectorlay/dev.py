@@ -1,7 +1,8 @@
 """`vectorlay dev`: a whole local stack in one process: server, N nodes and a proxy.
 
 Each role runs exactly as it would on its own (same code, real WebSockets on loopback, real
-replica processes); only the process boundary is gone. Replicas are stopped when dev exits.
+replica processes, and the proxy reaching replicas only through the nodes' tunnels, the default
+data plane); only the process boundary is gone. Replicas are stopped when dev exits.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ async def run_dev(config: DevConfig, clean_stop: CleanStop | None = None, *,
             supervisors.append(await _start_node(nursery, config, url, admin, f"dev-{index}", setup, clean_stop))
         async with open_api(url, admin) as client:
             proxy_token = (await client.call(api.TokenCreate(Role.PROXY, description="vectorlay dev"))).token
+        # The path every user takes: nodes reach the proxy only through the tunnels they open.
         proxy = await nursery.start(run_proxy, ProxyConfig(url, proxy_token, port=config.proxy_port,
-                                                           domain=config.domain))
+                                                           domain=config.domain, tunnel_listen=("127.0.0.1", 0)))
         context = Context(url, admin, proxy=f"http://127.0.0.1:{proxy.port}")
         path = save_context("dev", context)
         output.stderr.print(f"vectorlay dev: server {url}, proxy http://127.0.0.1:{proxy.port}, "
@@ -97,7 +99,8 @@ async def _start_node(nursery: trio.Nursery, config: DevConfig, url: str, admin:
     if creds is None:
         async with open_api(url, admin) as client:
             token = (await client.call(api.TokenCreate(Role.NODE, ttl="10m", uses=1))).token
-        creds = await join(url, token, name, setup.gpus, "127.0.0.1", setup.runtimes, state_dir, setup.isolation)
+        creds = await join(url, token, name, setup.gpus, "127.0.0.1", setup.runtimes, state_dir, setup.isolation,
+                           setup.data_plane)
     if creds.server != url:
         creds = Credentials(url, creds.node_id, creds.name, creds.credential, creds.address)
     agent: Agent = await nursery.start(partial(
@@ -114,7 +117,7 @@ async def _run_dev_node(name: str, creds: Credentials, state_dir: Path, setup: N
         with unwrap_group():
             await run_node(creds, state_dir, setup.runtime, setup.gpus, setup.runtimes, isolation=setup.isolation,
                            publish_ip=setup.publish_ip, gpu_monitor=_monitor_for_node(setup), clean_stop=clean_stop,
-                           task_status=task_status)
+                           data_plane=setup.data_plane, task_status=task_status)
     except AuthError as error:
         output.stderr.print(f"vectorlay dev: {name} left the stack ({error}); its replicas are stopped, the "
                             "other nodes keep serving", markup=False)

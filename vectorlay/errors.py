@@ -93,6 +93,8 @@ class LinkLost(PeerError):
 
 class ServerUnavailable(PeerError):
     """The server answered that it cannot serve this now (its database is away)."""
+class TunnelError(PeerError):
+    """A tunnel between a node and a proxy, or one stream on it, failed or was refused."""
 
 
 class StoreError(VectorlayError):

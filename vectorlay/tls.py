@@ -55,8 +55,7 @@ class ServerTls:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vectorlay"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return subject_name(common_name)
 
 
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
@@ -69,28 +68,57 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
+def subject_name(common_name: str, unit: str | None = None) -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vectorlay")]
+    if unit is not None:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
+    attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attributes)
+
+
+def ensure_ca(cert_path: Path, key_path: Path, common_name: str) -> None:
+    """Make a CA (key and self-signed certificate) at these paths unless it is already there."""
+    if cert_path.exists():
+        return
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(_name(common_name))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=CA_VALID_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+    write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()).decode())
+    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM).decode())
+
+
+def issue_certificate(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+                      public_key: ec.EllipticCurvePublicKey, subject: x509.Name, names: list[str],
+                      usage: x509.ObjectIdentifier, not_before: datetime.datetime, not_after: datetime.datetime) -> str:
+    """A leaf certificate (PEM) for `public_key`, signed by the CA, for one extended key usage."""
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
+               .public_key(public_key).serial_number(x509.random_serial_number())
+               .not_valid_before(not_before).not_valid_after(not_after)
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+    if names:
+        builder = builder.add_extension(_san(names), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
 def auto_tls(directory: Path, hosts: list[str]) -> ServerTls:
     """The server's own CA and certificate, made once in `directory` (`--tls auto`). The
     certificate is made again when the names it must cover change; the CA never is, so
     tokens already issued stay valid."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = directory / "ca.pem", directory / "ca.key"
-    if not ca_cert.exists():
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (x509.CertificateBuilder().subject_name(_name("vectorlay CA")).issuer_name(_name("vectorlay CA"))
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=CA_VALID_DAYS))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                             content_commitment=False, key_encipherment=False,
-                                             data_encipherment=False, key_agreement=False, encipher_only=False,
-                                             decipher_only=False), critical=True)
-                .sign(key, hashes.SHA256()))
-        write_private(ca_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()).decode())
-        write_private(ca_cert, cert.public_bytes(serialization.Encoding.PEM).decode())
+    ensure_ca(ca_cert, ca_key, "vectorlay CA")
     names = sorted(set(hosts) | {"localhost", "127.0.0.1", "::1", socket.gethostname()})
     server_cert, server_key = directory / "server.pem", directory / "server.key"
     names_file = directory / "server.names"

@@ -365,7 +365,8 @@ class Handler(BaseHTTPRequestHandler):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Serve the tinylm example model over HTTP.")
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    parser.add_argument("--host", default=os.environ.get("VECTORLAY_HOST", "0.0.0.0"),
+                        help="address to listen on (default: $VECTORLAY_HOST, else 0.0.0.0)")
     parser.add_argument(
         "--port", type=int, default=int(os.environ.get("PORT", "8000")), help="default: $PORT, else 8000"
     )

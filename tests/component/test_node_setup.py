@@ -16,14 +16,16 @@ from vectorlay.node.setup import NodeOptions, prepare_node, publish_ip
 
 def test_options_survive_a_restart_and_flags_given_later_win() -> None:
     joined = NodeOptions(allow_process_runtime=True, container_cli="docker", oci_runtimes=("runc", "runsc"),
-                         gpu_declarations=("RTX 4090:24",))
+                         gpu_declarations=("RTX 4090:24",), data_plane="direct")
     saved = joined.settings()
     assert NodeOptions.from_settings(saved) == joined
     assert _options(saved, None, None, None, None) == joined
     changed = _options(saved, False, "podman", ["crun"], None)
-    assert changed == NodeOptions(False, "podman", ("crun",), ("RTX 4090:24",))
-    # A node joined before these options existed saved only its GPUs: it no longer runs process replicas.
-    assert _options({"gpu": []}, None, None, None, None) == NodeOptions()
+    assert changed == NodeOptions(False, "podman", ("crun",), ("RTX 4090:24",), "direct")
+    # A node joined before these options existed saved only its GPUs: it no longer runs process
+    # replicas, and it was dialled directly (tunnels did not exist).
+    assert _options({"gpu": []}, None, None, None, None) == NodeOptions(data_plane="direct")
+    assert NodeOptions().data_plane == "tunnel"  # what `node join` does unless told otherwise
 
 
 def test_bad_options_are_user_errors() -> None:
@@ -32,6 +34,8 @@ def test_bad_options_are_user_errors() -> None:
     with pytest.raises(UserError, match="unknown --container-cli 'lxc'"):
         NodeOptions(container_cli="lxc")
     assert NodeOptions(container_cli="/usr/local/bin/docker").container_cli == "/usr/local/bin/docker"
+    with pytest.raises(UserError, match="unknown --data-plane 'carrier-pigeon'"):
+        NodeOptions(data_plane="carrier-pigeon")
 
 
 def test_ports_are_published_on_the_advertised_address_when_it_is_this_machines() -> None:

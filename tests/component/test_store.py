@@ -77,11 +77,13 @@ async def test_every_op_round_trips_through_load(store: Store) -> None:
                     True, "rev1")
     second = CommandRecord("n-1", 2, "stop", replica.id, 8, None, 1002.0)
     await store.apply([ops.PutReplica(moved, 1000.5), ops.PutCommand(second), ops.AckCommands("n-1", 1),
-                       ops.PutNode(NodeRecord(**{**NODE.__dict__, "state": NodeState.READY, "next_seq": 3}))])
+                       ops.PutNode(NodeRecord(**{**NODE.__dict__, "state": NodeState.READY, "next_seq": 3,
+                                                 "data_plane": "tunnel"}))])
     snapshot = await store.load()
     assert snapshot.replicas == [(moved, 1000.5)]
     assert [c.seq for c in snapshot.commands] == [2]
     assert snapshot.nodes[0].next_seq == 3 and snapshot.nodes[0].state is NodeState.READY
+    assert snapshot.nodes[0].data_plane == "tunnel"
 
     await store.apply([ops.DeleteReplica(replica.id), ops.DeleteCluster("echo"), ops.DeleteNode("n-1")])
     snapshot = await store.load()

@@ -369,6 +369,28 @@ async def test_the_converge_fault_point_kills_the_supervisor_as_a_bug_would(
     assert idle_survived and runtime.launches == []
     with pytest.raises(UserError, match="unknown VECTORLAY_NODE_FAULTS point"):
         FaultPoints.parse("converge,convergee")
+
+
+async def test_the_tunnels_reach_only_replicas_running_here_now(tmp_path: Path, runtime: FakeRuntime,
+                                                                autojump_clock: trio.testing.MockClock) -> None:
+    identity = NodeIdentity("n-1", "n1", "127.0.0.1", data_plane="tunnel")
+    supervisor = Supervisor(runtime, tmp_path, identity, lambda report: None, probe=runtime.probe)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        assert supervisor.local_address("echo-a") is None  # not given to this node
+        supervisor.apply_command(start(1))
+        await trio.sleep(1)
+        [process] = runtime.running()
+        assert supervisor.local_address("echo-a") == ("127.0.0.1", process.request.host_port)
+        # Behind tunnels a process replica is told to listen on loopback only.
+        assert process.request.env["VECTORLAY_HOST"] == "127.0.0.1"
+        assert supervisor.local_address("echo-b") is None
+        supervisor.apply_command(stop(2))
+        assert supervisor.local_address("echo-a") is None  # being stopped: no new streams to it
+        await trio.sleep(1)
+        assert supervisor.local_address("echo-a") is None
+        nursery.cancel_scope.cancel()
+    assert NodeIdentity("n-1", "n1", "10.0.0.1", data_plane="direct").listen_host == "0.0.0.0"
 async def test_a_replica_killed_for_its_memory_says_which_limit(tmp_path: Path, runtime: FakeRuntime,
                                                                 autojump_clock: trio.testing.MockClock) -> None:
     h = Harness(tmp_path, runtime)

@@ -53,6 +53,8 @@ def test_request_served_end_to_end(any_db_stack: Stack) -> None:
     assert clusters[0]["endpoint"] == f"http://echo.localhost:{proxy_port}/"
     nodes = stack.cli_json("get", "nodes")
     assert sorted((n["name"], n["state"], len(n["gpus"])) for n in nodes) == [("n1", "ready", 1), ("n2", "ready", 1)]
+    # Served through the tunnels the nodes opened to the proxy (the default data plane).
+    assert {(n["data_plane"], n["tunnels"]) for n in nodes} == {("tunnel", 1)}
 
     # Logs carry both replicas' output, prefixed with their ids.
     logs = stack.cli("logs", "echo", "--tail", "50").stdout
@@ -147,6 +149,9 @@ def test_dev_serves_the_example(tmp_path: Path) -> None:
         # The CLI now talks to the dev stack through the context dev wrote.
         listed = stack.cli("get", "clusters", "-o", "json")
         assert '"name": "tinylm"' in listed.stdout
+        # dev walks the path every user takes: the proxy reaches the replicas through tunnels.
+        wait_for(lambda: {(n["data_plane"], n["tunnels"]) for n in stack.cli_json("get", "nodes")} == {("tunnel", 1)},
+                 10, message="dev's nodes to report their tunnels")
         node_ids = [NodeStateDir(tmp_path / "dev" / name).load_credentials().node_id
                     for name in ("dev-1", "dev-2")]
         assert sum(len(replica_pids(node_id=n)) for n in node_ids) == 2

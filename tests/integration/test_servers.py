@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from testsupport.load import SteadyClient
 
+from testsupport.load import SteadyClient
 from testsupport.processes import Proc, Stack, replica_pids, tinylm_manifest, wait_for
 from testsupport.relay import Relay
 

@@ -18,6 +18,7 @@ ALL_MESSAGES: list[type[p.Message]] = [
     p.Join, p.Joined, p.NodeHello, p.Welcome, p.Command, p.Sync, p.Ack, p.Heartbeat, p.Goodbye, p.ReplicaStatus,
     p.LogsOpen, p.LogsData, p.LogsEnd, p.LogsClose, p.ProxyHello, p.RouteSnapshot, p.RouteUpdate,
     p.ClientHello, p.Ready, p.Call, p.Result, p.Event, p.Failure, p.Cancel, p.CaBundle,
+    p.TunnelCredential, p.TunnelProxies, p.AdmittedNodes,
 ]  # fmt: skip
 
 CHANNELS: dict[str, tuple[type[p.Message], ...]] = {
@@ -36,8 +37,38 @@ CHANNELS: dict[str, tuple[type[p.Message], ...]] = {
 ALL_ALLOWED: list[tuple[type[p.Message], ...]] = [*CHANNELS.values(), (p.Joined,)]
 
 
+peer_ids = st.from_regex(p.TUNNEL_PEER_ID, fullmatch=True)
+addresses = st.builds(lambda host, port: f"{host}:{port}", st.sampled_from(["10.0.0.1", "edge.example.com", "[::1]"]),
+                      st.integers(1, 65535))
+csrs = st.text(min_size=1, max_size=50)
+endpoints = st.one_of(
+    dataclass_strategy(p.Endpoint, data_plane=st.just(p.DIRECT)),
+    dataclass_strategy(p.Endpoint, data_plane=st.just(p.TUNNEL), node_id=st.text(min_size=1, max_size=12)),
+)
+routes = dataclass_strategy(p.Route, endpoints=st.lists(endpoints, max_size=3).map(tuple))
+data_planes = st.sampled_from(sorted(p.DATA_PLANES))
+
+
 def message_strategy(cls: type[p.Message]) -> st.SearchStrategy[p.Message]:
     """Valid messages of `cls`: they obey the rules decode checks beyond field types."""
+    version = st.just(p.PROTOCOL_VERSION)
+    if cls is p.NodeHello:
+        return dataclass_strategy(cls, protocol=version, data_plane=data_planes, tunnel_csr=csrs)
+    if cls is p.Join:
+        return dataclass_strategy(cls, protocol=version, data_plane=data_planes)
+    if cls is p.ProxyHello:
+        plain = dataclass_strategy(cls, protocol=version, tunnel_id=st.just(""), tunnel_address=st.just(""),
+                                   tunnel_csr=st.just(""))
+        tunnelled = dataclass_strategy(cls, protocol=version, tunnel_id=peer_ids, tunnel_address=addresses,
+                                       tunnel_csr=csrs)
+        return st.one_of(plain, tunnelled)
+    if cls is p.RouteSnapshot:
+        return dataclass_strategy(cls, routes=st.lists(routes, max_size=3).map(tuple))
+    if cls is p.RouteUpdate:
+        return dataclass_strategy(cls, route=routes)
+    if cls is p.TunnelProxies:
+        proxy = st.builds(p.TunnelProxy, peer_ids, addresses)
+        return dataclass_strategy(cls, proxies=st.lists(proxy, max_size=3).map(tuple))
     if cls is p.Command:
         not_start = dataclass_strategy(cls, op=st.sampled_from(["stop", "restart"]))
         start = dataclass_strategy(cls, op=st.just("start"), assignment=dataclass_strategy(Assignment))
@@ -349,6 +380,37 @@ def test_valid_messages_on_any_channel_decode_or_raise_protocol_error(
     else:
         with pytest.raises(ProtocolError):
             p.decode(text, allowed)
+
+
+def _hello(**fields: Any) -> str:
+    return json.dumps({"type": "node_hello", "protocol": p.PROTOCOL_VERSION, "credential": "c", **fields})
+
+
+@pytest.mark.parametrize(("frame", "allowed", "match"), [
+    (_hello(data_plane="carrier-pigeon"), p.NODE_FIRST, "unknown data plane"),
+    (_hello(data_plane="tunnel"), p.NODE_FIRST, "must send tunnel_csr"),
+    (_hello(data_plane="tunnel", tunnel_csr="x" * 5000), p.NODE_FIRST, "tunnel_csr is too long"),
+    (json.dumps({"type": "join", "protocol": 1, "token": "t", "name": "n", "data_plane": "both"}), p.NODE_FIRST,
+     "unknown data plane"),
+    (json.dumps({"type": "proxy_hello", "protocol": 1, "token": "t", "tunnel_id": "p-1"}), p.PROXY_FIRST,
+     "go together"),
+    (json.dumps({"type": "proxy_hello", "protocol": 1, "token": "t", "tunnel_id": "P 1", "tunnel_address": "h:1",
+                 "tunnel_csr": "c"}), p.PROXY_FIRST, "invalid tunnel id"),
+    (json.dumps({"type": "proxy_hello", "protocol": 1, "token": "t", "tunnel_id": "p-1", "tunnel_address": "h",
+                 "tunnel_csr": "c"}), p.PROXY_FIRST, "expected HOST:PORT"),
+    (json.dumps({"type": "proxy_hello", "protocol": 1, "token": "t", "tunnel_id": "p-1",
+                 "tunnel_address": "h:70000", "tunnel_csr": "c"}), p.PROXY_FIRST, "expected HOST:PORT"),
+    (json.dumps({"type": "tunnel_proxies", "proxies": [{"id": "p-1", "address": "a b:1"}]}), p.SERVER_TO_NODE,
+     "expected HOST:PORT"),
+    (json.dumps({"type": "route_update", "version": 1, "route": {"cluster": "c", "endpoints": [
+        {"replica_id": "r", "address": "a:1", "node": "n", "data_plane": "tunnel"}]}}), p.SERVER_TO_PROXY,
+     "names no node"),
+    (json.dumps({"type": "tunnel_credential", "certificate": "x" * 20000, "ca": "", "expires_at": 1}),
+     p.SERVER_TO_PROXY, "too long"),
+])  # fmt: skip
+def test_tunnel_rules(frame: str, allowed: tuple[type[p.Message], ...], match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        p.decode(frame, allowed)
 
 
 def test_gpu_report_round_trips_with_unknown_memory() -> None:

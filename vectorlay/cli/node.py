@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -47,6 +48,9 @@ OciRuntimeOpt = Annotated[list[str] | None, typer.Option(
                           "repeat for several. Default: every one found.")]
 GpuOpt = Annotated[list[str] | None, typer.Option(
     help="Declare a GPU as TYPE[:MEMORY_GB] (repeat per GPU); overrides NVML.")]
+DIRECT_EXPOSES = ("proxies dial {address} on the ports replicas are published on: anyone who can reach them "
+                  "uses the replicas directly, past the edge's API keys and rate limits, and requests cross "
+                  "the network unencrypted. Use it only on a private datacenter network.")
 
 
 @node_app.callback(invoke_without_command=True)
@@ -81,8 +85,12 @@ def node_join(
     name: Annotated[str | None, typer.Option(help="Node name (default: this machine's hostname).")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="Where to keep the node credential.")] = None,
     gpu: GpuOpt = None,
-    advertise: Annotated[str, typer.Option(help="Address the proxy uses to reach this node's replicas.")]
-    = "127.0.0.1",
+    data_plane: Annotated[str, typer.Option(
+        help="tunnel: this node opens encrypted tunnels to the proxies and nothing listens beyond its loopback "
+             "(works behind NAT, no router change); direct: proxies dial --advertise (datacenter only).")]
+    = "tunnel",
+    advertise: Annotated[str | None, typer.Option(
+        help="With --data-plane direct: the address proxies dial to reach this node's replicas.")] = None,
     allow_process_runtime: AllowProcessOpt = None,
     container_cli: ContainerCliOpt = None,
     oci_runtime: OciRuntimeOpt = None,
@@ -103,14 +111,23 @@ def node_join(
         raise UserError(f"{directory} already holds a joined node; run `vectorlay node --state-dir {directory}` "
                         "or pick another --state-dir")
     node_name = name or _hostname_label()
-    options = _options({}, allow_process_runtime, container_cli, oci_runtime, gpu)
+    if data_plane not in ("tunnel", "direct"):
+        raise UserError(f"invalid --data-plane {data_plane!r}: use tunnel or direct")
+    if data_plane == "direct" and not advertise:
+        raise UserError("--data-plane direct needs --advertise HOST: the address proxies dial to reach this node")
+    if data_plane == "tunnel" and advertise:
+        raise UserError("--advertise is only for --data-plane direct: behind tunnels no one dials this node")
+    address = advertise or "127.0.0.1"
+    options = replace(_options({}, allow_process_runtime, container_cli, oci_runtime, gpu), data_plane=data_plane)
     clean_stop = CleanStop()
     faults = _faults()
 
     async def main() -> None:
-        setup = await prepare_node(options, advertise)  # logs what this node offers
-        creds = await join(server_url, join_token, node_name, setup.gpus, advertise, setup.runtimes, directory,
-                           setup.isolation)
+        setup = await prepare_node(options, address)  # logs what this node offers
+        if data_plane == "direct":
+            stderr.print("direct data plane: " + DIRECT_EXPOSES.format(address=address))
+        creds = await join(server_url, join_token, node_name, setup.gpus, address, setup.runtimes, directory,
+                           setup.isolation, data_plane)
         files.save_settings(options.settings())
         stderr.print(f"joined as {creds.name} ({creds.node_id}); credential saved in {directory}")
         await _run_setup(creds, directory, setup, clean_stop, faults)
@@ -132,13 +149,19 @@ def node_check(
     from vectorlay.node.preflight import run_checks
 
     saved = NodeStateDir(state_dir or data_dir("node")).load_settings()
+    if not saved:
+        saved = {"data_plane": "tunnel"}  # not joined yet: what `node join` does by default
     options = _options(saved, allow_process_runtime, container_cli, oci_runtime, gpu)
+
+    directory = state_dir or data_dir("node")
 
     async def main() -> None:
         preflight = await run_checks(ContainerCli.named(options.container_cli), options.oci_runtimes,
                                      options.allow_process_runtime, options.gpu_declarations)
         for check in preflight.checks:
             stdout.print(check.line(), markup=False, highlight=False)
+        for line in await _data_plane_lines(directory, options):
+            stdout.print(line, markup=False, highlight=False)
         for gpu_info in preflight.gpus:
             memory = f"{gpu_info.memory_gb:g} GB" if gpu_info.memory_gb is not None else "memory unknown"
             stdout.print(f"         GPU {gpu_info.index}: {gpu_info.name}, {memory}, {gpu_info.uuid}",
@@ -189,6 +212,33 @@ def node_rm(name: Annotated[str, typer.Argument()], server_url: ServerOpt = None
     run(commands.node_action, context(server_url, token, token_file), "rm", name)
 
 
+async def _data_plane_lines(directory: Path, options: NodeOptions) -> list[str]:
+    """What the data plane exposes and, behind tunnels, whether this machine reaches the proxies."""
+    from vectorlay.node.preflight import Check
+    from vectorlay.node.tunnels import check_proxies
+
+    if options.data_plane == "direct":
+        files = NodeStateDir(directory)
+        address = files.load_credentials().address if files.is_joined() else "this node's advertised address"
+        return [f"note: direct data plane: {DIRECT_EXPOSES.format(address=address)}"]
+    lines = ["note: tunnel data plane: replicas listen on 127.0.0.1 only; the agent opens TLS tunnels to the "
+             "proxies (outbound only), so no port is open and NAT needs no change"]
+    reached = await check_proxies(directory)
+    if reached is None:
+        if NodeStateDir(directory).is_joined():
+            lines.append(Check("proxies", False, "none known yet",
+                               "run the agent (`vectorlay node`): the server tells it which proxies to dial").line())
+        return lines
+    if not reached:
+        lines.append(Check("proxies", False, "the server lists no proxy that accepts tunnels",
+                           "start `vectorlay proxy --tunnel-listen HOST:PORT`").line())
+    for result in reached:
+        fix = "" if result.ok else "this machine must be able to open connections to that address (outbound)"
+        lines.append(Check(f"proxy {result.proxy.id}", result.ok, f"{result.proxy.address}: {result.detail}",
+                           fix).line())
+    return lines
+
+
 def _options(saved: dict[str, Any], allow_process: bool | None, container_cli: str | None,
              oci_runtime: list[str] | None, gpu: list[str] | None) -> NodeOptions:
     """Flags given now win over the settings saved at join."""
@@ -200,6 +250,7 @@ def _options(saved: dict[str, Any], allow_process: bool | None, container_cli: s
         container_cli=container_cli or base.container_cli,
         oci_runtimes=tuple(oci_runtime) if oci_runtime else base.oci_runtimes,
         gpu_declarations=tuple(gpu) if gpu is not None else base.gpu_declarations,
+        data_plane=base.data_plane,
     )
 
 
@@ -224,7 +275,8 @@ async def _run_setup(creds: Credentials, directory: Path, setup: NodeSetup, clea
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(run_node, creds, directory, setup.runtime, setup.gpus, setup.runtimes,
                                     isolation=setup.isolation, publish_ip=setup.publish_ip,
-                                    gpu_monitor=setup.gpu_monitor, clean_stop=clean_stop, faults=faults))
+                                    gpu_monitor=setup.gpu_monitor, clean_stop=clean_stop, faults=faults,
+                                    data_plane=setup.data_plane))
 
 
 def _hostname_label() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from functools import partial
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +26,8 @@ from vectorlay.client.config import Context, save_context
 from vectorlay.client.output import stderr
 from vectorlay.errors import UserError
 from vectorlay.lifecycle import CleanStop, setup_logging, until_signalled
+
+TUNNEL_ADVERTISE = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?")
 
 
 def server(
@@ -112,6 +115,12 @@ def proxy(
         help="On SIGTERM, how long requests in flight get to finish.")] = "30s",
     http_parser: Annotated[str, typer.Option(
         help="HTTP/1.1 parser: httptools (llhttp, in C, the fast default) or h11 (pure Python).")] = "httptools",
+    tunnel_listen: Annotated[str, typer.Option(
+        help="Accept nodes' tunnels (TLS, opened by the nodes) on HOST:PORT; `off` to serve direct nodes only. "
+             "Nodes elsewhere need it reachable: e.g. 0.0.0.0:7443.")] = "127.0.0.1:7443",
+    tunnel_advertise: Annotated[str | None, typer.Option(
+        help="HOST[:PORT] nodes dial for tunnels, where it differs from --tunnel-listen (NAT, a load balancer). "
+             "Default: the listen address (for 0.0.0.0, the address this proxy reaches the server from).")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the edge proxy: routes http://<cluster>.<domain>/ to ready replicas."""
@@ -151,11 +160,15 @@ def proxy(
         eject_s=_seconds(eject_time, "--eject-time"),
         shutdown_grace_s=_seconds(shutdown_grace, "--shutdown-grace"),
     )
+    tunnels = None if tunnel_listen.strip().lower() in ("off", "none", "") else parse_listen(tunnel_listen, 7443)
+    if tunnel_advertise is not None and not TUNNEL_ADVERTISE.fullmatch(tunnel_advertise):
+        raise UserError(f"invalid --tunnel-advertise {tunnel_advertise!r}: expected HOST or HOST:PORT "
+                        "(an IPv6 address in brackets)")
     config = ProxyConfig(ctx.server, ctx.token, host, port, domain, limits, tls_cert=tls_cert, tls_key=tls_key,
                          metrics_listen=parse_listen(metrics_listen, 9090) if metrics_listen else None,
-                         http_parser=parser)
+                         http_parser=parser, tunnel_listen=tunnels, tunnel_advertise=tunnel_advertise)
     run(serve_until_signalled, config,
-        listen_flags={"proxy": "--listen", "proxy's metrics": "--metrics-listen"})
+        listen_flags={"proxy": "--listen", "proxy's metrics": "--metrics-listen", "proxy's tunnels": "--tunnel-listen"})
 
 
 def dev(

@@ -93,12 +93,20 @@ def _gpus(gpus: Sequence[GpuView]) -> str:
 
 
 def node_table(nodes: Sequence[NodeView]) -> str:
-    return columns(("NAME", "STATE", "ADDRESS", "REPLICAS", "LAST SEEN", "AGE", "GPUS"), [
-        (n.name, n.state + ("" if n.schedulable else ",cordoned"), n.address,
+    return columns(("NAME", "STATE", "DATA PLANE", "ADDRESS", "REPLICAS", "LAST SEEN", "AGE", "GPUS"), [
+        (n.name, n.state + ("" if n.schedulable else ",cordoned"), _data_plane(n),
+         n.address if n.data_plane != "tunnel" else "-",
          str(n.replicas), f"{n.last_seen_s:g}s ago" if n.last_seen_s is not None else "-",
          age(n.joined_at), _gpus(n.gpus)) for n in nodes])
 
 
+def _data_plane(node: NodeView) -> str:
+    """`tunnel (2 proxies)`, or `direct`."""
+    if node.data_plane != "tunnel":
+        return node.data_plane
+    if node.tunnels is None:
+        return "tunnel"
+    return f"tunnel ({node.tunnels} prox{'y' if node.tunnels == 1 else 'ies'})"
 def server_table(servers: Sequence[ServerView]) -> str:
     return columns(("ID", "ADDRESS", "LEADER", "EPOCH", "NODES", "PROXIES", "CLIENTS", "SEEN"), [
         (s.id + (" (this)" if s.this else ""), s.address, "yes" if s.leader else "no",

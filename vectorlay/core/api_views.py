@@ -71,6 +71,8 @@ class NodeView:
     last_seen_s: float | None
     joined_at: float
     schedulable: bool
+    data_plane: str = "direct"  # "tunnel": the node dials the proxies; "direct": proxies dial its address
+    tunnels: int | None = None  # proxies a tunnel node has a tunnel to now (from its heartbeats)
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,8 @@ _IMAGE = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[.
                     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?")
 # What a replica's command may refer to as ${NAME} besides its own env and env_from_secret names
 # (set by the agent, see node/supervisor.py replica_env); CUDA_VISIBLE_DEVICES only with GPUs.
-REPLICA_VARIABLES = frozenset({"PORT", "VECTORLAY_CLUSTER", "VECTORLAY_REPLICA", "VECTORLAY_NODE",
-                               "VECTORLAY_NODE_ID"})
+REPLICA_VARIABLES = ("PORT", "VECTORLAY_HOST", "VECTORLAY_CLUSTER", "VECTORLAY_REPLICA", "VECTORLAY_NODE",
+                     "VECTORLAY_NODE_ID")
 _PLAIN_INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
 _PLAIN_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?|-?\.[0-9]+")
 E = TypeVar("E", bound=Enum)
@@ -418,7 +418,7 @@ def _check_command_variables(value: _Value, spec: ClusterSpec) -> None:
     an unknown one would silently stay as written (or, through a shell, become empty). Secrets are
     not allowed there: a command line is visible to every user of the node (`ps`). `$${NAME}`
     leaves `${NAME}` for a shell in the replica to expand."""
-    known = REPLICA_VARIABLES | set(spec.env) | ({"CUDA_VISIBLE_DEVICES"} if spec.gpu.count else set())
+    known = set(REPLICA_VARIABLES) | set(spec.env) | ({"CUDA_VISIBLE_DEVICES"} if spec.gpu.count else set())
     for item in value.sequence():
         text = item.string(allow_empty=True)
         for match in string.Template.pattern.finditer(text):
@@ -429,10 +429,9 @@ def _check_command_variables(value: _Value, spec: ClusterSpec) -> None:
                 item.report(item.fail(f"${{{name}}} is a secret, and a command line is visible to every user of "
                                       f"the node (ps): let the workload read {name} from its environment"))
             else:
-                item.report(item.fail(f"${{{name}}} is not a variable this replica has (it has PORT, "
-                                      "VECTORLAY_CLUSTER, VECTORLAY_REPLICA, VECTORLAY_NODE, VECTORLAY_NODE_ID, "
-                                      "CUDA_VISIBLE_DEVICES with a GPU, and what 'env' sets); write "
-                                      f"$${{{name}}} to leave it to a shell in the replica"))
+                item.report(item.fail(f"${{{name}}} is not a variable this replica has (it has "
+                                      f"{', '.join(REPLICA_VARIABLES)}, CUDA_VISIBLE_DEVICES with a GPU, and what "
+                                      f"'env' sets); write $${{{name}}} to leave it to a shell in the replica"))
 
 
 def _parse_update(value: _Value) -> UpdateStrategy:

@@ -9,6 +9,7 @@ channel allows and checks every field, so handlers only ever see well-formed val
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -20,6 +21,17 @@ from vectorlay.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a full desired state for a large node fits comfortably
+
+# How a node's replicas are reached. `tunnel` (what `vectorlay node join` does by default): through
+# the tunnels the node opens to every proxy, nothing listening beyond its loopback. `direct`: the
+# proxy dials the node's advertised address (datacenter machines only: the port is open).
+TUNNEL = "tunnel"
+DIRECT = "direct"
+DATA_PLANES = frozenset({TUNNEL, DIRECT})
+MAX_CSR_CHARS = 4096  # a P-256 CSR in PEM is about 500 characters
+MAX_CERT_CHARS = 16 * 1024
+TUNNEL_PEER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253}):[0-9]{1,5}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,7 @@ class Join(Message):
     address: str = "127.0.0.1"
     runtimes: tuple[str, ...] = ("process",)
     isolation: tuple[str, ...] = ()
+    data_plane: str = DIRECT
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,8 @@ class NodeHello(Message):
     isolation: tuple[str, ...] = ()  # isolation levels its container runtime offers
     generation: int = 0  # the highest generation the agent has applied
     replicas: tuple[ReplicaReport, ...] = ()
+    data_plane: str = DIRECT
+    tunnel_csr: str = ""  # with data_plane tunnel: a CSR for the node's tunnel certificate (PEM)
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,7 @@ class Heartbeat(Message):
     TYPE: ClassVar[str] = "heartbeat"
     sent_at: float = 0.0  # the node's wall clock, for display only; liveness uses the server's clock
     gpus: tuple[GpuStatus, ...] = ()  # utilisation and health, when NVML can read them
+    tunnels: int | None = None  # proxies the node has a tunnel to now (tunnel data plane)
 
 
 @dataclass(frozen=True)
@@ -184,6 +200,45 @@ class LogsClose(Message):
     stream_id: int
 
 
+# --- tunnels (server -> node, server -> proxy) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TunnelCredential(Message):
+    """A tunnel certificate the server issued for the key in the peer's CSR, and the tunnel CA
+    (PEM). A node gets a short-lived one on every hello and again before it expires."""
+
+    TYPE: ClassVar[str] = "tunnel_credential"
+    certificate: str
+    ca: str
+    expires_at: float  # wall clock
+
+
+@dataclass(frozen=True)
+class TunnelProxy:
+    id: str
+    address: str  # host:port where the proxy accepts tunnels
+
+
+@dataclass(frozen=True)
+class TunnelProxies(Message):
+    """Every proxy a node should keep a tunnel to; sent after the welcome and on every change."""
+
+    TYPE: ClassVar[str] = "tunnel_proxies"
+    proxies: tuple[TunnelProxy, ...]
+
+
+@dataclass(frozen=True)
+class AdmittedNodes(Message):
+    """Which nodes a proxy may accept tunnels from: all of them (`snapshot`), then changes. A
+    node that leaves has its tunnel dropped at once."""
+
+    TYPE: ClassVar[str] = "admitted_nodes"
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    snapshot: bool = False
+
+
 # --- proxy <-> server -------------------------------------------------------------------------
 
 
@@ -193,13 +248,19 @@ class ProxyHello(Message):
     protocol: int
     token: str
     url_template: str = ""  # the public URL of a cluster, e.g. "http://{cluster}.localhost:8080/"
+    # A proxy that accepts tunnels: its id (stable while it runs), where nodes dial it, and a CSR.
+    tunnel_id: str = ""
+    tunnel_address: str = ""
+    tunnel_csr: str = ""
 
 
 @dataclass(frozen=True)
 class Endpoint:
     replica_id: str
-    address: str  # host:port
+    address: str  # host:port (on the node itself for the tunnel data plane)
     node: str  # node name, for headers and metrics
+    node_id: str = ""
+    data_plane: str = DIRECT  # tunnel: reached only through node_id's tunnel
 
 
 @dataclass(frozen=True)
@@ -313,10 +374,11 @@ class Cancel(Message):
 # --- channels ---------------------------------------------------------------------------------
 
 NODE_TO_SERVER: tuple[type[Message], ...] = (Ack, Heartbeat, ReplicaStatus, LogsData, LogsEnd, Goodbye)
-SERVER_TO_NODE: tuple[type[Message], ...] = (Welcome, Command, Sync, LogsOpen, LogsClose)
+SERVER_TO_NODE: tuple[type[Message], ...] = (Welcome, Command, Sync, LogsOpen, LogsClose, TunnelCredential,
+                                             TunnelProxies)
 NODE_FIRST: tuple[type[Message], ...] = (Join, NodeHello)
 PROXY_FIRST: tuple[type[Message], ...] = (ProxyHello,)
-SERVER_TO_PROXY: tuple[type[Message], ...] = (Ready, RouteSnapshot, RouteUpdate)
+SERVER_TO_PROXY: tuple[type[Message], ...] = (Ready, RouteSnapshot, RouteUpdate, TunnelCredential, AdmittedNodes)
 CLIENT_FIRST: tuple[type[Message], ...] = (ClientHello,)
 CLIENT_TO_SERVER: tuple[type[Message], ...] = (Call, Cancel)
 SERVER_TO_CLIENT: tuple[type[Message], ...] = (Ready, Result, Event, Failure)
@@ -369,4 +431,44 @@ def _check_rules(message: Message) -> None:
             raise ProtocolError(f"unknown command op {message.op!r}")
         if message.op == "start" and message.assignment is None:
             raise ProtocolError("a start command needs an assignment")
+    if isinstance(message, Join | NodeHello) and message.data_plane not in DATA_PLANES:
+        raise ProtocolError(f"unknown data plane {message.data_plane!r} (expected tunnel or direct)")
+    if isinstance(message, NodeHello):
+        if len(message.tunnel_csr) > MAX_CSR_CHARS:
+            raise ProtocolError("tunnel_csr is too long")
+        if message.data_plane == TUNNEL and not message.tunnel_csr:
+            raise ProtocolError("a node on the tunnel data plane must send tunnel_csr")
+    if isinstance(message, ProxyHello):
+        _check_proxy_tunnel(message)
+    if isinstance(message, RouteSnapshot | RouteUpdate):
+        for route in message.routes if isinstance(message, RouteSnapshot) else (message.route,):
+            for endpoint in route.endpoints:
+                if endpoint.data_plane not in DATA_PLANES:
+                    raise ProtocolError(f"unknown data plane {endpoint.data_plane!r}")
+                if endpoint.data_plane == TUNNEL and not endpoint.node_id:
+                    raise ProtocolError(f"tunnel endpoint {endpoint.replica_id!r} names no node")
+    if isinstance(message, TunnelCredential) and (len(message.certificate) > MAX_CERT_CHARS
+                                                  or len(message.ca) > MAX_CERT_CHARS):
+        raise ProtocolError("tunnel certificate is too long")
+    if isinstance(message, TunnelProxies):
+        for proxy in message.proxies:
+            _check_tunnel_peer(proxy.id, proxy.address)
+
+
+def _check_proxy_tunnel(hello: ProxyHello) -> None:
+    given = [bool(hello.tunnel_id), bool(hello.tunnel_address), bool(hello.tunnel_csr)]
+    if not any(given):
+        return
+    if not all(given):
+        raise ProtocolError("tunnel_id, tunnel_address and tunnel_csr go together")
+    if len(hello.tunnel_csr) > MAX_CSR_CHARS:
+        raise ProtocolError("tunnel_csr is too long")
+    _check_tunnel_peer(hello.tunnel_id, hello.tunnel_address)
+
+
+def _check_tunnel_peer(ident: str, address: str) -> None:
+    if not TUNNEL_PEER_ID.fullmatch(ident):
+        raise ProtocolError(f"invalid tunnel id {ident[:70]!r}")
+    if not HOST_PORT.fullmatch(address) or not 0 < int(address.rsplit(":", 1)[1]) < 65536:
+        raise ProtocolError(f"invalid tunnel address {address[:270]!r}: expected HOST:PORT")
 

@@ -17,8 +17,10 @@ from vectorlay.backoff import Backoff, Rotation
 from vectorlay.core.launch_inputs import replica_id_problem
 from vectorlay.core.model import Gpu, GpuStatus
 from vectorlay.core.protocol import (
+    DIRECT,
     PROTOCOL_VERSION,
     SERVER_TO_NODE,
+    TUNNEL,
     Ack,
     Command,
     Goodbye,
@@ -34,6 +36,8 @@ from vectorlay.core.protocol import (
     ReplicaReport,
     ReplicaStatus,
     Sync,
+    TunnelCredential,
+    TunnelProxies,
     Welcome,
 )
 from vectorlay.errors import AuthError, ConnectError, ProtocolError, unwrap_group
@@ -44,6 +48,7 @@ from vectorlay.node.gpu_health import NvmlMonitor, watch_gpus
 from vectorlay.node.runtime import ReplicaRuntime
 from vectorlay.node.state_dir import Credentials, NodeStateDir
 from vectorlay.node.supervisor import NodeIdentity, Supervisor
+from vectorlay.node.tunnels import NodeTunnels
 from vectorlay.wire import CLOSE_POLICY, Link, LinkClosed, connect, secure_context, server_urls, verified_ca
 
 log = logging.getLogger("vectorlay.node")
@@ -52,7 +57,7 @@ WELCOME_TIMEOUT_S = 10.0
 
 
 async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str, runtimes: tuple[str, ...],
-               state_dir: Path, isolation: tuple[str, ...] = ()) -> Credentials:
+               state_dir: Path, isolation: tuple[str, ...] = (), data_plane: str = TUNNEL) -> Credentials:
     """Trade a join token for this node's own credential and save it in `state_dir`.
 
     Over TLS, the server's CA is checked against the pin in the token before the token is sent,
@@ -63,7 +68,7 @@ async def join(server: str, token: str, name: str, gpus: list[Gpu], address: str
         try:
             ca = await verified_ca(url, token)
             joined = await _join_at(url, token, ca, Join(PROTOCOL_VERSION, token, name, tuple(gpus), address,
-                                                         runtimes, isolation))
+                                                         runtimes, isolation, data_plane))
             break
         except ConnectError:
             if index == len(urls) - 1:
@@ -86,13 +91,15 @@ async def _join_at(url: str, token: str, ca: bytes | None, message: Join) -> Joi
 
 class Agent:
     def __init__(self, creds: Credentials, supervisor: Supervisor, gpus: list[Gpu], runtimes: tuple[str, ...],
-                 isolation: tuple[str, ...] = (), clean_stop: CleanStop | None = None) -> None:
+                 isolation: tuple[str, ...] = (), clean_stop: CleanStop | None = None,
+                 tunnels: NodeTunnels | None = None) -> None:
         self.creds = creds
         # Set by whoever stops the agent on purpose (a signal, `vectorlay dev` exiting); only then
         # does it say goodbye. Any other end (an exception anywhere in the node) closes the link
         # without one, and the server takes the node out of routing at once.
         self.clean_stop = clean_stop if clean_stop is not None else CleanStop()
         self.supervisor = supervisor
+        self.tunnels = tunnels  # None: the direct data plane (proxies dial the advertised address)
         self.gpus = gpus
         self.runtimes = runtimes
         self.isolation = isolation
@@ -145,6 +152,7 @@ class Agent:
             protocol=PROTOCOL_VERSION, credential=self.creds.credential, gpus=tuple(self.gpus),
             address=self.creds.address, runtimes=self.runtimes, isolation=self.isolation,
             generation=self.supervisor.state.generation, replicas=tuple(self.supervisor.current_reports()),
+            data_plane=TUNNEL if self.tunnels else DIRECT, tunnel_csr=self.tunnels.csr if self.tunnels else "",
         )
         self._dirty_reports.clear()
         await link.send(hello)
@@ -194,7 +202,8 @@ class Agent:
 
     async def _heartbeats(self, interval_s: float) -> None:
         while True:
-            await self._send(Heartbeat(time.time(), self.gpu_status))
+            tunnels = self.tunnels.connected if self.tunnels is not None else None
+            await self._send(Heartbeat(time.time(), self.gpu_status, tunnels))
             await trio.sleep(interval_s)
 
     async def _send_reports(self) -> None:
@@ -222,6 +231,10 @@ class Agent:
                 stream = self._log_scopes.pop(message.stream_id, None)
                 if stream is not None:
                     stream.cancel()
+            elif isinstance(message, TunnelCredential) and self.tunnels is not None:
+                self.tunnels.set_credential(message)
+            elif isinstance(message, TunnelProxies) and self.tunnels is not None:
+                self.tunnels.set_proxies(message)
             elif isinstance(message, Welcome):
                 raise ProtocolError("a second welcome on one link")
 
@@ -278,20 +291,28 @@ async def run_node(
     gpu_monitor: NvmlMonitor | None = None,
     clean_stop: CleanStop | None = None,
     faults: FaultPoints = FaultPoints(),
+    data_plane: str = TUNNEL,
     task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Re-attach to running replicas, then run the supervisor, the GPU monitor and the server link.
-    `clean_stop`: see `Agent`; `faults`: fault-injection tests only."""
+    """Re-attach to running replicas, then run the supervisor, the GPU monitor, the tunnels to the
+    proxies (tunnel data plane) and the server link. `clean_stop`: see `Agent`; `faults`:
+    fault-injection tests only."""
     NODE_NAME.set(creds.name)  # this task's and its children's log lines are this node's
-    identity = NodeIdentity(creds.node_id, creds.name, creds.address, publish_ip=publish_ip)
+    if data_plane == TUNNEL:
+        publish_ip = "127.0.0.1"  # nothing but the agent's tunnels reaches the replicas
+    clean_stop = clean_stop if clean_stop is not None else CleanStop()
+    identity = NodeIdentity(creds.node_id, creds.name, creds.address, publish_ip=publish_ip, data_plane=data_plane)
     supervisor = Supervisor(runtime, state_dir, identity, on_report=lambda report: None, faults=faults)
-    agent = Agent(creds, supervisor, gpus, runtimes, isolation, clean_stop)
+    tunnels = NodeTunnels(creds.node_id, supervisor, state_dir, clean_stop=clean_stop) if data_plane == TUNNEL else None
+    agent = Agent(creds, supervisor, gpus, runtimes, isolation, clean_stop, tunnels)
     supervisor.on_report = agent.on_report
     await supervisor.reattach()
     async with trio.open_nursery() as nursery:
         if gpu_monitor is not None:
             await nursery.start(watch_gpus, gpu_monitor, agent.set_gpu_status)
         await nursery.start(supervisor.run)
+        if tunnels is not None:
+            await nursery.start(tunnels.run)
         nursery.start_soon(logs.note_log_times, supervisor.files.replica_log, lambda: list(supervisor.runners))
         await nursery.start(agent.run)
         task_status.started(agent)

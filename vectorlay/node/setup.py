@@ -10,6 +10,7 @@ from typing import Any
 import trio
 
 from vectorlay.core.model import Gpu
+from vectorlay.core.protocol import DATA_PLANES, DIRECT, TUNNEL
 from vectorlay.errors import UserError
 from vectorlay.node.container_args import ContainerCli
 from vectorlay.node.container_runtime import ContainerRuntime
@@ -33,23 +34,29 @@ class NodeOptions:
     container_cli: str = "podman"
     oci_runtimes: tuple[str, ...] = ()  # empty: every one that is found
     gpu_declarations: tuple[str, ...] = ()
+    data_plane: str = TUNNEL  # how proxies reach the replicas: its own tunnels, or dialling it (direct)
 
     def __post_init__(self) -> None:
         if self.container_cli.rsplit("/", 1)[-1] not in CONTAINER_CLIS:
             raise UserError(f"unknown --container-cli {self.container_cli!r} (allowed: podman, docker, "
                             "or a path to either)")
+        if self.data_plane not in DATA_PLANES:
+            raise UserError(f"unknown --data-plane {self.data_plane!r} (allowed: tunnel, direct)")
         parse_oci_runtimes(self.oci_runtimes)
 
     def settings(self) -> dict[str, Any]:
         return {"gpu": list(self.gpu_declarations), "allow_process_runtime": self.allow_process_runtime,
-                "container_cli": self.container_cli, "oci_runtime": list(self.oci_runtimes)}
+                "container_cli": self.container_cli, "oci_runtime": list(self.oci_runtimes),
+                "data_plane": self.data_plane}
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> NodeOptions:
+        # Settings saved before tunnels existed are a node that was dialled directly.
         return cls(allow_process_runtime=bool(settings.get("allow_process_runtime", False)),
                    container_cli=str(settings.get("container_cli", "podman")),
                    oci_runtimes=tuple(settings.get("oci_runtime", ())),
-                   gpu_declarations=tuple(settings.get("gpu", ())))
+                   gpu_declarations=tuple(settings.get("gpu", ())),
+                   data_plane=str(settings.get("data_plane", DIRECT)))
 
 
 @dataclass
@@ -58,6 +65,7 @@ class NodeSetup:
     runtime: ReplicaRuntime
     publish_ip: str
     gpu_monitor: NvmlMonitor | None
+    data_plane: str = TUNNEL
 
     @property
     def gpus(self) -> list[Gpu]:
@@ -90,8 +98,9 @@ async def prepare_node(options: NodeOptions, advertise: str) -> NodeSetup:
     monitor = None
     if preflight.gpus and not options.gpu_declarations:
         monitor = NvmlMonitor([g.uuid for g in preflight.gpus])
-    return NodeSetup(preflight, RuntimeSelector(runtimes, preflight.runtimes),
-                     await trio.to_thread.run_sync(publish_ip, advertise), monitor)
+    # Behind tunnels nothing but the agent reaches the replicas: they publish on loopback only.
+    ip = "127.0.0.1" if options.data_plane == TUNNEL else await trio.to_thread.run_sync(publish_ip, advertise)
+    return NodeSetup(preflight, RuntimeSelector(runtimes, preflight.runtimes), ip, monitor, options.data_plane)
 
 
 def publish_ip(advertise: str) -> str:

@@ -3,6 +3,8 @@
     node.json                   the node's identity: server URL, node id and name, credential,
                                 advertised address, the server's CA (written by `node join`)
     settings.json               the runtime options it was joined with (`node`'s flags override them)
+    tunnels.json                the tunnel key, its latest certificate, the tunnel CA and the proxy
+                                list (tunnel data plane: for restarts and `node check`; node/tunnels.py)
     agent-state.json            what the agent runs, so a restarted agent re-attaches (local_state.py)
     agent-state.json.corrupt    a state file that failed its checksum, set aside for inspection
     logs/<replica>.log          each replica's stdout and stderr, written by the workload itself
@@ -49,6 +51,10 @@ class NodeStateDir:
         return self.root / "settings.json"
 
     @property
+    def tunnels_file(self) -> Path:
+        return self.root / "tunnels.json"
+
+    @property
     def agent_state_file(self) -> Path:
         return self.root / "agent-state.json"
 
@@ -77,6 +83,7 @@ class NodeStateDir:
         so the directory can join again (its replicas must have been stopped first)."""
         self.credentials_file.unlink(missing_ok=True)
         self.agent_state_file.unlink(missing_ok=True)
+        self.tunnels_file.unlink(missing_ok=True)  # its certificate names the removed node
 
     # --- node.json ---
 

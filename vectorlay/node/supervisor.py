@@ -22,7 +22,7 @@ import trio
 from vectorlay.core import health
 from vectorlay.core.launch_inputs import encoding_problem, launch_problem, replica_id_problem
 from vectorlay.core.model import Assignment, ReplicaState, Runtime
-from vectorlay.core.protocol import Command, ReplicaReport, Sync
+from vectorlay.core.protocol import TUNNEL, Command, ReplicaReport, Sync
 from vectorlay.errors import RuntimeFailure, VectorlayError
 from vectorlay.node import local_state, logs
 from vectorlay.node.exits import describe_exit
@@ -57,6 +57,13 @@ class NodeIdentity:
     address: str  # where replicas are reachable from the proxy
     probe_host: str = "127.0.0.1"
     publish_ip: str = "127.0.0.1"  # the local IP container ports are published on (the advertised one)
+    data_plane: str = "direct"  # tunnel: replicas listen on loopback, reached only through the tunnels
+
+    @property
+    def listen_host(self) -> str:
+        """Where a process replica should listen (VECTORLAY_HOST): loopback behind tunnels, every
+        address when proxies dial the node directly."""
+        return "127.0.0.1" if self.data_plane == TUNNEL else "0.0.0.0"
 
 
 @dataclass
@@ -117,6 +124,7 @@ def replica_env(assignment: Assignment, identity: NodeIdentity, port: int, cuda_
         "VECTORLAY_REPLICA": assignment.replica_id,
         "VECTORLAY_NODE": identity.name,
         "VECTORLAY_NODE_ID": identity.node_id,
+        "VECTORLAY_HOST": identity.listen_host,
     }
     if cuda_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = cuda_devices
@@ -178,6 +186,14 @@ class Supervisor:
         self._save()
         self._changed.set()
         return True
+
+    def local_address(self, replica_id: str) -> tuple[str, int] | None:
+        """Where a replica this node runs now listens on this machine (for the tunnels), or None
+        if it is not one of ours, not running, or being stopped."""
+        runner = self.runners.get(replica_id)
+        if runner is None or runner.handle is None or runner.host_port is None or replica_id not in self.desired:
+            return None
+        return self._probe_host(runner), runner.host_port
 
     def current_reports(self) -> list[ReplicaReport]:
         return [r for r in self.reports.values() if r.state is not ReplicaState.STOPPED]

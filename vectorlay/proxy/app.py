@@ -19,6 +19,7 @@ from vectorlay.proxy.listener import Edge, raise_open_files_limit
 from vectorlay.proxy.metrics import serve_metrics
 from vectorlay.proxy.routing import RouteTable
 from vectorlay.proxy.tls import TlsTerminator
+from vectorlay.proxy.tunnels import TunnelHub
 
 log = logging.getLogger("vectorlay.proxy")
 
@@ -40,6 +41,8 @@ class ProxyConfig:
     tls_key: Path | None = None
     metrics_listen: tuple[str, int] | None = None
     http_parser: HttpParser = DEFAULT_PARSER  # h11, or httptools (several times faster)
+    tunnel_listen: tuple[str, int] | None = None  # accept nodes' tunnels here (None: direct endpoints only)
+    tunnel_advertise: str | None = None  # HOST[:PORT] nodes dial, where it differs from tunnel_listen
 
     @property
     def scheme(self) -> str:
@@ -56,6 +59,8 @@ class ProxyStarted:
     edge: Edge
     tls: TlsTerminator | None
     metrics_port: int | None
+    tunnels: TunnelHub | None = None
+    tunnel_port: int | None = None
 
 
 async def run_proxy(
@@ -64,12 +69,26 @@ async def run_proxy(
     tls = TlsTerminator(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
     raise_open_files_limit(2 * config.limits.max_connections + 256)
     table = RouteTable(limits=config.limits)
-    proxy = Proxy(table, config.domain, config.limits, parser=config.http_parser)
+    hub = None
+    tunnel_listeners: list[trio.SocketListener] = []
+    tunnel_port = None
+    if config.tunnel_listen is not None:
+        hub = TunnelHub(table, connect_timeout_s=config.limits.upstream_connect_timeout_s)
+        tunnel_host, wanted_port = config.tunnel_listen
+        tunnel_listeners = await open_listeners(tunnel_host, wanted_port, "proxy's tunnels")
+        tunnel_port = tunnel_listeners[0].socket.getsockname()[1]
+        hub.address = tunnel_address(config.tunnel_advertise, tunnel_host, tunnel_port)
+    proxy = Proxy(table, config.domain, config.limits, parser=config.http_parser, tunnels=hub)
+    if hub is not None:
+        hub.attach(proxy)
     listeners = await open_listeners(config.host, config.port, "proxy")
     port = listeners[0].socket.getsockname()[1]
     template = config.url_template(port)
     edge = Edge(proxy, listeners, tls)
     async with trio.open_nursery() as nursery:
+        if hub is not None:
+            await nursery.start(hub.serve, tunnel_listeners)
+            log.info("accepting tunnels on port %d (nodes dial %s)", tunnel_port, hub.address)
         metrics_port = None
         if config.metrics_listen is not None:
             metrics_host, wanted = config.metrics_listen
@@ -78,14 +97,25 @@ async def run_proxy(
             await nursery.start(serve_metrics, proxy.metrics, metrics_listeners)
             log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
         with trio.move_on_after(FIRST_ROUTES_WAIT_S) as scope:
-            await nursery.start(follow_routes, config.server, config.token, template, table)
+            await nursery.start(follow_routes, config.server, config.token, template, table, hub)
         if scope.cancelled_caught:
             log.warning("no route table from %s yet; serving anyway (every cluster is unknown until it arrives)",
                         config.server)
-            nursery.start_soon(follow_routes, config.server, config.token, template, table)
+            nursery.start_soon(follow_routes, config.server, config.token, template, table, hub)
         await nursery.start(edge.serve)
         log.info("proxy listening on %s://%s:%d (clusters at %s)", config.scheme, config.host, port, template)
-        task_status.started(ProxyStarted(port, proxy, edge, tls, metrics_port))
+        task_status.started(ProxyStarted(port, proxy, edge, tls, metrics_port, hub, tunnel_port))
+
+
+def tunnel_address(advertise: str | None, host: str, port: int) -> str:
+    """HOST:PORT for nodes to dial: `advertise` (its port, else the bound one), else the listen
+    address (an unspecified one, 0.0.0.0 or ::, is replaced by the server with the address the
+    proxy connects from)."""
+    if advertise:
+        if advertise.startswith("["):
+            return advertise if "]:" in advertise else f"{advertise}:{port}"
+        return advertise if advertise.count(":") == 1 else f"{advertise}:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def tune_gc_for_serving() -> None:

@@ -14,13 +14,16 @@ from vectorlay.backoff import Backoff, Rotation
 from vectorlay.core.protocol import (
     PROTOCOL_VERSION,
     SERVER_TO_PROXY,
+    AdmittedNodes,
     ProxyHello,
     Ready,
     RouteSnapshot,
     RouteUpdate,
+    TunnelCredential,
 )
 from vectorlay.errors import AuthError, ConnectError, ProtocolError, unwrap_group
 from vectorlay.proxy.routing import RouteTable
+from vectorlay.proxy.tunnels import TunnelHub
 from vectorlay.wire import CLOSE_POLICY, LinkClosed, connect, secure_context, server_urls
 
 log = logging.getLogger("vectorlay.proxy")
@@ -30,8 +33,10 @@ KEEPALIVE_TIMEOUT_S = 5.0
 
 
 async def follow_routes(server: str, token: str, url_template: str, table: RouteTable,
+                        tunnels: TunnelHub | None = None,
                         *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Keep `table` in step with the server; `started` once the first snapshot is loaded."""
+    """Keep `table` in step with the server; `started` once the first snapshot is loaded. With
+    `tunnels`, also get the tunnel certificate and the nodes admitted to tunnel in."""
     backoff = Backoff()
     servers = Rotation(server_urls(server), backoff)
     started = False
@@ -40,7 +45,12 @@ async def follow_routes(server: str, token: str, url_template: str, table: Route
         try:
             with unwrap_group():
                 async with connect(url, await secure_context(url, token)) as link:
-                    await link.send(ProxyHello(PROTOCOL_VERSION, token, url_template))
+                    if tunnels is not None:
+                        hello = ProxyHello(PROTOCOL_VERSION, token, url_template, tunnels.proxy_id, tunnels.address,
+                                           tunnels.csr)
+                    else:
+                        hello = ProxyHello(PROTOCOL_VERSION, token, url_template)
+                    await link.send(hello)
                     with trio.fail_after(KEEPALIVE_TIMEOUT_S * 2):
                         first = await link.receive(SERVER_TO_PROXY)
                     if not isinstance(first, Ready):
@@ -58,6 +68,10 @@ async def follow_routes(server: str, token: str, url_template: str, table: Route
                                     started = True
                             elif isinstance(message, RouteUpdate):
                                 table.apply(message)
+                            elif isinstance(message, TunnelCredential) and tunnels is not None:
+                                tunnels.set_credential(message)
+                            elif isinstance(message, AdmittedNodes) and tunnels is not None:
+                                tunnels.admit(message)
         except LinkClosed as closed:
             if closed.code == CLOSE_POLICY:
                 raise AuthError(f"the server refused this proxy: {closed.reason}") from None

@@ -14,12 +14,14 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from http import HTTPStatus
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import trio
 
-from vectorlay.errors import unwrap_group
+from vectorlay.core.protocol import TUNNEL, Endpoint
+from vectorlay.errors import TunnelError, unwrap_group
 from vectorlay.proxy import headers as hdr
 from vectorlay.proxy.admission import ConnectionAdmission
 from vectorlay.proxy.auth import API_KEY, authorize
@@ -39,7 +41,7 @@ from vectorlay.proxy.codec import (
 from vectorlay.proxy.deadlines import DeadlineKeeper
 from vectorlay.proxy.limits import ProxyLimits
 from vectorlay.proxy.metrics import UNKNOWN, ClusterMetrics, Metrics
-from vectorlay.proxy.routing import ClusterRoute, EndpointStats, RouteTable, cluster_from_host
+from vectorlay.proxy.routing import ClusterRoute, EndpointStats, RouteTable, cluster_from_host, upstream_key
 from vectorlay.proxy.upstream import UpstreamConnectError, UpstreamConnection, UpstreamError, UpstreamPool
 
 __all__ = ["ClientGone", "Proxy", "ProxyLimits"]
@@ -70,6 +72,12 @@ class _Attempt:
     status: int = 502  # what the client gets if nothing else can be tried
 
 
+class TunnelDialer(Protocol):
+    """Opens a stream to a replica through its node's tunnel (the proxy's `TunnelHub`)."""
+
+    async def open_stream(self, node_id: str, replica_id: str) -> trio.abc.Stream: ...
+
+
 class _Retry(Exception):
     def __init__(self, attempt: _Attempt) -> None:
         super().__init__(attempt.error)
@@ -79,7 +87,7 @@ class _Retry(Exception):
 class Proxy:
     def __init__(self, routes: RouteTable, domain: str, limits: ProxyLimits | None = None,
                  metrics: Metrics | None = None, pool: UpstreamPool | None = None,
-                 parser: HttpParser = DEFAULT_PARSER) -> None:
+                 parser: HttpParser = DEFAULT_PARSER, tunnels: TunnelDialer | None = None) -> None:
         self.routes = routes
         self.domain = domain
         self.limits = limits or ProxyLimits()
@@ -92,7 +100,8 @@ class Proxy:
         self.deadlines = DeadlineKeeper(min(self.limits.header_timeout_s, self.limits.idle_timeout_s))
         self.admission = ConnectionAdmission(self.limits.max_connections, self.limits.max_connections_per_client)
         self._hosts: dict[bytes, str | None] = {}  # Host header -> cluster name
-        routes.on_endpoint_removed.append(lambda endpoint: self.pool.forget(endpoint.address))
+        self.tunnels = tunnels  # streams through nodes' tunnels, for their tunnel-plane endpoints
+        routes.on_endpoint_removed.append(lambda endpoint: self.pool.forget(upstream_key(endpoint)))
 
     # ---- connections ----
 
@@ -302,7 +311,11 @@ class Proxy:
         """One attempt on one replica, begun at `started`: send the request (`headers` are the
         ones to send), relay the answer."""
         try:
-            upstream = await self.pool.acquire(stats.endpoint.address)
+            endpoint = stats.endpoint
+            if endpoint.data_plane == TUNNEL:
+                upstream = await self.pool.acquire(stats.pool_key, partial(self._open_tunnel_stream, endpoint))
+            else:
+                upstream = await self.pool.acquire(endpoint.address)
         except UpstreamConnectError as error:
             metrics.connect_errors += 1
             raise _Retry(_Attempt(str(error))) from None
@@ -352,6 +365,11 @@ class Proxy:
                 await self.pool.release(upstream)
             else:
                 await upstream.aclose()
+
+    async def _open_tunnel_stream(self, endpoint: Endpoint) -> trio.abc.Stream:
+        if self.tunnels is None:
+            raise TunnelError("this proxy accepts no tunnels (start it with --tunnel-listen)")
+        return await self.tunnels.open_stream(endpoint.node_id, endpoint.replica_id)
 
     async def _await_head(self, client: ClientConnection, upstream: UpstreamConnection,
                           stats: EndpointStats) -> Response:

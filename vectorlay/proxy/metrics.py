@@ -11,6 +11,7 @@ import bisect
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -38,11 +39,34 @@ class ClusterMetrics:
         self.latency_sum_s += seconds
 
 
+class TunnelCounters(Protocol):
+    """What the proxy's tunnel hub counts (`proxy/tunnels.py`)."""
+
+    accepted: int
+    refused: int
+
+    @property
+    def open_tunnels(self) -> int: ...
+
+    @property
+    def streams_open(self) -> int: ...
+
+    @property
+    def streams_total(self) -> int: ...
+
+    @property
+    def bytes_in(self) -> int: ...
+
+    @property
+    def bytes_out(self) -> int: ...
+
+
 class Metrics:
     def __init__(self) -> None:
         self.clusters: defaultdict[str, ClusterMetrics] = defaultdict(ClusterMetrics)
         self.connections = 0
         self.connections_rejected = 0
+        self.tunnels: TunnelCounters | None = None
         self.connections_evicted = 0
 
     def render(self) -> bytes:
@@ -88,6 +112,24 @@ class Metrics:
         family("vectorlay_proxy_connections_evicted_total", "counter",
                "Idle kept-alive client connections closed to make room for new ones at the connection limit.")
         lines.append(f"vectorlay_proxy_connections_evicted_total {self.connections_evicted}")
+        if self.tunnels is not None:
+            tunnels = self.tunnels
+            for metric, kind, value, help_text in (
+                ("vectorlay_proxy_tunnels", "gauge", tunnels.open_tunnels, "Nodes with a tunnel to this proxy now."),
+                ("vectorlay_proxy_tunnels_accepted_total", "counter", tunnels.accepted, "Tunnels accepted."),
+                ("vectorlay_proxy_tunnels_refused_total", "counter", tunnels.refused,
+                 "Tunnels refused: TLS failed, no valid node certificate, node not admitted, handshake failed."),
+                ("vectorlay_proxy_tunnel_streams", "gauge", tunnels.streams_open,
+                 "Streams open on tunnels now (one per upstream connection to a replica)."),
+                ("vectorlay_proxy_tunnel_streams_total", "counter", tunnels.streams_total,
+                 "Streams opened on tunnels."),
+                ("vectorlay_proxy_tunnel_received_bytes_total", "counter", tunnels.bytes_in,
+                 "Stream bytes received from nodes through tunnels."),
+                ("vectorlay_proxy_tunnel_sent_bytes_total", "counter", tunnels.bytes_out,
+                 "Stream bytes sent to nodes through tunnels."),
+            ):
+                family(metric, kind, help_text)
+                lines.append(f"{metric} {value}")
         return ("\n".join(lines) + "\n").encode()
 
 

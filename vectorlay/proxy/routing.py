@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import trio
 
 from vectorlay.core import balancer
-from vectorlay.core.protocol import Endpoint, Route, RouteSnapshot, RouteUpdate
+from vectorlay.core.protocol import TUNNEL, Endpoint, Route, RouteSnapshot, RouteUpdate
 from vectorlay.proxy.limits import ProxyLimits
 from vectorlay.proxy.ratelimit import ClusterLimiter
 from vectorlay.proxy.retries import RetryBudget
@@ -29,6 +29,10 @@ class EndpointStats:
     # can be retried elsewhere instead of hanging on a node the server has given up on.
     awaiting_head: set[trio.CancelScope] = field(default_factory=set)
     routed: bool = True
+    pool_key: str = ""  # its connections in the upstream pool
+
+    def __post_init__(self) -> None:
+        self.pool_key = upstream_key(self.endpoint)
 
     def leave_routing(self) -> None:
         self.routed = False
@@ -45,6 +49,14 @@ class EndpointStats:
     def eject(self, now: float, limits: ProxyLimits) -> None:
         self.failures += 1
         self.ejected_until = now + balancer.ejection_s(self.failures, limits.eject_s, limits.max_eject_s)
+
+
+def upstream_key(endpoint: Endpoint) -> str:
+    """Where the upstream pool keeps an endpoint's idle connections: its address, or for the
+    tunnel data plane its node and replica (addresses on different nodes' loopbacks may repeat)."""
+    if endpoint.data_plane == TUNNEL:
+        return f"{endpoint.node_id}/{endpoint.replica_id}"
+    return endpoint.address
 
 
 @dataclass
@@ -82,6 +94,9 @@ class RouteTable:
         self.clock = clock
         self.on_endpoint_removed: list[Callable[[Endpoint], None]] = []
         self._changed = trio.Event()  # set, and replaced, whenever routes change
+        # Nodes whose tunnel to this proxy is up: their tunnel endpoints are routable, others' are not.
+        self.reachable: set[str] = set()
+        self._tunnel_clusters: dict[str, set[str]] = {}  # node id -> clusters with its tunnel endpoints
 
     async def next_change(self) -> None:
         """Return after the next snapshot or update is applied."""
@@ -109,8 +124,39 @@ class RouteTable:
         self.version = update.version
         self._notify()
 
+    def set_reachable(self, node_id: str, reachable: bool) -> None:
+        """A node's tunnel came up or went down: its tunnel endpoints join or leave routing."""
+        if reachable == (node_id in self.reachable):
+            return
+        if reachable:
+            self.reachable.add(node_id)
+        else:
+            self.reachable.discard(node_id)
+        for name in list(self._tunnel_clusters.get(node_id, ())):
+            cluster = self.clusters.get(name)
+            if cluster is not None:
+                self._set(cluster.route)
+        self._notify()
+
+    def _routable(self, endpoint: Endpoint) -> bool:
+        return endpoint.data_plane != TUNNEL or endpoint.node_id in self.reachable
+
+    def _index_tunnels(self, name: str, old: Route | None, new: Route | None) -> None:
+        for endpoint in old.endpoints if old else ():
+            if endpoint.data_plane == TUNNEL:
+                clusters = self._tunnel_clusters.get(endpoint.node_id)
+                if clusters is not None:
+                    clusters.discard(name)
+                    if not clusters:
+                        del self._tunnel_clusters[endpoint.node_id]
+        for endpoint in new.endpoints if new else ():
+            if endpoint.data_plane == TUNNEL:
+                self._tunnel_clusters.setdefault(endpoint.node_id, set()).add(name)
+
     def _drop(self, name: str) -> None:
         gone = self.clusters.pop(name, None)
+        if gone is not None:
+            self._index_tunnels(name, gone.route, None)
         for stats in gone.endpoints.values() if gone else ():
             self._leave(stats)
 
@@ -127,11 +173,14 @@ class RouteTable:
                                    ClusterLimiter(route.rate_limit, route.per_client_rate_limit),
                                    RetryBudget(limits.retry_budget_ratio, limits.retry_budget_min_per_s, self.clock()))
             self.clusters[route.cluster] = cluster
+            self._index_tunnels(route.cluster, None, route)
+        elif cluster.route is not route:
+            self._index_tunnels(route.cluster, cluster.route, route)
         cluster.route = route
         cluster.key_hashes = frozenset(route.key_hashes)
         if not cluster.limiter.same_config(route.rate_limit, route.per_client_rate_limit):
             cluster.limiter = ClusterLimiter(route.rate_limit, route.per_client_rate_limit)
-        fresh = {e.replica_id: e for e in route.endpoints}
+        fresh = {e.replica_id: e for e in route.endpoints if self._routable(e)}
         for replica_id in list(cluster.endpoints):
             if replica_id not in fresh or cluster.endpoints[replica_id].endpoint != fresh[replica_id]:
                 self._leave(cluster.endpoints.pop(replica_id))

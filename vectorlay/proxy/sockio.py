@@ -15,6 +15,8 @@ import os
 
 import trio
 
+from vectorlay.tunnel import TunnelStream
+
 
 class Channel:
     """The stream's own send_all and receive_some."""
@@ -80,7 +82,20 @@ class SocketChannel(Channel):
                 pass
 
 
+class TunnelChannel(Channel):
+    """A tunnel stream knows what already arrived without a system call."""
+
+    def __init__(self, stream: TunnelStream) -> None:
+        super().__init__(stream)
+        self.tunnel = stream
+
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        return self.tunnel.receive_nowait(max_bytes)
+
+
 def channel(stream: trio.abc.Stream) -> Channel:
     if os.name == "posix" and isinstance(stream, trio.SocketStream):
         return SocketChannel(stream)
+    if isinstance(stream, TunnelStream):
+        return TunnelChannel(stream)
     return Channel(stream)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from vectorlay.errors import TunnelError
 from vectorlay.proxy.codec import (
     DEFAULT_PARSER,
     NEED_DATA,
@@ -21,6 +22,7 @@ from vectorlay.proxy.codec import (
     client_codec,
 )
 from vectorlay.proxy.sockio import channel
+from vectorlay.tunnel import TunnelStream
 
 READ_SIZE = 64 * 1024
 MAX_IDLE_PER_ADDRESS = 64
@@ -32,6 +34,7 @@ MAX_HEAD_BYTES = 64 * 1024  # a replica's response head; more is a failed reques
 FRESH_IDLE_S = 0.5
 
 Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
+Dial = Callable[[], Awaitable[trio.abc.Stream]]  # a tunnel stream to one replica; bounds its own waiting
 
 
 class UpstreamError(Exception):
@@ -108,10 +111,16 @@ class UpstreamConnection:
         self.codec.receive_data(data)
 
     def reusable(self) -> bool:
+        """HTTP allows another exchange on it (and, for a tunnel stream, its tunnel is not draining)."""
+        if isinstance(self.stream, TunnelStream) and not self.stream.reusable():
+            return False
         return self.codec.reusable()
 
     def close_now(self) -> None:
         """Close without waiting (for idle connections to a replica that left routing)."""
+        if isinstance(self.stream, TunnelStream):
+            self.stream.close_now()  # resets the stream: the node closes its side to the replica
+            return
         socket = getattr(self.stream, "socket", None)
         if socket is not None:
             socket.close()
@@ -122,7 +131,9 @@ class UpstreamConnection:
 
     def still_open(self) -> bool:
         """An idle connection the replica has closed reads as EOF: detect it before reusing it
-        (unless it was idle only a moment, see FRESH_IDLE_S)."""
+        (unless it was idle only a moment, see FRESH_IDLE_S). A tunnel stream knows without asking."""
+        if isinstance(self.stream, TunnelStream):
+            return self.stream.reusable()
         if time.monotonic() - self.idle_since < FRESH_IDLE_S:
             return True
         socket = getattr(self.stream, "socket", None)
@@ -147,7 +158,9 @@ class UpstreamPool:
         self.parser = parser
         self._idle: defaultdict[str, list[UpstreamConnection]] = defaultdict(list)
 
-    async def acquire(self, address: str) -> UpstreamConnection:
+    async def acquire(self, address: str, dial: Dial | None = None) -> UpstreamConnection:
+        """A kept-alive connection to `address` (a pool key), else a new one: dialled over TCP, or
+        opened by `dial` (a tunnel stream)."""
         idle = self._idle.get(address)
         while idle:
             connection = idle.pop()
@@ -156,6 +169,11 @@ class UpstreamPool:
                 connection.received = False
                 return connection
             await connection.aclose()
+        if dial is not None:
+            try:
+                return UpstreamConnection(await dial(), address, self.parser)
+            except TunnelError as error:
+                raise UpstreamConnectError(str(error)) from None
         host, _, port = address.rpartition(":")
         with trio.move_on_after(self.connect_timeout_s) as scope:
             try:
@@ -182,6 +200,12 @@ class UpstreamPool:
         """Close the idle connections to `address` (its replica left routing) without waiting."""
         for connection in self._idle.pop(address, []):
             connection.close_now()
+
+    def forget_prefix(self, prefix: str) -> None:
+        """Close the idle connections of every key starting with `prefix` (a node's tunnel streams,
+        when its tunnel drains)."""
+        for key in [k for k in self._idle if k.startswith(prefix)]:
+            self.forget(key)
 
     async def aclose(self) -> None:
         for address in list(self._idle):

@@ -51,6 +51,8 @@ from vectorlay.server.secrets_box import SecretBox
 from vectorlay.server.store import Store, open_store, ops
 from vectorlay.server.store import engine as store_engine
 from vectorlay.server.store.engine import describe_url, sqlite_path, sqlite_url
+from vectorlay.server.tunnel_ca import TunnelCa
+from vectorlay.server.tunnels import TunnelService
 from vectorlay.server.write_behind import retry_delay
 from vectorlay.tls import ServerTls
 from vectorlay.wire import CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, CLOSE_TRY_AGAIN, Link, LinkClosed, serve
@@ -191,10 +193,13 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
                             controller.leadership, policy, server_id)
     controller.on_lead.append(replicator.took_lead)
     controller.writer.other_servers = lambda: tuple(replicator.live_servers - {server_id})
+    tunnel_ca = await trio.to_thread.run_sync(TunnelCa.in_state_dir, config.state_dir)
+    tunnels = TunnelService(tunnel_ca, fleet, controller.signals, feed, wall_clock)
     api = Api(fleet, controller.admin, controller.sessions, controller.signals, auth, feed,
               controller.writer.database, lambda: len(controller.writer.journal), config.api_idle_timeout_s)
     registry = Registry(store, server_id, f"{config.host}:{config.port}",
-                        lambda: (len(controller.sessions), len(feed.proxies), api.links), replicator.servers_seen)
+                        lambda: (len(controller.sessions), len(feed.proxies), api.links), replicator.servers_seen,
+                        tunnels.local_proxies, tunnels.set_remote_proxies)
     api.servers = partial(_servers_view, store, registry, server_id)
     admin_token, created = await _bootstrap_admin_token(config, store, auth, snapshot.meta)
     log.info("state: %s; %d node(s), %d cluster(s), %d replica(s)", describe_url(config.database_url),
@@ -223,11 +228,15 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
             if isinstance(first, Join):
                 await handle_join(link, first, auth, controller.admin)
             elif isinstance(first, NodeHello):
-                await handle_hello(link, first, auth, controller.intake, config.heartbeat_interval_s)
+                await handle_hello(link, first, auth, controller.intake, config.heartbeat_interval_s, tunnels)
             elif isinstance(first, ProxyHello):
                 record = await auth.check_token(first.token, frozenset({Role.PROXY, Role.ADMIN}))
+                credential = tunnels.proxy_credential(first)
                 await link.send(Ready("proxy"))
-                await _until_revoked(auth, record, link, partial(feed.serve, link, first.url_template))
+                if credential is not None:
+                    await link.send(credential)
+                with tunnels.proxy_connected(first, link):
+                    await _until_revoked(auth, record, link, partial(feed.serve, link, first.url_template))
             elif isinstance(first, ClientHello):
                 record = await auth.check_token(first.token, frozenset({Role.ADMIN, Role.DEPLOYER}))
                 if (problem := client_version_problem(first.api)) is not None:
@@ -241,6 +250,9 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
             await link.close(CLOSE_POLICY, str(error))
         except StoreUnavailable as error:  # a peer to tell, not a bug: no traceback
             await link.close(CLOSE_TRY_AGAIN, f"{error}; try again shortly")
+        except ProtocolError as error:  # a tunnel certificate request we will not sign
+            log.warning("refused %s on %s: %s", link.remote, path, error)
+            await link.reject(error)
         except LinkClosed:
             pass
 
@@ -250,6 +262,7 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
         await nursery.start(replicator.run)
         await nursery.start(controller.run)
         await nursery.start(feed.run)
+        await nursery.start(tunnels.run)
         ssl_context = config.tls.context() if config.tls else None
         if config.metrics_listen is not None:
             metrics_host, metrics_port = config.metrics_listen

@@ -27,6 +27,7 @@ class Fleet:
         self.by_node: defaultdict[str, set[str]] = defaultdict(set)
         self.outbox: defaultdict[str, list[CommandRecord]] = defaultdict(list)
         self.gpu_status: dict[str, tuple[GpuStatus, ...]] = {}  # latest from heartbeats, memory only
+        self.tunnels: dict[str, int] = {}  # proxies a tunnel node has a tunnel to, from heartbeats, memory only
         self.api_keys: dict[str, ApiKeyRecord] = {}
         self.rolling: set[str] = set()  # clusters with replicas of an old revision or on draining nodes
         self.unplaced: set[str] = set()  # ids of replicas waiting for a node
@@ -75,6 +76,7 @@ class Fleet:
         self.liveness.pop(node_id, None)
         self.outbox.pop(node_id, None)
         self.gpu_status.pop(node_id, None)
+        self.tunnels.pop(node_id, None)
 
     # --- replicas ---
 

@@ -90,10 +90,10 @@ class NodeIntake:
             fleet.liveness[record.id] = health.on_connect(now)
             batch = self.writer.batch()
             known = fleet.nodes[record.id]
-            if (record.gpus, record.address, record.runtimes, record.isolation) != (
-                    known.gpus, known.address, known.runtimes, known.isolation):
+            if (record.gpus, record.address, record.runtimes, record.isolation, record.data_plane) != (
+                    known.gpus, known.address, known.runtimes, known.isolation, known.data_plane):
                 batch.put_node(replace(known, gpus=record.gpus, address=record.address, runtimes=record.runtimes,
-                                       isolation=record.isolation), "facts")
+                                       isolation=record.isolation, data_plane=record.data_plane), "facts")
             # Otherwise nothing to write now: the state change is persisted with the next batch,
             # which keeps a reconnect storm of thousands of nodes from being thousands of commits.
             on_node = fleet.replicas_on_node(record.id)

@@ -39,6 +39,7 @@ from vectorlay.server.auth import Authenticator, new_secret
 from vectorlay.server.ids import random_id
 from vectorlay.server.node_intake import NodeIntake
 from vectorlay.server.records import NodeRecord
+from vectorlay.server.tunnels import TunnelService
 from vectorlay.wire import CLOSE_GOING_AWAY, CLOSE_POLICY, Link, LinkClosed
 
 log = logging.getLogger("vectorlay.server")
@@ -56,11 +57,13 @@ class NodeConnection:
 
     _stream_ids = count(1)
 
-    def __init__(self, link: Link, node: NodeRecord, intake: NodeIntake) -> None:
+    def __init__(self, link: Link, node: NodeRecord, intake: NodeIntake,
+                 tunnels: TunnelService | None = None) -> None:
         self.link = link
         self.node_id = node.id
         self.name = node.name
         self.intake = intake
+        self.tunnels = tunnels
         self._outbound_send, self._outbound = trio.open_memory_channel[Message](OUTBOUND_QUEUE)
         self._scope = trio.CancelScope()
         self._close_reason: tuple[int, str] | None = None
@@ -122,6 +125,8 @@ class NodeConnection:
             if isinstance(message, Heartbeat):
                 if message.gpus:
                     self.intake.gpu_status(self.node_id, message.gpus)
+                if self.tunnels is not None:
+                    self.tunnels.heartbeat(self.node_id, message.tunnels)
                 continue
             if isinstance(message, Goodbye):
                 log.info("node %s is restarting (%s); keeping its replicas routed", self.name, message.reason)
@@ -173,7 +178,7 @@ async def handle_join(link: Link, join: Join, auth: Authenticator, admin: Admin)
     secret = new_secret()
     node_id = f"n-{random_id(10)}"
     record = NodeRecord(node_id, join.name, hash_secret(secret), join.gpus, join.address, join.runtimes,
-                        joined_at=auth.wall_clock(), isolation=join.isolation)
+                        joined_at=auth.wall_clock(), isolation=join.isolation, data_plane=join.data_plane)
     await admin.add_node(record, actor=f"node:{token.id}")
     log.info("node %s joined as %s from %s with %d GPU(s)", join.name, node_id, link.remote, len(join.gpus))
     await link.send(Joined(node_id, join.name, f"{node_id}.{secret}"))
@@ -181,17 +186,28 @@ async def handle_join(link: Link, join: Join, auth: Authenticator, admin: Admin)
 
 
 async def handle_hello(link: Link, hello: NodeHello, auth: Authenticator, intake: NodeIntake,
-                       heartbeat_interval_s: float) -> None:
+                       heartbeat_interval_s: float, tunnels: TunnelService | None = None) -> None:
     try:
         record = auth.check_node_credential(hello.credential)
+        tunnel_key = tunnels.node_key(hello) if tunnels is not None else None
     except AuthError as error:
         await link.close(CLOSE_POLICY, str(error))
         return
+    except ProtocolError as error:
+        await link.reject(error)
+        return
+    plane_changed = record.data_plane != hello.data_plane
     record = replace(record, gpus=hello.gpus, address=hello.address, runtimes=hello.runtimes,
-                     isolation=hello.isolation)
-    connection = NodeConnection(link, record, intake)
+                     isolation=hello.isolation, data_plane=hello.data_plane)
+    connection = NodeConnection(link, record, intake, tunnels)
     welcome = Welcome(record.id, record.name, heartbeat_interval_s)
     await intake.node_connected(record, connection, welcome, hello.replicas, hello.generation)
-    log.info("node %s connected from %s", record.name, link.remote)
-    await connection.run()
+    if tunnels is not None:
+        tunnels.node_connected(record.id, connection, tunnel_key, plane_changed)
+    log.info("node %s connected from %s (%s data plane)", record.name, link.remote, hello.data_plane)
+    try:
+        await connection.run()
+    finally:
+        if tunnels is not None:
+            tunnels.node_disconnected(record.id, connection)
     log.info("node %s disconnected", record.name)

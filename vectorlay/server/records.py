@@ -38,6 +38,7 @@ class NodeRecord:
     generation: int = 0  # fencing generation of this node's desired state
     draining: bool = False  # its replicas move elsewhere (new copies ready first)
     isolation: tuple[str, ...] = ()  # isolation levels its container runtime offers
+    data_plane: str = "direct"  # how proxies reach its replicas: "tunnel" or "direct"
     session_server: str = ""  # the server holding its session ("" when none does)
 
     def as_node(self, state: NodeState, gpus_healthy: bool = True) -> Node:

@@ -4,8 +4,9 @@ saying so is gone, and the leader judges the nodes it held."""
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -30,6 +31,7 @@ class ServerInfo:
     nodes: int
     proxies: int
     clients: int
+    tunnel_proxies: tuple[tuple[str, str], ...] = ()  # (id, address) of its proxies that accept tunnels
 
     @property
     def alive(self) -> bool:
@@ -38,12 +40,16 @@ class ServerInfo:
 
 class Registry:
     def __init__(self, store: Store, server_id: str, address: str, counts: Callable[[], tuple[int, int, int]],
-                 on_alive: Callable[[set[str]], None]) -> None:
+                 on_alive: Callable[[set[str]], None],
+                 tunnel_proxies: Callable[[], Sequence[tuple[str, str]]] = tuple,
+                 on_tunnel_proxies: Callable[[tuple[tuple[str, str], ...]], None] | None = None) -> None:
         self.store = store
         self.server_id = server_id
         self.address = address
         self.counts = counts
         self.on_alive = on_alive
+        self.tunnel_proxies = tunnel_proxies
+        self.on_tunnel_proxies = on_tunnel_proxies
         self.servers: list[ServerInfo] = []  # as of the last beat
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -55,12 +61,16 @@ class Registry:
                 try:
                     now = await self.store.run(partial(store_engine.beat, server_id=self.server_id,
                                                        address=self.address, started_at=started_at,
-                                                       counts=self.counts()))
+                                                       counts=self.counts(),
+                                                       tunnel_proxies=self.tunnel_proxies()))
                     started_at = started_at or now
                     rows, now = await self.store.run(store_engine.list_servers)
                     self.servers = [ServerInfo(r.id, r.address, r.started_at, max(0.0, now - r.seen_at), r.nodes,
-                                               r.proxies, r.clients) for r in rows]
+                                               r.proxies, r.clients, _proxies(r.tunnel_proxies)) for r in rows]
                     self.on_alive({s.id for s in self.servers if s.alive})
+                    if self.on_tunnel_proxies is not None:
+                        self.on_tunnel_proxies(tuple(p for s in self.servers if s.alive and s.id != self.server_id
+                                                     for p in s.tunnel_proxies))
                 except StoreError as error:
                     log.debug("server heartbeat failed: %s", error)
                 if not started:
@@ -73,3 +83,11 @@ class Registry:
                     await self.store.run(partial(store_engine.forget_server, server_id=self.server_id))
                 except StoreError:
                     pass  # it will look gone once it stops beating
+
+
+def _proxies(text: str) -> tuple[tuple[str, str], ...]:
+    """A row's tunnel proxies; a damaged value (another version's) counts as none."""
+    try:
+        return tuple((str(i), str(a)) for i, a in json.loads(text))
+    except (ValueError, TypeError):
+        return ()

@@ -7,6 +7,7 @@ cluster whose endpoints changed (a delta), as soon as the controller marks it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -32,7 +33,8 @@ def route_for(fleet: Fleet, cluster: str) -> Route:
         replica = fleet.replicas[replica_id]
         if serves(replica, fleet.node_state):
             assert replica.address is not None and replica.node_id is not None  # as serves() checked
-            endpoints.append(Endpoint(replica.id, replica.address, fleet.nodes[replica.node_id].name))
+            node = fleet.nodes[replica.node_id]
+            endpoints.append(Endpoint(replica.id, replica.address, node.name, node.id, node.data_plane))
     keys = fleet.key_hashes(cluster) if endpoint.auth == "api-key" else ()
     endpoints.sort(key=lambda e: e.replica_id)
     return Route(cluster, tuple(endpoints), endpoint.auth, keys, endpoint.rate_limit, endpoint.per_client_rate_limit)
@@ -61,6 +63,9 @@ class RouteFeed:
         self.version = 0
         self.routes: dict[str, Route] = {}
         self.proxies: list[ProxyConnection] = []
+        # Called for each new proxy right after its snapshot is queued, in the same step (so the
+        # tunnel admission snapshot reaches it before any later change).
+        self.on_proxy_connected: list[Callable[[ProxyConnection], None]] = []
 
     def endpoint_url(self, cluster: str) -> str | None:
         """The cluster's public URL, as the most recently connected proxy serves it (route
@@ -106,6 +111,8 @@ class RouteFeed:
         proxy = ProxyConnection(link, url_template)
         # Snapshot and registration happen with no checkpoint between them: no update is missed.
         proxy.send_nowait(RouteSnapshot(self.version, tuple(self.routes.values())))
+        for hook in self.on_proxy_connected:
+            hook(proxy)
         self.proxies.append(proxy)
         log.info("proxy connected from %s", link.remote)
         try:

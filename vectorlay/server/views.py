@@ -139,6 +139,9 @@ def node_view(fleet: Fleet, node_id: str, now: float) -> NodeView:
         last_seen_s=round(now - live.last_seen, 1) if live and live.last_seen <= now else None,
         joined_at=record.joined_at,
         schedulable=record.schedulable,
+        data_plane=record.data_plane,
+        # Proxies the node has a tunnel to now (tunnel data plane; from its heartbeats).
+        tunnels=fleet.tunnels.get(node_id) if record.data_plane == "tunnel" else None,
     )
 
 

@@ -439,7 +439,8 @@ def _node_ops(record: NodeRecord, aspects: set[str], batch_others: tuple[str, ..
         others = () if record.session_server else batch_others
         found.append(ops.SetNodeLiveness(record.id, record.state, record.last_seen_at, record.session_server, others))
     if "facts" in aspects:
-        found.append(ops.SetNodeFacts(record.id, record.gpus, record.address, record.runtimes, record.isolation))
+        found.append(ops.SetNodeFacts(record.id, record.gpus, record.address, record.runtimes, record.isolation,
+                                      record.data_plane))
     if "flags" in aspects:
         found.append(ops.SetNodeFlags(record.id, record.schedulable, record.draining))
     if "seq" in aspects:

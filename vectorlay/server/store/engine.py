@@ -324,6 +324,7 @@ def _node(row: Any) -> NodeRecord:
         runtimes=tuple(json.loads(row.runtimes)), joined_at=row.joined_at, last_seen_at=row.last_seen_at,
         state=NodeState(row.state), schedulable=bool(row.schedulable), next_seq=row.next_seq,
         generation=row.generation, draining=bool(row.draining), isolation=tuple(json.loads(row.isolation)),
+        data_plane=row.data_plane,
         session_server=row.session_server,
     )
 
@@ -411,7 +412,7 @@ def _node_row(op: ops.PutNode) -> dict[str, Any]:
         "address": n.address, "runtimes": json.dumps(list(n.runtimes)), "joined_at": n.joined_at,
         "last_seen_at": n.last_seen_at, "state": n.state.value, "schedulable": n.schedulable,
         "next_seq": n.next_seq, "generation": n.generation, "draining": n.draining,
-        "isolation": json.dumps(list(n.isolation)), "session_server": n.session_server,
+        "isolation": json.dumps(list(n.isolation)), "data_plane": n.data_plane, "session_server": n.session_server,
     }
 
 
@@ -449,7 +450,7 @@ def _set_node_facts(conn: Connection, op: ops.SetNodeFacts) -> None:
     table = schema.nodes
     conn.execute(update(table).where(table.c.id == op.node_id).values(
         gpus=_dumps(op.gpus), address=op.address, runtimes=json.dumps(list(op.runtimes)),
-        isolation=json.dumps(list(op.isolation))))
+        isolation=json.dumps(list(op.isolation)), data_plane=op.data_plane))
 
 
 def _set_node_flags(conn: Connection, op: ops.SetNodeFlags) -> None:
@@ -723,11 +724,13 @@ def leader_row(conn: Connection) -> tuple[str, int, float, float]:
     return (row.holder, int(row.epoch), float(row.lease_until), now) if row else ("", 0, 0.0, now)
 
 
-def beat(conn: Connection, server_id: str, address: str, started_at: float | None, counts: tuple[int, int, int]
-         ) -> float:
-    """Record that this server is alive, with its session counts; return the database's time."""
+def beat(conn: Connection, server_id: str, address: str, started_at: float | None, counts: tuple[int, int, int],
+         tunnel_proxies: Sequence[tuple[str, str]] = ()) -> float:
+    """Record that this server is alive, with its session counts and the tunnel proxies connected
+    to it; return the database's time."""
     now = db_time(conn)
-    values = {"address": address, "seen_at": now, "nodes": counts[0], "proxies": counts[1], "clients": counts[2]}
+    values = {"address": address, "seen_at": now, "nodes": counts[0], "proxies": counts[1], "clients": counts[2],
+              "tunnel_proxies": json.dumps([list(p) for p in tunnel_proxies])}
     table = schema.servers
     if conn.execute(update(table).where(table.c.id == server_id).values(**values)).rowcount == 0:
         conn.execute(table.insert().values(id=server_id, started_at=started_at or now, **values))

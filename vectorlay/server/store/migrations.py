@@ -110,20 +110,27 @@ def _migration_5(conn: Connection) -> None:
 
 
 def _migration_6(conn: Connection) -> None:
+    """Nodes reached through their own tunnels: each node's data plane (nodes that joined before
+    it were all dialled directly)."""
+    conn.execute(text("ALTER TABLE vl_nodes ADD COLUMN data_plane VARCHAR(16) NOT NULL DEFAULT 'direct'"))
+
+
+def _migration_7(conn: Connection) -> None:
     """Several servers on one PostgreSQL: which server holds each node's session, the servers
     themselves (for `get servers` and for noticing one that died) and the leader's lease."""
     conn.execute(text("ALTER TABLE vl_nodes ADD COLUMN session_server VARCHAR(64) NOT NULL DEFAULT ''"))
-    v6 = MetaData()
-    Table("vl_servers", v6,
+    v7 = MetaData()
+    Table("vl_servers", v7,
           Column("id", String(64), primary_key=True), Column("address", String(255), nullable=False),
           Column("started_at", Float, nullable=False), Column("seen_at", Float, nullable=False),
           Column("nodes", Integer, nullable=False), Column("proxies", Integer, nullable=False),
-          Column("clients", Integer, nullable=False))
-    Table("vl_leader", v6,
+          Column("clients", Integer, nullable=False),
+          Column("tunnel_proxies", Text, nullable=False, server_default="[]"))
+    Table("vl_leader", v7,
           Column("id", Integer, primary_key=True), Column("holder", String(64), nullable=False),
           Column("epoch", Integer, nullable=False), Column("lease_until", Float, nullable=False))
-    v6.create_all(conn)
+    v7.create_all(conn)
 
 
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
-                                                  _migration_5, _migration_6]
+                                                  _migration_5, _migration_6, _migration_7]

@@ -50,6 +50,7 @@ class SetNodeFacts:
     address: str
     runtimes: tuple[str, ...]
     isolation: tuple[str, ...]
+    data_plane: str
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ nodes = Table(
     Column("generation", Integer, nullable=False),
     Column("draining", Boolean, nullable=False, default=False),  # migration 2
     Column("isolation", Text, nullable=False, default="[]"),  # migration 3
-    Column("session_server", String(64), nullable=False, default=""),  # migration 6
+    Column("data_plane", String(16), nullable=False, default="direct"),  # migration 6
+    Column("session_server", String(64), nullable=False, default=""),  # migration 7
 )
 
 clusters = Table(
@@ -159,6 +160,9 @@ servers = Table(
     Column("nodes", Integer, nullable=False),
     Column("proxies", Integer, nullable=False),
     Column("clients", Integer, nullable=False),
+    # The proxies connected to this server that accept tunnels ([[id, address], ...]): nodes
+    # connected to any server dial every proxy of the control plane.
+    Column("tunnel_proxies", Text, nullable=False, default="[]"),
 )
 
 leader = Table(
