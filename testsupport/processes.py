@@ -254,11 +254,13 @@ class Stack:
                      message=f"{node.name} to reconnect")
         return fresh
 
-    def start_proxy(self, *extra: str) -> tuple[Proc, int]:
-        """A proxy accepting tunnels on a free loopback port (unless `extra` says otherwise)."""
+    def start_proxy(self, *extra: str, server_url: str | None = None) -> tuple[Proc, int]:
+        """A proxy accepting tunnels on a free loopback port (unless `extra` says otherwise), fed
+        by any server of the control plane (or `server_url`'s)."""
         token = self.token("proxy", "--ttl", "0")
         tunnel = [] if any(arg.startswith("--tunnel-listen") for arg in extra) else ["--tunnel-listen", "127.0.0.1:0"]
-        proc = self._spawn(f"proxy-{len(self.procs)}", ["proxy", "--server", self.server_urls, "--token", token,
+        url = server_url or self.server_urls
+        proc = self._spawn(f"proxy-{len(self.procs)}", ["proxy", "--server", url, "--token", token,
                                                         "--listen", "127.0.0.1:0", *tunnel, *extra])
         self.procs.append(proc)
         match = proc.wait_log(r"proxy listening on http://127\.0\.0\.1:(\d+)")

@@ -75,3 +75,26 @@ async def test_changes_are_announced_to_the_other_servers_only_when_they_commit(
         assert payloads == ['{"from":"a","m":["x"]}']  # the refused write announced nothing
     finally:
         listener.close()
+
+
+async def test_what_a_nodes_heartbeats_say_that_every_server_needs_is_stored_and_announced(store: Store) -> None:
+    """Heartbeats stay with the server holding the session; an unhealthy GPU (which the leader
+    schedules by) and the node's tunnel count reach the others as one stored change."""
+    from vectorlay.server.records import NodeRecord
+    from vectorlay.server.store.changes import keys_of
+    from vectorlay.server.store.listener import Listener
+
+    await store.apply([ops.PutNode(NodeRecord("n-1", "n1", "hash", (), "127.0.0.1", ("process",), 0.0,
+                                              data_plane="tunnel"))])
+    listener = Listener.open(store.engine, 5)
+    try:
+        store.notify_as = "b"
+        change = ops.SetNodeStatus("n-1", (("GPU-1", "XID 79: fallen off the bus"),), 2)
+        assert keys_of([change]).nodes == {"n-1"}
+        await store.apply([change])
+        [node] = (await store.load()).nodes
+        assert node.unhealthy_gpus == (("GPU-1", "XID 79: fallen off the bus"),) and node.tunnels == 2
+        await trio.sleep(0.2)
+        assert any('"n-1"' in payload for payload in listener.notifications())
+    finally:
+        listener.close()

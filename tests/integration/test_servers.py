@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from testsupport.load import SteadyClient
-from testsupport.processes import Proc, Stack, replica_pids, tinylm_manifest, wait_for
+from testsupport.processes import Proc, Stack, http_request, replica_pids, tinylm_manifest, wait_for
 from testsupport.relay import Relay
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -178,6 +178,33 @@ def test_an_apply_whose_server_dies_is_retried_on_another_and_applied_once(stack
     clusters = [c for c in stack.cli_json("get", "clusters") if c["name"] == "once"]
     assert len(clusters) == 1 and clusters[0]["ready"] == 2
     assert len([r for r in stack.cli_json("get", "replicas") if r["cluster"] == "once"]) == 2
+
+
+def test_a_node_held_by_one_server_is_reached_through_a_proxy_held_by_another(stack: Stack,
+                                                                             postgres_url: str) -> None:
+    """Tunnels across servers: each server publishes the proxies connected to it, so a node
+    dials every proxy of the control plane whichever server holds its session."""
+    three_servers(stack, postgres_url)
+    _, other_port = stack.others[0]
+    stack.join_node("n1", server_url=f"ws://127.0.0.1:{other_port}")  # its session: the second server
+    _, proxy_port = stack.start_proxy(server_url=stack.server_url)  # its route feed: the first server
+
+    def sessions_as_meant() -> bool:  # the counts come with each server's next heartbeat
+        held = {s["address"].rsplit(":", 1)[1]: (s["nodes"], s["proxies"]) for s in servers(stack)}
+        return held[str(other_port)] == (1, 0) and held[str(stack.server_port)] == (0, 1)
+
+    wait_for(sessions_as_meant, 10, message="the node on the second server, the proxy on the first")
+    stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1, gpu="{count: 0}"))
+    wait_for(lambda: [n["tunnels"] for n in stack.cli_json("get", "nodes")] == [1], 15,
+             message="the node to hold a tunnel to the proxy of the other server")
+    statuses: list[int] = []
+
+    def served() -> bool:
+        statuses.append(http_request(proxy_port, "echo.localhost", "/healthz").status)
+        return statuses[-1] == 200
+
+    wait_for(served, 15, message="a request through the tunnel")
+    assert statuses[-1] == 200
 
 
 def test_a_second_server_on_sqlite_is_refused(stack: Stack) -> None:

@@ -164,7 +164,7 @@ class Agent:
             raise ProtocolError(f"expected a welcome, got {welcome.TYPE!r}")
         servers.succeeded()
         self.connected = True
-        log.info("connected to %s as %s; heartbeat every %gs", link.remote, welcome.name,
+        log.info("connected to %s as %s; heartbeat every %gs", servers.current, welcome.name,
                  welcome.heartbeat_interval_s)
         self._outbound_send, self._outbound = trio.open_memory_channel[Message](256)
         try:

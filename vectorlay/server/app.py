@@ -192,6 +192,7 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
     replicator = Replicator(fleet, store, controller.writer, controller.signals, controller.sessions, auth,
                             controller.leadership, policy, server_id)
     controller.on_lead.append(replicator.took_lead)
+    controller.intake.on_judged_unheld = replicator.reload_nodes
     controller.writer.other_servers = lambda: tuple(replicator.live_servers - {server_id})
     tunnel_ca = await trio.to_thread.run_sync(TunnelCa.in_state_dir, config.state_dir)
     tunnels = TunnelService(tunnel_ca, fleet, controller.signals, feed, wall_clock)

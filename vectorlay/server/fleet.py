@@ -27,7 +27,6 @@ class Fleet:
         self.by_node: defaultdict[str, set[str]] = defaultdict(set)
         self.outbox: defaultdict[str, list[CommandRecord]] = defaultdict(list)
         self.gpu_status: dict[str, tuple[GpuStatus, ...]] = {}  # latest from heartbeats, memory only
-        self.tunnels: dict[str, int] = {}  # proxies a tunnel node has a tunnel to, from heartbeats, memory only
         self.api_keys: dict[str, ApiKeyRecord] = {}
         self.rolling: set[str] = set()  # clusters with replicas of an old revision or on draining nodes
         self.unplaced: set[str] = set()  # ids of replicas waiting for a node
@@ -45,7 +44,8 @@ class Fleet:
         return live.state if live else NodeState.DOWN
 
     def gpus_healthy(self, node_id: str) -> bool:
-        return all(status.healthy for status in self.gpu_status.get(node_id, ()))
+        record = self.nodes.get(node_id)
+        return record is None or not record.unhealthy_gpus  # kept from heartbeats by node_intake
 
     def node_view(self, node_id: str) -> Node | None:
         record = self.nodes.get(node_id)
@@ -76,7 +76,6 @@ class Fleet:
         self.liveness.pop(node_id, None)
         self.outbox.pop(node_id, None)
         self.gpu_status.pop(node_id, None)
-        self.tunnels.pop(node_id, None)
 
     # --- replicas ---
 

@@ -11,7 +11,7 @@ turning ready is not a thousand commits.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import trio
@@ -48,6 +48,11 @@ class NodeIntake:
         self._reports_in, self._reports_out = trio.open_memory_channel[tuple[str, ReplicaReport]](REPORT_QUEUE)
         self._acks_in, self._acks_out = trio.open_memory_channel[tuple[str, int]](REPORT_QUEUE)
         self._states_to_persist: set[str] = set()
+        self._status_to_persist: set[str] = set()  # unhealthy GPUs or tunnels changed
+        self._claims: set[str] = set()  # nodes whose session attached here since the last write
+        # Told which nodes this server judged without holding their session (several servers:
+        # another may hold it now, and the store keeps that server's word; replication.py).
+        self.on_judged_unheld: Callable[[set[str]], None] = lambda node_ids: None
         self._reconnect_grace_until: float | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -107,6 +112,10 @@ class NodeIntake:
             await self.writer.observe(batch)
             if was is not NodeState.READY:
                 self._node_state_changed(record.id, was)  # back in routing and in scheduling
+            # Its session is here now: say so in the store (with several servers, the one that
+            # held it before may not know yet; replication.py).
+            self._claims.add(record.id)
+            self._states_to_persist.add(record.id)
             node = fleet.nodes[record.id]
             session.send_nowait(welcome)
             for command in fleet.outbox.get(record.id, []):
@@ -151,10 +160,17 @@ class NodeIntake:
         """Latest GPU readings from a heartbeat; a GPU turning unhealthy (or healthy again)
         changes whether new replicas may land on this node."""
         fleet = self.fleet
-        known = {g.uuid for g in fleet.nodes[node_id].gpus} if node_id in fleet.nodes else set()
+        record = fleet.nodes.get(node_id)
+        if record is None:
+            return
+        known = {g.uuid for g in record.gpus}
         statuses = tuple(s for s in statuses if s.uuid in known)  # never trust uuids it does not own
         was_healthy = fleet.gpus_healthy(node_id)
         fleet.gpu_status[node_id] = statuses
+        unhealthy = tuple((s.uuid, s.reason or "unhealthy") for s in statuses if not s.healthy)
+        if unhealthy != record.unhealthy_gpus:  # every server must know: the leader schedules by it
+            fleet.nodes[node_id] = replace(record, unhealthy_gpus=unhealthy)
+            self._status_to_persist.add(node_id)
         if fleet.gpus_healthy(node_id) != was_healthy:
             name = fleet.nodes[node_id].name
             if was_healthy:
@@ -164,6 +180,14 @@ class NodeIntake:
                 log.info("node %s GPUs are healthy again", name)
             self._capacity_freed()
             self.signals.announce()
+
+    def tunnels(self, node_id: str, count: int | None) -> None:
+        """How many proxies a tunnel node has a tunnel to, from its heartbeat (`get nodes`)."""
+        record = self.fleet.nodes.get(node_id)
+        if count is None or record is None or record.tunnels == count:
+            return
+        self.fleet.nodes[node_id] = replace(record, tunnels=count)
+        self._status_to_persist.add(node_id)
 
     def _node_state_changed(self, node_id: str, was: NodeState) -> None:
         self._states_to_persist.add(node_id)
@@ -227,20 +251,31 @@ class NodeIntake:
                 self._reconnect_grace_until = None
                 for cluster in self.fleet.all_cluster_names():
                     self.signals.mark_dirty(cluster)
-            if self._states_to_persist:
+            if self._states_to_persist or self._status_to_persist:
                 await self._persist_node_states()
 
     async def _persist_node_states(self) -> None:
-        """Write node state changes in one batch (not per heartbeat): they survive a restart."""
+        """Write node state changes in one batch (not per heartbeat): they survive a restart,
+        and the other servers learn them."""
         async with self.writer.lock:
             ids, self._states_to_persist = self._states_to_persist, set()
+            status_ids, self._status_to_persist = self._status_to_persist, set()
+            claims, self._claims = self._claims, set()
             batch = self.writer.batch()
             for node_id in ids:
                 if node_id in self.fleet.nodes:
+                    holder = self._holder(node_id)
+                    # Only a fresh session claims a node from another server; a stale one (this
+                    # server was paused while the node moved on) must not take it back.
+                    aspect = "claim" if node_id in claims and holder else "liveness"
                     batch.put_node(replace(self.fleet.nodes[node_id], state=self.fleet.node_state(node_id),
-                                           last_seen_at=batch.wall, session_server=self._holder(node_id)),
-                                   "liveness")
+                                           last_seen_at=batch.wall, session_server=holder), aspect)
+            for node_id in status_ids:
+                if node_id in self.fleet.nodes:
+                    batch.put_node(batch.nodes.get(node_id) or self.fleet.nodes[node_id], "status")
             await self.writer.observe(batch)
+        # Nodes judged here whose write another server's claim may have refused: read them again.
+        self.on_judged_unheld({node_id for node_id in ids if node_id not in claims})
 
     # --- reports and acks -----------------------------------------------------------------------
 

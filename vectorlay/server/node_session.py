@@ -125,8 +125,7 @@ class NodeConnection:
             if isinstance(message, Heartbeat):
                 if message.gpus:
                     self.intake.gpu_status(self.node_id, message.gpus)
-                if self.tunnels is not None:
-                    self.tunnels.heartbeat(self.node_id, message.tunnels)
+                self.intake.tunnels(self.node_id, message.tunnels)
                 continue
             if isinstance(message, Goodbye):
                 log.info("node %s is restarting (%s); keeping its replicas routed", self.name, message.reason)

@@ -40,6 +40,11 @@ class NodeRecord:
     isolation: tuple[str, ...] = ()  # isolation levels its container runtime offers
     data_plane: str = "direct"  # how proxies reach its replicas: "tunnel" or "direct"
     session_server: str = ""  # the server holding its session ("" when none does)
+    # From its heartbeats, stored when they change so that every server (the leader scheduling
+    # above all) knows them whichever server holds the session: GPUs reported unhealthy
+    # (uuid, reason), and how many proxies a tunnel node has a tunnel to.
+    unhealthy_gpus: tuple[tuple[str, str], ...] = ()
+    tunnels: int | None = None
 
     def as_node(self, state: NodeState, gpus_healthy: bool = True) -> Node:
         return Node(self.id, self.name, self.gpus, self.address, state, self.schedulable, self.runtimes,

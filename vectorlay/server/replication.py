@@ -125,6 +125,12 @@ class Replicator:
                 if sender != self.server_id:
                     self._note(keys)
 
+    def reload_nodes(self, node_ids: set[str]) -> None:
+        """Read these nodes' rows again: this server judged nodes it no longer holds (their links
+        to it ended), and the store kept the state of the live server that holds them now."""
+        if self.enabled and node_ids:
+            self._note(ChangeKeys(nodes=set(node_ids)))
+
     def _note(self, keys: ChangeKeys) -> None:
         self._pending.merge(keys)
         self._arrived.set()

@@ -92,7 +92,6 @@ class TunnelService:
                 self.signals.mark_route(cluster)  # its endpoints are reached another way now
         if key is None:
             self.nodes.pop(node_id, None)
-            self.fleet.tunnels.pop(node_id, None)
             return
         self.nodes[node_id] = _Node(session, key)
         self._send_node_credential(node_id)
@@ -102,10 +101,6 @@ class TunnelService:
         entry = self.nodes.get(node_id)
         if entry is not None and entry.session is session:
             del self.nodes[node_id]
-
-    def heartbeat(self, node_id: str, tunnels: int | None) -> None:
-        if tunnels is not None:
-            self.fleet.tunnels[node_id] = tunnels
 
     def _send_node_credential(self, node_id: str) -> None:
         entry = self.nodes[node_id]

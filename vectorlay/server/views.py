@@ -141,7 +141,7 @@ def node_view(fleet: Fleet, node_id: str, now: float) -> NodeView:
         schedulable=record.schedulable,
         data_plane=record.data_plane,
         # Proxies the node has a tunnel to now (tunnel data plane; from its heartbeats).
-        tunnels=fleet.tunnels.get(node_id) if record.data_plane == "tunnel" else None,
+        tunnels=record.tunnels if record.data_plane == "tunnel" else None,
     )
 
 

@@ -93,7 +93,10 @@ class Batch:
 
     def put_node(self, record: NodeRecord, aspect: str = "all") -> None:
         """`aspect` says which columns changed, so a server writes only what it owns: "all" (a
-        node joining), "liveness" (state, last seen, session server), "facts" (its hello),
+        node joining), "liveness" (state, last seen, session server; never taking the node from
+        another live server that holds it), "claim" (the same, for a session that just attached
+        here: it always wins), "facts" (its hello),
+        "status" (unhealthy GPUs and tunnels, from its heartbeats),
         "flags" (cordon, drain) or "seq" (the leader's command counter and generation)."""
         self.nodes[record.id] = record
         self.node_aspects.setdefault(record.id, set()).add(aspect)
@@ -433,14 +436,16 @@ def _node_ops(record: NodeRecord, aspects: set[str], batch_others: tuple[str, ..
     if "all" in aspects:
         return [ops.PutNode(record)]
     found: list[ops.Op] = []
-    if "liveness" in aspects:
-        # Claiming a node (its session is here) always wins; judging one this server does not
-        # hold never takes it from a live server that does.
-        others = () if record.session_server else batch_others
+    if "liveness" in aspects or "claim" in aspects:
+        # A session that just attached here claims the node whoever held it; any other judgement
+        # (a stale session's included) never takes it from a live server that holds it.
+        others = () if "claim" in aspects else batch_others
         found.append(ops.SetNodeLiveness(record.id, record.state, record.last_seen_at, record.session_server, others))
     if "facts" in aspects:
         found.append(ops.SetNodeFacts(record.id, record.gpus, record.address, record.runtimes, record.isolation,
                                       record.data_plane))
+    if "status" in aspects:
+        found.append(ops.SetNodeStatus(record.id, record.unhealthy_gpus, record.tunnels))
     if "flags" in aspects:
         found.append(ops.SetNodeFlags(record.id, record.schedulable, record.draining))
     if "seq" in aspects:

@@ -59,8 +59,8 @@ def keys_of(changes: Sequence[ops.Op]) -> ChangeKeys:
             keys.replicas.add(change.replica_id)
         elif isinstance(change, ops.PutNode):
             keys.nodes.add(change.node.id)
-        elif isinstance(change, ops.SetNodeLiveness | ops.SetNodeFacts | ops.SetNodeFlags | ops.SetNodeSeq
-                        | ops.DeleteNode):
+        elif isinstance(change, ops.SetNodeLiveness | ops.SetNodeFacts | ops.SetNodeStatus | ops.SetNodeFlags
+                        | ops.SetNodeSeq | ops.DeleteNode):
             keys.nodes.add(change.node_id)
         elif isinstance(change, ops.PutCluster):
             keys.clusters.add(change.cluster.spec.key)

@@ -326,7 +326,13 @@ def _node(row: Any) -> NodeRecord:
         generation=row.generation, draining=bool(row.draining), isolation=tuple(json.loads(row.isolation)),
         data_plane=row.data_plane,
         session_server=row.session_server,
+        unhealthy_gpus=_unhealthy_gpus(row.unhealthy_gpus),
+        tunnels=row.tunnels,
     )
+
+
+def _unhealthy_gpus(text: str) -> tuple[tuple[str, str], ...]:
+    return tuple((str(uuid), str(reason)) for uuid, reason in json.loads(text))
 
 
 def _cluster(row: Any) -> ClusterRecord:
@@ -413,6 +419,7 @@ def _node_row(op: ops.PutNode) -> dict[str, Any]:
         "last_seen_at": n.last_seen_at, "state": n.state.value, "schedulable": n.schedulable,
         "next_seq": n.next_seq, "generation": n.generation, "draining": n.draining,
         "isolation": json.dumps(list(n.isolation)), "data_plane": n.data_plane, "session_server": n.session_server,
+        "unhealthy_gpus": json.dumps([list(g) for g in n.unhealthy_gpus]), "tunnels": n.tunnels,
     }
 
 
@@ -451,6 +458,12 @@ def _set_node_facts(conn: Connection, op: ops.SetNodeFacts) -> None:
     conn.execute(update(table).where(table.c.id == op.node_id).values(
         gpus=_dumps(op.gpus), address=op.address, runtimes=json.dumps(list(op.runtimes)),
         isolation=json.dumps(list(op.isolation)), data_plane=op.data_plane))
+
+
+def _set_node_status(conn: Connection, op: ops.SetNodeStatus) -> None:
+    table = schema.nodes
+    conn.execute(update(table).where(table.c.id == op.node_id).values(
+        unhealthy_gpus=json.dumps([list(g) for g in op.unhealthy_gpus]), tunnels=op.tunnels))
 
 
 def _set_node_flags(conn: Connection, op: ops.SetNodeFlags) -> None:
@@ -752,6 +765,7 @@ def _set_meta(conn: Connection, op: ops.SetMeta) -> None:
 _APPLY: dict[type, Callable[[Connection, Any], None]] = {
     ops.PutToken: _put_token, ops.PutNode: _put_node, ops.DeleteNode: _delete_node,
     ops.SetNodeLiveness: _set_node_liveness, ops.SetNodeFacts: _set_node_facts, ops.SetNodeFlags: _set_node_flags,
+    ops.SetNodeStatus: _set_node_status,
     ops.SetNodeSeq: _set_node_seq, ops.ObserveReplica: _observe_replica,
     ops.PutCluster: _put_cluster, ops.DeleteCluster: _delete_cluster, ops.PutReplica: _put_replica,
     ops.DeleteReplica: _delete_replica, ops.PutCommand: _put_command, ops.AckCommands: _ack_commands,

@@ -116,9 +116,12 @@ def _migration_6(conn: Connection) -> None:
 
 
 def _migration_7(conn: Connection) -> None:
-    """Several servers on one PostgreSQL: which server holds each node's session, the servers
+    """Several servers on one PostgreSQL: which server holds each node's session and what its
+    heartbeats said that every server must know (unhealthy GPUs, tunnels), the servers
     themselves (for `get servers` and for noticing one that died) and the leader's lease."""
     conn.execute(text("ALTER TABLE vl_nodes ADD COLUMN session_server VARCHAR(64) NOT NULL DEFAULT ''"))
+    conn.execute(text("ALTER TABLE vl_nodes ADD COLUMN unhealthy_gpus TEXT NOT NULL DEFAULT '[]'"))
+    conn.execute(text("ALTER TABLE vl_nodes ADD COLUMN tunnels INTEGER"))
     v7 = MetaData()
     Table("vl_servers", v7,
           Column("id", String(64), primary_key=True), Column("address", String(255), nullable=False),

@@ -54,6 +54,15 @@ class SetNodeFacts:
 
 
 @dataclass(frozen=True)
+class SetNodeStatus:
+    """What a node's heartbeats said that every server must know, when it changed."""
+
+    node_id: str
+    unhealthy_gpus: tuple[tuple[str, str], ...]
+    tunnels: int | None
+
+
+@dataclass(frozen=True)
 class SetNodeFlags:
     node_id: str
     schedulable: bool
@@ -173,7 +182,7 @@ class Fence:
 
 
 Op = (
-    PutToken | PutNode | SetNodeLiveness | SetNodeFacts | SetNodeFlags | SetNodeSeq | DeleteNode
+    PutToken | PutNode | SetNodeLiveness | SetNodeFacts | SetNodeStatus | SetNodeFlags | SetNodeSeq | DeleteNode
     | PutCluster | DeleteCluster | PutReplica | ObserveReplica | DeleteReplica
     | PutCommand | AckCommands | SetMeta | PutApiKey | AddEvent | AddAudit | PutSecret | DeleteSecret
     | PutClusterHealth | DeleteClusterHealth | Fence

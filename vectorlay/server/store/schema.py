@@ -62,6 +62,8 @@ nodes = Table(
     Column("isolation", Text, nullable=False, default="[]"),  # migration 3
     Column("data_plane", String(16), nullable=False, default="direct"),  # migration 6
     Column("session_server", String(64), nullable=False, default=""),  # migration 7
+    Column("unhealthy_gpus", Text, nullable=False, default="[]"),  # migration 7
+    Column("tunnels", Integer, nullable=True),  # migration 7
 )
 
 clusters = Table(
