@@ -3,6 +3,7 @@ processes, real faults (kill -9 of the leader, SIGSTOP past its lease, its datab
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -194,6 +195,10 @@ def test_a_node_held_by_one_server_is_reached_through_a_proxy_held_by_another(st
         return held[str(other_port)] == (1, 0) and held[str(stack.server_port)] == (0, 1)
 
     wait_for(sessions_as_meant, 10, message="the node on the second server, the proxy on the first")
+    # --server repeated: nothing listens at the first, the next answers.
+    listed = json.loads(stack.cli("get", "servers", "-o", "json", "--server", "ws://127.0.0.1:1",
+                                  "--server", f"ws://127.0.0.1:{other_port}").stdout)
+    assert [s["this"] for s in listed if s["address"].endswith(f":{other_port}")] == [True]
     stack.cli("apply", "-", input_text=tinylm_manifest("echo", replicas=1, gpu="{count: 0}"))
     wait_for(lambda: [n["tunnels"] for n in stack.cli_json("get", "nodes")] == [1], 15,
              message="the node to hold a tunnel to the proxy of the other server")
@@ -205,6 +210,26 @@ def test_a_node_held_by_one_server_is_reached_through_a_proxy_held_by_another(st
 
     wait_for(served, 15, message="a request through the tunnel")
     assert statuses[-1] == 200
+
+
+def test_a_server_with_another_state_dir_is_refused_beside_the_running_ones(stack: Stack,
+                                                                            postgres_url: str) -> None:
+    """Every server of a database must hold the same CA and keys (tokens carry the CA's pin):
+    one started with a state dir of its own is refused, saying what to copy."""
+    stack.db_url = postgres_url
+    stack.tls = True
+    stack.start_server()
+    other = subprocess.run([*stack.cli_argv(), "server", "--listen", "127.0.0.1:0", "--tls", "auto",
+                            "--state-dir", str(stack.root / "elsewhere"), "--db", postgres_url],
+                           capture_output=True, text=True, env=stack.env(), timeout=60)
+    assert other.returncode == 1, other.stderr
+    assert "differ from those of the running servers of this database" in other.stderr
+    assert "copy tls/, secrets.key and tunnel-ca/ from a running server's state dir" in other.stderr
+    assert "Traceback" not in other.stderr
+    assert len(servers(stack)) == 1  # the running one carries on
+    # A copy of the first server's state dir is accepted.
+    stack.start_another_server()
+    wait_for(lambda: len(servers(stack)) == 2, 20, message="the second server to join")
 
 
 def test_a_second_server_on_sqlite_is_refused(stack: Stack) -> None:

@@ -16,8 +16,10 @@ from vectorlay.client.config import Context, resolve
 from vectorlay.core.durations import parse_duration
 from vectorlay.errors import ListenError, UserError, first_error
 
-ServerOpt = Annotated[str | None, typer.Option("--server", "-s", envvar="VECTORLAY_SERVER",
-                                               help="Server URL, ws://HOST:PORT. Default: current context.")]
+SERVER_HELP = ("Server URL, ws://HOST:PORT or wss://HOST:PORT; for several servers of one control plane "
+               "repeat it or give a comma list (the first that answers is used, the next when it goes away).")
+ServerOpt = Annotated[list[str] | None, typer.Option("--server", "-s", envvar="VECTORLAY_SERVER",
+                                                     help=SERVER_HELP + " Default: current context.")]
 TokenOpt = Annotated[str | None, typer.Option(
     "--token", help="API token (else VECTORLAY_TOKEN, else the current context). It shows in `ps`: "
                     "prefer --token-file or the variable.")]
@@ -55,9 +57,15 @@ def token_of(token: str | None, token_file: str | None) -> str | None:
     return lines[0]
 
 
-def context(server: str | None, token: str | None, token_file: str | None, project: str | None = None) -> Context:
+def servers(given: list[str] | None) -> str | None:
+    """`--server a --server b,c` as the one comma list the clients take (None when not given)."""
+    return ",".join(given) if given else None
+
+
+def context(server: list[str] | None, token: str | None, token_file: str | None,
+            project: str | None = None) -> Context:
     """The server, token and project a client command uses (see `resolve`)."""
-    return resolve(server, token_of(token, token_file), project)
+    return resolve(servers(server), token_of(token, token_file), project)
 
 
 def data_dir(role: str) -> Path:

@@ -14,6 +14,7 @@ import trio
 import typer
 
 from vectorlay.cli.common import (
+    SERVER_HELP,
     ServerOpt,
     TokenFileOpt,
     TokenOpt,
@@ -77,7 +78,7 @@ def node(
 
 @node_app.command("join")
 def node_join(
-    server_url: Annotated[str, typer.Option("--server", "-s", envvar="VECTORLAY_SERVER", help="ws://HOST:PORT")],
+    server_url: Annotated[list[str], typer.Option("--server", "-s", envvar="VECTORLAY_SERVER", help=SERVER_HELP)],
     token: Annotated[str | None, typer.Option(
         help="A join token from `vectorlay token create --role node` (else VECTORLAY_JOIN_TOKEN). It shows "
              "in `ps`: prefer --token-file or the variable.")] = None,
@@ -126,7 +127,7 @@ def node_join(
         setup = await prepare_node(options, address)  # logs what this node offers
         if data_plane == "direct":
             stderr.print("direct data plane: " + DIRECT_EXPOSES.format(address=address))
-        creds = await join(server_url, join_token, node_name, setup.gpus, address, setup.runtimes, directory,
+        creds = await join(",".join(server_url), join_token, node_name, setup.gpus, address, setup.runtimes, directory,
                            setup.isolation, data_plane)
         files.save_settings(options.settings())
         stderr.print(f"joined as {creds.name} ({creds.node_id}); credential saved in {directory}")

@@ -35,7 +35,7 @@ from vectorlay.core.tokens import parse_token
 from vectorlay.errors import AuthError, ProtocolError, StoreUnavailable, UserError
 from vectorlay.files import write_private
 from vectorlay.metrics_http import serve_metrics
-from vectorlay.server import metrics
+from vectorlay.server import metrics, shared_state
 from vectorlay.server.api import Api
 from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.controller import Controller
@@ -44,7 +44,7 @@ from vectorlay.server.idle_links import API_IDLE_TIMEOUT_S
 from vectorlay.server.ids import random_id
 from vectorlay.server.node_session import handle_hello, handle_join
 from vectorlay.server.records import TokenRecord, health_from_record
-from vectorlay.server.registry import Registry
+from vectorlay.server.registry import GONE_AFTER_S, Registry
 from vectorlay.server.replication import Replicator
 from vectorlay.server.route_feed import RouteFeed
 from vectorlay.server.secrets_box import SecretBox
@@ -195,6 +195,10 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
     controller.intake.on_judged_unheld = replicator.reload_nodes
     controller.writer.other_servers = lambda: tuple(replicator.live_servers - {server_id})
     tunnel_ca = await trio.to_thread.run_sync(TunnelCa.in_state_dir, config.state_dir)
+    keys = {"secrets_key": secret_box.fingerprint, "tunnel_ca": shared_state.fingerprint(tunnel_ca.pem)}
+    if config.tls is not None:
+        keys["tls_ca"] = config.tls.pin
+    await _check_shared_state(store, config.state_dir, server_id, keys, snapshot.meta)
     tunnels = TunnelService(tunnel_ca, fleet, controller.signals, feed, wall_clock)
     api = Api(fleet, controller.admin, controller.sessions, controller.signals, auth, feed,
               controller.writer.database, lambda: len(controller.writer.journal), config.api_idle_timeout_s)
@@ -285,6 +289,19 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
 
 
 _FIRST = {"/v1/node": NODE_FIRST, "/v1/proxy": PROXY_FIRST, "/v1/api": CLIENT_FIRST}
+
+
+async def _check_shared_state(store: Store, state_dir: Path, server_id: str, keys: dict[str, str],
+                              stored: dict[str, str]) -> None:
+    """Refuse to run beside servers of this database that hold other keys (shared_state.py)."""
+    others: list[str] = []
+    if store.dialect == "postgresql":  # on SQLite no other server can run (the database is locked)
+        rows, now = await store.run(store_engine.list_servers)
+        others = [f"{r.id} at {r.address}" for r in rows if r.id != server_id and now - r.seen_at <= GONE_AFTER_S]
+    decision = shared_state.decide(stored, keys, others, state_dir)
+    shared_state.log_replaced(decision.replaced)
+    if decision.to_record:
+        await store.apply([ops.SetMeta(key, value) for key, value in decision.to_record.items()])
 
 
 async def _servers_view(store: Store, registry: Registry, me: str) -> list[ServerView]:

@@ -13,11 +13,13 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from vectorlay.errors import StoreError
 from vectorlay.files import write_private
+from vectorlay.server import shared_state
 
 
 class SecretBox:
     def __init__(self, key: bytes) -> None:
         self._fernet = Fernet(key)
+        self.fingerprint = shared_state.fingerprint(key)  # which key, for servers sharing a database
 
     @staticmethod
     def new_key() -> bytes:
