@@ -44,5 +44,7 @@ def test_terminal_help_shows_no_bool_for_flags() -> None:
 def test_shell_completion_is_offered() -> None:
     assert "--install-completion" in _help()
     installed = Path(sys.executable).with_name("vectorlay")  # the script pip made: completion is by its name
-    script = subprocess.run([str(installed), "--show-completion", "bash"], capture_output=True, text=True, timeout=60)
+    # typer finds the shell from the parent process (shellingham): run it from bash, as a user would.
+    script = subprocess.run(["bash", "-c", f"{installed} --show-completion"], capture_output=True, text=True,
+                            timeout=60)
     assert "_vectorlay_completion" in script.stdout

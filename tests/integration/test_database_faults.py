@@ -105,22 +105,27 @@ def test_a_stalled_postgres_turns_into_fast_clear_errors(stack: Stack, postgres_
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 6 MiB tmpfs (root may mount one), unmounted afterwards."""
+    """A 32 MiB tmpfs (root may mount one), unmounted afterwards.
+
+    Large enough for the database and its write-ahead log to grow before the test fills it; the filler
+    file is created up front, because once the disk is full not even an empty file can be made.
+    """
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True,
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], capture_output=True,
                           text=True)
     if done.returncode != 0:
         missing_service(f"a tmpfs mount (needs root): {done.stderr.strip()}")
     try:
+        (mount / "filler").touch()
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    with filler.open("wb") as handle:
+    filler = directory / "filler"  # made by the small_disk fixture
+    with filler.open("ab") as handle:
         try:
             while True:
                 handle.write(b"\0" * 65536)

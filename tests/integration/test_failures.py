@@ -224,7 +224,7 @@ def test_cut_link_heals_with_exactly_the_desired_copies(stack: Stack, fault: str
 
         # A flicker (both sides reset, the agent reconnects at once) causes no churn at all.
         relay.cut()
-        n1.wait_log(r"reconnecting in", timeout_s=10)
+        n1.wait_log(r"reconnecting to \S+ in", timeout_s=10)
         wait_for(lambda: {n["name"]: n["connected"] for n in stack.cli_json("get", "nodes")}.get("n1"), 30,
                  message="n1 to reconnect")
         assert [r["id"] for r in stack.cli_json("get", "replicas")] == [original["id"]]
