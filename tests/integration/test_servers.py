@@ -4,6 +4,7 @@ processes, real faults (kill -9 of the leader, SIGSTOP past its lease, its datab
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -120,8 +121,8 @@ def test_a_leader_paused_past_its_lease_is_fenced_and_steps_down(stack: Stack, p
     assert len(web) == 2 and {r["state"] for r in web} == {"ready"}
 
 
-def test_a_server_cut_from_its_database_stops_leading_and_comes_back(stack: Stack, postgres_url: str,
-                                                                      tmp_path: Path) -> None:
+def test_a_server_cut_from_its_database_stops_leading_hands_its_nodes_over_and_comes_back(
+        stack: Stack, postgres_url: str, tmp_path: Path) -> None:
     with Relay(5432) as relay:
         relay.start()
         stack.db_url = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}")
@@ -130,24 +131,41 @@ def test_a_server_cut_from_its_database_stops_leading_and_comes_back(stack: Stac
         stack.db_url = postgres_url  # the others reach the database directly
         stack.start_another_server()
         stack.start_another_server()
-        stack.join_node("n1")
+        n1 = stack.join_node("n1")
+        # A node starts on a random server of its list: have it on the one about to be cut off.
+        for _ in range(30):
+            if re.findall(r"connected to (\S+) as n1", n1.log())[-1] == stack.server_url:
+                break
+            n1 = stack.restart_node(n1)
+        else:
+            pytest.fail("n1 never started on the first server")
         first = leader(stack)
         assert first is not None and int(first["address"].rsplit(":", 1)[1]) == stack.server_port
+        offset = len(n1.log())
 
         relay.set_mode("reject")
         assert stack.server is not None
         stack.server.wait_log(r"stepping down as leader", timeout_s=15)
         wait_for(lambda: (found := leader(stack)) and found["id"] != first["id"], 15,
                  message="a server with its database to lead")
+        # The cut-off server hands n1 to a server that has the database, which serves it from then on.
+        stack.server.wait_log(r"cut off from the database for \d+s while another server has it: handing 1 node",
+                              timeout_s=15)
+        moved = wait_for(lambda: re.search(r"connected to (\S+) as n1", n1.log()[offset:]), 20,
+                         message="n1 to connect to another server")
+        assert moved.group(1) != stack.server_url
         refused = subprocess.run([*stack.cli_argv(), "apply", "-", "--no-wait", "--server", stack.server_url],
                                  input=LIGHT.format(name="web", replicas=1), capture_output=True, text=True,
                                  env=stack.env(), timeout=60)
         assert refused.returncode == 1 and "database unavailable" in refused.stderr
-        stack.cli("apply", "-", input_text=LIGHT.format(name="web", replicas=1))  # the others decide
+        stack.cli("apply", "-", input_text=LIGHT.format(name="web", replicas=1))  # the others decide, n1 runs it
+        [web] = [r for r in stack.cli_json("get", "replicas") if r["cluster"] == "web"]
+        assert web["node"] == "n1" and web["state"] == "ready"
 
         relay.set_mode("pass")
         wait_for(lambda: any(s["id"] == first["id"] for s in servers(stack)), 20,
                  message="the cut-off server to be back among the servers")
+        stack.server.wait_log("database back: taking nodes and proxies again", timeout_s=10)
         back = subprocess.run([*stack.cli_argv(), "status", "--server", stack.server_url], capture_output=True,
                               text=True, env=stack.env(), timeout=60)
         assert back.returncode == 0, back.stdout + back.stderr

@@ -19,7 +19,16 @@ from vectorlay.core import api
 from vectorlay.core.api import Request, StreamRequest
 from vectorlay.core.protocol import PROTOCOL_VERSION, SERVER_TO_CLIENT, Call, ClientHello, Event, Failure, Ready, Result
 from vectorlay.errors import AuthError, ConnectError, LinkLost, PeerError, ProtocolError, unwrap_group
-from vectorlay.wire import CLOSE_POLICY, CONNECT_TIMEOUT_S, Link, LinkClosed, connect, secure_context, server_urls
+from vectorlay.wire import (
+    CLOSE_POLICY,
+    CLOSE_TRY_AGAIN,
+    CONNECT_TIMEOUT_S,
+    Link,
+    LinkClosed,
+    connect,
+    secure_context,
+    server_urls,
+)
 
 R = TypeVar("R")
 E = TypeVar("E")
@@ -82,6 +91,8 @@ async def handshake(link: Link, token: str) -> ApiClient:
                 raise AuthError(f"the server refused the token: {closed.reason}") from None
             if (refusal := api.version_refusal(closed.reason)) is not None:
                 raise PeerError(refusal) from None
+            if closed.code == CLOSE_TRY_AGAIN:  # this server cannot serve now; another of the list may
+                raise ConnectError(f"the server at {link.remote} cannot serve now: {closed.reason}") from None
             raise PeerError(f"the server closed the connection: {closed.reason or closed.code}") from None
     return ApiClient(link)
 

@@ -308,6 +308,15 @@ class CaBundle(Message):
     pem: str
 
 
+@dataclass(frozen=True)
+class DatabaseHealth(Message):
+    """Whether a server reaches its database now, sent to anyone on `/v1/health` (another server
+    of the control plane asks before it hands its nodes over: `server/cut_off.py`)."""
+
+    TYPE: ClassVar[str] = "database_health"
+    available: bool
+
+
 # --- CLI <-> server ---------------------------------------------------------------------------
 
 
@@ -382,7 +391,7 @@ SERVER_TO_PROXY: tuple[type[Message], ...] = (Ready, RouteSnapshot, RouteUpdate,
 CLIENT_FIRST: tuple[type[Message], ...] = (ClientHello,)
 CLIENT_TO_SERVER: tuple[type[Message], ...] = (Call, Cancel)
 SERVER_TO_CLIENT: tuple[type[Message], ...] = (Ready, Result, Event, Failure)
-SERVER_TO_DISCOVERY: tuple[type[Message], ...] = (CaBundle,)
+SERVER_TO_DISCOVERY: tuple[type[Message], ...] = (CaBundle, DatabaseHealth)
 
 
 def encode(message: Message) -> str:

@@ -62,7 +62,8 @@ async def follow_routes(server: str, token: str, url_template: str, table: Route
                             message = await link.receive(SERVER_TO_PROXY)
                             if isinstance(message, RouteSnapshot):
                                 table.load_snapshot(message)
-                                log.info("route table loaded: %d cluster(s)", len(table.clusters))
+                                log.info("route table loaded from %s: %d cluster(s)", servers.current,
+                                         len(table.clusters))
                                 if not started:
                                     task_status.started()
                                     started = True

@@ -26,6 +26,7 @@ from vectorlay.core.protocol import (
     PROXY_FIRST,
     CaBundle,
     ClientHello,
+    DatabaseHealth,
     Join,
     NodeHello,
     ProxyHello,
@@ -39,6 +40,8 @@ from vectorlay.server import metrics, shared_state
 from vectorlay.server.api import Api
 from vectorlay.server.auth import Authenticator, Principal
 from vectorlay.server.controller import Controller
+from vectorlay.server.cut_off import HAND_OVER_AFTER_S, Closer, CutOff, peer_context, probe_database
+from vectorlay.server.cut_off import REASON as cut_off_reason
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.idle_links import API_IDLE_TIMEOUT_S
 from vectorlay.server.ids import random_id
@@ -60,7 +63,7 @@ from vectorlay.wire import CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, CLOSE_TRY_AGAIN, 
 log = logging.getLogger("vectorlay.server")
 
 HELLO_DEADLINE_S = 10.0  # a socket that does not introduce itself in time is dropped
-PATHS = frozenset({"/v1/node", "/v1/proxy", "/v1/api", "/v1/ca"})
+PATHS = frozenset({"/v1/node", "/v1/proxy", "/v1/api", "/v1/ca", "/v1/health"})
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,11 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
                         lambda: (len(controller.sessions), len(feed.proxies), api.links), replicator.servers_seen,
                         tunnels.local_proxies, tunnels.set_remote_proxies)
     api.servers = partial(_servers_view, store, registry, server_id)
+    context = peer_context(config.tls.ca_pem if config.tls else None)
+    cut_off = CutOff(registry, partial(probe_database, context=context), [
+        Closer("node", lambda: len(controller.sessions), partial(controller.sessions.close_all, code=CLOSE_TRY_AGAIN)),
+        Closer("proxy", lambda: len(feed.proxies), partial(feed.close_all, code=CLOSE_TRY_AGAIN)),
+    ])
     admin_token, created = await _bootstrap_admin_token(config, store, auth, snapshot.meta)
     log.info("state: %s; %d node(s), %d cluster(s), %d replica(s)", describe_url(config.database_url),
              len(fleet.nodes), len(fleet.clusters), len(fleet.replicas))
@@ -217,6 +225,11 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
             else:
                 await link.send(CaBundle(config.tls.ca_pem.decode()))
                 await link.close()
+            return
+        if path == "/v1/health":
+            available = registry.silent_for(trio.current_time()) < HAND_OVER_AFTER_S
+            await link.send(DatabaseHealth(available))
+            await link.close()
             return
         try:
             with trio.fail_after(HELLO_DEADLINE_S):
@@ -232,6 +245,8 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
         try:
             if isinstance(first, Join):
                 await handle_join(link, first, auth, controller.admin)
+            elif isinstance(first, (NodeHello, ProxyHello, ClientHello)) and cut_off.active:
+                await link.close(CLOSE_TRY_AGAIN, cut_off_reason)
             elif isinstance(first, NodeHello):
                 await handle_hello(link, first, auth, controller.intake, config.heartbeat_interval_s, tunnels)
             elif isinstance(first, ProxyHello):
@@ -268,6 +283,8 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
         await nursery.start(controller.run)
         await nursery.start(feed.run)
         await nursery.start(tunnels.run)
+        if store.dialect == "postgresql":  # only there can another server have the database
+            await nursery.start(cut_off.run)
         ssl_context = config.tls.context() if config.tls else None
         if config.metrics_listen is not None:
             metrics_host, metrics_port = config.metrics_listen

@@ -51,6 +51,16 @@ class Registry:
         self.tunnel_proxies = tunnel_proxies
         self.on_tunnel_proxies = on_tunnel_proxies
         self.servers: list[ServerInfo] = []  # as of the last beat
+        self.last_beat_at: float | None = None  # trio clock of the last beat the database took
+
+    def silent_for(self, now: float) -> float:
+        """How long this server could not beat (0 while it can): how long it has been cut off
+        from the database, as the other servers see it."""
+        return 0.0 if self.last_beat_at is None else max(0.0, now - self.last_beat_at)
+
+    def peers(self) -> list[ServerInfo]:
+        """The other servers that were alive as of the last beat."""
+        return [s for s in self.servers if s.alive and s.id != self.server_id]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Beat once before `started` (so the others are known from the start), then every second."""
@@ -67,6 +77,7 @@ class Registry:
                     rows, now = await self.store.run(store_engine.list_servers)
                     self.servers = [ServerInfo(r.id, r.address, r.started_at, max(0.0, now - r.seen_at), r.nodes,
                                                r.proxies, r.clients, _proxies(r.tunnel_proxies)) for r in rows]
+                    self.last_beat_at = trio.current_time()
                     self.on_alive({s.id for s in self.servers if s.alive})
                     if self.on_tunnel_proxies is not None:
                         self.on_tunnel_proxies(tuple(p for s in self.servers if s.alive and s.id != self.server_id

@@ -46,6 +46,11 @@ class ProxyConnection:
         self.url_template = url_template
         self.send_channel, self.receive_channel = trio.open_memory_channel[Message](PROXY_QUEUE)
         self.scope = trio.CancelScope()
+        self.close_code, self.close_reason = CLOSE_GOING_AWAY, "proxy too slow to take route updates"
+
+    def close_soon(self, reason: str, code: int) -> None:
+        self.close_code, self.close_reason = code, reason
+        self.scope.cancel()
 
     def send_nowait(self, message: Message) -> None:
         try:
@@ -103,6 +108,11 @@ class RouteFeed:
         for proxy in list(self.proxies):
             proxy.send_nowait(update)
 
+    def close_all(self, reason: str, code: int) -> None:
+        """Ask every proxy to reconnect (this server hands its proxies to another)."""
+        for proxy in list(self.proxies):
+            proxy.close_soon(reason, code)
+
     def _bump(self) -> int:
         self.version += 1
         return self.version
@@ -128,7 +138,7 @@ class RouteFeed:
             log.info("proxy %s disconnected", link.remote)
             if proxy.scope.cancelled_caught:
                 with trio.CancelScope(shield=True):
-                    await link.close(CLOSE_GOING_AWAY, "proxy too slow to take route updates")
+                    await link.close(proxy.close_code, proxy.close_reason)
 
     @staticmethod
     async def _drain_incoming(link: Link, scope: trio.CancelScope) -> None:

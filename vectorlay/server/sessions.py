@@ -67,6 +67,11 @@ class Sessions:
         if session is not None:
             session.close_soon(reason, code)
 
+    def close_all(self, reason: str, code: int) -> None:
+        """Ask every session to close (this server hands its nodes to another)."""
+        for session in list(self._by_node.values()):
+            session.close_soon(reason, code)
+
     def send(self, node_id: str, message: Message) -> bool:
         session = self._by_node.get(node_id)
         if session is None:
