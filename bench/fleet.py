@@ -14,6 +14,21 @@ client processes, all over real WebSockets on loopback. It measures, at heartbea
 
 The last line is for scripts:
 fleet: nodes=N heartbeat_s=H rss_mb=X cpu_share=Y apply_ready_s=Z detect_s=W reconnect_s=V rescheduled=K
+
+With `--servers K` (PostgreSQL only) K servers share the database and the nodes spread over them;
+instead of one server's restart it kills the leader (kill -9) and measures:
+
+- per server: rss_mb and cpu_share at steady state (the largest of the K is printed)
+- leader_s:           from the kill to another server leading (polled through `get servers`)
+- placement_s:        from the kill to a cluster applied right after it having its replica placed
+- reconnect_s:        from the kill to every node connected and ready again (the dead server's
+                      nodes move to the others)
+- rescheduled:        replicas of the big cluster that got a new id because of the failover (target 0)
+
+    python bench/fleet.py --servers 3 --nodes 15000 --heartbeat 5 --replicas 1000 --db postgresql+psycopg://...
+
+fleet-servers: servers=K nodes=N ... rss_mb_max=X cpu_share_max=Y apply_ready_s=Z leader_s=L placement_s=P
+               reconnect_s=V rescheduled=K
 """
 
 from __future__ import annotations
@@ -53,7 +68,7 @@ def rss_mb(pid: int) -> float:
 
 
 async def api_call(stack: Stack, request: Request[R]) -> R:
-    async with open_api(stack.server_url, stack.admin_token) as client:
+    async with open_api(stack.server_urls, stack.admin_token) as client:  # any server of the control plane
         return await client.call(request)
 
 
@@ -153,6 +168,137 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, float]:
         stack.close()
 
 
+PROBE = """\
+apiVersion: vectorlay.dev/v1
+kind: Cluster
+metadata: {name: probe}
+spec:
+  replicas: 1
+  gpu: {type: "RTX 4090", count: 1}
+  runtime: process
+  command: ["serve", "--port", "${PORT}"]
+"""
+
+
+def leader_of(stack: Stack) -> dict[str, object] | None:
+    leading = [s for s in stack.cli_json("get", "servers") if s["leader"]]
+    return leading[0] if leading else None
+
+
+def run_servers(args: argparse.Namespace, root: Path) -> dict[str, float]:
+    """K servers on one PostgreSQL: steady state per server, apply, then kill -9 of the leader."""
+    stack = Stack(root, db_url=args.db, heartbeat=f"{args.heartbeat:g}s")
+    sims: list[SimProcess] = []
+    try:
+        stack.start_server()
+        for _ in range(args.servers - 1):
+            stack.start_another_server()
+        wait_for(
+            lambda: len(stack.cli_json("get", "servers")) == args.servers and leader_of(stack),
+            60,
+            0.5,
+            "every server to be up, one leading",
+        )
+        token = stack.token("node", "--uses", str(args.nodes), "--ttl", "2h")
+        per_proc = [args.nodes // args.procs + (1 if i < args.nodes % args.procs else 0) for i in range(args.procs)]
+        started = time.monotonic()
+        sims = [
+            SimProcess(
+                stack.server_urls,
+                token,
+                count,
+                f"sim-{chr(97 + i)}-",
+                stack.root / f"sim{i}",
+                stack.root / f"sim{i}.log",
+            )
+            for i, count in enumerate(per_proc)
+            if count
+        ]
+        wait_for(lambda: all(s.connected >= s.count for s in sims), 1800, 0.5, "all simulated nodes to connect")
+        print(f"{args.nodes} nodes joined and connected in {time.monotonic() - started:.1f}s", flush=True)
+        held = {s["address"]: s["nodes"] for s in stack.cli_json("get", "servers")}
+        print(f"node sessions per server: {sorted(held.values())}", flush=True)
+
+        time.sleep(max(5.0, 2 * args.heartbeat))  # settle
+        procs = [p for p in (stack.server, *(proc for proc, _ in stack.others)) if p is not None]
+        cpu0, wall0 = [cpu_seconds(p.popen.pid) for p in procs], time.monotonic()
+        time.sleep(args.window)
+        elapsed = time.monotonic() - wall0
+        cpu = [(cpu_seconds(p.popen.pid) - c0) / elapsed for p, c0 in zip(procs, cpu0, strict=True)]
+        rss = [rss_mb(p.popen.pid) for p in procs]
+        print(
+            f"steady state per server: rss_mb={[round(r) for r in rss]} cpu_share={[round(c, 3) for c in cpu]} "
+            f"over {args.window:g}s",
+            flush=True,
+        )
+
+        stack.cli("apply", "-", "--no-wait", input_text=MANIFEST.format(replicas=args.replicas))
+        applied = time.monotonic()
+        wait_for(
+            lambda: summary(stack).replicas.get("ready", 0) >= args.replicas,
+            300,
+            0.1,
+            f"{args.replicas} replicas to be ready",
+        )
+        apply_ready = time.monotonic() - applied
+        print(f"apply: {args.replicas} replicas ready {apply_ready:.2f}s after apply returned", flush=True)
+        time.sleep(2)
+
+        before = replica_ids(stack)
+        first = leader_of(stack)
+        assert first is not None
+        victim = next(p for p in procs if str(first["address"]).endswith(f":{_port_of(stack, p)}"))
+        victim.kill()
+        killed = time.monotonic()
+        stack.cli("apply", "-", "--no-wait", input_text=PROBE)  # retried on another server if need be
+
+        def new_leader() -> bool:
+            found = leader_of(stack)
+            return found is not None and found["id"] != first["id"]
+
+        wait_for(new_leader, 60, 0.1, "another server to lead")
+        leader_s = time.monotonic() - killed
+
+        def probe_placed() -> bool:
+            return any(r.node for r in call(stack, GetReplicas("probe")).replicas)
+
+        wait_for(probe_placed, 60, 0.1, "the cluster applied after the kill to be placed")
+        placement_s = time.monotonic() - killed
+        print(f"failover: another leader {leader_s:.2f}s after kill -9, first placement {placement_s:.2f}s", flush=True)
+
+        def all_back() -> bool:
+            s = summary(stack)
+            return bool(s.connected >= args.nodes and s.nodes.get("ready", 0) >= args.nodes)
+
+        wait_for(all_back, 900, 0.5, "all nodes to reconnect")
+        reconnect = time.monotonic() - killed
+        time.sleep(2)
+        rescheduled = len(before - replica_ids(stack))
+        print(
+            f"failover: all {args.nodes} nodes back {reconnect:.1f}s after the kill; rescheduled={rescheduled}",
+            flush=True,
+        )
+        return {
+            "rss_mb_max": max(rss),
+            "cpu_share_max": max(cpu),
+            "apply_ready_s": apply_ready,
+            "leader_s": leader_s,
+            "placement_s": placement_s,
+            "reconnect_s": reconnect,
+            "rescheduled": rescheduled,
+        }
+    finally:
+        for sim in sims:
+            sim.stop()
+        stack.close()
+
+
+def _port_of(stack: Stack, proc: object) -> int:
+    if proc is stack.server:
+        return stack.server_port
+    return next(port for p, port in stack.others if p is proc)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=1000)
@@ -161,7 +307,21 @@ def main() -> None:
     parser.add_argument("--db", default=None, help="database URL (default: SQLite in a temporary state dir)")
     parser.add_argument("--procs", type=int, default=4, help="client processes hosting the simulated nodes")
     parser.add_argument("--window", type=float, default=30.0, help="seconds of steady state to measure")
+    parser.add_argument("--servers", type=int, default=1, help="servers sharing the database (needs --db PostgreSQL)")
     args = parser.parse_args()
+    if args.servers > 1:
+        if not (args.db or "").startswith("postgresql"):
+            parser.error("--servers needs --db postgresql+psycopg://...")
+        with tempfile.TemporaryDirectory(prefix="vl-fleet-") as root:
+            r = run_servers(args, Path(root))
+        print(
+            f"fleet-servers: servers={args.servers} nodes={args.nodes} heartbeat_s={args.heartbeat:g} "
+            f"rss_mb_max={r['rss_mb_max']:.0f} cpu_share_max={r['cpu_share_max']:.3f} "
+            f"apply_ready_s={r['apply_ready_s']:.2f} leader_s={r['leader_s']:.2f} "
+            f"placement_s={r['placement_s']:.2f} reconnect_s={r['reconnect_s']:.1f} "
+            f"rescheduled={r['rescheduled']:.0f}"
+        )
+        return
     with tempfile.TemporaryDirectory(prefix="vl-fleet-") as root:
         r = run(args, Path(root))
     print(f"fleet: nodes={args.nodes} heartbeat_s={args.heartbeat:g} rss_mb={r['rss_mb']:.0f} "

@@ -59,7 +59,7 @@ async def _start_node(nursery: trio.Nursery, index: int, args: argparse.Namespac
 async def main(args: argparse.Namespace) -> None:
     runtime = FakeRuntime()
     limiter = trio.CapacityLimiter(JOIN_CONCURRENCY)
-    relay = Relay(int(args.server.rsplit(":", 1)[1]))
+    relay = Relay(int(args.server.split(",")[0].rsplit(":", 1)[1]))  # to the first server of a list
     relay.start()
     agents: list[Agent] = []
     async with trio.open_nursery() as nursery:
