@@ -3,6 +3,7 @@ terminal (boxed), a flag never shown as taking a `<bool>`; shell completion is o
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,9 @@ def test_terminal_help_shows_no_bool_for_flags() -> None:
 def test_shell_completion_is_offered() -> None:
     assert "--install-completion" in _help()
     installed = Path(sys.executable).with_name("vectorlay")  # the script pip made: completion is by its name
-    # typer finds the shell from the parent process (shellingham): run it from bash, as a user would.
-    script = subprocess.run(["bash", "-c", f"{installed} --show-completion"], capture_output=True, text=True,
-                            timeout=60)
+    # typer guesses the shell from the parent processes, which differ under pytest; its own switch
+    # makes --show-completion take the shell's name instead.
+    env = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    script = subprocess.run([str(installed), "--show-completion", "bash"], capture_output=True, text=True,
+                            timeout=60, env=env)
     assert "_vectorlay_completion" in script.stdout

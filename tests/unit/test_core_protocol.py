@@ -18,7 +18,7 @@ ALL_MESSAGES: list[type[p.Message]] = [
     p.Join, p.Joined, p.NodeHello, p.Welcome, p.Command, p.Sync, p.Ack, p.Heartbeat, p.Goodbye, p.ReplicaStatus,
     p.LogsOpen, p.LogsData, p.LogsEnd, p.LogsClose, p.ProxyHello, p.RouteSnapshot, p.RouteUpdate,
     p.ClientHello, p.Ready, p.Call, p.Result, p.Event, p.Failure, p.Cancel, p.CaBundle,
-    p.TunnelCredential, p.TunnelProxies, p.AdmittedNodes,
+    p.DatabaseHealth, p.TunnelCredential, p.TunnelProxies, p.AdmittedNodes,
 ]  # fmt: skip
 
 CHANNELS: dict[str, tuple[type[p.Message], ...]] = {
