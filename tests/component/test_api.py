@@ -131,3 +131,25 @@ async def test_long_listings_stream_in_pages_and_end_with_the_count(
             assert done == api.Replicas(5)
             whole = await client.call(api.GetReplicas("web"))
             assert whole.total == 5 and [r.id for r in whole.replicas] == [r.id for p in pages for r in p.replicas]
+
+
+async def test_listings_keep_to_the_project_asked_for_and_not_found_names_the_project(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running_plane(tmp_path) as plane:
+        await plane.apply(manifest("web"))
+        await plane.apply(manifest("web").replace("metadata: {name: web}", "metadata: {name: web, project: acme}"))
+        async with plane.api() as admin:
+            assert {c.key for c in (await admin.call(api.GetClusters())).clusters} == {"web", "web.acme"}
+            assert [c.key for c in (await admin.call(api.GetClusters(project="acme"))).clusters] == ["web.acme"]
+            replicas = (await admin.call(api.GetReplicas(project="acme"))).replicas
+            assert [(r.cluster, r.project) for r in replicas] == [("web", "acme")]
+            with pytest.raises(NotFoundError, match="cluster 'authlm' not found in project 'default'"):
+                await admin.call(api.KeyCreate("authlm"))
+
+
+async def test_the_audit_of_a_new_token_names_it(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running_plane(tmp_path) as plane:
+        created = await plane.call(api.TokenCreate(Role.DEPLOYER, project="acme", description="ci"))
+        records = (await plane.call(api.Audit())).records
+        [entry] = [r for r in records if r.action == "token.create"]
+        assert entry.target == created.id and entry.project == "acme" and entry.detail == "deployer ci"

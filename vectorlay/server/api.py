@@ -55,6 +55,7 @@ from vectorlay.server.idle_links import API_IDLE_TIMEOUT_S, IdleTimer
 from vectorlay.server.route_feed import RouteFeed
 from vectorlay.server.sessions import Sessions
 from vectorlay.server.signals import Signals
+from vectorlay.server.store import ops
 from vectorlay.server.views import audit_view, token_view
 from vectorlay.server.write_behind import DatabaseStatus
 from vectorlay.wire import CLOSE_NORMAL, CLOSE_POLICY, Link, LinkClosed
@@ -199,12 +200,16 @@ class Api:
         key = cluster_key(name, project)
         visible = principal.may_touch(project)
         if not visible or (must_exist and key not in self.fleet.clusters and not self.fleet.by_cluster.get(key)):
-            raise NotFoundError(f"cluster {name!r} not found" + (f" in project {project!r}"
-                                                                 if project != DEFAULT_PROJECT else ""))
+            raise NotFoundError(f"cluster {name!r} not found in project {project!r}")
         return key
 
     def _visible(self, principal: Principal, key: str) -> bool:
         return principal.may_touch(split_key(key)[1])
+
+    def _listed(self, principal: Principal, key: str, project_named: str | None) -> bool:
+        """In a listing: visible to the caller, and of the project asked for (`-p`), if any."""
+        project = split_key(key)[1]
+        return principal.may_touch(project) and (project_named is None or project == project_named)
 
     def _scoped_project(self, principal: Principal, named: str | None) -> str:
         project = self._project(principal, named)
@@ -250,7 +255,7 @@ class Api:
         if request.name is not None:
             keys = [self._cluster(principal, request.name, request.project)]
         else:
-            keys = sorted(k for k in self.fleet.clusters if self._visible(principal, k))
+            keys = sorted(k for k in self.fleet.clusters if self._listed(principal, k, request.project))
         now = trio.current_time()
         return api.Clusters(tuple(views.cluster_view(self.fleet, k, self.feed.endpoint_url(k), now) for k in keys))
 
@@ -258,7 +263,8 @@ class Api:
         if request.cluster is not None:
             ids = sorted(self.fleet.by_cluster.get(self._cluster(principal, request.cluster, request.project), ()))
         else:
-            ids = sorted((i for i, r in self.fleet.replicas.items() if self._visible(principal, r.cluster)),
+            ids = sorted((i for i, r in self.fleet.replicas.items()
+                          if self._listed(principal, r.cluster, request.project)),
                          key=lambda i: (self.fleet.replicas[i].cluster, i))
 
         def page(chunk: list[str]) -> api.ReplicaPage:
@@ -460,8 +466,12 @@ class Api:
         elif project:
             raise UserError("--project applies only to deployer tokens")
         description = request.description[:200]
-        audit = self.admin.audit_op(principal.actor, "token.create", "", project, f"{role.value} {description}")
-        record, token = await self.auth.create_token(role, ttl_s or None, request.uses, description, project, [audit])
+
+        def audit(token_id: str) -> list[ops.Op]:
+            return [self.admin.audit_op(principal.actor, "token.create", token_id, project,
+                                        f"{role.value} {description}")]
+
+        record, token = await self.auth.create_token(role, ttl_s or None, request.uses, description, project, audit)
         return _extended(api.CreatedToken, token_view(record), token=token)
 
     async def token_list(self, principal: Principal, request: api.TokenList, emit: Emit) -> api.Tokens:

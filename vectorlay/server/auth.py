@@ -99,14 +99,15 @@ class Authenticator:
 
     async def create_token(self, role: Role, ttl_s: float | None, uses: int | None = None,
                            description: str = "", project: str = "",
-                           extra: Sequence[ops.Op] = ()) -> tuple[TokenRecord, str]:
-        """A new token; only the hash of its secret is stored. `extra` ops (the audit record)
-        are written in the same transaction."""
+                           extra: Callable[[str], Sequence[ops.Op]] = lambda token_id: ()
+                           ) -> tuple[TokenRecord, str]:
+        """A new token; only the hash of its secret is stored. `extra(token_id)` ops (the audit
+        record, which names the new token) are written in the same transaction."""
         secret = new_secret()
         now = self.wall_clock()
         record = TokenRecord(random_id(TOKEN_ID_LENGTH), hash_secret(secret), role, now,
                              now + ttl_s if ttl_s else None, uses, False, description, project)
-        await self.store.apply([ops.PutToken(record), *extra])
+        await self.store.apply([ops.PutToken(record), *extra(record.id)])
         return record, self.token_text(record.id, secret)
 
     def token_text(self, token_id: str, secret: str) -> str:
