@@ -7,7 +7,7 @@ import trio
 import trio.testing
 
 from vectorlay.server.cut_off import HAND_OVER_AFTER_S, Closer, CutOff, should_hand_over
-from vectorlay.server.registry import ServerInfo
+from vectorlay.server.registry import ServerInfo, advertised_host
 
 PEER = ServerInfo("s-peer", "127.0.0.1:1", started_at=0.0, seen_s_ago=0.5, nodes=0, proxies=0, clients=0)
 
@@ -98,3 +98,11 @@ async def test_a_peer_that_does_not_answer_counts_as_not_having_it(autojump_cloc
     beats.silent_s = HAND_OVER_AFTER_S + 1
     await cut_off.check()  # the probe times out instead of hanging the check
     assert asked == ["s-peer"] and not cut_off.active and links.open == 2
+
+
+def test_the_address_other_servers_dial() -> None:
+    db = "postgresql+psycopg://vectorlay@127.0.0.1:5432/vectorlay"
+    assert advertised_host("0.0.0.0", "cp1.example.com", db) == "cp1.example.com"
+    assert advertised_host("10.1.2.3", None, db) == "10.1.2.3"
+    # listening everywhere: the address on the way to the database (here: loopback, to a local one)
+    assert advertised_host("0.0.0.0", None, db) == "127.0.0.1"

@@ -49,6 +49,9 @@ def server(
     metrics_listen: Annotated[str | None, typer.Option(
         help="Serve Prometheus metrics (the database's health, nodes, clusters) at http://HOST:PORT/metrics.")]
     = None,
+    advertise: Annotated[str | None, typer.Option(
+        help="Several servers (PostgreSQL): the host or address the others reach this one at. Default: "
+             "--listen's host; with 0.0.0.0, this machine's address towards the database.")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the control plane. The first start creates an admin token, prints it and saves it."""
@@ -71,7 +74,8 @@ def server(
     # VECTORLAY_FAULTS names crash points for fault-injection tests; never set it in production.
     faults = frozenset(f for f in os.environ.get("VECTORLAY_FAULTS", "").split(",") if f)
     config = ServerConfig(directory, host, port, db, interval, crash_points=faults, tls=server_tls,
-                          metrics_listen=parse_listen(metrics_listen, 9091) if metrics_listen else None)
+                          metrics_listen=parse_listen(metrics_listen, 9091) if metrics_listen else None,
+                          advertise=advertise)
     scheme = "wss" if server_tls else "ws"
 
     async def main() -> None:

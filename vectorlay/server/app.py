@@ -47,7 +47,7 @@ from vectorlay.server.idle_links import API_IDLE_TIMEOUT_S
 from vectorlay.server.ids import random_id
 from vectorlay.server.node_session import handle_hello, handle_join
 from vectorlay.server.records import TokenRecord, health_from_record
-from vectorlay.server.registry import GONE_AFTER_S, Registry
+from vectorlay.server.registry import GONE_AFTER_S, Registry, advertised_host
 from vectorlay.server.replication import Replicator
 from vectorlay.server.route_feed import RouteFeed
 from vectorlay.server.secrets_box import SecretBox
@@ -78,6 +78,7 @@ class ServerConfig:
     tls: ServerTls | None = None  # None: plain ws:// (loopback development)
     metrics_listen: tuple[str, int] | None = None  # Prometheus text format at http://HOST:PORT/metrics
     api_idle_timeout_s: float = API_IDLE_TIMEOUT_S  # a CLI link with no call in flight this long is closed
+    advertise: str | None = None  # the host other servers reach this one at (default: see advertised_host)
 
     @property
     def database_url(self) -> str:
@@ -296,7 +297,8 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
         server = await nursery.start(partial(serve, handle, config.host, config.port, PATHS, ssl_context,
                                              listeners=listeners))
         port = server.port if listeners is None else 0
-        registry.address = f"{config.host}:{port}"
+        host = advertised_host(config.host, config.advertise, config.database_url)
+        registry.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         scheme = "wss" if config.tls else "ws"
         log.info("listening on %s://%s:%d", scheme, config.host, port)
         if config.tls is None and not _is_loopback(config.host):

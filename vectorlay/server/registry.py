@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from urllib.parse import urlsplit
 
 import trio
 
@@ -94,6 +96,24 @@ class Registry:
                     await self.store.run(partial(store_engine.forget_server, server_id=self.server_id))
                 except StoreError:
                     pass  # it will look gone once it stops beating
+
+
+def advertised_host(listen_host: str, advertise: str | None, db_url: str) -> str:
+    """The host other servers reach this one at (`get servers`, their `/v1/health` probe): the one
+    given, else the listening host; one listening everywhere names this machine's address on
+    the way to the database, which the other servers reach too."""
+    if advertise:
+        return advertise
+    if listen_host not in ("0.0.0.0", "::", ""):
+        return listen_host
+    parts = urlsplit(db_url)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in (parts.hostname or "") else socket.AF_INET,
+                           socket.SOCK_DGRAM) as probe:
+            probe.connect((parts.hostname or "127.0.0.1", parts.port or 5432))  # UDP: nothing is sent
+            return str(probe.getsockname()[0])
+    except (OSError, ValueError):
+        return socket.gethostname()
 
 
 def _proxies(text: str) -> tuple[tuple[str, str], ...]:
