@@ -91,7 +91,8 @@ def test_the_leader_killed_during_an_apply_hands_over_and_the_cluster_converges_
     assert client.samples and client.failures() == []  # the proxy's clients saw no error
     assert len({r["id"] for r in big}) == 20
     assert sum(len(replica_pids(replica=r["id"])) for r in big) == 20  # one process each: no duplicate
-    assert len([s for s in servers(stack)]) == 2
+    # The dead server drops out of the listing once it has not beaten for GONE_AFTER_S (6 s).
+    wait_for(lambda: len(servers(stack)) == 2, 15, interval_s=0.5, message="the killed server to be gone")
     assert all(n.alive for n in nodes)
     connected = [n for n in stack.cli_json("get", "nodes") if n["state"] == "ready"]
     assert len(connected) == 4  # the dead server's nodes reconnected elsewhere
