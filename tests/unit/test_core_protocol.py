@@ -17,7 +17,7 @@ from vectorlay.errors import ProtocolError
 ALL_MESSAGES: list[type[p.Message]] = [
     p.Join, p.Joined, p.NodeHello, p.Welcome, p.Command, p.Sync, p.Ack, p.Heartbeat, p.Goodbye, p.ReplicaStatus,
     p.LogsOpen, p.LogsData, p.LogsEnd, p.LogsClose, p.ProxyHello, p.RouteSnapshot, p.RouteUpdate,
-    p.ClientHello, p.Ready, p.Call, p.Result, p.Event, p.Failure, p.Cancel, p.CaBundle,
+    p.ClientHello, p.Ready, p.Call, p.Result, p.Event, p.Failure, p.Cancel, p.CaBundle, p.DatabaseHealth,
     p.TunnelCredential, p.TunnelProxies, p.AdmittedNodes,
 ]  # fmt: skip
 
