@@ -268,6 +268,34 @@ def describe_cluster(
     run(commands.describe, context(server_url, token, token_file, project), name, output_format is Format.json)
 
 
+@describe_app.command("node")
+def describe_node(
+    name: Annotated[str, typer.Argument(help="The node's name, as `get nodes` lists it.")],
+    output_format: OutputOpt = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
+) -> None:
+    """A node (admin tokens only): state, last heartbeat, data plane and tunnels, each GPU with
+    its health, the replicas on it with their recent events, and who joined, cordoned or
+    drained it."""
+    run(commands.describe_node, context(server_url, token, token_file), name, output_format is Format.json)
+
+
+@describe_app.command("replica")
+def describe_replica(
+    replica_id: Annotated[str, typer.Argument(metavar="ID", help="The replica's id, as `get replicas` lists it.")],
+    output_format: OutputOpt = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
+) -> None:
+    """A replica: its cluster, node, state and reason, how often it restarted or failed, its
+    port, when it was created, and its recent events. A deployer token sees its project's only."""
+    run(commands.describe_replica, context(server_url, token, token_file), replica_id,
+        output_format is Format.json)
+
+
 @cluster_app.command("unquarantine")
 def cluster_unquarantine(
     name: Annotated[str, typer.Argument()],

@@ -325,6 +325,24 @@ async def describe(ctx: Context, name: str, as_json: bool) -> None:
         output.print_description(info)
 
 
+async def describe_node(ctx: Context, name: str, as_json: bool) -> None:
+    async with open_api(ctx.server, ctx.token) as client:
+        info = await client.call(api.DescribeNode(name))
+    if as_json:
+        output.print_json(info)
+    else:
+        output.print_node_description(info)
+
+
+async def describe_replica(ctx: Context, replica_id: str, as_json: bool) -> None:
+    async with open_api(ctx.server, ctx.token) as client:
+        info = await client.call(api.DescribeReplica(replica_id))
+    if as_json:
+        output.print_json(info)
+    else:
+        output.print_replica_description(info)
+
+
 async def token_create(ctx: Context, role: str, ttl: str | None, uses: int | None, description: str,
                        project: str | None = None) -> None:
     async with open_api(ctx.server, ctx.token) as client:

@@ -25,7 +25,9 @@ from vectorlay.core.api_views import (
     DatabaseView,
     FleetSummary,
     KeyView,
+    NodeDescription,
     NodeView,
+    ReplicaDescription,
     ReplicaView,
     SecretView,
     ServerView,
@@ -220,6 +222,11 @@ class DescribeCluster(Request[ClusterDescription]):
 
 
 @dataclass(frozen=True)
+class DescribeReplica(Request[ReplicaDescription]):
+    id: str  # replica ids are unique across projects; another project's is "not found"
+
+
+@dataclass(frozen=True)
 class Blocked:
     cluster: str
     reason: str  # why it cannot get ready by waiting (crash loop, quarantine)
@@ -391,6 +398,11 @@ class GetNodes(StreamRequest[Nodes, NodePage]):
 
 
 @dataclass(frozen=True)
+class DescribeNode(Request[NodeDescription]):
+    name: str
+
+
+@dataclass(frozen=True)
 class GetFleetSummary(Request[FleetSummary]):
     pass
 
@@ -517,6 +529,7 @@ CALLS: tuple[CallType, ...] = (
     CallType("get_clusters", GetClusters, Clusters),
     CallType("get_replicas", GetReplicas, Replicas, ReplicaPage),
     CallType("describe_cluster", DescribeCluster, ClusterDescription),
+    CallType("describe_replica", DescribeReplica, ReplicaDescription),
     CallType("wait_ready", WaitReady, ReadyWaited, ClusterStatuses),
     CallType("wait_deleted", WaitDeleted, DeleteWaited, Stopping),
     CallType("logs", Logs, LogsEnded, LogChunk),
@@ -528,6 +541,7 @@ CALLS: tuple[CallType, ...] = (
     CallType("secret_delete", SecretDelete, SecretDeleted, changes=True),
     CallType("audit", Audit, AuditLog),
     CallType("get_nodes", GetNodes, Nodes, NodePage, admin_only=True),
+    CallType("describe_node", DescribeNode, NodeDescription, admin_only=True),
     CallType("fleet_summary", GetFleetSummary, FleetSummary, admin_only=True),
     CallType("get_servers", GetServers, Servers, admin_only=True),
     CallType("node_cordon", NodeCordon, NodeFlags, admin_only=True, changes=True),

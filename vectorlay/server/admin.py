@@ -206,6 +206,11 @@ class Admin:
     async def audit_log(self, limit: int, project: str | None) -> list[AuditRecord]:
         return await self.writer.store.audit(limit, project)
 
+    async def node_changes(self, name: str, limit: int) -> list[AuditRecord]:
+        """Who joined, cordoned, drained or removed the node `name` (cluster records may share
+        a target name: only `node.*` actions)."""
+        return await self.writer.store.audit(limit, target=name, action_prefix="node.")
+
     def audit_op(self, actor: str, action: str, target: str, project: str = "", detail: str = "") -> ops.AddAudit:
         """An audit record for a change stored elsewhere (tokens live in the authenticator)."""
         return ops.AddAudit(AuditRecord(self.writer.wall_clock(), actor or "server", action, target, project, detail))

@@ -191,13 +191,19 @@ class Store:
                     conn.execute(delete(table).where(table.c.cluster == cluster, table.c.id <= cutoff))
         await self.run(work)
 
-    async def audit(self, limit: int, project: str | None = None) -> list[AuditRecord]:
-        """The newest `limit` audit records (of one project, if given), oldest first."""
+    async def audit(self, limit: int, project: str | None = None, target: str | None = None,
+                    action_prefix: str | None = None) -> list[AuditRecord]:
+        """The newest `limit` audit records (of one project, about one target, of actions that
+        start with `action_prefix`, if given), oldest first."""
         def work(conn: Connection) -> list[AuditRecord]:
             table = schema.audit
             query = select(table).order_by(table.c.id.desc()).limit(limit)
             if project is not None:
                 query = query.where(table.c.project == project)
+            if target is not None:
+                query = query.where(table.c.target == target)
+            if action_prefix is not None:
+                query = query.where(table.c.action.startswith(action_prefix, autoescape=True))
             return [AuditRecord(r.at, r.actor, r.action, r.target, r.project, r.detail)
                     for r in reversed(conn.execute(query).all())]
         return await self.run(work)
