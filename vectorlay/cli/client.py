@@ -32,6 +32,9 @@ key_app = typer.Typer(help="API keys for a cluster's endpoint (with spec.endpoin
 secret_app = typer.Typer(help="Secrets of a project, stored encrypted, given to replicas as env vars.",
                          no_args_is_help=True)
 describe_app = typer.Typer(help="Show one object in detail, with its recent events.", no_args_is_help=True)
+rollout_app = typer.Typer(
+    help="A cluster's revisions: every apply that changes its spec stores one (the last 10 are kept).",
+    no_args_is_help=True)
 cluster_app = typer.Typer(help="Act on one cluster (its manifest is changed with `apply`).", no_args_is_help=True)
 
 
@@ -294,6 +297,41 @@ def describe_replica(
     port, when it was created, and its recent events. A deployer token sees its project's only."""
     run(commands.describe_replica, context(server_url, token, token_file), replica_id,
         output_format is Format.json)
+
+
+@rollout_app.command("history")
+def rollout_history(
+    cluster: Annotated[str, typer.Argument()],
+    output_format: OutputOpt = Format.table,
+    project: ProjectOpt = None,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
+) -> None:
+    """List a cluster's stored revisions, oldest first (the newest, marked current, is what runs
+    now): number, when, by whom and what changed. -o json adds each revision's spec."""
+    run(commands.rollout_history, context(server_url, token, token_file, project), cluster,
+        output_format is Format.json)
+
+
+@rollout_app.command("undo")
+def rollout_undo(
+    cluster: Annotated[str, typer.Argument()],
+    to_revision: Annotated[int | None, typer.Option(
+        "--to-revision", min=1, help="The revision to go back to (see `rollout history`). Default: the one "
+                                     "before the current.")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once the server accepted the change.")] = False,
+    timeout: Annotated[str, typer.Option(help="How long to wait for all replicas to be ready.")] = "5m",
+    output_format: OutputOpt = Format.table,
+    project: ProjectOpt = None,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
+) -> None:
+    """Apply an earlier revision's spec again, as `apply` would: audited, stored as a new
+    revision, replicas rolled (new ones ready before old ones stop); waits until they are ready."""
+    run(commands.rollout_undo, context(server_url, token, token_file, project), cluster, to_revision,
+        not no_wait, duration(timeout, "--timeout"), output_format is Format.json)
 
 
 @cluster_app.command("unquarantine")

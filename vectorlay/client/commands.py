@@ -92,17 +92,63 @@ async def _apply_once(ctx: Context, text: str, dry_run: bool, wait: bool, timeou
         if as_json:
             output.print_json({"dry_run": applied.dry_run, "changes": applied.changes, "ready": final.ready,
                                "clusters": final.clusters, "failed": final.failed})
-        if final.failed:
-            raise ClusterFailing("; ".join(f"cluster/{f.cluster} {f.reason}" for f in final.failed))
-        if not final.ready:
-            raise WaitTimedOut(f"timed out after {timeout_s:g}s waiting for replicas to be ready; "
-                               "see `vectorlay get replicas`")
+        _report_ready(final, timeout_s, as_json)
+
+
+def _report_ready(final: api.ReadyWaited, timeout_s: float | None, as_json: bool) -> None:
+    """How a wait for readiness ended (`apply`, `rollout undo`): the endpoints, or why not."""
+    if final.failed:
+        raise ClusterFailing("; ".join(f"cluster/{f.cluster} {f.reason}" for f in final.failed))
+    if not final.ready:
+        raise WaitTimedOut(f"timed out after {timeout_s:g}s waiting for replicas to be ready; "
+                           "see `vectorlay get replicas`")
+    if not as_json:
+        for cluster in final.clusters:
+            if cluster.endpoint:
+                output.stdout.print(f"cluster/{cluster.key} ready at {cluster.endpoint}")
+            else:
+                output.stdout.print(f"cluster/{cluster.key} ready (no proxy connected yet)")
+
+
+async def rollout_history(ctx: Context, name: str, as_json: bool) -> None:
+    async with open_api(ctx.server, ctx.token) as client:
+        revisions = (await client.call(api.RolloutHistory(name, ctx.project))).revisions
+    if as_json:
+        output.print_json(revisions)
+    elif revisions:
+        sys.stdout.write(output.revision_table(revisions))
+    else:
+        output.stderr.print(f"cluster {name} has no stored revisions")
+
+
+async def rollout_undo(ctx: Context, name: str, to_revision: int | None, wait: bool, timeout_s: float | None,
+                       as_json: bool) -> None:
+    """Apply an earlier revision's spec again, then wait for it as `apply` does."""
+    async with open_api(ctx.server, ctx.token) as client:
+        undone = await client.call(api.RolloutUndo(name, ctx.project, to_revision))
+        change = undone.change
+        if change.action == "unchanged":
+            wait = False  # nothing rolls: it runs that spec already
+        if as_json and not wait:
+            output.print_json(undone)
+            return
         if not as_json:
-            for cluster in final.clusters:
-                if cluster.endpoint:
-                    output.stdout.print(f"cluster/{cluster.key} ready at {cluster.endpoint}")
-                else:
-                    output.stdout.print(f"cluster/{cluster.key} ready (no proxy connected yet)")
+            if change.action == "unchanged":
+                output.stdout.print(f"cluster/{undone.cluster} unchanged: it runs revision {undone.to_revision}'s "
+                                    "spec already", markup=False)
+            else:
+                detail = f" ({change.detail})" if change.detail else ""
+                output.stdout.print(f"cluster/{undone.cluster} rolled back to revision {undone.to_revision}{detail}",
+                                    markup=False)
+                for line in change.fields:
+                    output.stdout.print(f"  {line}", markup=False, highlight=False)
+        if not wait:
+            return
+        final = await _wait_ready(client, (undone.cluster,), timeout_s, quiet=as_json)
+        if as_json:
+            output.print_json({"cluster": undone.cluster, "to_revision": undone.to_revision, "change": change,
+                               "ready": final.ready, "clusters": final.clusters, "failed": final.failed})
+        _report_ready(final, timeout_s, as_json)
 
 
 async def _wait_ready(client: ApiClient, keys: tuple[str, ...], timeout_s: float | None,

@@ -23,6 +23,7 @@ from vectorlay.core.api_views import (
     NodeView,
     ReplicaDescription,
     ReplicaView,
+    RevisionView,
     SecretView,
     ServerView,
     TokenView,
@@ -120,6 +121,14 @@ def replica_table(replicas: Sequence[ReplicaView]) -> str:
     return columns(("ID", "CLUSTER", "NODE", "STATE", "ADDRESS", "AGE", "REASON"), [
         (r.id, r.cluster, r.node or "-", "stopping" if r.stopping else r.state, r.address or "-", age(r.created_at),
          r.reason) for r in replicas])
+
+
+def revision_table(revisions: Sequence[RevisionView]) -> str:
+    """`rollout history`: oldest first, like kubectl; the newest is what runs now."""
+    return columns(("REVISION", "APPLIED", "AGE", "BY", "CHANGE"), [
+        (str(r.revision) + (" (current)" if r.current else ""),
+         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.at)), age(r.at), r.actor, r.change or "-")
+        for r in revisions])
 
 
 def key_table(keys: Sequence[KeyView]) -> str:

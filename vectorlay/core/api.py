@@ -29,6 +29,7 @@ from vectorlay.core.api_views import (
     NodeView,
     ReplicaDescription,
     ReplicaView,
+    RevisionView,
     SecretView,
     ServerView,
     TokenView,
@@ -224,6 +225,33 @@ class DescribeCluster(Request[ClusterDescription]):
 @dataclass(frozen=True)
 class DescribeReplica(Request[ReplicaDescription]):
     id: str  # replica ids are unique across projects; another project's is "not found"
+
+
+@dataclass(frozen=True)
+class Revisions:
+    revisions: tuple[RevisionView, ...]  # oldest first, the newest (what runs now) last
+
+
+@dataclass(frozen=True)
+class RolloutHistory(Request[Revisions]):
+    name: str
+    project: str | None = None
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    cluster: str  # the cluster's key
+    to_revision: int  # the revision whose spec was applied again
+    change: ClusterChange  # as `apply` reports it: "updated", or "unchanged" if it runs that spec already
+
+
+@dataclass(frozen=True)
+class RolloutUndo(Request[RolledBack]):
+    """Apply a stored revision's spec again, as `apply` would (audited, a new revision, a roll)."""
+
+    name: str
+    project: str | None = None
+    to_revision: int | None = None  # None: the revision before the newest
 
 
 @dataclass(frozen=True)
@@ -530,6 +558,8 @@ CALLS: tuple[CallType, ...] = (
     CallType("get_replicas", GetReplicas, Replicas, ReplicaPage),
     CallType("describe_cluster", DescribeCluster, ClusterDescription),
     CallType("describe_replica", DescribeReplica, ReplicaDescription),
+    CallType("rollout_history", RolloutHistory, Revisions),
+    CallType("rollout_undo", RolloutUndo, RolledBack, changes=True),
     CallType("wait_ready", WaitReady, ReadyWaited, ClusterStatuses),
     CallType("wait_deleted", WaitDeleted, DeleteWaited, Stopping),
     CallType("logs", Logs, LogsEnded, LogChunk),

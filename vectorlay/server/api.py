@@ -99,6 +99,8 @@ class Api:
             api.DescribeCluster: self.describe_cluster,
             api.DescribeReplica: self.describe_replica,
             api.DescribeNode: self.describe_node,
+            api.RolloutHistory: self.rollout_history,
+            api.RolloutUndo: self.rollout_undo,
             api.WaitReady: self.wait_ready,
             api.WaitDeleted: self.wait_deleted,
             api.Logs: self.logs,
@@ -297,6 +299,17 @@ class Api:
         if request.id not in self.fleet.replicas:  # forgotten while its events were read
             raise NotFoundError(f"replica {request.id!r} not found")
         return views.replica_description(self.fleet, request.id, events)
+
+    async def rollout_history(self, principal: Principal, request: api.RolloutHistory, emit: Emit) -> api.Revisions:
+        key = self._cluster(principal, request.name, request.project)
+        return api.Revisions(views.revision_views(await self.admin.revisions(key)))
+
+    async def rollout_undo(self, principal: Principal, request: api.RolloutUndo, emit: Emit) -> api.RolledBack:
+        key = self._cluster(principal, request.name, request.project)
+        if request.to_revision is not None and request.to_revision < 1:
+            raise UserError("to_revision must be a positive integer")
+        revision, change = await self.admin.rollback(key, request.to_revision, principal.actor)
+        return api.RolledBack(key, revision, change)
 
     async def wait_ready(self, principal: Principal, request: api.WaitReady, emit: Emit) -> api.ReadyWaited:
         """Stream the clusters' status on every change until all are ready or the timeout passes."""

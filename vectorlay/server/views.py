@@ -18,6 +18,7 @@ from vectorlay.core.api_views import (
     NodeView,
     ReplicaDescription,
     ReplicaView,
+    RevisionView,
     TokenView,
 )
 from vectorlay.core.cluster_health import HEALTHY, ClusterHealth
@@ -26,7 +27,7 @@ from vectorlay.core.model import ACTIVE_REPLICA_STATES, Gpu, GpuStatus, NodeStat
 from vectorlay.core.readiness import ClusterReadiness
 from vectorlay.core.replica_history import failure_count, restart_count
 from vectorlay.server.fleet import Fleet
-from vectorlay.server.records import ApiKeyRecord, AuditRecord, EventRecord, TokenRecord
+from vectorlay.server.records import ApiKeyRecord, AuditRecord, EventRecord, RevisionRecord, TokenRecord
 from vectorlay.server.write_behind import DatabaseStatus
 
 UNKNOWN = "unknown"  # a replica whose node is not ready: what it does now is not known
@@ -259,3 +260,9 @@ def replica_description(fleet: Fleet, replica_id: str, events: list[EventRecord]
         failures=failure_count(messages),
         events=tuple(event_view(e) for e in mine[-20:]),
     )
+
+
+def revision_views(revisions: list[RevisionRecord]) -> tuple[RevisionView, ...]:
+    """Oldest first; the newest is what the cluster runs now (every change of its spec stores one)."""
+    return tuple(RevisionView(*split_key(r.cluster), r.revision, r.at, r.actor, r.change, i == len(revisions) - 1,
+                              r.spec) for i, r in enumerate(revisions))
