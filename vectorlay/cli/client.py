@@ -75,6 +75,10 @@ def apply(
 def get(
     kind: Annotated[Kind, typer.Argument(help="clusters, nodes, replicas or servers.")],
     name: Annotated[str | None, typer.Argument(help="One cluster or node (for replicas: a cluster).")] = None,
+    watch: Annotated[bool, typer.Option(
+        "--watch", "-w", help="Print the table, then each row that changes, appears or goes (polled every "
+                              "second) until Ctrl-C; with -o json, the whole listing as one line per change.")]
+    = False,
     output_format: OutputOpt = Format.table,
     project: ProjectOpt = None,
     server_url: ServerOpt = None,
@@ -82,7 +86,8 @@ def get(
     token_file: TokenFileOpt = None,
 ) -> None:
     """List clusters, nodes, replicas or servers (the control plane's, with the one that leads)."""
-    run(commands.get, context(server_url, token, token_file, project), kind.value, name, output_format is Format.json)
+    run(commands.get, context(server_url, token, token_file, project), kind.value, name, output_format is Format.json,
+        watch)
 
 
 def logs(

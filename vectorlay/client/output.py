@@ -131,6 +131,13 @@ def revision_table(revisions: Sequence[RevisionView]) -> str:
         for r in revisions])
 
 
+def table_of(kind: str, items: Sequence[Any]) -> str:
+    """The `get KIND` table of `items` (views of that kind)."""
+    tables = {"clusters": cluster_table, "nodes": node_table, "replicas": replica_table, "servers": server_table}
+    table: Any = tables[kind]
+    return str(table(items))
+
+
 def key_table(keys: Sequence[KeyView]) -> str:
     return columns(("ID", "NAME", "STATE", "AGE"), [(k.id, k.name, k.state, age(k.created_at)) for k in keys])
 
