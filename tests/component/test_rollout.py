@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from controller_harness import ControlPlane, FakeNode, manifest, wait_until
+from controller_harness import ControlPlane, FakeNode, MemoryListener, manifest, open_link, wait_until
 
+from vectorlay.client.api import handshake
 from vectorlay.core import api
 from vectorlay.core.model import Role
-from vectorlay.errors import NotFoundError, UserError
+from vectorlay.core.protocol import Call, ClientHello, Failure, Ready
+from vectorlay.errors import NotFoundError, PeerError, UserError
 from vectorlay.server.store import ops
 from vectorlay.server.writer import KEEP_REVISIONS
+from vectorlay.wire import Link, serve
 
 
 @asynccontextmanager
@@ -118,3 +121,24 @@ async def test_history_is_read_from_the_store_so_every_server_answers_the_same(
         history = (await plane.call(api.RolloutHistory("web"))).revisions
         assert [(r.revision, r.actor, r.current) for r in history] == [(1, history[0].actor, False),
                                                                        (2, "admin:other", True)]
+
+
+async def test_a_server_from_before_rollout_is_named_as_the_one_to_upgrade(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async def old_server(path: str, link: Link) -> None:
+        await link.receive_one(ClientHello)
+        await link.send(Ready("admin"))
+        call = await link.receive_one(Call)
+        await link.send(Failure(call.id, "user", f"unknown method {call.method!r}"))  # as api.py answers
+        await link.receive_one(Call)
+
+    listener = MemoryListener()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: serve(old_server, "", 0, frozenset({"/v1/api"}),
+                                                      listeners=[listener], task_status=task_status))
+        async with open_link(listener, "/v1/api") as (link, _):
+            client = await handshake(link, "abcdef.0123456789abcdef01")
+            with pytest.raises(PeerError, match="^this server does not know 'rollout_history' "
+                                                r"\(it is older than this vectorlay\): upgrade the server$"):
+                await client.call(api.RolloutHistory("web"))
+        nursery.cancel_scope.cancel()
