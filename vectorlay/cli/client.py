@@ -85,7 +85,9 @@ def get(
     token: TokenOpt = None,
     token_file: TokenFileOpt = None,
 ) -> None:
-    """List clusters, nodes, replicas or servers (the control plane's, with the one that leads)."""
+    """List clusters, nodes, replicas or servers (the control plane's, with the one that leads).
+    With -w, keep watching: rows that change are printed as they change (asked once a second)
+    until Ctrl-C, which exits 0."""
     run(commands.get, context(server_url, token, token_file, project), kind.value, name, output_format is Format.json,
         watch)
 
