@@ -26,6 +26,9 @@ def _help(*command: str) -> str:
     (("node", "join"), "--allow-process-runtime / --no-allow-process-runtime"),
     (("proxy",), "--max-connections-per-client"),
     (("apply",), "--dry-run"),
+    (("get",), "--watch"),
+    (("rollout", "undo"), "--to-revision"),
+    (("describe", "replica"), "--output"),
 ])
 def test_piped_help_keeps_every_option_name_whole_and_shows_no_bool(command: tuple[str, ...], option: str) -> None:
     text = _help(*command)

@@ -32,6 +32,9 @@ key_app = typer.Typer(help="API keys for a cluster's endpoint (with spec.endpoin
 secret_app = typer.Typer(help="Secrets of a project, stored encrypted, given to replicas as env vars.",
                          no_args_is_help=True)
 describe_app = typer.Typer(help="Show one object in detail, with its recent events.", no_args_is_help=True)
+rollout_app = typer.Typer(
+    help="A cluster's revisions: every apply that changes its spec stores one (the last 10 are kept).",
+    no_args_is_help=True)
 cluster_app = typer.Typer(help="Act on one cluster (its manifest is changed with `apply`).", no_args_is_help=True)
 
 
@@ -72,14 +75,21 @@ def apply(
 def get(
     kind: Annotated[Kind, typer.Argument(help="clusters, nodes, replicas or servers.")],
     name: Annotated[str | None, typer.Argument(help="One cluster or node (for replicas: a cluster).")] = None,
+    watch: Annotated[bool, typer.Option(
+        "--watch", "-w", help="Print the table, then each row that changes, appears or goes (polled every "
+                              "second) until Ctrl-C; with -o json, the whole listing as one line per change.")]
+    = False,
     output_format: OutputOpt = Format.table,
     project: ProjectOpt = None,
     server_url: ServerOpt = None,
     token: TokenOpt = None,
     token_file: TokenFileOpt = None,
 ) -> None:
-    """List clusters, nodes, replicas or servers (the control plane's, with the one that leads)."""
-    run(commands.get, context(server_url, token, token_file, project), kind.value, name, output_format is Format.json)
+    """List clusters, nodes, replicas or servers (the control plane's, with the one that leads).
+    With -w, keep watching: rows that change are printed as they change (asked once a second)
+    until Ctrl-C, which exits 0."""
+    run(commands.get, context(server_url, token, token_file, project), kind.value, name, output_format is Format.json,
+        watch)
 
 
 def logs(
@@ -266,6 +276,69 @@ def describe_cluster(
 ) -> None:
     """A cluster, each replica (node, state, image digest) with its last events, and recent events."""
     run(commands.describe, context(server_url, token, token_file, project), name, output_format is Format.json)
+
+
+@describe_app.command("node")
+def describe_node(
+    name: Annotated[str, typer.Argument(help="The node's name, as `get nodes` lists it.")],
+    output_format: OutputOpt = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
+) -> None:
+    """A node (admin tokens only): state, last heartbeat, data plane and tunnels, each GPU with
+    its health, the replicas on it with their recent events, and who joined, cordoned or
+    drained it."""
+    run(commands.describe_node, context(server_url, token, token_file), name, output_format is Format.json)
+
+
+@describe_app.command("replica")
+def describe_replica(
+    replica_id: Annotated[str, typer.Argument(metavar="ID", help="The replica's id, as `get replicas` lists it.")],
+    output_format: OutputOpt = Format.table,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
+) -> None:
+    """A replica: its cluster, node, state and reason, how often it restarted or failed, its
+    port, when it was created, and its recent events. A deployer token sees its project's only."""
+    run(commands.describe_replica, context(server_url, token, token_file), replica_id,
+        output_format is Format.json)
+
+
+@rollout_app.command("history")
+def rollout_history(
+    cluster: Annotated[str, typer.Argument()],
+    output_format: OutputOpt = Format.table,
+    project: ProjectOpt = None,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
+) -> None:
+    """List a cluster's stored revisions, oldest first (the newest, marked current, is what runs
+    now): number, when, by whom and what changed. -o json adds each revision's spec."""
+    run(commands.rollout_history, context(server_url, token, token_file, project), cluster,
+        output_format is Format.json)
+
+
+@rollout_app.command("undo")
+def rollout_undo(
+    cluster: Annotated[str, typer.Argument()],
+    to_revision: Annotated[int | None, typer.Option(
+        "--to-revision", min=1, help="The revision to go back to (see `rollout history`). Default: the one "
+                                     "before the current.")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once the server accepted the change.")] = False,
+    timeout: Annotated[str, typer.Option(help="How long to wait for all replicas to be ready.")] = "5m",
+    output_format: OutputOpt = Format.table,
+    project: ProjectOpt = None,
+    server_url: ServerOpt = None,
+    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
+) -> None:
+    """Apply an earlier revision's spec again, as `apply` would: audited, stored as a new
+    revision, replicas rolled (new ones ready before old ones stop); waits until they are ready."""
+    run(commands.rollout_undo, context(server_url, token, token_file, project), cluster, to_revision,
+        not no_wait, duration(timeout, "--timeout"), output_format is Format.json)
 
 
 @cluster_app.command("unquarantine")

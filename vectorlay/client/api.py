@@ -75,6 +75,11 @@ class ApiClient:
                     yield Done(api.decode_response(request, message.value))
                     return
                 elif isinstance(message, Failure) and message.id == call_id:
+                    if message.message == f"unknown method {method!r}":
+                        # Calls are added within an API version (describe node, rollout): a
+                        # server from before one says so, and the fix is on its side.
+                        raise PeerError(f"this server does not know {method!r} (it is older than this "
+                                        "vectorlay): upgrade the server")
                     raise api.error_for(message.kind, message.message)
         except LinkClosed as closed:
             raise LinkLost(f"the server closed the connection: {closed.reason or closed.code}") from None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import trio
 from rich.live import Live
 from rich.text import Text
 
@@ -14,14 +17,17 @@ from vectorlay.client import output
 from vectorlay.client.api import ApiClient, Done, open_api
 from vectorlay.client.config import Context
 from vectorlay.client.log_merge import LogLine, LogMerger
+from vectorlay.client.watch import WATCH_INTERVAL_S, Changes, Differ
 from vectorlay.core import api, codec
 from vectorlay.core.api_views import ClusterView, FleetSummary, NodeView, ReplicaView, ServerView
 from vectorlay.core.launch_inputs import secret_value_problem
 from vectorlay.core.manifest import parse_manifest
 from vectorlay.core.model import Role
 from vectorlay.errors import (
+    AuthError,
     ConnectError,
     LinkLost,
+    NotFoundError,
     PeerError,
     ProtocolError,
     ServerUnavailable,
@@ -92,17 +98,63 @@ async def _apply_once(ctx: Context, text: str, dry_run: bool, wait: bool, timeou
         if as_json:
             output.print_json({"dry_run": applied.dry_run, "changes": applied.changes, "ready": final.ready,
                                "clusters": final.clusters, "failed": final.failed})
-        if final.failed:
-            raise ClusterFailing("; ".join(f"cluster/{f.cluster} {f.reason}" for f in final.failed))
-        if not final.ready:
-            raise WaitTimedOut(f"timed out after {timeout_s:g}s waiting for replicas to be ready; "
-                               "see `vectorlay get replicas`")
+        _report_ready(final, timeout_s, as_json)
+
+
+def _report_ready(final: api.ReadyWaited, timeout_s: float | None, as_json: bool) -> None:
+    """How a wait for readiness ended (`apply`, `rollout undo`): the endpoints, or why not."""
+    if final.failed:
+        raise ClusterFailing("; ".join(f"cluster/{f.cluster} {f.reason}" for f in final.failed))
+    if not final.ready:
+        raise WaitTimedOut(f"timed out after {timeout_s:g}s waiting for replicas to be ready; "
+                           "see `vectorlay get replicas`")
+    if not as_json:
+        for cluster in final.clusters:
+            if cluster.endpoint:
+                output.stdout.print(f"cluster/{cluster.key} ready at {cluster.endpoint}")
+            else:
+                output.stdout.print(f"cluster/{cluster.key} ready (no proxy connected yet)")
+
+
+async def rollout_history(ctx: Context, name: str, as_json: bool) -> None:
+    async with open_api(ctx.server, ctx.token) as client:
+        revisions = (await client.call(api.RolloutHistory(name, ctx.project))).revisions
+    if as_json:
+        output.print_json(revisions)
+    elif revisions:
+        sys.stdout.write(output.revision_table(revisions))
+    else:
+        output.stderr.print(f"cluster {name} has no stored revisions")
+
+
+async def rollout_undo(ctx: Context, name: str, to_revision: int | None, wait: bool, timeout_s: float | None,
+                       as_json: bool) -> None:
+    """Apply an earlier revision's spec again, then wait for it as `apply` does."""
+    async with open_api(ctx.server, ctx.token) as client:
+        undone = await client.call(api.RolloutUndo(name, ctx.project, to_revision))
+        change = undone.change
+        if change.action == "unchanged":
+            wait = False  # nothing rolls: it runs that spec already
+        if as_json and not wait:
+            output.print_json(undone)
+            return
         if not as_json:
-            for cluster in final.clusters:
-                if cluster.endpoint:
-                    output.stdout.print(f"cluster/{cluster.key} ready at {cluster.endpoint}")
-                else:
-                    output.stdout.print(f"cluster/{cluster.key} ready (no proxy connected yet)")
+            if change.action == "unchanged":
+                output.stdout.print(f"cluster/{undone.cluster} unchanged: it runs revision {undone.to_revision}'s "
+                                    "spec already", markup=False)
+            else:
+                detail = f" ({change.detail})" if change.detail else ""
+                output.stdout.print(f"cluster/{undone.cluster} rolled back to revision {undone.to_revision}{detail}",
+                                    markup=False)
+                for line in change.fields:
+                    output.stdout.print(f"  {line}", markup=False, highlight=False)
+        if not wait:
+            return
+        final = await _wait_ready(client, (undone.cluster,), timeout_s, quiet=as_json)
+        if as_json:
+            output.print_json({"cluster": undone.cluster, "to_revision": undone.to_revision, "change": change,
+                               "ready": final.ready, "clusters": final.clusters, "failed": final.failed})
+        _report_ready(final, timeout_s, as_json)
 
 
 async def _wait_ready(client: ApiClient, keys: tuple[str, ...], timeout_s: float | None,
@@ -153,7 +205,10 @@ class _Null:
 PAGE_SIZE = 500
 
 
-async def get(ctx: Context, kind: str, name: str | None, as_json: bool) -> None:
+async def get(ctx: Context, kind: str, name: str | None, as_json: bool, watch: bool = False) -> None:
+    if watch:
+        await _watch(ctx, kind, name, as_json)
+        return
     urls = server_urls(ctx.server)
     for attempt in range(len(urls)):  # a read may be answered by any server of the control plane
         try:
@@ -180,30 +235,103 @@ Listing = Sequence[ClusterView] | Sequence[NodeView] | Sequence[ReplicaView] | S
 async def _read(ctx: Context, kind: str, name: str | None, as_json: bool,
                 start: int) -> tuple[str, Listing, FleetSummary | None]:
     """One server's answer to `get KIND`: the table, the items, and the fleet summary line."""
-    summary: FleetSummary | None = None
     async with open_api(ctx.server, ctx.token, start) as client:
-        items: Listing
-        if kind == "clusters":
-            items = (await client.call(api.GetClusters(name, ctx.project))).clusters
-            table = output.cluster_table(items)
-        elif kind == "servers":
-            items = (await client.call(api.GetServers())).servers
-            table = output.server_table(items)
-        elif kind == "nodes":
-            nodes: list[NodeView] = []
-            async for item in client.stream(api.GetNodes(name, page_size=PAGE_SIZE)):
-                if isinstance(item, api.NodePage):
-                    nodes.extend(item.nodes)
-            table, items = output.node_table(nodes), nodes
-        else:
-            replicas: list[ReplicaView] = []
-            async for page in client.stream(api.GetReplicas(name, ctx.project, page_size=PAGE_SIZE)):
-                if isinstance(page, api.ReplicaPage):
-                    replicas.extend(page.replicas)
-            table, items = output.replica_table(replicas), replicas
-        if kind in ("nodes", "replicas") and not as_json and name is None:
+        return await _read_on(client, ctx, kind, name, not as_json)
+
+
+async def _read_on(client: ApiClient, ctx: Context, kind: str, name: str | None,
+                   summary_too: bool) -> tuple[str, Listing, FleetSummary | None]:
+    """One listing on an open link: the table, the items, and (if asked) the fleet summary line."""
+    items: Listing
+    if kind == "clusters":
+        items = (await client.call(api.GetClusters(name, ctx.project))).clusters
+    elif kind == "servers":
+        items = (await client.call(api.GetServers())).servers
+    elif kind == "nodes":
+        nodes: list[NodeView] = []
+        async for item in client.stream(api.GetNodes(name, page_size=PAGE_SIZE)):
+            if isinstance(item, api.NodePage):
+                nodes.extend(item.nodes)
+        items = nodes
+    else:
+        replicas: list[ReplicaView] = []
+        async for page in client.stream(api.GetReplicas(name, ctx.project, page_size=PAGE_SIZE)):
+            if isinstance(page, api.ReplicaPage):
+                replicas.extend(page.replicas)
+        items = replicas
+    summary = None
+    if summary_too and kind in ("nodes", "replicas") and name is None:
+        try:
             summary = await client.call(api.GetFleetSummary())
-    return table, items, summary
+        except AuthError:
+            pass  # the fleet's counts are the admin's: a deployer gets its rows without them
+    return output.table_of(kind, items), items, summary
+
+
+WATCH_RECONNECTS = 5  # tries, a second apart, before a watch whose servers went away gives up
+
+
+async def _watch(ctx: Context, kind: str, name: str | None, as_json: bool) -> None:
+    """`get -w`: the listing, then what changes, polled once a second (client/watch.py says why),
+    until Ctrl-C, which ends it with exit status 0. Table: the rows that changed or appeared, and
+    a line for each one gone. JSON: the whole listing again, one line per change."""
+    differ = Differ()
+    first = True
+    urls = server_urls(ctx.server)
+    failures = 0
+    with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+        async with trio.open_nursery() as nursery:
+            async def stop_on_interrupt() -> None:
+                async for _ in interrupts:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_interrupt)
+            while True:
+                try:
+                    async with open_api(ctx.server, ctx.token, failures % len(urls)) as client:
+                        while True:
+                            try:
+                                table, items, summary = await _read_on(client, ctx, kind, name,
+                                                                       first and not as_json)
+                            except NotFoundError:
+                                if first:
+                                    raise
+                                table, items, summary = "", [], None  # deleted meanwhile: its rows go
+                            failures = 0
+                            _print_changes(kind, differ.update(items), items, table, summary, first, as_json)
+                            first = False
+                            await trio.sleep(WATCH_INTERVAL_S)
+                except (ServerUnavailable, ConnectError, LinkLost) as error:
+                    failures += 1
+                    if failures > WATCH_RECONNECTS:
+                        raise
+                    output.stderr.print(f"watch: {error}; trying again", markup=False)
+                    await trio.sleep(WATCH_INTERVAL_S)
+
+
+def _print_changes(kind: str, changes: Changes, items: Listing, table: str, summary: FleetSummary | None,
+                   first: bool, as_json: bool) -> None:
+    if as_json:
+        if first or changes:
+            sys.stdout.write(json.dumps(codec.dump(list(items)), separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+        return
+    if first:
+        if summary is not None:
+            output.stderr.print(output.summary_line(kind, summary), markup=False)
+        if not items:
+            output.stderr.print(f"no {kind} yet; watching")
+        else:
+            sys.stdout.write(table)
+        sys.stdout.flush()
+        return
+    if changes.changed:
+        rows = output.table_of(kind, list(changes.changed)).splitlines()[1:]  # the header was printed once
+        sys.stdout.write("".join(f"{row}\n" for row in rows))
+    for key in changes.removed:
+        sys.stdout.write(f"{kind.rstrip('s')}/{key} deleted\n")
+    sys.stdout.flush()
 
 
 async def delete(ctx: Context, name: str, wait: bool, timeout_s: float | None) -> None:
@@ -323,6 +451,24 @@ async def describe(ctx: Context, name: str, as_json: bool) -> None:
         output.print_json(info)
     else:
         output.print_description(info)
+
+
+async def describe_node(ctx: Context, name: str, as_json: bool) -> None:
+    async with open_api(ctx.server, ctx.token) as client:
+        info = await client.call(api.DescribeNode(name))
+    if as_json:
+        output.print_json(info)
+    else:
+        output.print_node_description(info)
+
+
+async def describe_replica(ctx: Context, replica_id: str, as_json: bool) -> None:
+    async with open_api(ctx.server, ctx.token) as client:
+        info = await client.call(api.DescribeReplica(replica_id))
+    if as_json:
+        output.print_json(info)
+    else:
+        output.print_replica_description(info)
 
 
 async def token_create(ctx: Context, role: str, ttl: str | None, uses: int | None, description: str,

@@ -19,8 +19,11 @@ from vectorlay.core.api_views import (
     FleetSummary,
     GpuView,
     KeyView,
+    NodeDescription,
     NodeView,
+    ReplicaDescription,
     ReplicaView,
+    RevisionView,
     SecretView,
     ServerView,
     TokenView,
@@ -120,6 +123,21 @@ def replica_table(replicas: Sequence[ReplicaView]) -> str:
          r.reason) for r in replicas])
 
 
+def revision_table(revisions: Sequence[RevisionView]) -> str:
+    """`rollout history`: oldest first, like kubectl; the newest is what runs now."""
+    return columns(("REVISION", "APPLIED", "AGE", "BY", "CHANGE"), [
+        (str(r.revision) + (" (current)" if r.current else ""),
+         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.at)), age(r.at), r.actor, r.change or "-")
+        for r in revisions])
+
+
+def table_of(kind: str, items: Sequence[Any]) -> str:
+    """The `get KIND` table of `items` (views of that kind)."""
+    tables = {"clusters": cluster_table, "nodes": node_table, "replicas": replica_table, "servers": server_table}
+    table: Any = tables[kind]
+    return str(table(items))
+
+
 def key_table(keys: Sequence[KeyView]) -> str:
     return columns(("ID", "NAME", "STATE", "AGE"), [(k.id, k.name, k.state, age(k.created_at)) for k in keys])
 
@@ -215,3 +233,89 @@ def print_description(info: ClusterDescription) -> None:
     if not info.events:
         lines.append("  none")
     stdout.print("\n".join(lines), markup=False)
+
+
+def _when(timestamp: float | None) -> str:
+    """`2024-05-01 12:03:07 (3m ago)`, or `-`."""
+    if timestamp is None:
+        return "-"
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(timestamp))} ({age(timestamp)} ago)"
+
+
+def _gpu_health(gpu: GpuView) -> str:
+    if gpu.healthy is None:
+        return "health not reported yet"
+    return "healthy" if gpu.healthy else f"UNHEALTHY: {gpu.health_reason or 'no reason given'}"
+
+
+def print_node_description(info: NodeDescription) -> None:
+    """`vectorlay describe node`: state, data plane, GPUs with health, replicas, events, changes."""
+    node = info.node
+    flags = [] if node.schedulable else ["cordoned"]
+    if info.draining:
+        flags.append("draining")
+    heartbeat = f"{node.last_seen_s:g}s ago" if node.last_seen_s is not None else "none since this server started"
+    lines = [
+        f"Name:          {node.name}",
+        f"ID:            {node.id}",
+        f"State:         {node.state}" + (f" ({', '.join(flags)})" if flags else "")
+        + ("" if node.connected else ", not connected"),
+        f"Data plane:    {_data_plane(node)}" + (f", address {node.address}" if node.data_plane != "tunnel" else ""),
+        f"Heartbeat:     {heartbeat}" + (f"; stored {_when(info.last_seen_at)}" if info.last_seen_at else ""),
+        f"Joined:        {_when(node.joined_at)}",
+        f"Runtimes:      {', '.join(node.runtimes) or '-'}"
+        + (f" (isolation: {', '.join(node.isolation)})" if node.isolation else ""),
+    ]
+    if info.session_server:
+        lines.append(f"Session on:    server {info.session_server}")
+    lines.append(f"GPUs:          {len(node.gpus)}" + ("" if node.gpus_healthy else
+                                                      " (a GPU is unhealthy: no new replicas here)"))
+    for gpu in node.gpus:
+        memory = f", {gpu.memory_gb:g} GB" if gpu.memory_gb else ""
+        use = "in use" if gpu.in_use else "free"
+        extra = "".join(f", {text}" for text in (
+            f"{gpu.utilization_pct:g}% busy" if gpu.utilization_pct is not None else "",
+            f"{gpu.temperature_c:g}°C" if gpu.temperature_c is not None else "") if text)
+        lines.append(f"  [{gpu.index}] {gpu.name}{memory}, {use}, {_gpu_health(gpu)}{extra}  ({gpu.uuid})")
+    lines += ["", "Replicas:"]
+    for r in info.replicas:
+        state = "stopping" if r.stopping else r.state
+        lines.append(f"  {r.id}  cluster={r.cluster}" + (f"  project={r.project}" if r.project != "default" else "")
+                     + f"  state={state}  address={r.address or '-'}" + (f"  reason: {r.reason}" if r.reason else ""))
+    if not info.replicas:
+        lines.append("  none")
+    lines += ["", "Events:"]
+    lines += [f"  {_clock(e.at)}  {e.replica + ': ' if e.replica else ''}{e.message}" for e in info.events]
+    if not info.events:
+        lines.append("  none")
+    lines += ["", "Changes:"]
+    lines += [f"  {_when(c.at)}  {c.action} by {c.actor}" + (f" ({c.detail})" if c.detail else "")
+              for c in info.changes]
+    if not info.changes:
+        lines.append("  none")
+    stdout.print("\n".join(lines), markup=False, highlight=False)
+
+
+def print_replica_description(info: ReplicaDescription) -> None:
+    """`vectorlay describe replica`: where it runs, its state and reason, its history."""
+    r = info.replica
+    lines = [
+        f"ID:            {r.id}",
+        f"Cluster:       {r.cluster}" + (f" (project {r.project})" if r.project != "default" else ""),
+        f"Node:          {r.node or '- (not placed)'}",
+        f"State:         {'stopping' if r.stopping else r.state}",
+        f"Reason:        {r.reason or '-'}",
+        f"Restarts:      {info.restarts}",
+        f"Failures:      {info.failures}",
+        f"Port:          {info.port if info.port is not None else '-'} (published at {r.address or '-'})",
+        f"GPUs:          {', '.join(r.gpus) or 'none'}",
+        f"Image digest:  {r.image_digest or '-'}",
+        f"Revision:      {r.revision or '-'} (generation {r.generation})",
+        f"Created:       {_when(r.created_at)}",
+        "",
+        "Events:",
+    ]
+    lines += [f"  {_clock(e.at)}  {e.message}" for e in info.events]
+    if not info.events:
+        lines.append("  none")
+    stdout.print("\n".join(lines), markup=False, highlight=False)

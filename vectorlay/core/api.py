@@ -25,8 +25,11 @@ from vectorlay.core.api_views import (
     DatabaseView,
     FleetSummary,
     KeyView,
+    NodeDescription,
     NodeView,
+    ReplicaDescription,
     ReplicaView,
+    RevisionView,
     SecretView,
     ServerView,
     TokenView,
@@ -220,6 +223,38 @@ class DescribeCluster(Request[ClusterDescription]):
 
 
 @dataclass(frozen=True)
+class DescribeReplica(Request[ReplicaDescription]):
+    id: str  # replica ids are unique across projects; another project's is "not found"
+
+
+@dataclass(frozen=True)
+class Revisions:
+    revisions: tuple[RevisionView, ...]  # oldest first, the newest (what runs now) last
+
+
+@dataclass(frozen=True)
+class RolloutHistory(Request[Revisions]):
+    name: str
+    project: str | None = None
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    cluster: str  # the cluster's key
+    to_revision: int  # the revision whose spec was applied again
+    change: ClusterChange  # as `apply` reports it: "updated", or "unchanged" if it runs that spec already
+
+
+@dataclass(frozen=True)
+class RolloutUndo(Request[RolledBack]):
+    """Apply a stored revision's spec again, as `apply` would (audited, a new revision, a roll)."""
+
+    name: str
+    project: str | None = None
+    to_revision: int | None = None  # None: the revision before the newest
+
+
+@dataclass(frozen=True)
 class Blocked:
     cluster: str
     reason: str  # why it cannot get ready by waiting (crash loop, quarantine)
@@ -391,6 +426,11 @@ class GetNodes(StreamRequest[Nodes, NodePage]):
 
 
 @dataclass(frozen=True)
+class DescribeNode(Request[NodeDescription]):
+    name: str
+
+
+@dataclass(frozen=True)
 class GetFleetSummary(Request[FleetSummary]):
     pass
 
@@ -517,6 +557,9 @@ CALLS: tuple[CallType, ...] = (
     CallType("get_clusters", GetClusters, Clusters),
     CallType("get_replicas", GetReplicas, Replicas, ReplicaPage),
     CallType("describe_cluster", DescribeCluster, ClusterDescription),
+    CallType("describe_replica", DescribeReplica, ReplicaDescription),
+    CallType("rollout_history", RolloutHistory, Revisions),
+    CallType("rollout_undo", RolloutUndo, RolledBack, changes=True),
     CallType("wait_ready", WaitReady, ReadyWaited, ClusterStatuses),
     CallType("wait_deleted", WaitDeleted, DeleteWaited, Stopping),
     CallType("logs", Logs, LogsEnded, LogChunk),
@@ -528,6 +571,7 @@ CALLS: tuple[CallType, ...] = (
     CallType("secret_delete", SecretDelete, SecretDeleted, changes=True),
     CallType("audit", Audit, AuditLog),
     CallType("get_nodes", GetNodes, Nodes, NodePage, admin_only=True),
+    CallType("describe_node", DescribeNode, NodeDescription, admin_only=True),
     CallType("fleet_summary", GetFleetSummary, FleetSummary, admin_only=True),
     CallType("get_servers", GetServers, Servers, admin_only=True),
     CallType("node_cordon", NodeCordon, NodeFlags, admin_only=True, changes=True),

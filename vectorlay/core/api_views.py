@@ -193,3 +193,41 @@ class ClusterDescription:
     spec: ClusterSpec | None
     replicas: tuple[DescribedReplica, ...]
     events: tuple[EventView, ...]
+
+
+@dataclass(frozen=True)
+class NodeDescription:
+    """`vectorlay describe node`: the node as `get nodes` shows it, with what runs on it."""
+
+    node: NodeView  # its GPUs with health, data plane, tunnels, state, last heartbeat
+    draining: bool
+    last_seen_at: float | None  # wall clock of the last heartbeat stored (any server's)
+    session_server: str | None  # the server holding its session (several servers), if any
+    replicas: tuple[ReplicaView, ...]  # on it now, stopping ones included
+    events: tuple[EventView, ...]  # its replicas' recent events, oldest first
+    changes: tuple[AuditView, ...]  # who joined, cordoned, drained it, oldest first
+
+
+@dataclass(frozen=True)
+class ReplicaDescription:
+    """`vectorlay describe replica`: one replica, where it runs and what happened to it."""
+
+    replica: ReplicaView
+    port: int | None  # the port the workload listens on (the cluster's spec.port)
+    restarts: int  # the latest restart count its node reported (from its reasons)
+    failures: int  # times its events say it failed
+    events: tuple[EventView, ...]  # its recent events, oldest first
+
+
+@dataclass(frozen=True)
+class RevisionView:
+    """One stored revision of a cluster's spec (`vectorlay rollout history`)."""
+
+    cluster: str
+    project: str
+    revision: int  # grows by one with every apply that changes the spec
+    at: float  # wall clock
+    actor: str
+    change: str  # what the apply changed, one line per field joined with "; "
+    current: bool  # its spec is what the cluster runs now
+    spec: ClusterSpec

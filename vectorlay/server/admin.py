@@ -21,8 +21,10 @@ from vectorlay.server.records import (
     ClusterRecord,
     EventRecord,
     NodeRecord,
+    RevisionRecord,
     SecretRecord,
 )
+from vectorlay.server.rollout import pick_revision
 from vectorlay.server.secrets_box import SecretBox
 from vectorlay.server.signals import Signals
 from vectorlay.server.store import ops
@@ -54,9 +56,11 @@ class Admin:
                                              tuple(spec_changes(old.spec, spec))))
         return changes
 
-    async def apply(self, specs: Sequence[ClusterSpec], dry_run: bool, actor: str = "") -> list[ClusterChange]:
-        """Store the clusters as specified. A changed manifest starts its cluster's failure
-        history over (the change may be the fix), quarantine included."""
+    async def apply(self, specs: Sequence[ClusterSpec], dry_run: bool, actor: str = "",
+                    rollback_to: int | None = None) -> list[ClusterChange]:
+        """Store the clusters as specified, each changed one with a new revision of its spec. A
+        changed manifest starts its cluster's failure history over (the change may be the fix),
+        quarantine included. `rollback_to`: the specs are revision N's, applied again (undo)."""
         async with self.writer.lock:
             for spec in specs:
                 for env, secret in spec.env_from_secret.items():
@@ -75,10 +79,23 @@ class Admin:
                 batch.put_cluster(ClusterRecord(spec, old.created_at if old else batch.wall, batch.wall))
                 batch.set_health(spec.key, cluster_health.HEALTHY)
                 self.fleet.avoid.pop(spec.key, None)
-                detail = "; ".join(filter(None, (change.detail, *change.fields)))
-                batch.audit(actor, f"cluster.{change.action}", spec.key, spec.project, detail[:MAX_AUDIT_DETAIL])
+                note = f"rollback to revision {rollback_to}" if rollback_to is not None else ""
+                detail = "; ".join(filter(None, (note, change.detail, *change.fields)))[:MAX_AUDIT_DETAIL]
+                action = "rollback" if rollback_to is not None else change.action
+                batch.audit(actor, f"cluster.{action}", spec.key, spec.project, detail)
+                batch.revision(spec, actor, detail)
             await self.writer.commit(batch)
             return changes
+
+    async def revisions(self, cluster: str) -> list[RevisionRecord]:
+        return await self.writer.store.revisions(cluster)
+
+    async def rollback(self, cluster: str, to_revision: int | None, actor: str = "") -> tuple[int, ClusterChange]:
+        """Apply a stored revision's spec again (default: the one before the newest), through
+        `apply`: audited, stored as a new revision, rolled like any change of the spec."""
+        target = pick_revision(split_key(cluster)[0], await self.revisions(cluster), to_revision)
+        changes = await self.apply([target.spec], False, actor, rollback_to=target.revision)
+        return target.revision, changes[0]
 
     async def delete(self, name: str, actor: str = "") -> bool:
         async with self.writer.transaction() as batch:
@@ -205,6 +222,11 @@ class Admin:
 
     async def audit_log(self, limit: int, project: str | None) -> list[AuditRecord]:
         return await self.writer.store.audit(limit, project)
+
+    async def node_changes(self, name: str, limit: int) -> list[AuditRecord]:
+        """Who joined, cordoned, drained or removed the node `name` (cluster records may share
+        a target name: only `node.*` actions)."""
+        return await self.writer.store.audit(limit, target=name, action_prefix="node.")
 
     def audit_op(self, actor: str, action: str, target: str, project: str = "", detail: str = "") -> ops.AddAudit:
         """An audit record for a change stored elsewhere (tokens live in the authenticator)."""

@@ -27,6 +27,8 @@ from vectorlay.core.api_views import (
     DescribedReplica,
     FleetSummary,
     KeyView,
+    NodeDescription,
+    ReplicaDescription,
     SecretView,
     ServerView,
     TokenView,
@@ -96,6 +98,10 @@ class Api:
             api.GetClusters: self.get_clusters,
             api.GetReplicas: self.get_replicas,
             api.DescribeCluster: self.describe_cluster,
+            api.DescribeReplica: self.describe_replica,
+            api.DescribeNode: self.describe_node,
+            api.RolloutHistory: self.rollout_history,
+            api.RolloutUndo: self.rollout_undo,
             api.WaitReady: self.wait_ready,
             api.WaitDeleted: self.wait_deleted,
             api.Logs: self.logs,
@@ -290,6 +296,27 @@ class Api:
             events=tuple(views.event_view(e) for e in events[-20:]),
         )
 
+    async def describe_replica(self, principal: Principal, request: api.DescribeReplica,
+                               emit: Emit) -> ReplicaDescription:
+        replica = self.fleet.replicas.get(request.id)
+        if replica is None or not self._visible(principal, replica.cluster):
+            raise NotFoundError(f"replica {request.id!r} not found")
+        events = await self.admin.events(replica.cluster, 200)
+        if request.id not in self.fleet.replicas:  # forgotten while its events were read
+            raise NotFoundError(f"replica {request.id!r} not found")
+        return views.replica_description(self.fleet, request.id, events)
+
+    async def rollout_history(self, principal: Principal, request: api.RolloutHistory, emit: Emit) -> api.Revisions:
+        key = self._cluster(principal, request.name, request.project)
+        return api.Revisions(views.revision_views(await self.admin.revisions(key)))
+
+    async def rollout_undo(self, principal: Principal, request: api.RolloutUndo, emit: Emit) -> api.RolledBack:
+        key = self._cluster(principal, request.name, request.project)
+        if request.to_revision is not None and request.to_revision < 1:
+            raise UserError("to_revision must be a positive integer")
+        revision, change = await self.admin.rollback(key, request.to_revision, principal.actor)
+        return api.RolledBack(key, revision, change)
+
     async def wait_ready(self, principal: Principal, request: api.WaitReady, emit: Emit) -> api.ReadyWaited:
         """Stream the clusters' status on every change until all are ready or the timeout passes."""
         keys = [k for k in request.clusters if self._visible(principal, k)]
@@ -416,6 +443,18 @@ class Api:
         if await _paged(request.page_size, emit, ids, page):
             return api.Nodes(len(ids))
         return api.Nodes(len(ids), page(ids).nodes)
+
+    async def describe_node(self, principal: Principal, request: api.DescribeNode, emit: Emit) -> NodeDescription:
+        node_id = self.fleet.node_ids_by_name.get(request.name)
+        if node_id is None:
+            raise NotFoundError(f"node {request.name!r} not found")
+        events = []
+        for cluster in sorted(self.fleet.clusters_on_node(node_id)):
+            events += await self.admin.events(cluster, 200)
+        changes = await self.admin.node_changes(request.name, 20)
+        if node_id not in self.fleet.nodes:  # removed while its history was read
+            raise NotFoundError(f"node {request.name!r} not found")
+        return views.node_description(self.fleet, node_id, trio.current_time(), events, changes)
 
     async def fleet_summary(self, principal: Principal, request: api.GetFleetSummary, emit: Emit) -> FleetSummary:
         """Counts only: cheap at any fleet size (for `get` headers and monitoring)."""

@@ -97,6 +97,18 @@ class AuditRecord:
 
 
 @dataclass(frozen=True)
+class RevisionRecord:
+    """One stored revision of a cluster's spec: what an apply stored, by whom, and what changed."""
+
+    cluster: str
+    revision: int
+    at: float
+    actor: str
+    spec: ClusterSpec
+    change: str
+
+
+@dataclass(frozen=True)
 class SecretRecord:
     """A project's secret, encrypted with the server's key (never stored in clear)."""
 

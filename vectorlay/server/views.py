@@ -14,16 +14,20 @@ from vectorlay.core.api_views import (
     GpuView,
     HealthView,
     KeyView,
+    NodeDescription,
     NodeView,
+    ReplicaDescription,
     ReplicaView,
+    RevisionView,
     TokenView,
 )
 from vectorlay.core.cluster_health import HEALTHY, ClusterHealth
 from vectorlay.core.health import Liveness
 from vectorlay.core.model import ACTIVE_REPLICA_STATES, Gpu, GpuStatus, NodeState, Replica, ReplicaState, split_key
 from vectorlay.core.readiness import ClusterReadiness
+from vectorlay.core.replica_history import failure_count, restart_count
 from vectorlay.server.fleet import Fleet
-from vectorlay.server.records import ApiKeyRecord, AuditRecord, EventRecord, TokenRecord
+from vectorlay.server.records import ApiKeyRecord, AuditRecord, EventRecord, RevisionRecord, TokenRecord
 from vectorlay.server.write_behind import DatabaseStatus
 
 UNKNOWN = "unknown"  # a replica whose node is not ready: what it does now is not known
@@ -125,6 +129,12 @@ def node_view(fleet: Fleet, node_id: str, now: float) -> NodeView:
     replicas = [r for r in fleet.replicas_on_node(node_id) if not r.stopping]
     used = {uuid for r in fleet.replicas_on_node(node_id) if r.holds_resources for uuid in r.gpus}
     statuses = {s.uuid: s for s in fleet.gpu_status.get(node_id, ())}
+    # What its heartbeats said reaches every server as the record's unhealthy GPUs; the full
+    # status (utilisation, temperature) only the server that holds its session has.
+    unhealthy = dict(record.unhealthy_gpus)
+    for uuid, reason in unhealthy.items():
+        if uuid not in statuses:
+            statuses[uuid] = GpuStatus(uuid, healthy=False, reason=reason)
     return NodeView(
         id=record.id,
         name=record.name,
@@ -216,3 +226,43 @@ def audit_view(record: AuditRecord) -> AuditView:
 def database_view(status: DatabaseStatus, pending_writes: int) -> DatabaseView:
     return DatabaseView(status.available, status.since or None, status.reason or None, status.failures,
                         status.outages, pending_writes)
+
+
+def node_description(fleet: Fleet, node_id: str, now: float, events: list[EventRecord],
+                     changes: list[AuditRecord]) -> NodeDescription:
+    """`events`: recent events of the clusters that have replicas on the node (any order);
+    only those of the replicas on it now are kept. `changes`: the node's audit records."""
+    record = fleet.nodes[node_id]
+    here = fleet.replicas_on_node(node_id)
+    ids = {r.id for r in here}
+    mine = sorted((e for e in events if e.replica_id in ids), key=lambda e: e.at)
+    return NodeDescription(
+        node=node_view(fleet, node_id, now),
+        draining=record.draining,
+        last_seen_at=record.last_seen_at,
+        session_server=record.session_server or None,
+        replicas=tuple(replica_view(fleet, r.id) for r in here),
+        events=tuple(event_view(e) for e in mine[-20:]),
+        changes=tuple(audit_view(c) for c in changes),
+    )
+
+
+def replica_description(fleet: Fleet, replica_id: str, events: list[EventRecord]) -> ReplicaDescription:
+    """`events`: its cluster's recent events, oldest first; only the replica's own are kept."""
+    replica = fleet.replicas[replica_id]
+    mine = [e for e in events if e.replica_id == replica_id]
+    record = fleet.clusters.get(replica.cluster)
+    messages = [e.message for e in mine]
+    return ReplicaDescription(
+        replica=replica_view(fleet, replica_id),
+        port=record.spec.port if record else None,
+        restarts=restart_count(replica.reason, messages),
+        failures=failure_count(messages),
+        events=tuple(event_view(e) for e in mine[-20:]),
+    )
+
+
+def revision_views(revisions: list[RevisionRecord]) -> tuple[RevisionView, ...]:
+    """Oldest first; the newest is what the cluster runs now (every change of its spec stores one)."""
+    return tuple(RevisionView(*split_key(r.cluster), r.revision, r.at, r.actor, r.change, i == len(revisions) - 1,
+                              r.spec) for i, r in enumerate(revisions))

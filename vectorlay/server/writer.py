@@ -20,7 +20,7 @@ from dataclasses import replace
 import trio
 
 from vectorlay.core.cluster_health import HEALTHY, ClusterHealth
-from vectorlay.core.model import Assignment, Replica
+from vectorlay.core.model import Assignment, ClusterSpec, Replica
 from vectorlay.errors import StoreError, StoreFenced, StoreInDoubt, StoreUnavailable
 from vectorlay.server.fleet import Fleet
 from vectorlay.server.records import (
@@ -40,6 +40,7 @@ from vectorlay.server.store.engine import Outcome
 from vectorlay.server.write_behind import DatabaseStatus, Journal, retry_delay
 
 log = logging.getLogger("vectorlay.server")
+KEEP_REVISIONS = 10  # per cluster, as kubectl's revisionHistoryLimit: enough to go back a few applies
 
 
 class Batch:
@@ -59,6 +60,7 @@ class Batch:
         self.commands: list[CommandRecord] = []
         self.events: list[EventRecord] = []
         self.clusters: dict[str, ClusterRecord] = {}
+        self.revisions: list[ops.AddRevision] = []  # stored only: read back from the store
         self.deleted_clusters: list[str] = []
         self.api_keys: list[ApiKeyRecord] = []
         self.secrets: list[SecretRecord] = []
@@ -137,6 +139,11 @@ class Batch:
         self.to_reconcile.add(record.spec.key)
         self.touched_clusters.add(record.spec.key)
 
+    def revision(self, spec: ClusterSpec, actor: str, change: str) -> None:
+        """Keep `spec` as the cluster's next revision (`rollout history`), with the last
+        KEEP_REVISIONS of the cluster."""
+        self.revisions.append(ops.AddRevision(spec.key, self.wall, actor or "server", spec, change, KEEP_REVISIONS))
+
     def delete_cluster(self, key: str) -> None:
         self.deleted_clusters.append(key)
         self.health[key] = HEALTHY  # its backoff and quarantine go with it
@@ -175,6 +182,7 @@ class Batch:
         created = self.fleet.replica_created
         self.changes = [
             *(ops.PutCluster(c) for c in self.clusters.values()),
+            *self.revisions,  # after its cluster's row: that row orders two servers' revisions
             *(ops.PutReplica(r, created.get(r.id, self.wall)) for r in self.replicas.values()
               if r.id not in self.observed),
             *(ops.ObserveReplica(r.id, r.generation, r.state, r.reason, r.address, r.image_digest)

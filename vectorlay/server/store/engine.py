@@ -33,6 +33,7 @@ from vectorlay.server.records import (
     CommandRecord,
     EventRecord,
     NodeRecord,
+    RevisionRecord,
     SecretRecord,
     TokenRecord,
 )
@@ -181,6 +182,16 @@ class Store:
             return [EventRecord(r.cluster, r.replica_id, r.at, r.message) for r in reversed(rows)]
         return await self.run(work)
 
+    async def revisions(self, cluster: str) -> list[RevisionRecord]:
+        """The cluster's stored revisions, oldest first (read from the store, so every server of
+        the control plane answers the same)."""
+        def work(conn: Connection) -> list[RevisionRecord]:
+            table = schema.revisions
+            rows = conn.execute(select(table).where(table.c.cluster == cluster).order_by(table.c.revision)).all()
+            return [RevisionRecord(r.cluster, r.revision, r.at, r.actor,
+                                   codec.load(ClusterSpec, json.loads(r.spec)), r.change) for r in rows]
+        return await self.run(work)
+
     async def trim_events(self, keep_per_cluster: int) -> None:
         def work(conn: Connection) -> None:
             table = schema.events
@@ -191,13 +202,19 @@ class Store:
                     conn.execute(delete(table).where(table.c.cluster == cluster, table.c.id <= cutoff))
         await self.run(work)
 
-    async def audit(self, limit: int, project: str | None = None) -> list[AuditRecord]:
-        """The newest `limit` audit records (of one project, if given), oldest first."""
+    async def audit(self, limit: int, project: str | None = None, target: str | None = None,
+                    action_prefix: str | None = None) -> list[AuditRecord]:
+        """The newest `limit` audit records (of one project, about one target, of actions that
+        start with `action_prefix`, if given), oldest first."""
         def work(conn: Connection) -> list[AuditRecord]:
             table = schema.audit
             query = select(table).order_by(table.c.id.desc()).limit(limit)
             if project is not None:
                 query = query.where(table.c.project == project)
+            if target is not None:
+                query = query.where(table.c.target == target)
+            if action_prefix is not None:
+                query = query.where(table.c.action.startswith(action_prefix, autoescape=True))
             return [AuditRecord(r.at, r.actor, r.action, r.target, r.project, r.detail)
                     for r in reversed(conn.execute(query).all())]
         return await self.run(work)
@@ -513,6 +530,19 @@ def _put_cluster(conn: Connection, op: ops.PutCluster) -> None:
 
 def _delete_cluster(conn: Connection, op: ops.DeleteCluster) -> None:
     conn.execute(delete(schema.clusters).where(schema.clusters.c.name == op.name))
+    conn.execute(delete(schema.revisions).where(schema.revisions.c.cluster == op.name))
+
+
+def _add_revision(conn: Connection, op: ops.AddRevision) -> None:
+    """Numbered here, in the transaction that stores the spec: its PutCluster came first and
+    holds the cluster's row, so a second server applying the same cluster waits for this
+    commit and then reads this number."""
+    table = schema.revisions
+    newest = conn.execute(select(func.max(table.c.revision)).where(table.c.cluster == op.cluster)).scalar()
+    number = int(newest or 0) + 1
+    conn.execute(table.insert().values(cluster=op.cluster, revision=number, at=op.at, actor=op.actor,
+                                       spec=_dumps(op.spec), change=op.change))
+    conn.execute(delete(table).where(table.c.cluster == op.cluster, table.c.revision <= number - op.keep))
 
 
 def _replica_row(op: ops.PutReplica) -> dict[str, Any]:
@@ -767,7 +797,8 @@ _APPLY: dict[type, Callable[[Connection, Any], None]] = {
     ops.SetNodeLiveness: _set_node_liveness, ops.SetNodeFacts: _set_node_facts, ops.SetNodeFlags: _set_node_flags,
     ops.SetNodeStatus: _set_node_status,
     ops.SetNodeSeq: _set_node_seq, ops.ObserveReplica: _observe_replica,
-    ops.PutCluster: _put_cluster, ops.DeleteCluster: _delete_cluster, ops.PutReplica: _put_replica,
+    ops.PutCluster: _put_cluster, ops.DeleteCluster: _delete_cluster, ops.AddRevision: _add_revision,
+    ops.PutReplica: _put_replica,
     ops.DeleteReplica: _delete_replica, ops.PutCommand: _put_command, ops.AckCommands: _ack_commands,
     ops.SetMeta: _set_meta, ops.PutApiKey: _put_api_key, ops.AddEvent: _add_event, ops.AddAudit: _add_audit,
     ops.PutSecret: _put_secret, ops.DeleteSecret: _delete_secret, ops.PutClusterHealth: _put_cluster_health,

@@ -135,5 +135,19 @@ def _migration_7(conn: Connection) -> None:
     v7.create_all(conn)
 
 
+def _migration_8(conn: Connection) -> None:
+    """Revisions of each cluster's spec, for `rollout history` and `rollout undo`. A cluster
+    stored before them gets its current spec as revision 1, so it can be rolled back to."""
+    v8 = MetaData()
+    Table("vl_revisions", v8,
+          Column("cluster", String(128), nullable=False), Column("revision", Integer, nullable=False),
+          Column("at", Float, nullable=False), Column("actor", String(128), nullable=False),
+          Column("spec", Text, nullable=False), Column("change", Text, nullable=False),
+          PrimaryKeyConstraint("cluster", "revision"))
+    v8.create_all(conn)
+    conn.execute(text("INSERT INTO vl_revisions (cluster, revision, at, actor, spec, change) "
+                      "SELECT name, 1, updated_at, '', spec, 'stored before revisions were kept' FROM vl_clusters"))
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
-                                                  _migration_5, _migration_6, _migration_7]
+                                                  _migration_5, _migration_6, _migration_7, _migration_8]

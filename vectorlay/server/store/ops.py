@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vectorlay.core.model import Gpu, NodeState, Replica, ReplicaState
+from vectorlay.core.model import ClusterSpec, Gpu, NodeState, Replica, ReplicaState
 from vectorlay.server.records import (
     ApiKeyRecord,
     AuditRecord,
@@ -90,7 +90,22 @@ class PutCluster:
 
 @dataclass(frozen=True)
 class DeleteCluster:
+    """The cluster's row and its revisions."""
+
     name: str
+
+
+@dataclass(frozen=True)
+class AddRevision:
+    """A new revision of a cluster's spec, numbered by the store one past its newest in the same
+    transaction (several servers may apply); only the newest `keep` of the cluster are kept."""
+
+    cluster: str
+    at: float
+    actor: str
+    spec: ClusterSpec
+    change: str
+    keep: int
 
 
 @dataclass(frozen=True)
@@ -183,7 +198,7 @@ class Fence:
 
 Op = (
     PutToken | PutNode | SetNodeLiveness | SetNodeFacts | SetNodeStatus | SetNodeFlags | SetNodeSeq | DeleteNode
-    | PutCluster | DeleteCluster | PutReplica | ObserveReplica | DeleteReplica
+    | PutCluster | DeleteCluster | AddRevision | PutReplica | ObserveReplica | DeleteReplica
     | PutCommand | AckCommands | SetMeta | PutApiKey | AddEvent | AddAudit | PutSecret | DeleteSecret
     | PutClusterHealth | DeleteClusterHealth | Fence
 )

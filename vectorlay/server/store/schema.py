@@ -175,6 +175,17 @@ leader = Table(
     Column("lease_until", Float, nullable=False),  # the database's clock
 )
 
+revisions = Table(
+    "vl_revisions", metadata,
+    Column("cluster", String(128), nullable=False),  # the cluster key; its rows go with the cluster
+    Column("revision", Integer, nullable=False),  # 1, 2, ... per cluster, given in the storing transaction
+    Column("at", Float, nullable=False),  # wall clock
+    Column("actor", String(128), nullable=False),
+    Column("spec", Text, nullable=False),  # the ClusterSpec as applied, JSON
+    Column("change", Text, nullable=False),  # what the apply changed, one line
+    PrimaryKeyConstraint("cluster", "revision"),
+)  # migration 8
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
