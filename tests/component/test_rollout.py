@@ -100,7 +100,7 @@ async def test_bad_undo_changes_nothing_and_says_why_in_one_line(
                 await client.call(api.RolloutUndo("web", to_revision=7))
             with pytest.raises(UserError, match="to_revision must be a positive integer"):
                 await client.call(api.RolloutUndo("web", to_revision=0))
-            with pytest.raises(NotFoundError, match="^cluster 'nope' not found$"):
+            with pytest.raises(NotFoundError, match="^cluster 'nope' not found in project 'default'$"):
                 await client.call(api.RolloutHistory("nope"))
         async with plane.api(deployer) as client:  # another project's cluster is not there
             with pytest.raises(NotFoundError):
