@@ -106,3 +106,18 @@ def test_the_address_other_servers_dial() -> None:
     assert advertised_host("10.1.2.3", None, db) == "10.1.2.3"
     # listening everywhere: the address on the way to the database (here: loopback, to a local one)
     assert advertised_host("0.0.0.0", None, db) == "127.0.0.1"
+
+
+async def test_a_beat_while_asking_keeps_the_links() -> None:
+    beats, links = Beats(), Links(2)
+    asked: list[str] = []
+
+    async def probe(peer: ServerInfo) -> bool:  # the database answers again meanwhile (a pause ended)
+        asked.append(peer.id)
+        beats.silent_s = 0.0
+        return True
+
+    cut_off = CutOff(beats, probe, [Closer("node", lambda: links.open, links.close_all)])
+    beats.silent_s = HAND_OVER_AFTER_S + 30
+    await cut_off.check()
+    assert asked == ["s-peer"] and not cut_off.active and links.open == 2

@@ -84,6 +84,8 @@ class CutOff:
             peers = self.registry.peers()
             if not should_hand_over(silent_for, await self._any_has_database(peers)):
                 return
+            if self.registry.silent_for(self.clock()) < HAND_OVER_AFTER_S:
+                return  # it beat again while we asked (a pause that ended, say): nothing to hand over
             self.active = True
             log.warning(
                 "cut off from the database for %.0fs while another server has it: handing %s over",
