@@ -197,6 +197,7 @@ async def _serve(config: ServerConfig, store: Store, wall_clock: Callable[[], fl
                             controller.leadership, policy, server_id)
     controller.on_lead.append(replicator.took_lead)
     controller.intake.on_judged_unheld = replicator.reload_nodes
+    auth.load_node = replicator.load_node
     controller.writer.other_servers = lambda: tuple(replicator.live_servers - {server_id})
     tunnel_ca = await trio.to_thread.run_sync(TunnelCa.in_state_dir, config.state_dir)
     keys = {"secrets_key": secret_box.fingerprint, "tunnel_ca": shared_state.fingerprint(tunnel_ca.pem)}

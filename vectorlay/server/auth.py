@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -96,6 +96,7 @@ class Authenticator:
         self.ca_pin = ca_pin  # SHA-256 of the CA's public key, carried in every token when TLS is on
         self.sessions = OpenSessions()
         self._recent: dict[str, tuple[TokenRecord, float]] = {}  # token id -> (record, when read)
+        self.load_node: Callable[[str], Awaitable[None]] | None = None  # several servers: read a node's row
 
     async def create_token(self, role: Role, ttl_s: float | None, uses: int | None = None,
                            description: str = "", project: str = "",
@@ -167,11 +168,16 @@ class Authenticator:
             self._recent.pop(token_id, None)
         return record
 
-    def check_node_credential(self, text: str) -> NodeRecord:
+    async def check_node_credential(self, text: str) -> NodeRecord:
         parsed = parse_token(text)
         if parsed is None:
             raise AuthError("malformed node credential")
         record = self.fleet.nodes.get(parsed.id)
+        if record is None and self.load_node is not None:
+            # Several servers: a node that just joined through another server may say hello here
+            # before that server's notification did; read its row (StoreUnavailable: try again).
+            await self.load_node(parsed.id)
+            record = self.fleet.nodes.get(parsed.id)
         if record is None:
             raise AuthError("unknown node credential (was this node removed? join it again)")
         if not secret_matches(parsed.secret, record.credential_hash):

@@ -187,7 +187,7 @@ async def handle_join(link: Link, join: Join, auth: Authenticator, admin: Admin)
 async def handle_hello(link: Link, hello: NodeHello, auth: Authenticator, intake: NodeIntake,
                        heartbeat_interval_s: float, tunnels: TunnelService | None = None) -> None:
     try:
-        record = auth.check_node_credential(hello.credential)
+        record = await auth.check_node_credential(hello.credential)
         tunnel_key = tunnels.node_key(hello) if tunnels is not None else None
     except AuthError as error:
         await link.close(CLOSE_POLICY, str(error))

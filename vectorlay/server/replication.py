@@ -125,6 +125,12 @@ class Replicator:
                 if sender != self.server_id:
                     self._note(keys)
 
+    async def load_node(self, node_id: str) -> None:
+        """Read one node's row now (a node that joined through another server says hello here
+        before its notification arrived). StoreUnavailable if the database is away."""
+        if self.enabled:
+            await self.catch_up(ChangeKeys(nodes={node_id}))
+
     def reload_nodes(self, node_ids: set[str]) -> None:
         """Read these nodes' rows again: this server judged nodes it no longer holds (their links
         to it ended), and the store kept the state of the live server that holds them now."""
