@@ -149,3 +149,48 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
         assert mode == "wal"
     finally:
         s.close()
+
+
+def test_two_servers_writing_a_new_row_at_once_both_succeed(postgres_url: str) -> None:
+    """Several servers share PostgreSQL: both insert the same new row; the second waits for the
+    first and updates it (an update-then-insert lost the second one's whole batch to a
+    duplicate key)."""
+    import threading
+
+    from vectorlay.server.records import ClusterHealthRecord
+    from vectorlay.server.store import engine as store_engine
+
+    store = open_store(postgres_url)
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(sqlalchemy.delete(schema.cluster_health).where(schema.cluster_health.c.cluster == "raced"))
+
+        def health(failures: int) -> ops.PutClusterHealth:
+            return ops.PutClusterHealth(ClusterHealthRecord("raced", failures, 0.0, "", "", (), "", ""))
+
+        errors: list[BaseException] = []
+        first = store.engine.connect()
+        transaction = first.begin()
+        store_engine._apply(first, [health(1)])  # inserted, not committed yet
+
+        def second() -> None:
+            try:
+                with store.engine.begin() as conn:
+                    store_engine._apply(conn, [health(2)])  # blocks on the first's row, then updates it
+            except BaseException as error:  # noqa: B036 - reported by the test
+                errors.append(error)
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive()  # waiting for the first transaction, as it should
+        transaction.commit()
+        first.close()
+        thread.join(10)
+        assert errors == []
+        with store.engine.connect() as conn:
+            failures = conn.execute(sqlalchemy.select(schema.cluster_health.c.failures)
+                                    .where(schema.cluster_health.c.cluster == "raced")).scalar_one()
+        assert failures == 2
+    finally:
+        store.close()

@@ -333,8 +333,25 @@ class Writer:
                     self.journal.add(batch.changes)
                     self._failed(error)
                 except StoreError as error:  # not weather: a bad row must not block every later one
-                    log.error("could not store an observation (dropped; memory has it): %s", error)
+                    dropped = await self._store_each(batch.changes)
+                    log.error("could not store %d of %d observed change(s) (dropped; memory has them): %s",
+                              dropped, len(batch.changes), error)
         self._publish(batch)
+
+    async def _store_each(self, changes: list[ops.Op]) -> int:
+        """A batch the database refused as a whole, one change at a time: only the bad ones are
+        lost. Returns how many were."""
+        dropped = 0
+        for index, change in enumerate(changes):
+            try:
+                await self.store.apply([change])
+            except StoreUnavailable as error:
+                self.journal.add(changes[index:])
+                self._failed(error)
+                break
+            except StoreError:
+                dropped += 1
+        return dropped
 
     def _publish(self, batch: Batch) -> None:
         batch.apply_to_memory()

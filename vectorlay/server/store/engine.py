@@ -398,10 +398,17 @@ def _flush_gathered(conn: Connection, gathered: dict[type, list[Any]]) -> None:
 
 
 def _upsert(conn: Connection, table: sqlalchemy.Table, key: dict[str, Any], values: dict[str, Any]) -> None:
-    """Portable upsert: update by key, insert when no row matched (one writer at a time)."""
-    where = [table.c[name] == value for name, value in key.items()]
-    if conn.execute(update(table).where(*where).values(**values)).rowcount == 0:
-        conn.execute(table.insert().values(**key, **values))
+    """Insert or update by the key (the table's primary key) in one statement, INSERT .. ON
+    CONFLICT DO UPDATE: several servers may write the same row at once, and an update-then-
+    insert would let two of them both insert (a duplicate key that loses the whole batch)."""
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = insert(table).values(**key, **values)
+    if values:
+        statement = statement.on_conflict_do_update(index_elements=[table.c[name] for name in key],
+                                                    set_={name: statement.excluded[name] for name in values})
+    else:
+        statement = statement.on_conflict_do_nothing(index_elements=[table.c[name] for name in key])
+    conn.execute(statement)
 
 
 def _upsert_many(conn: Connection, table: sqlalchemy.Table, key: str, rows: list[dict[str, Any]]) -> None:
