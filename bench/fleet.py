@@ -48,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from testsupport.fleet_sim import SimProcess  # noqa: E402
 from testsupport.processes import Stack, wait_for  # noqa: E402
 from vectorlay.client.api import open_api  # noqa: E402
-from vectorlay.core.api import GetFleetSummary, GetNodes, GetReplicas, Request  # noqa: E402
-from vectorlay.core.api_views import FleetSummary  # noqa: E402
+from vectorlay.core.api import Apply, GetFleetSummary, GetNodes, GetReplicas, GetServers, Request  # noqa: E402
+from vectorlay.core.api_views import FleetSummary, ServerView  # noqa: E402
+from vectorlay.errors import VectorlayError  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 R = TypeVar("R")
@@ -180,9 +181,22 @@ spec:
 """
 
 
-def leader_of(stack: Stack) -> dict[str, object] | None:
-    leading = [s for s in stack.cli_json("get", "servers") if s["leader"]]
+def leader_of(stack: Stack) -> ServerView | None:
+    """Asked in-process over the API: a CLI process per poll would add its own start-up (seconds
+    on a saturated machine) to the failover figures."""
+    try:
+        leading = [s for s in call(stack, GetServers()).servers if s.leader]
+    except VectorlayError:
+        return None  # the server asked was the one killed, or is catching up
     return leading[0] if leading else None
+
+
+def apply_in_process(stack: Stack, manifest: str) -> bool:
+    try:
+        call(stack, Apply(manifest))
+    except VectorlayError:
+        return False  # no server could take it yet: asked again
+    return True
 
 
 def run_servers(args: argparse.Namespace, root: Path) -> dict[str, float]:
@@ -247,14 +261,14 @@ def run_servers(args: argparse.Namespace, root: Path) -> dict[str, float]:
         before = replica_ids(stack)
         first = leader_of(stack)
         assert first is not None
-        victim = next(p for p in procs if str(first["address"]).endswith(f":{_port_of(stack, p)}"))
+        victim = next(p for p in procs if first.address.endswith(f":{_port_of(stack, p)}"))
         victim.kill()
         killed = time.monotonic()
-        stack.cli("apply", "-", "--no-wait", input_text=PROBE)  # retried on another server if need be
+        wait_for(lambda: apply_in_process(stack, PROBE), 60, 0.1, "a server to take the apply")
 
         def new_leader() -> bool:
             found = leader_of(stack)
-            return found is not None and found["id"] != first["id"]
+            return found is not None and found.id != first.id
 
         wait_for(new_leader, 60, 0.1, "another server to lead")
         leader_s = time.monotonic() - killed
