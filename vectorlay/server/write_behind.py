@@ -33,7 +33,10 @@ class Journal:
     def __len__(self) -> int:
         return len(self._rows) + len(self._acks) + len(self._events)
 
-    def add(self, changes: Sequence[ops.Op]) -> None:
+    def add(self, changes: Sequence[ops.Op]) -> list[ops.Op]:
+        """Keep these changes for later; return the ones that cannot wait (decisions: a bug in
+        the caller, reported by it, never a reason to lose the rest)."""
+        refused: list[ops.Op] = []
         for change in changes:
             if isinstance(change, ops.PutReplica):
                 self._rows[("replica", change.replica.id)] = change
@@ -45,6 +48,10 @@ class Journal:
                 self._rows[("node-liveness", change.node_id)] = change
             elif isinstance(change, ops.SetNodeFacts):
                 self._rows[("node-facts", change.node_id)] = change
+            elif isinstance(change, ops.SetNodeStatus):
+                self._rows[("node-status", change.node_id)] = change
+            elif isinstance(change, ops.SetNodeSeq):
+                self._rows[("node-seq", change.node_id)] = change
             elif isinstance(change, ops.PutClusterHealth):
                 self._rows[("health", change.record.cluster)] = change
             elif isinstance(change, ops.DeleteClusterHealth):
@@ -56,7 +63,8 @@ class Journal:
                     self.events_dropped += 1
                 self._events.append(change)
             else:
-                raise ValueError(f"{type(change).__name__} is a decision, not an observation: it cannot wait")
+                refused.append(change)
+        return refused
 
     def changes(self) -> list[ops.Op]:
         """Everything waiting, as one batch of store operations."""

@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
@@ -324,19 +324,25 @@ class Writer:
             raise ValueError("an observation cannot send commands; commit it as a decision")
         if batch.changes:
             if not self.available:
-                self.journal.add(batch.changes)  # the retry task stores it, in order, later
+                self._keep_for_later(batch.changes)  # the retry task stores it, in order, later
             else:
                 try:
                     await self.store.apply(batch.changes)
                     self._recovered()
                 except StoreUnavailable as error:  # in doubt too: writing it again is harmless
-                    self.journal.add(batch.changes)
+                    self._keep_for_later(batch.changes)
                     self._failed(error)
                 except StoreError as error:  # not weather: a bad row must not block every later one
                     dropped = await self._store_each(batch.changes)
                     log.error("could not store %d of %d observed change(s) (dropped; memory has them): %s",
                               dropped, len(batch.changes), error)
         self._publish(batch)
+
+    def _keep_for_later(self, changes: Sequence[ops.Op]) -> None:
+        refused = self.journal.add(changes)
+        if refused:  # a decision in an observation: a bug, but no reason to stop the server
+            log.error("could not keep %s for the database's return (dropped; memory has it)",
+                      ", ".join(sorted({type(change).__name__ for change in refused})))
 
     async def _store_each(self, changes: list[ops.Op]) -> int:
         """A batch the database refused as a whole, one change at a time: only the bad ones are
@@ -346,7 +352,7 @@ class Writer:
             try:
                 await self.store.apply([change])
             except StoreUnavailable as error:
-                self.journal.add(changes[index:])
+                self._keep_for_later(changes[index:])
                 self._failed(error)
                 break
             except StoreError:
