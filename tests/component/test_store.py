@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,23 +12,6 @@ from vectorlay.errors import StoreError, StoreUnavailable
 from vectorlay.server.records import ClusterRecord, CommandRecord, NodeRecord, TokenRecord
 from vectorlay.server.store import Store, open_store, ops, schema
 from vectorlay.server.store.engine import sqlite_url
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgres":
-        return str(request.getfixturevalue("postgres_url"))
-    return sqlite_url(tmp_path)
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    s = open_store(db_url)
-    try:
-        yield s
-    finally:
-        s.close()
-
 
 SPEC = ClusterSpec(name="echo", replicas=2, gpu=GpuRequest(("RTX 4090",), 1), command=("python3", "-m", "x"),
                    env={"A": "1"})

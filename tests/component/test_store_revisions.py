@@ -4,9 +4,7 @@ transaction, the last few kept, gone with their cluster, and migration 8 on an o
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import sqlalchemy
@@ -16,25 +14,7 @@ from vectorlay.core.model import ClusterSpec
 from vectorlay.errors import StoreError
 from vectorlay.server.records import ClusterRecord, CommandRecord
 from vectorlay.server.store import Store, open_store, ops, schema
-from vectorlay.server.store.engine import sqlite_url
 from vectorlay.server.store.migrations import MIGRATIONS
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgres":
-        return str(request.getfixturevalue("postgres_url"))
-    return sqlite_url(tmp_path)
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    s = open_store(db_url)
-    try:
-        yield s
-    finally:
-        s.close()
-
 
 SPEC = ClusterSpec(name="echo", replicas=1, command=("serve",), env={"V": "1"})
 
